@@ -1,0 +1,122 @@
+"""File I/O shared by every stage: atomic writes, safe loading, fingerprints."""
+import contextlib
+import hashlib
+import json
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors.torch import load_file, safe_open, save_file
+
+from common.errors import PipelineError
+
+
+#################################################################################
+#                               Atomic writes                                   #
+#################################################################################
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds.
+
+    A stage killed mid-write leaves at most a hidden temporary file, never a file a later
+    stage (or the orchestrator's skip logic) would take for finished work.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                     metadata: dict[str, Any] | None = None) -> None:
+    """Atomically write a safetensors file; metadata values that are not strings are stored as JSON."""
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def save_torch(obj: Any, path: str | os.PathLike) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+#################################################################################
+#                               Safe loading                                    #
+#################################################################################
+
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """Metadata of a safetensors file, JSON values decoded."""
+    with safe_open(str(path), framework="pt") as f:
+        raw = f.metadata() or {}
+    out = {}
+    for key, value in raw.items():
+        try:
+            out[key] = json.loads(value)
+        except (json.JSONDecodeError, TypeError):
+            out[key] = value
+    return out
+
+
+def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    require_file(path, "safetensors file")
+    try:
+        return load_file(str(path)), read_safetensors_metadata(path)
+    except Exception as err:  # safetensors raises its own types for corrupt headers
+        raise PipelineError(f"{path} is not a readable safetensors file ({err}).") from err
+
+
+def torch_load_weights(path: str | os.PathLike, what: str) -> Any:
+    """torch.load with weights_only=True: a pickle that would run code is refused, never executed."""
+    require_file(path, what)
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise PipelineError(
+            f"{path} was refused: it is not a plain weights file (it holds Python objects that "
+            f"would run code when unpickled, or it is not a torch file at all). Nothing of it was "
+            f"executed. Expected {what}. Details: {str(err).splitlines()[0]}") from err
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise PipelineError(f"{path} could not be read as {what}: {err}") from err
+
+
+def load_any_weights(path: str | os.PathLike, what: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load a .safetensors (tensors, metadata) or a torch file (object, {}) without unpickling code."""
+    if Path(path).suffix == ".safetensors":
+        return load_safetensors(path)
+    obj = torch_load_weights(path, what)
+    if not isinstance(obj, dict):
+        raise PipelineError(f"{path} holds a {type(obj).__name__}, not {what}.")
+    return obj, {}
+
+
+def require_file(path: str | os.PathLike, what: str) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        hint = " (it is a folder)" if path.is_dir() else ""
+        raise PipelineError(f"{what} not found: {path}{hint}. Check the path.")
+    return path
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()

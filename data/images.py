@@ -1,0 +1,157 @@
+"""Image folders: which users there are, which files belong to each, and the tokenizer's preprocessing."""
+import random
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from common.errors import PipelineError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+SPLIT_SEED = 0          # the 80/20 split of an unsplit folder must be the same every run
+VAL_FRACTION = 0.2
+
+
+#################################################################################
+#                                User folders                                   #
+#################################################################################
+
+@dataclass
+class User:
+    """One person: the folder name, the user number in it, and the image files per split."""
+    name: str
+    number: int
+    files: dict[str, list[Path]] = field(default_factory=dict)
+
+
+def user_number(folder_name: str) -> int | None:
+    """The number in a folder name (ID_7 -> 7, id03 -> 3, user-12 -> 12); None when there is none."""
+    digits = re.findall(r"\d+", folder_name)
+    return int(digits[-1]) if digits else None
+
+
+def list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                  and not p.name.startswith("."))
+
+
+def _user_folders(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def number_users(names: list[str], log=print) -> dict[str, int]:
+    """Map folder name -> user number. Users are ordered by that number (ID_2 before ID_10)."""
+    numbers = {name: user_number(name) for name in names}
+    if any(n is None for n in numbers.values()):
+        log(f"note: some user folders have no number in their name ({', '.join(n for n, v in numbers.items() if v is None)}); "
+            "users are numbered 1..N by sorted folder name instead")
+        return {name: i + 1 for i, name in enumerate(sorted(names))}
+    seen: dict[int, str] = {}
+    for name, number in numbers.items():
+        if number in seen:
+            raise PipelineError(f"two user folders carry the same user number {number}: "
+                                f"'{seen[number]}' and '{name}'. Rename or merge one of them.")
+        seen[number] = name
+    return numbers
+
+
+def scan_dataset(data_dir: str | Path, log=print) -> list[User]:
+    """Find users and their train/val images under `data_dir`, ordered by user number.
+
+    Layout A: data_dir/train/<user>/*.png and data_dir/val/<user>/*.png.
+    Layout B: data_dir/<user>/*.png, split 80/20 per user with a fixed seed.
+    """
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise PipelineError(f"--data_dir not found: {root}. Point it at a folder holding train/ and val/ "
+                            "(each with one folder per user, e.g. ID_1, ID_2) or the user folders directly.")
+    if (root / "train").is_dir():
+        splits = {"train": root / "train", "val": root / "val"}
+        if not splits["val"].is_dir():
+            raise PipelineError(f"{root} has train/ but no val/. Add val/ with the same user folders.")
+        per_split = {s: {p.name: list_images(p) for p in _user_folders(d)} for s, d in splits.items()}
+        names = sorted(set(per_split["train"]) | set(per_split["val"]))
+        if not names:
+            raise PipelineError(f"{root}/train has no user folders. Expected e.g. {root}/train/ID_1/*.png")
+        missing = [n for n in names if n not in per_split["train"]]
+        if missing:
+            raise PipelineError(f"user folder(s) {', '.join(missing)} are in val/ but not in train/.")
+        files = {n: {s: per_split[s].get(n, []) for s in splits} for n in names}
+    else:
+        folders = [p for p in _user_folders(root) if list_images(p)]
+        if not folders:
+            raise PipelineError(f"{root} has neither train/ nor user folders with images "
+                                f"({', '.join(IMAGE_EXTENSIONS)}). Expected {root}/train/ID_1/*.png or {root}/ID_1/*.png")
+        log(f"note: {root} has no train/ and val/; splitting each user's images 80/20 (seed {SPLIT_SEED})")
+        files = {p.name: _split(list_images(p)) for p in folders}
+        names = sorted(files)
+    numbers = number_users(names, log)
+    users = [User(n, numbers[n], files[n]) for n in names]
+    users.sort(key=lambda u: u.number)
+    for user in users:
+        if not user.files["train"]:
+            raise PipelineError(f"user folder '{user.name}' has no images ({', '.join(IMAGE_EXTENSIONS)}) "
+                                "in train/. Add images or remove the folder.")
+    return users
+
+
+def _split(files: list[Path]) -> dict[str, list[Path]]:
+    files = list(files)
+    random.Random(SPLIT_SEED).shuffle(files)
+    n_val = int(round(len(files) * VAL_FRACTION)) if len(files) > 1 else 0
+    return {"train": sorted(files[n_val:]), "val": sorted(files[:n_val])}
+
+
+#################################################################################
+#                                Preprocessing                                  #
+#################################################################################
+
+def center_crop(image: Image.Image, size: int) -> Image.Image:
+    """ADM centre crop: halve with BOX while large, BICUBIC to short side == size, crop the centre."""
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+    arr = np.asarray(image)
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return Image.fromarray(arr[top:top + size, left:left + size])
+
+
+def open_rgb(path: Path) -> Image.Image:
+    """Any mode (grey, RGBA, palette, 16-bit) -> RGB; raises OSError/ValueError on a broken file."""
+    with Image.open(path) as image:
+        image.load()
+        if image.mode in ("I;16", "I;16B", "I", "F"):
+            arr = np.asarray(image, dtype=np.float64)
+            span = arr.max() - arr.min()
+            arr = (arr - arr.min()) / (span if span > 0 else 1.0) * 255.0
+            image = Image.fromarray(arr.astype(np.uint8))
+        if image.mode in ("RGBA", "LA", "P", "PA"):
+            image = image.convert("RGBA")
+            background = Image.new("RGBA", image.size, (0, 0, 0, 255))
+            image = Image.alpha_composite(background, image)
+        return image.convert("RGB")
+
+
+def load_image(path: Path, size: int) -> torch.Tensor:
+    """(3, size, size) float32 in [-1, 1], the tokenizer's input convention."""
+    arr = np.asarray(center_crop(open_rgb(path), size), dtype=np.float32) / 255.0
+    return torch.from_numpy(arr).permute(2, 0, 1).sub(0.5).div(0.5)
+
+
+def try_load_image(path: Path, size: int) -> torch.Tensor | None:
+    """load_image, but a broken or truncated file gives a warning naming it and None."""
+    try:
+        return load_image(path, size)
+    except (OSError, ValueError, SyntaxError) as err:
+        warnings.warn(f"skipping unreadable image {path}: {err}", stacklevel=2)
+        return None
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B,3,H,W) in [-1,1] -> (B,H,W,3) uint8, the reference's rounding (127.5 x + 128, clamped)."""
+    return images.mul(127.5).add(128.0).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

@@ -1,0 +1,104 @@
+"""Stage 3 logic: sample latents per user with guidance, decode with the VA-VAE, write PNGs and a grid."""
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from common.errors import PipelineError
+from common.io import atomic_path, file_sha256
+from data.images import to_uint8
+from models.lightningdit import LightningDiT
+from models.transport import guided_velocity, sample_ode
+
+IMAGE_NAME = "micro_doppler_user{user:02d}_{sample:03d}.png"
+GRID_NAME = "micro_doppler_grid.png"
+
+
+def load_generator(checkpoint_path: str, device: str) -> tuple[LightningDiT, dict]:
+    """EMA LightningDiT of a stage 2 checkpoint and the pipeline info it carries (users, latent stats)."""
+    from training.dit_module import ema_state_dict
+    from training.train_dit import load_checkpoint
+    ckpt = load_checkpoint(checkpoint_path)
+    info = ckpt["pipeline"]
+    model = LightningDiT(**{**info["model_config"], "use_checkpoint": False})
+    model.load_state_dict(ema_state_dict(ckpt))
+    return model.to(device).eval().requires_grad_(False), info
+
+
+def class_indices(user_numbers: list[int], trained_numbers: list[int], trained_names: list[str]) -> list[int]:
+    """Folder numbers (e.g. 3 for ID_3) -> class indices; an unknown number lists the valid ones."""
+    unknown = [u for u in user_numbers if u not in trained_numbers]
+    if unknown:
+        valid = ", ".join(f"{n} ({name})" for n, name in zip(trained_numbers, trained_names))
+        raise PipelineError(f"user id(s) {', '.join(map(str, unknown))} were not in the training data. "
+                            f"Valid --user_ids: {valid}")
+    return [trained_numbers.index(u) for u in user_numbers]
+
+
+def check_tokenizer(info: dict, vavae_path: str) -> None:
+    expected = info.get("tokenizer_sha256")
+    if expected and file_sha256(vavae_path) != expected:
+        warnings.warn(f"--vavae_path {vavae_path} is not the tokenizer the model was trained with "
+                      f"({info.get('tokenizer', '?')}, sha256 {expected[:12]}...): images will likely be wrong. "
+                      "Pass the tokenizer used in stage 1.")
+
+
+@torch.no_grad()
+def generate(dit_checkpoint: str, vavae_path: str, output_dir: str, user_ids: list[int],
+             num_samples_per_user: int = 4, guidance_scale: float = 4.0, num_steps: int = 32,
+             sampler: str = "euler", shift: float = 1.0, cfg_interval_start: float = 0.0, seed: int = 0,
+             batch_size: int = 16, device: str = "auto", log=print) -> list[Path]:
+    """Write micro_doppler_userNN_KKK.png per sample and micro_doppler_grid.png; return the sample paths."""
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    model, info = load_generator(dit_checkpoint, device)
+    from models.vavae import load_vavae
+    vae = load_vavae(vavae_path, device=device)
+    check_tokenizer(info, vavae_path)
+    classes = class_indices(list(user_ids), info["user_numbers"], info["users"])
+    mean, std = info["latent_mean"].to(device), info["latent_std"].to(device)
+    side = int(round(model.pos_embed.shape[1] ** 0.5)) * model.patch_size
+
+    jobs = [(u, c, k) for u, c in zip(user_ids, classes) for k in range(num_samples_per_user)]
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths, images = [], {}
+    on_cuda = device.startswith("cuda")
+    half = torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float16
+    for start in tqdm(range(0, len(jobs), batch_size), desc="stage 3 sampling", unit="batch"):
+        batch = jobs[start:start + batch_size]
+        # Noise per (user, sample) from its own seed: the same image whatever the batch size.
+        noise = torch.stack([torch.randn(model.in_channels, side, side, generator=torch.Generator().manual_seed(
+            seed * 1_000_003 + u * 1000 + k)) for u, _, k in batch]).to(device)
+        y = torch.tensor([c for _, c, _ in batch], device=device)
+        with torch.autocast("cuda", dtype=half, enabled=on_cuda):
+            velocity = guided_velocity(model, y, model.num_classes, guidance_scale, cfg_interval_start)
+            z = sample_ode(velocity, noise, num_steps, sampler, shift)
+        pixels = to_uint8(vae.decode(z.float() * std + mean))
+        for (u, _, k), arr in zip(batch, pixels):
+            path = out / IMAGE_NAME.format(user=u, sample=k + 1)
+            with atomic_path(path) as tmp:
+                Image.fromarray(arr).save(tmp, format="PNG")
+            paths.append(path)
+            images[(u, k)] = arr
+    write_grid(images, user_ids, num_samples_per_user, out / GRID_NAME)
+    log(f"stage 3 done: {len(paths)} images and {GRID_NAME} in {out}")
+    return paths
+
+
+def write_grid(images: dict[tuple[int, int], np.ndarray], user_ids: list[int], per_user: int, path: Path,
+               max_cols: int = 8, thumb: int = 128) -> None:
+    """A row per user, labelled with its number on the left."""
+    cols, label_w, pad = min(per_user, max_cols), 72, 4
+    canvas = Image.new("RGB", (label_w + cols * (thumb + pad), len(user_ids) * (thumb + pad)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for row, u in enumerate(user_ids):
+        y0 = row * (thumb + pad)
+        draw.text((6, y0 + thumb // 2 - 6), f"user {u:02d}", fill="black")
+        for col in range(cols):
+            tile = Image.fromarray(images[(u, col)]).resize((thumb, thumb), Image.BILINEAR)
+            canvas.paste(tile, (label_w + col * (thumb + pad), y0))
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")

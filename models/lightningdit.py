@@ -1,0 +1,310 @@
+"""LightningDiT: a diffusion transformer on VA-VAE latents, conditioned on a class (here: the user).
+
+State-dict layout and constructor keywords follow the published LightningDiT checkpoints, so their
+weights load unchanged; the numerics equal the reference to float32 round-off.
+"""
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
+    if shift is None:
+        return x * (1 + scale.unsqueeze(1))
+    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
+
+
+#################################################################################
+#                  Embedding Layers for Timesteps and Class Labels              #
+#################################################################################
+
+class PatchEmbed(nn.Module):
+    """(B, C, H, W) -> (B, H/p * W/p, D) with a strided convolution."""
+    def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoid of the raw t in [0, 1] (cos half first), then a 2-layer MLP."""
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+        half = frequency_embedding_size // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
+        self.register_buffer("freqs", freqs, persistent=False)
+
+    def forward(self, t):
+        args = t.float()[:, None] * self.freqs[None]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class table with one extra row (index num_classes): the null class for guidance."""
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def forward(self, labels, train: bool):
+        if train and self.dropout_prob > 0:
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+        return self.embedding_table(labels)
+
+
+#################################################################################
+#                        Norms, RoPE, Attention and MLP                         #
+#################################################################################
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32 (the reference does this for stability), learnable weight."""
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return normed.to(x.dtype) * self.weight
+
+
+class VisionRotaryEmbedding(nn.Module):
+    """2-D RoPE (EVA-02 style): first half of head_dim rotates with the row, second with the column."""
+    def __init__(self, head_dim: int, grid_size: int):
+        super().__init__()
+        half = head_dim // 2
+        freqs = 1.0 / (10000 ** (torch.arange(0, half, 2, dtype=torch.float32)[: half // 2] / half))
+        angles = torch.arange(grid_size, dtype=torch.float32)[:, None] * freqs[None]   # (grid, half/2)
+        angles = angles.repeat_interleave(2, dim=-1)                                     # (grid, half)
+        rows = angles[:, None, :].expand(grid_size, grid_size, half)
+        cols = angles[None, :, :].expand(grid_size, grid_size, half)
+        angles = torch.cat([rows, cols], dim=-1).reshape(grid_size * grid_size, head_dim)
+        self.register_buffer("freqs_cos", angles.cos())
+        self.register_buffer("freqs_sin", angles.sin())
+
+    def forward(self, x):
+        # rotate_half maps each pair (a, b) to (-b, a); flipping a (..., d/2, 2) view does it without
+        # the reference's stack/rearrange round trip.
+        pairs = x.unflatten(-1, (-1, 2))
+        rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+        return x * self.freqs_cos.to(x.dtype) + rotated * self.freqs_sin.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, use_rmsnorm: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        norm = (lambda d: RMSNorm(d)) if use_rmsnorm else (lambda d: nn.LayerNorm(d))
+        self.q_norm = norm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = norm(self.head_dim) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim, bias=True)
+
+    def forward(self, x, rope: VisionRotaryEmbedding | None):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = rope(q), rope(k)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class SwiGLUFFN(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w12 = nn.Linear(dim, 2 * hidden)
+        self.w3 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        x1, x2 = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(x1) * x2)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+#################################################################################
+#                                 Core DiT Model                                #
+#################################################################################
+
+def make_norm(dim: int, use_rmsnorm: bool) -> nn.Module:
+    return RMSNorm(dim, eps=1e-6) if use_rmsnorm else nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+
+
+class LightningDiTBlock(nn.Module):
+    """Pre-norm transformer block with adaLN-Zero conditioning."""
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, use_qknorm: bool,
+                 use_swiglu: bool, use_rmsnorm: bool, wo_shift: bool):
+        super().__init__()
+        self.norm1 = make_norm(hidden_size, use_rmsnorm)
+        self.attn = Attention(hidden_size, num_heads, use_qknorm, use_rmsnorm)
+        self.norm2 = make_norm(hidden_size, use_rmsnorm)
+        mlp_hidden = int(hidden_size * mlp_ratio)
+        self.mlp = SwiGLUFFN(hidden_size, int(2 / 3 * mlp_hidden)) if use_swiglu else Mlp(hidden_size, mlp_hidden)
+        self.wo_shift = wo_shift
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, (4 if wo_shift else 6) * hidden_size))
+
+    def forward(self, x, c, rope):
+        if self.wo_shift:
+            scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
+            shift_msa = shift_mlp = None
+        else:
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
+        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, use_rmsnorm: bool):
+        super().__init__()
+        self.norm_final = make_norm(hidden_size, use_rmsnorm)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class LightningDiT(nn.Module):
+    """Velocity model v(x_t, t, y) on (B, C, H, W) latents; y == num_classes is the null class."""
+    def __init__(
+        self,
+        input_size: int = 16,
+        patch_size: int = 1,
+        in_channels: int = 32,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        class_dropout_prob: float = 0.1,
+        num_classes: int = 1000,
+        learn_sigma: bool = False,
+        use_qknorm: bool = False,
+        use_swiglu: bool = True,
+        use_rope: bool = True,
+        use_rmsnorm: bool = True,
+        wo_shift: bool = False,
+        use_checkpoint: bool = False,
+    ):
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.learn_sigma = learn_sigma
+        self.patch_size = patch_size
+        self.num_classes = num_classes
+        self.use_checkpoint = use_checkpoint
+        grid = input_size // patch_size
+
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        # Fixed sin-cos table; a Parameter (not a buffer) because published checkpoints store it.
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, hidden_size), requires_grad=False)
+        self.feat_rope = VisionRotaryEmbedding(hidden_size // num_heads, grid) if use_rope else None
+        self.blocks = nn.ModuleList([
+            LightningDiTBlock(hidden_size, num_heads, mlp_ratio, use_qknorm, use_swiglu, use_rmsnorm, wo_shift)
+            for _ in range(depth)
+        ])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, use_rmsnorm)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        def _basic_init(module):
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        self.apply(_basic_init)
+        grid = int(self.pos_embed.shape[1] ** 0.5)
+        self.pos_embed.data.copy_(torch.from_numpy(sincos_pos_embed_2d(self.pos_embed.shape[-1], grid)).unsqueeze(0))
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        # adaLN-Zero: every block starts as the identity, the output as zero.
+        for layer in [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1],
+                                                                       self.final_layer.linear]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def unpatchify(self, x):
+        p, c = self.patch_size, self.out_channels
+        h = w = int(x.shape[1] ** 0.5)
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x = self.x_embedder(x) + self.pos_embed.to(x.dtype)
+        c = self.t_embedder(t) + self.y_embedder(y, self.training)
+        for block in self.blocks:
+            if self.use_checkpoint and self.training:
+                x = checkpoint(block, x, c, self.feat_rope, use_reentrant=False)
+            else:
+                x = block(x, c, self.feat_rope)
+        x = self.unpatchify(self.final_layer(x, c))
+        return x[:, : self.in_channels] if self.learn_sigma else x
+
+
+#################################################################################
+#                            Sine/Cosine Positional Embedding                   #
+#################################################################################
+
+def sincos_pos_embed_2d(embed_dim: int, grid_size: int) -> np.ndarray:
+    """(grid*grid, D): first half encodes the column, second the row; sin then cos (MAE/DiT convention)."""
+    coords = np.arange(grid_size, dtype=np.float64)
+    cols, rows = np.meshgrid(coords, coords)
+    return np.concatenate([_sincos_1d(embed_dim // 2, cols), _sincos_1d(embed_dim // 2, rows)], axis=1).astype(np.float32)
+
+
+def _sincos_1d(embed_dim: int, pos: np.ndarray) -> np.ndarray:
+    omega = 1.0 / 10000 ** (np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0))
+    out = np.outer(pos.reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+#################################################################################
+#                                 LightningDiT Configs                          #
+#################################################################################
+
+# (depth, hidden_size, num_heads); S is DiT's S, the reference has no S.
+MODEL_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+LightningDiT_models = {
+    f"LightningDiT-{size}/{patch}": dict(depth=d, hidden_size=h, num_heads=n, patch_size=patch)
+    for size, (d, h, n) in MODEL_SIZES.items() for patch in (1, 2)
+}
+DEFAULT_MODEL = "LightningDiT-XL/1"
+
+
+def model_config(name: str, num_classes: int, **overrides) -> dict:
+    """Constructor keywords for a named size; None overrides are ignored, others win."""
+    if name not in LightningDiT_models:
+        raise KeyError(f"unknown model '{name}'; choose one of {', '.join(LightningDiT_models)}")
+    config = dict(input_size=16, in_channels=32, num_classes=num_classes, **LightningDiT_models[name])
+    config.update({k: v for k, v in overrides.items() if v is not None})
+    return config

@@ -1,0 +1,141 @@
+"""The orchestrator: run stages 1-4 as subprocesses, skip finished ones, pass flags to the stages that take them.
+
+Each stage runs in its own process so that Lightning's DDP launcher (which re-executes the running
+script once per GPU) re-executes that stage alone, and so that each stage's memory is freed.
+"""
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from common.config import load_config
+from common.errors import PipelineError
+from common.io import write_text
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGE_SCRIPTS = {1: "stage1_extract_features.py", 2: "stage2_train_dit.py", 3: "stage3_inference.py",
+                 4: "stage4_evaluate.py"}
+STAGE_DIRS = {1: "latent_features", 2: "trained_models", 3: "generated_images", 4: "evaluation"}
+DONE_MARKER = ".stage_complete.json"
+
+
+def stage_parsers() -> dict[int, argparse.ArgumentParser]:
+    import stage1_extract_features, stage2_train_dit, stage3_inference, stage4_evaluate
+    modules = [stage1_extract_features, stage2_train_dit, stage3_inference, stage4_evaluate]
+    return {i + 1: m.build_parser() for i, m in enumerate(modules)}
+
+
+def flag_names(parser: argparse.ArgumentParser) -> set[str]:
+    return {s for a in parser._actions for s in a.option_strings if s.startswith("--")}
+
+
+def split_extra_flags(extra: list[str], parsers: dict[int, argparse.ArgumentParser]) -> dict[int, list[str]]:
+    """Route each `--flag [values...]` to every stage whose parser knows it; unknown flags are an error."""
+    groups: list[list[str]] = []
+    for token in extra:
+        if token.startswith("--"):
+            groups.append([token.split("=", 1)[0]] + token.split("=", 1)[1:])
+        elif groups:
+            groups[-1].append(token)
+        else:
+            raise PipelineError(f"unexpected argument '{token}'")
+    routed: dict[int, list[str]] = {s: [] for s in parsers}
+    for group in groups:
+        takers = [s for s, p in parsers.items() if group[0] in flag_names(p)]
+        if not takers:
+            raise PipelineError(f"no stage takes the flag {group[0]}; see each stage's --help")
+        for s in takers:
+            routed[s] += group
+    return routed
+
+
+def config_to_flags(values: dict[str, Any]) -> list[str]:
+    flags: list[str] = []
+    for key, value in values.items():
+        if value is False or value is None:
+            continue
+        flags.append(f"--{key}")
+        if value is not True:
+            flags += [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+    return flags
+
+
+def stage_arguments(args: argparse.Namespace, out: Path) -> dict[int, list[str]]:
+    """The flags the orchestrator itself derives for each stage (paths between stages, shared sizes)."""
+    d = {s: out / name for s, name in STAGE_DIRS.items()}
+    users = [str(u) for u in args.generate_user_ids] if args.generate_user_ids else []
+    return {
+        1: ["--data_dir", args.data_dir, "--vavae_path", args.vavae_path, "--output_path", str(d[1]),
+            "--batch_size", str(args.batch_size), "--devices", str(args.devices)],
+        2: ["--latent_dir", str(d[1]), "--output_dir", str(d[2]), "--batch_size", str(args.batch_size),
+            "--max_epochs", str(args.max_epochs), "--devices", str(args.devices)],
+        3: ["--dit_checkpoint", str(d[2] / "checkpoints" / "best.ckpt"), "--vavae_path", args.vavae_path,
+            "--output_dir", str(d[3]), "--num_samples_per_user", str(args.num_samples_per_user),
+            "--user_ids", *users],
+        4: ["--data_dir", args.data_dir, "--generated_dir", str(d[3]), "--output_dir", str(d[4])],
+    }
+
+
+def default_user_ids(out: Path) -> list[int]:
+    """All users of the trained model, when --generate_user_ids is not given."""
+    from safetensors import safe_open
+    with safe_open(str(out / STAGE_DIRS[1] / "train.safetensors"), framework="pt") as f:
+        return json.loads(f.metadata()["user_numbers"])
+
+
+def run_pipeline(args: argparse.Namespace, extra: list[str], log=print) -> Path:
+    """Run the requested stages in order; returns the output folder."""
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    parsers = stage_parsers()
+    routed = split_extra_flags(extra, parsers)
+    for stage in args.stages:
+        folder = out / STAGE_DIRS[stage]
+        marker = folder / DONE_MARKER
+        if marker.is_file() and not args.force:
+            log(f"== stage {stage}: already complete in {folder}, skipped (--force to redo)")
+            continue
+        if stage == 3 and not args.generate_user_ids:
+            args.generate_user_ids = default_user_ids(out)
+        argv = stage_arguments(args, out)[stage] + routed[stage]
+        marker.unlink(missing_ok=True)
+        log(f"== stage {stage}: {STAGE_SCRIPTS[stage]} " + " ".join(argv))
+        started = time.time()
+        code = subprocess.call([sys.executable, str(ROOT / STAGE_SCRIPTS[stage]), *argv], cwd=ROOT)
+        if code != 0:
+            raise PipelineError(f"stage {stage} failed (exit code {code}); its message is above. "
+                                f"Fix it and rerun: finished stages are skipped, stage 2 resumes.")
+        write_text(marker, json.dumps({"argv": argv, "seconds": round(time.time() - started, 1)}, indent=1))
+    return out
+
+
+def apply_config(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[str],
+                 extra: list[str]) -> list[str]:
+    """The orchestrator's --config: its own keys become defaults, other keys go to the stages; flags win."""
+    if not args.config:
+        return extra
+    values = load_config_any(args.config)
+    own = {a.dest for a in parser._actions}
+    given = {t.split("=", 1)[0].lstrip("-") for t in argv if t.startswith("--")}
+    for key, value in values.items():
+        if key in own and key not in given:
+            setattr(args, key, value)
+    return config_to_flags({k: v for k, v in values.items() if k not in own and k not in given}) + extra
+
+
+def load_config_any(path: str) -> dict[str, Any]:
+    """A config whose keys may belong to any stage: validate against the union of all stage flags."""
+    union = argparse.ArgumentParser(add_help=False)
+    seen = set()
+    for parser in stage_parsers().values():
+        for action in parser._actions:
+            if action.dest not in seen and action.option_strings and action.dest != "help":
+                seen.add(action.dest)
+                union.add_argument(*action.option_strings, dest=action.dest)
+    for name in ("stages", "force", "generate_user_ids", "demo"):
+        if name not in seen:
+            union.add_argument(f"--{name}")
+    return load_config(path, union)
