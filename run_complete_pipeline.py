@@ -32,6 +32,9 @@ def main(argv=None) -> None:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     from pipeline.orchestrate import apply_config, run_pipeline
+    if args.demo and not args.config:
+        from pipeline.demo import DEMO_CONFIG
+        args.config = str(DEMO_CONFIG)
     extra = apply_config(args, parser, argv, extra)
     if args.demo:
         from pipeline.demo import run_demo

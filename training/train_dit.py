@@ -2,6 +2,7 @@
 import csv
 import os
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -9,9 +10,10 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from pytorch_lightning.plugins import TorchCheckpointIO
 
 from common.errors import PipelineError
-from common.io import atomic_path
+from common.io import atomic_path, save_torch
 from data.latents import load_latents, load_stats
 from models.lightningdit import model_config
 from training.dit_module import DiTTrainingModule, NonFiniteLoss
@@ -71,14 +73,20 @@ def train(args, log=print) -> Path:
     last = ckpt_dir / "last.ckpt"
     resume = str(last) if last.is_file() and not args.restart else None
     if resume:
-        log(f"resuming from {last} (same command as before; pass --restart to start over)")
+        previous = load_checkpoint(last, mmap=True)
+        check_same_model(previous["pipeline"]["model_config"], module.model_config, last)
+        log(f"resuming from {last} at step {previous['global_step']} (same command as before; "
+            "pass --restart to start over)")
+        # Batches are a function of the global step, so a mid-epoch resume is exact (Lightning can't know).
+        warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch")
 
+    # last.ckpt: every N steps (preemption loses little) and after every validation (save_last).
     every = ModelCheckpoint(dirpath=ckpt_dir, filename="last", every_n_train_steps=args.checkpoint_every_n_steps,
-                            save_top_k=1, enable_version_counter=False, save_on_train_epoch_end=True)
+                            save_top_k=1, enable_version_counter=False)
     best = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min", save_top_k=1,
-                           enable_version_counter=False)
-    loggers = [CSVLogger(out, name="lightning_logs", version="csv"),
-               TensorBoardLogger(out, name="lightning_logs", version="tensorboard")]
+                           save_last=True, enable_version_counter=False)
+    csv_logger = CSVLogger(out, name="lightning_logs", version="csv")
+    loggers = [csv_logger, TensorBoardLogger(out, name="lightning_logs", version="tensorboard")]
     devices = args.devices
     strategy = "ddp" if (devices if isinstance(devices, int) else 1) * args.num_nodes > 1 else "auto"
     if strategy == "ddp" and args.accelerator == "cpu":
@@ -86,7 +94,8 @@ def train(args, log=print) -> Path:
     trainer = pl.Trainer(
         accelerator=args.accelerator, devices=devices, num_nodes=args.num_nodes, strategy=strategy,
         precision=precision, max_epochs=args.max_epochs, max_steps=args.max_steps or -1,
-        gradient_clip_val=args.grad_clip or None, callbacks=[every, best, TQDMProgressBar(refresh_rate=10)],
+        gradient_clip_val=args.grad_clip or None, callbacks=[every, best, TQDMProgressBar(refresh_rate=10), KeepMetricsHistory(csv_logger)],
+        plugins=[AtomicCheckpointIO()],
         logger=loggers, log_every_n_steps=args.log_every_n_steps, num_sanity_val_steps=0,
         use_distributed_sampler=False, enable_model_summary=False, deterministic=False,
         check_val_every_n_epoch=args.val_every_n_epochs, default_root_dir=out)
@@ -102,6 +111,32 @@ def train(args, log=print) -> Path:
         plot_loss_curve(out / "lightning_logs" / "csv" / "metrics.csv", out / "loss_curve.png")
         log(f"stage 2 done: checkpoints in {ckpt_dir}, logs in {out / 'lightning_logs'}, curve {out / 'loss_curve.png'}")
     return ckpt_dir / "best.ckpt" if (ckpt_dir / "best.ckpt").is_file() else last
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints are written beside their final name, then renamed: a kill mid-save keeps the previous
+    last.ckpt whole (Lightning's own save stages the file in /tmp and moves it, a copy when /tmp is
+    another disk, e.g. a mounted drive)."""
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        save_torch(checkpoint, path)
+
+
+class KeepMetricsHistory(pl.Callback):
+    """CSVLogger deletes an existing metrics.csv: on resume, log again the rows from before the
+    checkpoint's step so that metrics.csv and the loss curve cover the whole run."""
+    def __init__(self, logger: CSVLogger):
+        self.logger = logger
+        path = Path(logger.log_dir) / "metrics.csv"
+        self.rows = list(csv.DictReader(path.open(newline=""))) if path.is_file() else []
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_rank != 0 or trainer.global_step == 0:
+            return
+        for row in self.rows:
+            if row.get("step") and int(row["step"]) < trainer.global_step:
+                self.logger.experiment.log_metrics(
+                    {k: float(v) for k, v in row.items() if k != "step" and v not in ("", None)}, int(row["step"]))
+        self.logger.save()
 
 
 def plot_loss_curve(metrics_csv: Path, png: Path) -> None:
@@ -131,11 +166,22 @@ def plot_loss_curve(metrics_csv: Path, png: Path) -> None:
     plt.close(fig)
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+def check_same_model(saved: dict, current: dict, path: Path) -> None:
+    """Resuming needs the architecture of the checkpoint; say which flags differ instead of a shape error."""
+    keys = [k for k in sorted(set(saved) | set(current)) if k not in ("use_checkpoint", "class_dropout_prob")]
+    diff = [f"{k}: {saved.get(k)} in the checkpoint, {current.get(k)} now" for k in keys if saved.get(k) != current.get(k)]
+    if diff:
+        raise PipelineError(f"{path} was trained with a different model ({'; '.join(diff)}). Resume with the "
+                            "same --model/--depth/--hidden_size/--num_heads flags and stage 1 latents, or pass "
+                            "--restart (or another --output_dir) to train the new model from scratch.")
+
+
+def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
     """A stage 2 checkpoint (weights_only); a clear error for anything else."""
     from common.io import torch_load_weights
     from training.dit_module import CHECKPOINT_KIND
-    ckpt = torch_load_weights(path, "a stage 2 checkpoint (checkpoints/best.ckpt or last.ckpt)")
+    mmap = mmap and zipfile.is_zipfile(path)
+    ckpt = torch_load_weights(path, "a stage 2 checkpoint (checkpoints/best.ckpt or last.ckpt)", mmap=mmap)
     if not isinstance(ckpt, dict) or ckpt.get("pipeline", {}).get("kind") != CHECKPOINT_KIND:
         found = "a VA-VAE tokenizer" if isinstance(ckpt, dict) and any(
             str(k).startswith(("encoder.", "decoder.")) for k in ckpt.get("state_dict", ckpt)) else "another kind of file"
