@@ -18,6 +18,14 @@ from common.errors import PipelineError
 #                               Atomic writes                                   #
 #################################################################################
 
+_UMASK = os.umask(0)   # read once, at import (setting it is process-wide, so not while threads run)
+os.umask(_UMASK)
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds.
@@ -29,9 +37,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    with contextlib.suppress(OSError):   # mkstemp makes 0600 files; outputs get the usual permissions
+        os.chmod(tmp, 0o666 & ~_UMASK)
     tmp = Path(tmp)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)     # mkstemp makes 0600 files; outputs should be shareable
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -82,11 +93,15 @@ def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
         raise PipelineError(f"{path} is not a readable safetensors file ({err}).") from err
 
 
-def torch_load_weights(path: str | os.PathLike, what: str) -> Any:
-    """torch.load with weights_only=True: a pickle that would run code is refused, never executed."""
+def torch_load_weights(path: str | os.PathLike, what: str, mmap: bool = False) -> Any:
+    """torch.load with weights_only=True: a pickle that would run code is refused, never executed.
+
+    mmap=True (zip-format files only) maps the tensors instead of reading them: for large checkpoints
+    of which only a part is used (e.g. the EMA weights of a file that also holds the optimizer state).
+    """
     require_file(path, what)
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         raise PipelineError(
             f"{path} was refused: it is not a plain weights file (it holds Python objects that "
