@@ -1,0 +1,229 @@
+"""--init_from: start stage 2 from published-layout LightningDiT weights (tiny model, tiny latents)."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import stage2_train_dit
+from common.errors import PipelineError
+from common.io import save_safetensors
+from models.lightningdit import LightningDiT, model_config
+from training.init_from import (CLASS_TABLE, initialise_from, load_pretrained, partial_trainable,
+                                read_published_weights, resize_class_table, suggest_flags)
+from training.train_dit import build_module
+
+TINY = ["--model", "LightningDiT-S/2", "--depth", "1", "--hidden_size", "32", "--num_heads", "2"]
+PUBLISHED_CLASSES = 10
+USERS = ["ID_1", "ID_2", "ID_3"]
+
+
+def tiny_dit(num_classes: int = PUBLISHED_CLASSES, seed: int = 0, **overrides) -> LightningDiT:
+    """A tiny LightningDiT with every weight (adaLN/final included) filled with noise: nothing is zero."""
+    kw = dict(input_size=4, depth=1, hidden_size=32, num_heads=2)
+    kw.update(overrides)
+    model = LightningDiT(**model_config("LightningDiT-S/2", num_classes=num_classes, **kw))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name != "pos_embed":
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory) -> tuple[Path, dict, dict]:
+    """A reference-format file: {'model', 'ema', 'opt', 'config'}, the model half saved from a DDP wrapper."""
+    model, ema = tiny_dit(seed=1).state_dict(), tiny_dit(seed=2).state_dict()
+    path = tmp_path_factory.mktemp("published") / "lightningdit-tiny.pt"
+    torch.save({"model": {f"module.{k}": v for k, v in model.items()}, "ema": ema,
+                "opt": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(3)}},
+                        "param_groups": [{"lr": 2e-4, "betas": (0.9, 0.95), "params": [0]}]},
+                "config": {"model": {"model_type": "LightningDiT-S/2", "in_chans": 32, "use_rope": True},
+                           "train": {"global_batch_size": 1024}}}, path)
+    return path, model, ema
+
+
+@pytest.fixture(scope="module")
+def latent_dir(tmp_path_factory) -> Path:
+    """Stage 1 output for 3 users: (N, 32, 4, 4) latents, user ids, users/user_numbers metadata, stats."""
+    out = tmp_path_factory.mktemp("latents")
+    g = torch.Generator().manual_seed(0)
+    meta = {"users": USERS, "user_numbers": [1, 2, 3], "image_size": 64}
+    for split, n in (("train", 24), ("val", 6)):
+        save_safetensors({"latents": torch.randn(n, 32, 4, 4, generator=g),
+                          "user_ids": torch.arange(n, dtype=torch.int64) % 3}, out / f"{split}.safetensors",
+                         {**meta, "split": split})
+    save_safetensors({"mean": torch.zeros(1, 32, 1, 1), "std": torch.ones(1, 32, 1, 1)},
+                     out / "latent_stats.safetensors", meta)
+    return out
+
+
+def make_module(latent_dir: Path, *flags: str):
+    args = stage2_train_dit.build_parser().parse_args(
+        ["--latent_dir", str(latent_dir), "--output_dir", "unused", *TINY, *flags])
+    return build_module(args, log=lambda m: None)
+
+
+def test_reads_published_layout_and_prefers_ema(published):
+    path, model, ema = published
+    weights = load_pretrained(path)
+    assert weights.picked == "ema"
+    assert set(weights.state) == set(ema)
+    for k in ema:
+        torch.testing.assert_close(weights.state[k], ema[k], rtol=0, atol=0)
+    assert weights.config["model"]["model_type"] == "LightningDiT-S/2"
+
+
+def test_reads_other_layouts(tmp_path, published):
+    _, model, ema = published
+    # Only `model`, DDP-prefixed: the prefix is stripped.
+    torch.save({"model": {f"module.{k}": v for k, v in model.items()}}, tmp_path / "model_only.pt")
+    got = read_published_weights(tmp_path / "model_only.pt")
+    assert set(got) == set(model) and torch.equal(got[CLASS_TABLE], model[CLASS_TABLE])
+    torch.save(ema, tmp_path / "flat.pt")
+    torch.save({"state_dict": ema}, tmp_path / "nested.pt")
+    save_safetensors(ema, tmp_path / "flat.safetensors")
+    save_safetensors({f"state_dict.{k}": v for k, v in ema.items()}, tmp_path / "prefixed.safetensors")
+    for name in ("flat.pt", "nested.pt", "flat.safetensors", "prefixed.safetensors"):
+        got = read_published_weights(tmp_path / name)
+        assert set(got) == set(ema), name
+        assert all(torch.equal(got[k], ema[k]) for k in ema), name
+
+
+def test_not_a_dit_is_a_clear_error(tmp_path):
+    torch.save({"state_dict": {"encoder.conv_in.weight": torch.zeros(2)}}, tmp_path / "vae.pt")
+    with pytest.raises(PipelineError, match="no LightningDiT weights.*VA-VAE"):
+        read_published_weights(tmp_path / "vae.pt")
+    with pytest.raises(PipelineError, match="not found"):
+        read_published_weights(tmp_path / "missing.pt")
+
+
+class Payload:
+    """Unpickling this would create a folder: the loader must refuse before anything runs."""
+    def __init__(self, target: str):
+        self.target = target
+
+    def __reduce__(self):
+        return os.makedirs, (self.target,)
+
+
+def test_malicious_pickle_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"ema": {"x_embedder.proj.weight": Payload(str(marker))}}, tmp_path / "evil.pt")
+    with pytest.raises(PipelineError, match="refused"):
+        read_published_weights(tmp_path / "evil.pt")
+    assert not marker.exists()
+
+
+def test_initialise_resizes_table_keeps_everything_else(published, latent_dir):
+    path, _, ema = published
+    module = make_module(latent_dir)
+    logs = []
+    initialise_from(module, path, "full", logs.append)
+    state = module.model.state_dict()
+    table = state[CLASS_TABLE]
+    assert table.shape == (len(USERS) + 1, 32)
+    torch.testing.assert_close(table[-1], ema[CLASS_TABLE][-1], rtol=0, atol=0)      # the published null row
+    published_rows = ema[CLASS_TABLE][:-1]
+    mean, std = published_rows.mean(0), published_rows.std()
+    assert (table[:-1] - mean).abs().max() < 0.5 * std                              # near the mean class
+    assert (table[:-1] - mean).abs().max() > 0                                      # ... with a little noise
+    assert not torch.equal(table[0], table[1])
+    for k, v in ema.items():
+        if k != CLASS_TABLE:
+            torch.testing.assert_close(state[k], v, rtol=0, atol=0, msg=k)
+    for k, v in module.ema.state_dict().items():
+        torch.testing.assert_close(v, state[k], rtol=0, atol=0, msg=k)
+    assert all(p.requires_grad for n, p in module.model.named_parameters() if n != "pos_embed")
+    assert any("initialised from" in m and "10+1 -> 3+1" in m for m in logs)
+
+
+def test_wrong_model_is_a_clear_error(published, latent_dir):
+    path = published[0]
+    module = make_module(latent_dir, "--hidden_size", "64", "--depth", "2")
+    before = {k: v.clone() for k, v in module.model.state_dict().items()}
+    with pytest.raises(PipelineError) as err:
+        initialise_from(module, path, "full", lambda m: None)
+    msg = str(err.value)
+    assert "x_embedder.proj.weight: file (32, 32, 2, 2) vs model (64, 32, 2, 2)" in msg
+    assert "--model LightningDiT-S/2 --depth 1 --hidden_size 32 --num_heads 2" in msg
+    assert "its config says LightningDiT-S/2" in msg
+    assert all(torch.equal(v, before[k]) for k, v in module.model.state_dict().items())   # untouched
+
+
+def test_patch_and_qknorm_mismatch_hints(tmp_path, latent_dir):
+    torch.save({"ema": tiny_dit(patch_size=1, use_qknorm=True).state_dict()}, tmp_path / "p1.pt")
+    with pytest.raises(PipelineError, match=r"patch 1: pass --model LightningDiT-S/1 .*--use_qknorm"):
+        initialise_from(make_module(latent_dir), tmp_path / "p1.pt", "full", lambda m: None)
+
+
+def test_other_input_size_recomputes_grid_tables(tmp_path, latent_dir):
+    torch.save({"ema": tiny_dit(input_size=8).state_dict()}, tmp_path / "grid4.pt")
+    module = make_module(latent_dir)
+    fresh_pos = module.model.pos_embed.detach().clone()
+    logs = []
+    initialise_from(module, tmp_path / "grid4.pt", "full", logs.append)
+    assert torch.equal(module.model.pos_embed, fresh_pos)
+    assert any("4x4 token grid" in m and "2x2" in m for m in logs)
+
+
+def test_partial_freezes_exactly_blocks_and_optimizer_gets_trainable_only(published, latent_dir):
+    module = make_module(latent_dir, "--backbone_lr_scale", "0.1")
+    initialise_from(module, published[0], "partial", lambda m: None)
+    trainable = {n for n, p in module.model.named_parameters() if p.requires_grad}
+    expected = {n for n, _ in module.model.named_parameters()
+                if n != "pos_embed" and (not n.startswith("blocks.") or ".adaLN_modulation." in n)}
+    assert trainable == expected
+    assert "blocks.0.adaLN_modulation.1.weight" in trainable and "final_layer.linear.weight" in trainable
+    assert {"t_embedder.mlp.0.weight", CLASS_TABLE, "x_embedder.proj.weight"} <= trainable
+    assert "blocks.0.attn.qkv.weight" not in trainable and "blocks.0.norm1.weight" not in trainable
+    opt = module.configure_optimizers()
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert in_opt == {id(p) for p in module.model.parameters() if p.requires_grad}
+    # Full fine-tuning with a backbone scale: the blocks get their own, lower lr.
+    module = make_module(latent_dir, "--backbone_lr_scale", "0.1")
+    initialise_from(module, published[0], "full", lambda m: None)
+    lrs = sorted(g["lr"] for g in module.configure_optimizers().param_groups)
+    assert lrs == pytest.approx([1e-5, 1e-4])
+
+
+def test_partial_trainable_names():
+    assert partial_trainable("blocks.3.adaLN_modulation.1.bias")
+    assert partial_trainable("final_layer.norm_final.weight")
+    assert not partial_trainable("blocks.3.mlp.w12.weight")
+
+
+def test_resize_class_table_keeps_rows_and_null():
+    table = torch.randn(6, 8)
+    new = resize_class_table(table, 3, keep={1: 4})
+    assert new.shape == (4, 8)
+    assert torch.equal(new[-1], table[-1]) and torch.equal(new[1], table[4])
+
+
+def test_suggest_flags_for_named_sizes():
+    assert suggest_flags(dict(depth=28, hidden_size=1152, num_heads=16, patch_size=1)) == "--model LightningDiT-XL/1"
+    assert suggest_flags(dict(depth=12, hidden_size=768, patch_size=2)) == "--model LightningDiT-B/2"
+
+
+def test_stage2_end_to_end_with_init_from(published, latent_dir, tmp_path, capsys):
+    path, _, ema = published
+    out = tmp_path / "run"
+    stage2_train_dit.main(["--latent_dir", str(latent_dir), "--output_dir", str(out), *TINY,
+                           "--precision", "32-true", "--accelerator", "cpu", "--max_steps", "4",
+                           "--batch_size", "8", "--checkpoint_every_n_steps", "2", "--init_from", str(path),
+                           "--finetune", "partial"])
+    assert "initialised from" in capsys.readouterr().out
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    sd = ckpt["state_dict"]
+    assert sd[f"model.{CLASS_TABLE}"].shape == (4, 32)
+    # Frozen blocks are exactly the published EMA weights; trained layers moved.
+    assert torch.equal(sd["model.blocks.0.attn.qkv.weight"], ema["blocks.0.attn.qkv.weight"])
+    assert torch.equal(sd["ema.blocks.0.mlp.w3.weight"], ema["blocks.0.mlp.w3.weight"])
+    assert not torch.equal(sd["model.final_layer.linear.weight"], ema["final_layer.linear.weight"])
+    # A stage 2 checkpoint is itself a valid --init_from: EMA picked, same users keep their rows.
+    weights = load_pretrained(out / "checkpoints" / "last.ckpt")
+    assert weights.picked == "state_dict/ema.*" and weights.users == USERS
+    module = make_module(latent_dir)
+    initialise_from(module, out / "checkpoints" / "last.ckpt", "full", lambda m: None)
+    torch.testing.assert_close(module.model.state_dict()[CLASS_TABLE], sd[f"ema.{CLASS_TABLE}"], rtol=0, atol=0)
