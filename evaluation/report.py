@@ -1,0 +1,229 @@
+"""report.json, report.md and the PNG plots of an evaluation; every file written atomically."""
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")   # no display on training machines
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from common.io import atomic_path, write_text  # noqa: E402
+from data.images import User  # noqa: E402
+from evaluation.imageset import ImageSet  # noqa: E402
+
+SAMPLES_PER_ROW = 4     # real and generated images shown per user in samples.png
+MAX_SAMPLE_USERS = 32
+
+
+#################################################################################
+#                                    Plots                                      #
+#################################################################################
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _show(ax: plt.Axes, image: torch.Tensor, title: str | None = None) -> None:
+    ax.imshow(image.permute(1, 2, 0).numpy())
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=7)
+
+
+def plot_confusion(report: dict, path: Path) -> None:
+    labels = report["identity"]["confusion_labels"]
+    n = len(labels)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * max(4, 0.3 * n + 2), max(4, 0.3 * n + 1.5)))
+    for ax, key, title in ((axes[0], "confusion_real_val", "real val"), (axes[1], "confusion_generated", "generated")):
+        counts = np.asarray(report["identity"][key], dtype=float)
+        # Row-normalised so that users with more samples do not dominate the colour scale.
+        rows = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+        ax.imshow(rows, vmin=0, vmax=1, cmap="viridis")
+        ax.set_xticks(range(n), labels, fontsize=6, rotation=90)
+        ax.set_yticks(range(n), labels, fontsize=6)
+        ax.set_xlabel("predicted user")
+        ax.set_ylabel("true / intended user")
+        ax.set_title(f"{title} (row-normalised)")
+    _save(fig, path)
+
+
+def plot_per_user_accuracy(report: dict, path: Path) -> None:
+    per_user = report["identity"]["per_user"]
+    numbers = list(per_user)
+    real = [per_user[n]["real_val_top1"] or 0.0 for n in numbers]
+    gen = [per_user[n]["generated_top1"] or 0.0 for n in numbers]
+    x = np.arange(len(numbers))
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(numbers) + 2), 3.5))
+    ax.bar(x - 0.2, real, 0.4, label="real val (ceiling)")
+    ax.bar(x + 0.2, gen, 0.4, label="generated")
+    ax.axhline(report["dataset"]["chance"], color="grey", linestyle="--", linewidth=1, label="chance")
+    ax.set_xticks(x, numbers, fontsize=7)
+    ax.set_xlabel("user")
+    ax.set_ylabel("top-1 accuracy")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def plot_samples(users: list[User], train: ImageSet, gen: ImageSet, path: Path) -> None:
+    """One row per user: a few real training images, then a few generated ones."""
+    shown = users[:MAX_SAMPLE_USERS]
+    cols = 2 * SAMPLES_PER_ROW
+    fig, axes = plt.subplots(len(shown), cols, figsize=(cols * 1.1, len(shown) * 1.2), squeeze=False)
+    for r, user in enumerate(shown):
+        c_index = users.index(user)
+        real = train.images[train.labels == c_index][:SAMPLES_PER_ROW]
+        fake = gen.images[gen.labels == c_index][:SAMPLES_PER_ROW]
+        for j in range(cols):
+            ax = axes[r, j]
+            pool, k = (real, j) if j < SAMPLES_PER_ROW else (fake, j - SAMPLES_PER_ROW)
+            if k < len(pool):
+                _show(ax, pool[k], ("real" if j < SAMPLES_PER_ROW else "generated") if r == 0 else None)
+            else:
+                ax.axis("off")
+        axes[r, 0].set_ylabel(user.name, fontsize=7)
+    _save(fig, path)
+
+
+def plot_nearest(closest: list[dict], train: ImageSet, gen: ImageSet, path: Path) -> None:
+    """The generated samples closest to a training image, next to that image."""
+    if not closest:
+        return
+    fig, axes = plt.subplots(2, len(closest), figsize=(1.6 * len(closest), 3.6), squeeze=False)
+    for j, pair in enumerate(closest):
+        flag = "COPY " if pair["copy"] else ""
+        _show(axes[0, j], gen.images[pair["_gen_index"]], f"{flag}gen\npix {pair['pixel_distance']:.2f}")
+        _show(axes[1, j], train.images[pair["_train_index"]], "nearest train")
+    _save(fig, path)
+
+
+#################################################################################
+#                                   Markdown                                    #
+#################################################################################
+
+def _f(value, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_f(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def render_markdown(report: dict) -> str:
+    ident, fd, kid, man = report["identity"], report["fd"], report["kid"], report["manifold"]
+    memo, ds = report["memorization"], report["dataset"]
+    out = ["# Generation evaluation", "",
+           f"{ds['num_users']} users; chance level (1/num_users) = {ds['chance']:.3f}. "
+           f"Reference set for distribution metrics: real **train** images. The *real val* column scores held-out "
+           f"real images the same way: it is what a perfect generator would get, so read generated numbers against "
+           f"it rather than against 0 or 1 (the classifier has seen the train images, so their features are tighter "
+           f"than those of any unseen image).", ""]
+
+    out += ["## Identity (user classifier: ResNet-18 trained on real train images)", "",
+            "Top-1 = share of images the classifier assigns to their (intended) user; real val top-1 is the ceiling "
+            "a perfect generator could reach.", "",
+            _table(["", "real val (ceiling)", "generated"],
+                   [["top-1", ident["real_val_top1"], ident["generated_top1"]],
+                    ["top-5", ident["real_val_top5"], ident["generated_top5"]],
+                    ["mean confidence", ident["real_val_mean_confidence"], ident["generated_mean_confidence"]]]),
+            "", f"Generated top-1 relative to the ceiling: {_f(ident['relative_to_ceiling'])}. "
+            f"Classifier: {report['classifier'].get('path')} ({'reused from cache' if report['classifier'].get('cached') else 'trained this run'}).", ""]
+
+    out += ["## Fidelity and diversity (classifier feature space)", "",
+            "- **FD**: Frechet distance between Gaussians fitted to the features; lower is closer to real.",
+            "- **KID**: kernel (MMD) distance, unbiased in the sample size; lower is better, ~0 for the same distribution.",
+            f"- **Precision / recall** (k={man['k']}): share of generated images inside the real manifold (fidelity) / "
+            "share of real images inside the generated manifold (variety reached).",
+            "- **Density / coverage**: like precision/recall but robust to outliers; density ~1 and coverage ~1 for a "
+            "sample from the real distribution.",
+            "- **Inception Score** (with the user classifier): high when each image is confidently one user and all "
+            f"users occur; maximum {report['inception_score']['max']}.", "",
+            _table(["metric", "real val", "generated"],
+                   [["FD (classifier)", fd["classifier_real_val"], fd["classifier"]],
+                    ["KID (classifier)", kid["classifier_real_val"], kid["classifier"]],
+                    ["FD (Inception-v3)", fd["inception_real_val"], fd["inception"]],
+                    ["KID (Inception-v3)", kid["inception_real_val"], kid["inception"]],
+                    *[[k, man["real_val"][k], man["generated"][k]] for k in ("precision", "recall", "density", "coverage")],
+                    ["Inception Score (classifier)", report["inception_score"]["real_val"],
+                     report["inception_score"]["generated"]],
+                    ["diversity ratio (mean over users)", report["diversity"]["real_val_mean_ratio"],
+                     report["diversity"]["mean_ratio"]]]),
+            "", f"Inception-v3: {report['inception']['message']}",
+            "", "Diversity ratio = mean pairwise feature distance within a user, divided by that of the user's real "
+            "train images; well below the real-val ratio means the generator collapses to few modes.", ""]
+
+    out += ["## Memorisation", "",
+            f"For each generated image its nearest training image, in pixel space (32x32) and in classifier features. "
+            f"Rule: {memo['rule']} ({memo['reference']}).", "",
+            _table(["view", "threshold", "copy rate", "median NN distance generated", "median NN distance real val"],
+                   [[v, memo[v]["threshold"], memo[v]["copy_rate"], memo[v]["generated_median_nn"],
+                     memo[v]["real_median_nn"]] for v in ("pixel", "feature")]),
+            "", f"**Copy rate (either view): {_f(memo['copy_rate'])}** ({memo['num_copies']} images). "
+            "Closest pairs: nearest_neighbours.png.", ""]
+
+    tstr = report["tstr"]
+    out += ["## Train on synthetic, test on real (TSTR)", "",
+            "The same classifier trained on generated images only, tested on real val images: high when the samples "
+            "carry each user's real traits.", "",
+            _table(["", "top-1"], [["TSTR (generated -> real val)", tstr.get("top1")],
+                                   ["trained on real (ceiling)", ident["real_val_top1"]],
+                                   ["chance", ds["chance"]]]),
+            "" if tstr.get("note") is None else f"\n{tstr['note']}", ""]
+
+    rows = []
+    for user in ds["users"]:
+        n = str(user["number"])
+        pu, mp = ident["per_user"][n], man["per_user"][n]
+        gen = mp["generated"] or {}
+        rows.append([user["name"], user["n_train"], user["n_val"], user["n_generated"], pu["real_val_top1"],
+                     pu["generated_top1"], fd["per_user"][n]["real_val"], fd["per_user"][n]["generated"],
+                     kid["per_user"][n]["generated"], gen.get("precision"), gen.get("recall"),
+                     report["diversity"]["per_user"][n]["ratio"], memo["per_user"][n],
+                     report["export"]["per_user"].get(n) if report["export"].get("enabled") else None])
+    out += ["## Per user", "",
+            _table(["user", "train", "val", "gen", "val top-1", "gen top-1", "FD val", "FD gen", "KID gen",
+                    "precision", "recall", "diversity ratio", "copy rate", "exported"], rows), ""]
+
+    if report["export"].get("enabled"):
+        ex = report["export"]
+        out += ["## Export for augmentation", "",
+                f"{ex['total']} of {ex['of']} generated images written to {ex['dir']}/train/<user>/: assigned to their "
+                f"own user with confidence >= {ex['min_confidence']} and margin (top-1 minus top-2 probability) >= "
+                f"{ex['min_margin']}; {ex['excluded_as_copies']} confident images left out as copies of training images.", ""]
+    if report["notes"]:
+        out += ["## Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
+    out += ["## Plots", ""] + [f"- {name}: ![{name}]({file})" for name, file in report["plots"].items()] + [""]
+    return "\n".join(out)
+
+
+#################################################################################
+#                                    Output                                     #
+#################################################################################
+
+def write_outputs(report: dict, output_dir: Path, users: list[User], train: ImageSet, val: ImageSet,
+                  gen: ImageSet) -> None:
+    """Plots first (their names go into the report), then report.json and report.md."""
+    plots = {"confusion": "confusion.png", "per_user_accuracy": "per_user_accuracy.png",
+             "samples": "samples.png", "nearest_neighbours": "nearest_neighbours.png"}
+    plot_confusion(report, output_dir / plots["confusion"])
+    plot_per_user_accuracy(report, output_dir / plots["per_user_accuracy"])
+    plot_samples(users, train, gen, output_dir / plots["samples"])
+    plot_nearest(report["memorization"]["closest"], train, gen, output_dir / plots["nearest_neighbours"])
+    report["plots"] = plots
+    # Indices into in-memory tensors only serve the plots; the file paths say the same in the report.
+    for pair in report["memorization"]["closest"]:
+        pair.pop("_gen_index", None)
+        pair.pop("_train_index", None)
+    write_text(output_dir / "report.json", json.dumps(report, indent=2))
+    write_text(output_dir / "report.md", render_markdown(report))

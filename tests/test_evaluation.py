@@ -1,0 +1,312 @@
+"""Stage 4 evaluation: the metrics must tell good samples from bad ones, copies from new images."""
+import inspect
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common.errors import PipelineError  # noqa: E402
+from data.images import scan_dataset  # noqa: E402
+from evaluation import classifier as clf  # noqa: E402
+from evaluation import metrics as M  # noqa: E402
+from evaluation.evaluate import _export, evaluate  # noqa: E402
+from evaluation.imageset import load_set  # noqa: E402
+
+SIZE = 32
+USERS = [1, 2, 5, 7]            # not 1..N on purpose: user numbers are not class indices
+N_TRAIN, N_VAL, N_HELD_OUT = 16, 6, 6
+FAST = dict(image_size=SIZE, classifier_size=SIZE, batch_size=16, classifier_epochs=3, seed=0,
+            min_user_samples=4, log=lambda *_: None)
+
+
+#################################################################################
+#                                  Tiny data                                    #
+#################################################################################
+
+def _spectrogram(user_index: int, rng: np.random.Generator) -> Image.Image:
+    """Each user: its own stripe frequency and tint, random phase, plus noise."""
+    y = np.mgrid[0:SIZE, 0:SIZE][0] / SIZE
+    freq = [2, 4, 7, 11][user_index]
+    stripes = 0.5 + 0.4 * np.sin(2 * np.pi * (freq * y + rng.uniform()))
+    tint = np.array([[1, .3, .3], [.3, 1, .3], [.3, .3, 1], [1, 1, .3]])[user_index]
+    pixels = stripes[..., None] * tint + rng.normal(0, 0.08, (SIZE, SIZE, 3))
+    return Image.fromarray((pixels.clip(0, 1) * 255).astype(np.uint8))
+
+
+def _generated_name(user: int, k: int) -> str:
+    return f"micro_doppler_user{user:02d}_{k:03d}.png"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core runner, spinning OpenMP threads slow training ~10x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    rng = np.random.default_rng(0)
+    dirs = {name: root / name for name in ("held_out", "noise", "copies", "unknown")}
+    for d in dirs.values():
+        d.mkdir()
+    for c, user in enumerate(USERS):
+        for split, n in (("train", N_TRAIN), ("val", N_VAL)):
+            folder = root / "data" / split / f"ID_{user}"
+            folder.mkdir(parents=True)
+            for k in range(n):
+                _spectrogram(c, rng).save(folder / f"{k:03d}.png")
+        for k in range(N_HELD_OUT):
+            _spectrogram(c, rng).save(dirs["held_out"] / _generated_name(user, k))
+            noise = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+            Image.fromarray(noise).save(dirs["noise"] / _generated_name(user, k))
+            shutil.copyfile(root / "data" / "train" / f"ID_{user}" / f"{k:03d}.png",
+                            dirs["copies"] / _generated_name(user, k))
+    _spectrogram(0, rng).save(dirs["unknown"] / _generated_name(1, 0))
+    _spectrogram(0, rng).save(dirs["unknown"] / _generated_name(9, 0))
+    return root, dirs
+
+
+@pytest.fixture(scope="module")
+def runs(dataset):
+    """Three evaluations sharing one cached classifier; trainer calls are recorded."""
+    root, dirs = dataset
+    calls = []
+    real_train = clf.train_classifier
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("desc"))
+        return real_train(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(clf, "train_classifier", counting)
+        good = evaluate(root / "data", dirs["held_out"], root / "out_good", export_dir=root / "export", **FAST)
+        cache = Path(good["classifier"]["path"])
+        mtime = cache.stat().st_mtime_ns
+        calls_after_first = list(calls)
+        noise = evaluate(root / "data", dirs["noise"], root / "out_noise", tstr=False, **FAST)
+        copies = evaluate(root / "data", dirs["copies"], root / "out_copies", tstr=False, **FAST)
+    return {"good": good, "noise": noise, "copies": copies, "calls_first": calls_after_first, "calls": calls,
+            "cache": cache, "mtime": mtime, "root": root}
+
+
+#################################################################################
+#                        Good vs bad generated images                           #
+#################################################################################
+
+def test_held_out_real_scores_near_ceiling(runs):
+    ident = runs["good"]["identity"]
+    assert ident["real_val_top1"] >= 0.9
+    assert ident["generated_top1"] >= ident["real_val_top1"] - 0.15
+    assert runs["good"]["tstr_top1"] > 1 / len(USERS) + 0.2
+
+
+def test_noise_scores_near_chance_with_larger_fd(runs):
+    good, noise = runs["good"], runs["noise"]
+    assert noise["identity"]["generated_top1"] <= 0.5
+    assert noise["fd"]["classifier"] > 5 * good["fd"]["classifier"]
+    assert noise["kid"]["classifier"] > good["kid"]["classifier"]
+    assert noise["manifold"]["generated"]["precision"] < good["manifold"]["generated"]["precision"]
+
+
+def test_copies_flagged_held_out_not(runs):
+    assert runs["copies"]["memorization"]["copy_rate"] >= 0.9
+    assert runs["good"]["memorization"]["copy_rate"] <= 0.1
+    assert all(p["same_user"] for p in runs["copies"]["memorization"]["closest"])
+
+
+def test_classifier_cached_not_retrained(runs):
+    assert runs["calls_first"] == ["user classifier", "TSTR"]
+    assert runs["calls"] == runs["calls_first"]            # later runs trained nothing
+    assert runs["noise"]["classifier"]["cached"] and runs["copies"]["classifier"]["cached"]
+    assert runs["cache"].stat().st_mtime_ns == runs["mtime"]
+    assert runs["cache"].parent == runs["root"] / "data" / ".eval_cache"
+
+
+def test_report_files_and_keys(runs):
+    out = runs["root"] / "out_good"
+    report = json.loads((out / "report.json").read_text())
+    for section, key in (("identity", "real_val_top1"), ("identity", "generated_top1"), ("fd", "classifier"),
+                         ("memorization", "copy_rate")):
+        assert isinstance(report[section][key], float)
+    assert "tstr_top1" in report and report["inception"]["available"] is False
+    assert set(report["identity"]["per_user"]) == {str(u) for u in USERS}
+    md = (out / "report.md").read_text()
+    assert "chance level" in md and "Inception FID/KID not computed" in md
+    for name in report["plots"].values():
+        assert (out / name).stat().st_size > 0
+
+
+def test_export_layout_and_selection(runs):
+    export = runs["good"]["export"]
+    written = sorted((runs["root"] / "export" / "train").glob("*/*.png"))
+    assert len(written) == export["total"] > 0
+    for path in written:
+        user = int(path.name.split("_user")[1].split("_")[0])
+        assert path.parent.name == f"ID_{user}"
+    assert sum(export["per_user"].values()) == export["total"]
+
+
+def test_export_keeps_only_confident_own_user(tmp_path):
+    users = [type("U", (), {"name": f"ID_{n}", "number": n})() for n in (1, 2)]
+    files = []
+    for k in range(4):
+        files.append(tmp_path / _generated_name(1, k))
+        Image.new("RGB", (8, 8)).save(files[-1])
+    gen = load_set(files, [0, 0, 0, 0], 8, 8)
+    probs = torch.tensor([[0.9, 0.1],      # confident, own user            -> kept
+                          [0.1, 0.9],      # confident, other user          -> dropped
+                          [0.52, 0.48],    # own user, margin 0.04 < 0.1    -> dropped
+                          [0.95, 0.05]])   # confident but a training copy  -> dropped
+    copies = torch.tensor([False, False, False, True])
+    out = _export(gen, probs, copies, users, tmp_path / "exp", 0.5, 0.1, log=lambda *_: None)
+    assert [p.name for p in (tmp_path / "exp" / "train" / "ID_1").iterdir()] == [files[0].name]
+    assert out["per_user"] == {"1": 1, "2": 0} and out["excluded_as_copies"] == 1
+
+
+#################################################################################
+#                                    Errors                                     #
+#################################################################################
+
+def test_unknown_user_number_lists_valid_ones(dataset):
+    root, dirs = dataset
+    with pytest.raises(PipelineError, match=r"user number\(s\) 9.*Valid user numbers: 1, 2, 5, 7"):
+        evaluate(root / "data", dirs["unknown"], root / "out_unknown", **FAST)
+
+
+def test_no_generated_images_and_missing_folders(dataset, tmp_path):
+    root, _ = dataset
+    (tmp_path / "other.png").write_bytes(b"")
+    with pytest.raises(PipelineError, match="no generated images named"):
+        evaluate(root / "data", tmp_path, tmp_path / "out", **FAST)
+    with pytest.raises(PipelineError, match="--generated_dir not found"):
+        evaluate(root / "data", tmp_path / "missing", tmp_path / "out", **FAST)
+    with pytest.raises(PipelineError, match="--data_dir not found"):
+        evaluate(tmp_path / "missing", tmp_path, tmp_path / "out", **FAST)
+
+
+def test_cli_forwards_every_flag_and_exits_2_on_user_error(dataset, monkeypatch, capsys):
+    import stage4_evaluate
+    root, dirs = dataset
+    seen = {}
+    monkeypatch.setattr(stage4_evaluate, "evaluate", lambda *a, **kw: seen.update(args=a, kwargs=kw))
+    stage4_evaluate.main(["--data_dir", "d", "--generated_dir", "g", "--output_dir", "o", "--min_margin", "0.2"])
+    inspect.signature(evaluate).bind(*seen["args"], **seen["kwargs"])     # every flag is a keyword of evaluate()
+    assert seen["kwargs"]["min_margin"] == 0.2
+    monkeypatch.undo()
+    with pytest.raises(SystemExit) as exit_info:
+        stage4_evaluate.main(["--data_dir", str(root / "data"), "--generated_dir", str(dirs["unknown"]),
+                              "--output_dir", str(root / "out_cli")])
+    assert exit_info.value.code == 2 and "Valid user numbers" in capsys.readouterr().err
+
+
+#################################################################################
+#                            Classifier and cache                               #
+#################################################################################
+
+def test_read_only_data_dir_caches_in_output_dir(dataset, tmp_path, monkeypatch):
+    root, _ = dataset
+    users = scan_dataset(root / "data", log=lambda *_: None)
+    files = [p for u in users for p in u.files["train"]][:4]
+    real_save = clf.save_safetensors
+
+    def refuse_data_dir(tensors, path, metadata=None):
+        if str(path).startswith(str(root / "data")):
+            raise PermissionError(13, "Read-only file system")
+        return real_save(tensors, path, metadata)
+
+    monkeypatch.setattr(clf, "save_safetensors", refuse_data_dir)
+    monkeypatch.setattr(clf, "train_classifier", lambda *a, **kw: clf.build_classifier(len(users)))
+    cfg = clf.ClassifierConfig(image_size=SIZE, size=SIZE, epochs=1, seed=123)
+    images, labels = torch.zeros(4, 3, SIZE, SIZE, dtype=torch.uint8), torch.arange(4)
+    args = (root / "data", tmp_path, [u.name for u in users], files, images, labels, cfg, torch.device("cpu"))
+    _, first = clf.load_or_train(*args, log=lambda *_: None)
+    _, second = clf.load_or_train(*args, log=lambda *_: None)
+    assert Path(first["path"]).parent == tmp_path / clf.CACHE_DIR
+    assert not first["cached"] and second["cached"] and second["path"] == first["path"]
+
+
+def test_training_is_deterministic_and_never_flips(dataset):
+    root, _ = dataset
+    users = scan_dataset(root / "data", log=lambda *_: None)
+    files = [u.files["train"][0] for u in users] * 2
+    images = load_set(files, [0, 1, 2, 3] * 2, SIZE, SIZE)
+    cfg = clf.ClassifierConfig(image_size=SIZE, size=SIZE, batch_size=4, seed=3)
+    a = clf.train_classifier(images.images, images.labels, 4, cfg, torch.device("cpu"), steps=2, desc="t")
+    b = clf.train_classifier(images.images, images.labels, 4, cfg, torch.device("cpu"), steps=2, desc="t")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    # Shifts only: each augmented row is a translated copy, so row order along time is kept.
+    ramp = torch.linspace(-1, 1, SIZE).expand(1, 3, SIZE, SIZE).contiguous()
+    shifted = clf.augment(ramp, cfg, torch.Generator().manual_seed(0))
+    assert (shifted[0, 0, 0].diff() >= 0).all()
+
+
+def test_inception_features_from_local_weights(dataset, tmp_path):
+    import torchvision
+    from evaluation.inception import inception_features, load_inception
+    root, dirs = dataset
+    weights = tmp_path / "inception.pt"
+    net = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False)
+    torch.save(net.state_dict(), weights)
+    model = load_inception(weights, torch.device("cpu"))
+    feats = inception_features(model, sorted(dirs["held_out"].iterdir())[:2], SIZE, 2, 0, torch.device("cpu"), "t")
+    assert feats.shape == (2, 2048)
+    torch.save({"weight": torch.zeros(3)}, tmp_path / "wrong.pt")
+    with pytest.raises(PipelineError, match="not a torchvision Inception-v3 state dict"):
+        load_inception(tmp_path / "wrong.pt", torch.device("cpu"))
+
+
+#################################################################################
+#                         Metric functions on Gaussians                         #
+#################################################################################
+
+def _gaussian(n: int, d: int, seed: int, shift: float = 0.0) -> torch.Tensor:
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) + shift
+
+
+def test_frechet_distance():
+    x = _gaussian(2000, 8, 0)
+    assert M.frechet_distance(x, x) == pytest.approx(0.0, abs=1e-6)
+    assert M.frechet_distance(x, _gaussian(2000, 8, 1)) < 0.1
+    delta = torch.arange(8, dtype=torch.float64) / 4
+    assert M.frechet_distance(x, x + delta) == pytest.approx(float(delta.square().sum()), rel=1e-6)
+    # Closed form: N(0, I) vs N(0, 4I) in d dims is d * (1 + 4 - 2 * 2) = d.
+    eye = torch.eye(8, dtype=torch.float64)
+    assert M.frechet_distance_stats(torch.zeros(8), eye, torch.zeros(8), 4 * eye) == pytest.approx(8.0)
+
+
+def test_kid_and_inception_score():
+    same = M.kernel_distance(_gaussian(300, 8, 0), _gaussian(300, 8, 1))[0]
+    shifted = M.kernel_distance(_gaussian(300, 8, 0), _gaussian(300, 8, 1, shift=1.0))[0]
+    assert abs(same) < 0.05 < shifted
+    assert M.inception_score(torch.eye(5).repeat(4, 1))[0] == pytest.approx(5.0, rel=1e-6)
+    assert M.inception_score(torch.full((10, 5), 0.2))[0] == pytest.approx(1.0)
+
+
+def test_precision_recall_density_coverage():
+    real, same, far = _gaussian(500, 4, 0), _gaussian(500, 4, 1), _gaussian(500, 4, 2, shift=20.0)
+    pr, dc = M.precision_recall(real, same, 3), M.density_coverage(real, same, 3)
+    assert pr["precision"] > 0.8 and pr["recall"] > 0.8
+    assert 0.7 < dc["density"] < 1.3 and dc["coverage"] > 0.8
+    pr, dc = M.precision_recall(real, far, 3), M.density_coverage(real, far, 3)
+    assert pr["precision"] < 0.05 and pr["recall"] < 0.05 and dc["density"] < 0.05 and dc["coverage"] < 0.05
+    assert M.precision_recall(real[:3], same, 3) is None
+
+
+def test_diversity_and_nearest_neighbours():
+    x = _gaussian(200, 4, 0)
+    assert M.mean_pairwise_distance(x * 0.1) == pytest.approx(0.1 * M.mean_pairwise_distance(x))
+    d, i = M.nearest_neighbours(x[:5] + 1e-9, x)
+    assert torch.equal(i, torch.arange(5)) and (d < 1e-6).all()
+    d, i = M.nearest_neighbours(x, x, exclude_self=True)
+    assert not torch.equal(i, torch.arange(200)) and (d > 0).all()
