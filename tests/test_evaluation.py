@@ -199,7 +199,8 @@ def test_cli_forwards_every_flag_and_exits_2_on_user_error(dataset, monkeypatch,
     import stage4_evaluate
     root, dirs = dataset
     seen = {}
-    monkeypatch.setattr(stage4_evaluate, "evaluate", lambda *a, **kw: seen.update(args=a, kwargs=kw))
+    import evaluation.evaluate
+    monkeypatch.setattr(evaluation.evaluate, "evaluate", lambda *a, **kw: seen.update(args=a, kwargs=kw))
     stage4_evaluate.main(["--data_dir", "d", "--generated_dir", "g", "--output_dir", "o", "--min_margin", "0.2"])
     inspect.signature(evaluate).bind(*seen["args"], **seen["kwargs"])     # every flag is a keyword of evaluate()
     assert seen["kwargs"]["min_margin"] == 0.2
