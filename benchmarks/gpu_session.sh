@@ -7,7 +7,7 @@ OUT=${OUT:-./gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 SIM=/tmp/sim_tokenizer
 MIN=${TOKENIZER_MINUTES:-5}
-if [ "${SHRINK:-0}" = 1 ]; then USERS_PER=1; TRAIN=3; VAL=1; JOBS=2; SIZE=64; else USERS_PER=2; TRAIN=70; VAL=10; JOBS=12; SIZE=256; fi
+if [ "${SHRINK:-0}" = 1 ]; then USERS_PER=1; TRAIN=3; VAL=1; JOBS=2; SIZE=64; else USERS_PER=2; TRAIN=60; VAL=8; JOBS=12; SIZE=256; fi
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 
 # Simulated users with seeds the demo (seed 0) never uses: the demo images stay unseen by the tokenizer.
@@ -23,10 +23,10 @@ done; done; done
 echo "simulated $(find $SIM/all -name '*.png' | wc -l) images in $(( $(date +%s) - start )) s" | tee -a "$OUT/log.txt"
 
 timeout $(python -c "print(int(float($MIN) * 60 + 120))") python train_tokenizer.py --data_dir $SIM/all --output_path "$OUT/demo_vavae.safetensors" \
-  --width 32 --num_res_blocks 2 --batch_size 64 --lr 4e-4 --steps 200000 --max_minutes $MIN --eval_every 2000 \
+  --width 32 --num_res_blocks 2 --batch_size 32 --lr 6e-4 --steps 200000 --max_minutes $MIN --eval_every 0 \
   --image_size $SIZE 2>&1 | grep -v "it/s]" | tee "$OUT/tokenizer_log.txt" || echo "FAILED tokenizer" | tee -a "$OUT/log.txt"
 
-if [ -f benchmarks/gpu_bench.sh ]; then
+if [ -f benchmarks/gpu_bench.sh ] && [ "${BENCH:-1}" = 1 ]; then
   timeout 300 bash benchmarks/gpu_bench.sh 2>&1 | tail -80 | tee "$OUT/bench_log.txt" || echo "FAILED bench" | tee -a "$OUT/log.txt"
 fi
 ls -la "$OUT"

@@ -26,8 +26,9 @@ WAVELENGTH = C / CARRIER_HZ          # 12.5 mm
 PRF = 2500.0                         # Hz; Nyquist 1.25 kHz = 7.8 m/s radial
 DURATION_S = 2.5                     # seconds of walking per image
 WINDOW = 160                         # Hann window, 64 ms: resolves limb tracks, follows their accelerations
-NFFT = 256                           # Doppler bins = native image height
+NFFT = 128                           # Doppler bins (19.5 Hz); rendered to the image size with bilinear
 DYNAMIC_RANGE_DB = 45.0
+NOISE_DB = (-62.0, -52.0)     # receiver noise power range (dB re. unit return), jittered per image
 
 BODY_PARTS = (
     "head", "torso",
@@ -244,7 +245,7 @@ def radar_return(params: GaitParams, t: np.ndarray, phase: float = 0.0, speed_sc
 
 
 def spectrogram_db(x: np.ndarray, prf: float = PRF, window: int = WINDOW, nfft: int = NFFT,
-                   n_frames: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   n_frames: int = NFFT) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Clutter-removed Hann-window STFT in dB, max = 0. Returns (S (nfft, n_frames), Doppler Hz, frame times).
 
     Rows run from -prf/2 up to +prf/2 (zero Doppler at row nfft // 2); frames are spread evenly over
@@ -288,7 +289,7 @@ def simulate_image(params: GaitParams, rng: np.random.Generator, image_size: int
                      radar_height=rng.uniform(0.8, 1.3))
     # Static clutter (removed by the mean subtraction) and receiver noise at a jittered level.
     x = x + 0.02 * np.exp(2j * np.pi * rng.uniform())
-    noise_std = 10 ** (rng.uniform(-62, -52) / 20)
+    noise_std = 10 ** (rng.uniform(*NOISE_DB) / 20)
     x = x + noise_std / np.sqrt(2) * (rng.standard_normal(x.size) + 1j * rng.standard_normal(x.size))
     return render_image(spectrogram_db(x)[0], image_size)
 
