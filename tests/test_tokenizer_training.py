@@ -1,0 +1,112 @@
+"""Demo tokenizer trainer: a tiny run writes a loadable file, the loss falls, the alignment option works."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+from common.errors import PipelineError
+from common.io import read_safetensors_metadata
+from models.vavae import load_vavae
+from training.tokenizer import alignment_loss, build_foundation, tokenizer_config, train_tokenizer
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny convs gain nothing from threads, and on a shared 2-core box thread barriers cost 10x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+TINY = dict(width=8, num_res_blocks=1, image_size=32, batch_size=4, device="cpu", eval_every=0,
+            progress=False, log=lambda *a: None)
+
+
+def make_dataset(root, users=2, train=6, val=2, size=40, seed=0):
+    """Spectrogram-like pictures: a noisy floor with a few bright periodic tracks, per user a different rate."""
+    rng = np.random.default_rng(seed)
+    t = np.linspace(0, 1, size)
+    for u in range(1, users + 1):
+        for split, n in (("train", train), ("val", val)):
+            folder = root / split / f"ID_{u}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                img = rng.uniform(0, 40, (size, size, 3))
+                for k in range(3):
+                    rows = (size / 2 + size / 4 * np.sin(2 * np.pi * (u + k) * t + rng.uniform(0, 6))).astype(int)
+                    img[np.clip(rows, 0, size - 1), np.arange(size)] = (255, 200 - 50 * k, 40)
+                Image.fromarray(img.astype(np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+def test_tiny_run_writes_a_loadable_tokenizer(tmp_path):
+    data = make_dataset(tmp_path / "data")
+    out = tmp_path / "tok.safetensors"
+    summary = train_tokenizer(data, out, steps=3, **TINY)
+    model = load_vavae(out)
+    assert model.config == tokenizer_config(8, 1, 32)
+    meta = read_safetensors_metadata(out)
+    assert meta["kind"] == "vavae" and meta["num_train_images"] == 12 and meta["num_val_images"] == 4
+    assert meta["steps"] == 3 and meta["storage_dtype"] == "float16" and meta["align"] == "off"
+    assert math.isclose(meta["val_psnr_db"], summary["val_psnr_db"], abs_tol=1e-3)
+    assert model.encode(torch.zeros(1, 3, 32, 32)).shape == (1, 32, 2, 2)
+
+
+def test_loss_decreases_on_a_fixed_set(tmp_path):
+    data = make_dataset(tmp_path / "data", users=1, train=4, val=1)
+    summary = train_tokenizer(data, tmp_path / "tok.safetensors", steps=30, lr=2e-3, warmup=3, log_every=1,
+                              **{**TINY, "width": 16})
+    losses = [h["loss"] for h in summary["history"]]
+    assert len(losses) == 30
+    assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])
+
+
+def test_alignment_with_a_custom_feature_extractor(tmp_path):
+    data = make_dataset(tmp_path / "data", users=1, train=4, val=1)
+    factory = lambda: nn.Sequential(nn.Conv2d(3, 12, 4, stride=4), nn.ReLU(), nn.Conv2d(12, 24, 2, stride=2))
+    summary = train_tokenizer(data, tmp_path / "tok.safetensors", steps=4, log_every=1, foundation=factory, **TINY)
+    last = summary["history"][-1]
+    assert {"vf_cos", "vf_dist", "vf_scale"} <= set(last) and all(math.isfinite(v) for v in last.values())
+    assert read_safetensors_metadata(tmp_path / "tok.safetensors")["align"] == "custom"
+    assert not any(k.startswith("linear_proj") for k in load_vavae(tmp_path / "tok.safetensors").state_dict())
+
+
+def test_alignment_from_a_local_torchvision_vit_file(tmp_path):
+    from torchvision.models import VisionTransformer
+    vit = VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32)
+    torch.save(vit.state_dict(), tmp_path / "vit.pt")
+    fm = build_foundation(tmp_path / "vit.pt")
+    assert fm(torch.zeros(2, 3, 64, 64)).shape == (2, 16, 4, 4)     # resized to the ViT's own input size
+    data = make_dataset(tmp_path / "data", users=1, train=4, val=1)
+    lines = []
+    train_tokenizer(data, tmp_path / "tok.safetensors", steps=2, align_weights=tmp_path / "vit.pt",
+                    **{**TINY, "log": lines.append})
+    assert any("alignment term on" in line for line in lines)
+    assert read_safetensors_metadata(tmp_path / "tok.safetensors")["align"] == "vit.pt"
+
+
+def test_foundation_resnet_file_gives_stride_16_features(tmp_path):
+    from torchvision.models.resnet import BasicBlock, ResNet
+    torch.save(ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10).state_dict(), tmp_path / "r.pt")
+    fm = build_foundation(tmp_path / "r.pt")
+    assert fm(torch.zeros(1, 3, 64, 64)).shape == (1, 256, 4, 4)
+    assert not any(p.requires_grad for p in fm.parameters())
+
+
+def test_alignment_loss_is_zero_for_identical_features():
+    z = torch.randn(2, 8, 4, 4)
+    mcos, mdms = alignment_loss(z, nn.Identity(), z.clone())
+    assert mcos.item() == 0 and mdms.item() == 0
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(PipelineError, match="not found"):
+        train_tokenizer(tmp_path / "missing", tmp_path / "t.safetensors", steps=1, **TINY)
+    with pytest.raises(PipelineError, match="multiple of 8"):
+        tokenizer_config(width=12)
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(PipelineError):
+        build_foundation(tmp_path / "junk.pt")

@@ -1,0 +1,318 @@
+"""Train a narrow VA-VAE tokenizer (the f16d32 architecture family) on spectrogram images.
+
+Used when the user has no published tokenizer, or wants a small one that ships with the project.
+Loss: reconstruction + a tiny KL (as in LDM) + optionally the VA-VAE foundation-alignment term.
+"""
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from common.errors import PipelineError
+from data.images import scan_dataset, try_load_image
+from models.vavae import VAVAE, save_vavae
+
+KL_WEIGHT = 1e-6            # LDM's weight on the KL of the summed per-image losses
+COS_MARGIN, DISTMAT_MARGIN = 0.5, 0.25    # VA-VAE's margins for the alignment term
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+#################################################################################
+#                                  Model config                                 #
+#################################################################################
+
+def tokenizer_config(width: int = 48, num_res_blocks: int = 2, image_size: int = 256,
+                     ch_mult=(1, 1, 2, 2, 4), z_channels: int = 32) -> dict:
+    """A narrow f16d32: same levels, latent size and width ratios as the official one, `width` base channels."""
+    if width < 8 or width % 8:
+        raise PipelineError(f"--width must be a multiple of 8 (got {width}).")
+    factor = 2 ** (len(ch_mult) - 1)
+    if image_size % factor:
+        raise PipelineError(f"--image_size must be a multiple of {factor} (got {image_size}).")
+    return dict(ch=width, ch_mult=tuple(ch_mult), num_res_blocks=num_res_blocks,
+                attn_resolutions=(image_size // factor,),       # attention at the latent resolution, as in f16d32
+                z_channels=z_channels, embed_dim=z_channels, in_channels=3, out_channels=3,
+                resolution=image_size, norm_groups=math.gcd(32, width))
+
+
+#################################################################################
+#                                 Image bank                                    #
+#################################################################################
+
+def load_bank(files: list[Path], size: int, workers: int = 8, log=print) -> torch.Tensor:
+    """All images as one (N, 3, size, size) uint8 tensor: 192 KiB per 256x256 image keeps thousands in memory."""
+    def one(path):
+        x = try_load_image(path, size)      # [-1, 1] with the reference centre crop; None if unreadable
+        return None if x is None else x.add(1).mul(127.5).round().to(torch.uint8)   # exact inverse of /255
+    with ThreadPoolExecutor(workers) as pool:
+        images = [x for x in pool.map(one, files) if x is not None]
+    if len(images) < len(files):
+        log(f"skipped {len(files) - len(images)} unreadable image(s)")
+    return torch.stack(images) if images else torch.empty(0, 3, size, size, dtype=torch.uint8)
+
+
+def split_files(data_dir: str | Path, val_fraction: float, log=print) -> tuple[list[Path], list[Path]]:
+    """Train files from train/; PSNR files from val/, or a held-out slice of train/ when val/ is empty."""
+    users = scan_dataset(data_dir, log=log)
+    train = [f for u in users for f in u.files["train"]]
+    val = [f for u in users for f in u.files.get("val", [])]
+    if not val:
+        if not 0 < val_fraction < 1:
+            raise PipelineError(f"{data_dir} has no val images and --val_fraction is {val_fraction}; "
+                                "add val/ images or set --val_fraction to e.g. 0.1.")
+        step = max(2, round(1 / val_fraction))
+        val, train = train[::step], [f for i, f in enumerate(train) if i % step]
+        log(f"no val images: holding out every {step}th train image ({len(val)}) for PSNR")
+    if not train:
+        raise PipelineError(f"{data_dir} has no training images left after the hold-out. Add images.")
+    return train, val
+
+
+#################################################################################
+#                          Foundation-model alignment                           #
+#################################################################################
+
+class FoundationFeatures(nn.Module):
+    """A frozen torchvision backbone: images in [-1, 1] -> (B, C, h, w) patch features."""
+    def __init__(self, backbone: nn.Module, kind: str, input_size: int | None = None):
+        super().__init__()
+        self.backbone, self.kind, self.input_size = backbone.eval().requires_grad_(False), kind, input_size
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True):
+        return super().train(False)           # frozen: BatchNorm statistics never move
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = ((x + 1) / 2 - self.mean) / self.std
+        if self.input_size and x.shape[-1] != self.input_size:
+            x = F.interpolate(x, size=(self.input_size,) * 2, mode="bilinear", align_corners=False)
+        b = self.backbone
+        if self.kind == "resnet":               # layer3 is stride 16: the latent grid of an f16 tokenizer
+            x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
+            return b.layer3(b.layer2(b.layer1(x)))
+        tokens = b.encoder(torch.cat([b.class_token.expand(x.shape[0], -1, -1),
+                                      b.conv_proj(x).flatten(2).transpose(1, 2)], dim=1))[:, 1:]
+        side = int(tokens.shape[1] ** 0.5)
+        return tokens.transpose(1, 2).reshape(x.shape[0], -1, side, side)
+
+
+def build_foundation(path: str | Path) -> FoundationFeatures:
+    """A torchvision ResNet or ViT from a local state-dict file; nothing is downloaded."""
+    import torchvision.models as tvm
+    from common.io import load_any_weights
+    sd, _ = load_any_weights(path, "a torchvision ResNet or ViT state dict")
+    sd = sd.get("state_dict", sd.get("model", sd))
+    if "conv_proj.weight" in sd:
+        hidden, patch = sd["conv_proj.weight"].shape[0], sd["conv_proj.weight"].shape[-1]
+        size = int(round((sd["encoder.pos_embedding"].shape[1] - 1) ** 0.5)) * patch
+        layers = len({k.split(".")[2] for k in sd if k.startswith("encoder.layers.")})
+        mlp = next(v.shape[0] for k, v in sd.items() if k.startswith("encoder.layers.encoder_layer_0.mlp.")
+                   and v.dim() == 2)
+        heads = {768: 12, 1024: 16, 1280: 16}.get(hidden, max(1, hidden // 64))
+        net, kind = tvm.VisionTransformer(size, patch, layers, heads, hidden, mlp), "vit"
+    elif "layer1.0.conv1.weight" in sd:
+        block = tvm.resnet.Bottleneck if "layer1.0.conv3.weight" in sd else tvm.resnet.BasicBlock
+        counts = [len({k.split(".")[1] for k in sd if k.startswith(f"layer{i}.")}) for i in range(1, 5)]
+        net, kind, size = tvm.ResNet(block, counts, num_classes=sd["fc.weight"].shape[0]), "resnet", None
+    else:
+        raise PipelineError(f"{path} is neither a torchvision ResNet nor ViT state dict "
+                            f"(first keys: {', '.join(list(sd)[:4])}).")
+    try:
+        net.load_state_dict(sd, strict=True)
+    except RuntimeError as err:
+        raise PipelineError(f"{path} does not load into a torchvision {kind}: {str(err)[:300]}") from err
+    return FoundationFeatures(net, kind, size)
+
+
+def alignment_loss(z: torch.Tensor, proj: nn.Module, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """VA-VAE's VF loss: marginal cosine similarity + marginal distance-matrix similarity.
+
+    The margins leave the latent free once it is "close enough" to the foundation features, so the
+    term shapes the latent space without fighting reconstruction.
+    """
+    zp = proj(z.float())           # fp32: the margins act on cosines near 1, where bf16 is coarse
+    feats = F.interpolate(feats.float(), size=zp.shape[-2:], mode="bilinear", align_corners=False)
+    mcos = F.relu(1 - COS_MARGIN - F.cosine_similarity(zp, feats, dim=1)).mean()
+    zn, fn = F.normalize(zp.flatten(2), dim=1), F.normalize(feats.flatten(2), dim=1)
+    gram_z, gram_f = zn.transpose(1, 2) @ zn, fn.transpose(1, 2) @ fn          # (B, hw, hw) cosines
+    mdms = F.relu((gram_z - gram_f).abs() - DISTMAT_MARGIN).mean()
+    return mcos, mdms
+
+
+#################################################################################
+#                                  Evaluation                                   #
+#################################################################################
+
+@torch.no_grad()
+def psnr_db(model: VAVAE, images: torch.Tensor, batch_size: int = 32, autocast=nullcontext) -> float:
+    """Mean per-image PSNR (dB) of encode-mean -> decode, both sides as uint8 with the reference rounding."""
+    was_training, device = model.training, next(model.parameters()).device
+    model.eval()
+    values = []
+    for i in range(0, len(images), batch_size):
+        ref = images[i:i + batch_size].to(device)
+        with autocast():
+            out = model.decode(model.encode(_to_float(ref)))
+        out = out.float().mul(127.5).add(128.0).clamp(0, 255).floor()    # == data.images.to_uint8
+        mse = (out - ref.float()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+        values.append(10 * torch.log10(255.0 ** 2 / mse))
+    model.train(was_training)
+    return torch.cat(values).mean().item()
+
+
+def _to_float(images: torch.Tensor) -> torch.Tensor:
+    return images.float().div(127.5).sub(1.0)
+
+
+#################################################################################
+#                                   Training                                    #
+#################################################################################
+
+def train_tokenizer(data_dir: str | Path, output_path: str | Path, width: int = 48, num_res_blocks: int = 2,
+                    image_size: int = 256, steps: int = 6000, batch_size: int = 32, lr: float = 6e-4,
+                    warmup: int = 200, device: str | None = None, precision: str | None = None,
+                    val_fraction: float = 0.1, align_weights: str | Path | None = None, align_weight: float = 0.1,
+                    foundation: Callable[[], nn.Module] | None = None, l1_weight: float = 0.1,
+                    eval_every: int = 1000, max_val_images: int = 256, max_minutes: float | None = None,
+                    compile_model: bool = False, seed: int = 0, log_every: int = 25, progress: bool = True,
+                    log=print) -> dict:
+    """Train, report held-out PSNR, write the fp16 safetensors; returns a summary with the loss history."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PipelineError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu.")
+    precision = precision or ("bf16" if device.type == "cuda" else "fp32")
+    if precision not in ("bf16", "fp32"):
+        raise PipelineError(f"--precision must be bf16 or fp32 (got {precision}).")
+    torch.manual_seed(seed)
+    config = tokenizer_config(width, num_res_blocks, image_size)
+
+    train_files, val_files = split_files(data_dir, val_fraction, log)
+    t0 = time.time()
+    train_bank, val_bank = load_bank(train_files, image_size, log=log), load_bank(val_files, image_size, log=log)
+    if len(train_bank) == 0 or len(val_bank) == 0:
+        raise PipelineError(f"no readable {'training' if len(train_bank) == 0 else 'validation'} images in {data_dir}.")
+    log(f"loaded {len(train_bank)} train / {len(val_bank)} val images at {image_size}px in {time.time() - t0:.1f}s "
+        f"({train_bank.numel() / 2**20:.0f} MiB as uint8); no flips (a flip reverses time in a spectrogram)")
+    if train_bank.numel() < 4 * 2**30 and device.type == "cuda":
+        train_bank, val_bank = train_bank.to(device), val_bank.to(device)   # batches are then just an index
+
+    model = VAVAE(**config).to(device).train()
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"tokenizer: width {width}, {num_res_blocks} res blocks, {n_params:,} params "
+        f"(~{n_params * 2 / 2**20:.1f} MiB as fp16), latent {config['z_channels']}x{image_size // 16}x{image_size // 16}")
+    fm, proj = None, None
+    if foundation is not None or align_weights:
+        fm = (foundation() if foundation is not None else build_foundation(align_weights)).to(device)
+        with torch.no_grad():
+            dim = fm(torch.zeros(1, 3, image_size, image_size, device=device)).shape[1]
+        proj = nn.Conv2d(config["embed_dim"], dim, 1, bias=False).to(device)   # VA-VAE's linear_proj
+        log(f"alignment term on: weight {align_weight}, foundation features {dim}-dim")
+    else:
+        log("alignment term off (no --align_weights file given): plain KL-VAE training")
+
+    channels_last = device.type == "cuda"        # NHWC convs are the fast path for cuDNN in bf16
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    params = list(model.parameters()) + (list(proj.parameters()) if proj is not None else [])
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
+    step_fn = _make_step(model, proj, fm, autocast, l1_weight, align_weight, channels_last)
+    if compile_model:
+        step_fn = torch.compile(step_fn)
+
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    eval_bank = val_bank[:max_val_images]
+    history, evals, order, pos = [], [], torch.randperm(len(train_bank), generator=gen), 0
+    start, done = time.time(), 0
+    bar = tqdm(total=steps, disable=not progress, desc="tokenizer", dynamic_ncols=True)
+    for step in range(1, steps + 1):
+        elapsed = time.time() - start
+        frac = max(step / steps, elapsed / (60 * max_minutes) if max_minutes else 0.0)
+        if frac > 1.0:
+            log(f"time budget of {max_minutes} min reached at step {step - 1}")
+            break
+        # Linear warmup, then cosine to zero over whichever runs out first: steps or minutes.
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, step / max(1, warmup)) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+        if pos + batch_size > len(order):
+            order, pos = torch.randperm(len(train_bank), generator=gen), 0
+        idx = order[pos:pos + batch_size] if batch_size <= len(order) else torch.randint(len(order), (batch_size,), generator=gen)
+        pos += batch_size
+        x = _to_float(train_bank[idx.to(train_bank.device)].to(device, non_blocking=True))
+        noise = torch.randn(x.shape[0], config["embed_dim"], image_size // 16, image_size // 16, device=device)
+        loss, parts = step_fn(x, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        done = step
+        if step % log_every == 0 or step == 1 or step == steps:
+            vals = {k: v.item() for k, v in parts.items()}
+            history.append({"step": step, **vals})
+            bar.set_postfix(loss=f"{vals['loss']:.4f}", img_s=f"{step * batch_size / (time.time() - start):.1f}")
+        bar.update(1)
+        if eval_every and step % eval_every == 0 and step != steps:
+            p = psnr_db(model, eval_bank, autocast=autocast)
+            evals.append((step, p))
+            bar.write(f"step {step}: loss {history[-1]['loss']:.4f} (l1 {history[-1]['l1']:.4f} "
+                      f"mse {history[-1]['mse']:.5f}) lr {opt.param_groups[0]['lr']:.2e} val PSNR {p:.2f} dB")
+    bar.close()
+    seconds = time.time() - start
+    log(f"trained {done} steps x {batch_size} in {seconds:.0f}s ({done * batch_size / max(seconds, 1e-9):.1f} images/s)")
+
+    val_psnr = psnr_db(model, val_bank, autocast=autocast)
+    log(f"held-out PSNR over {len(val_bank)} val images never trained on: {val_psnr:.2f} dB")
+    meta = {"val_psnr_db": round(val_psnr, 3), "num_train_images": len(train_bank), "num_val_images": len(val_bank),
+            "steps": done, "batch_size": batch_size, "lr": lr, "seconds": round(seconds, 1), "seed": seed,
+            "precision": precision, "image_size": image_size, "params": n_params,
+            "align": str(Path(align_weights).name) if align_weights else ("custom" if foundation else "off"),
+            "loss": f"mse + {l1_weight} l1 + {KL_WEIGHT} kl" + (f" + {align_weight} vf" if fm else ""),
+            "written_by": "train_tokenizer.py"}
+    save_vavae(model.to(memory_format=torch.contiguous_format).float().cpu(), output_path, meta, half=True)
+    size = Path(output_path).stat().st_size
+    log(f"wrote {output_path} ({size / 2**20:.2f} MiB, fp16 weights)")
+    return {"val_psnr_db": val_psnr, "history": history, "evals": evals, "file_bytes": size,
+            "params": n_params, "steps": done, "seconds": seconds, "config": config}
+
+
+def _make_step(model, proj, fm, autocast, l1_weight, align_weight, channels_last):
+    """The forward of one training step -> (loss, detached parts)."""
+    def step(x: torch.Tensor, noise: torch.Tensor):
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast():
+            mean, logvar = model.encode_posterior(x)
+            z = mean + torch.exp(0.5 * logvar) * noise          # reparameterised posterior sample
+            out = model.decode(z).float()
+        err = out - x
+        # PSNR is an MSE metric, so MSE carries the objective; the small L1 term keeps a steady gradient on
+        # the many near-correct pixels (its gradient does not fade with the error) and sharpens edges.
+        # No LPIPS/GAN: their networks cannot be downloaded here, and the target is a pixel metric.
+        mse, l1 = err.pow(2).mean(), err.abs().mean()
+        # KL summed per image, then divided by the pixel count: the same ratio to the reconstruction
+        # term as LDM's kl_weight on per-image *summed* losses.
+        kl = 0.5 * (mean.float().pow(2) + logvar.float().exp() - 1 - logvar.float()).flatten(1).sum(1).mean()
+        loss = mse + l1_weight * l1 + KL_WEIGHT * kl / x[0].numel()
+        parts = {"loss": loss, "mse": mse, "l1": l1, "kl": kl}
+        if fm is not None:
+            with torch.no_grad(), autocast():
+                feats = fm(x)
+            mcos, mdms = alignment_loss(mean, proj, feats)
+            # VA-VAE's adaptive weight: scale the term so its gradient on the latent is align_weight times
+            # the reconstruction's, whatever the loss magnitudes (costs one extra decoder backward).
+            rec_grad = torch.autograd.grad(loss, mean, retain_graph=True)[0]
+            vf_grad = torch.autograd.grad(mcos + mdms, mean, retain_graph=True)[0]
+            adaptive = (rec_grad.norm() / vf_grad.norm().clamp_min(1e-8)).clamp(max=1e4).detach()
+            loss = loss + align_weight * adaptive * (mcos + mdms)
+            parts.update(loss=loss, vf_cos=mcos, vf_dist=mdms, vf_scale=adaptive)
+        return loss, {k: v.detach() for k, v in parts.items()}
+    return step
