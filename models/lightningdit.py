@@ -78,8 +78,49 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        x32 = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x   # no copy when already fp32
+        normed = F.rms_norm(x32, (x.shape[-1],), eps=self.eps)
         return normed.to(x.dtype) * self.weight
+
+    def modulated(self, x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
+        """modulate(self(x), shift, scale) in one autograd node (see _RMSNormModulate)."""
+        return _RMSNormModulate.apply(x, self.weight, shift, scale, self.eps)
+
+
+class _RMSNormModulate(torch.autograd.Function):
+    """y = rms_norm(x) (float32 statistics), out = y * (weight * (1 + scale)) + shift, hand-differentiated.
+
+    The weight is folded into the per-sample scale, and the backward is written out: autograd of the
+    composite (pow, mean, rsqrt, three broadcast products) runs ~15 full-size passes over the activations
+    and saves several of them; this runs ~7 and saves only y and the per-token 1/rms.
+    """
+    @staticmethod
+    def forward(ctx, x, weight, shift, scale, eps):
+        x32 = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        rstd = torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)                # (B, N, 1) float32
+        y = (x32 * rstd).to(x.dtype)
+        s = weight * (1 + scale.unsqueeze(1))                                          # (B, 1, D)
+        out = y * s if shift is None else torch.addcmul(shift.unsqueeze(1), y, s)
+        ctx.save_for_backward(y, rstd, weight, scale)
+        ctx.has_shift, ctx.x_dtype = shift is not None, x.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, rstd, weight, scale = ctx.saved_tensors
+        one_plus = 1 + scale.unsqueeze(1)
+        s = weight * one_plus
+        y = y.to(grad.dtype)
+        grad_y = grad * y
+        grad_s = grad_y.sum(1, keepdim=True)                                           # (B, 1, D)
+        # d(rms_norm): rstd * (g - y * mean(g * y)) with g = grad * s; the mean is a batched GEMV.
+        g = grad * s
+        mean_gy = torch.bmm(grad_y, s.transpose(1, 2).to(grad_y.dtype)) / y.shape[-1]    # (B, N, 1)
+        grad_x = torch.addcmul(g, y, mean_gy, value=-1).mul_(rstd.to(g.dtype))
+        grad_shift = grad.sum(1).to(scale.dtype) if ctx.has_shift else None
+        grad_scale = (grad_s * weight).squeeze(1).to(scale.dtype)
+        grad_weight = (grad_s * one_plus).sum((0, 1)).to(weight.dtype)
+        return grad_x.to(ctx.x_dtype), grad_weight, grad_shift, grad_scale, None
 
 
 class VisionRotaryEmbedding(nn.Module):
@@ -96,12 +137,38 @@ class VisionRotaryEmbedding(nn.Module):
         self.register_buffer("freqs_cos", angles.cos())
         self.register_buffer("freqs_sin", angles.sin())
 
-    def forward(self, x):
-        # rotate_half maps each pair (a, b) to (-b, a); flipping a (..., d/2, 2) view does it without
-        # the reference's stack/rearrange round trip.
-        pairs = x.unflatten(-1, (-1, 2))
-        rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
-        return x * self.freqs_cos.to(x.dtype) + rotated * self.freqs_sin.to(x.dtype)
+        # rotate_half(x) * sin == swap_pairs(x) * signed_sin with signed_sin = (-sin, +sin) per pair.
+        signed = angles.sin().unflatten(-1, (-1, 2)) * torch.tensor([-1.0, 1.0])
+        self.register_buffer("signed_sin", signed.flatten(-2), persistent=False)
+
+    def forward(self, x: torch.Tensor, token_dim: int = -2) -> torch.Tensor:
+        """x * cos + rotate_half(x) * sin, tokens on token_dim of x (-2 for (B, H, N, d))."""
+        shape = [1] * x.dim()
+        shape[token_dim], shape[-1] = x.shape[token_dim], x.shape[-1]
+        cos, sin = self.freqs_cos.to(x.dtype).view(shape), self.signed_sin.to(x.dtype).view(shape)
+        return _Rotary.apply(x, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)       # (a, b) -> (b, a): one copy
+    return torch.addcmul(x * cos, swapped, signed_sin)
+
+
+class _Rotary(torch.autograd.Function):
+    """RoPE with a hand-written backward: the map is orthogonal, its transpose is the same map with -sin.
+
+    Autograd of the rotate_half formulation saves x and builds zero-filled gradients of the pair
+    selects; this saves nothing but the tables and runs three passes each way.
+    """
+    @staticmethod
+    def forward(ctx, x, cos, signed_sin):
+        ctx.save_for_backward(cos, signed_sin)
+        return _rotate(x, cos, signed_sin)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, signed_sin = ctx.saved_tensors
+        return _rotate(grad, cos, -signed_sin), None, None
 
 
 class Attention(nn.Module):
@@ -117,10 +184,18 @@ class Attention(nn.Module):
 
     def forward(self, x, rope: VisionRotaryEmbedding | None):
         B, N, C = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q, k = rope(q), rope(k)
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)
+        if rope is not None and isinstance(self.q_norm, nn.Identity):
+            # q and k rotated in one call on the (B, N, 2, H, d) part, tokens on dim 1. split (not
+            # slicing) so that the backward concatenates instead of zero-filling two full qkv gradients.
+            qk, v = qkv.split((2, 1), dim=2)
+            q, k = rope(qk, token_dim=1).permute(2, 0, 3, 1, 4).unbind(0)
+            v = v.squeeze(2).transpose(1, 2)
+        else:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            q, k = self.q_norm(q), self.k_norm(k)
+            if rope is not None:
+                q, k = rope(q), rope(k)
         x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
@@ -154,6 +229,13 @@ def make_norm(dim: int, use_rmsnorm: bool) -> nn.Module:
     return RMSNorm(dim, eps=1e-6) if use_rmsnorm else nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
 
 
+def norm_modulate(norm: nn.Module, x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
+    """modulate(norm(x), shift, scale); RMSNorm does it in one fused autograd node."""
+    if isinstance(norm, RMSNorm):
+        return norm.modulated(x, shift, scale)
+    return modulate(norm(x), shift, scale)
+
+
 class LightningDiTBlock(nn.Module):
     """Pre-norm transformer block with adaLN-Zero conditioning."""
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, use_qknorm: bool,
@@ -173,8 +255,8 @@ class LightningDiTBlock(nn.Module):
             shift_msa = shift_mlp = None
         else:
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
-        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        x = torch.addcmul(x, gate_msa.unsqueeze(1), self.attn(norm_modulate(self.norm1, x, shift_msa, scale_msa), rope))
+        return torch.addcmul(x, gate_mlp.unsqueeze(1), self.mlp(norm_modulate(self.norm2, x, shift_mlp, scale_mlp)))
 
 
 class FinalLayer(nn.Module):
@@ -186,7 +268,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x, c):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        return self.linear(norm_modulate(self.norm_final, x, shift, scale))
 
 
 class LightningDiT(nn.Module):

@@ -64,7 +64,7 @@ def test_named_sizes():
 #################################################################################
 
 def ref_rmsnorm(x, w, eps=1e-6):
-    x32 = x.float()
+    x32 = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
     return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * w
 
 
@@ -78,7 +78,7 @@ def ref_rope(x, grid):
     full = full.reshape(grid * grid, head_dim)
     pairs = x.reshape(*x.shape[:-1], head_dim // 2, 2)
     rot = torch.stack([-pairs[..., 1], pairs[..., 0]], -1).reshape(x.shape)
-    return x * full.cos() + rot * full.sin()
+    return x * full.cos().to(x.dtype) + rot * full.sin().to(x.dtype)
 
 
 def ref_forward(sd, cfg, x, t, y):
@@ -90,7 +90,7 @@ def ref_forward(sd, cfg, x, t, y):
     half = 128
     freqs = torch.exp(-math.log(10000) * torch.arange(half).float() / half)
     args = t[:, None].float() * freqs[None]
-    temb = torch.cat([torch.cos(args), torch.sin(args)], -1)
+    temb = torch.cat([torch.cos(args), torch.sin(args)], -1).to(x.dtype)
     temb = F.linear(F.silu(F.linear(temb, sd["t_embedder.mlp.0.weight"], sd["t_embedder.mlp.0.bias"])),
                     sd["t_embedder.mlp.2.weight"], sd["t_embedder.mlp.2.bias"])
     c = temb + sd["y_embedder.embedding_table.weight"][y]
@@ -178,3 +178,55 @@ def test_label_dropout_uses_null_class_and_gradient_checkpointing_matches():
     b.square().sum().backward()
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(model.blocks[0].attn.qkv.weight.grad, ckpt.blocks[0].attn.qkv.weight.grad)
+
+
+@pytest.mark.parametrize("combo", [dict(use_rmsnorm=True, use_rope=True, use_swiglu=True, use_qknorm=False,
+                                        wo_shift=False, learn_sigma=False),
+                                   dict(use_rmsnorm=True, use_rope=True, use_swiglu=False, use_qknorm=True,
+                                        wo_shift=True, learn_sigma=True)])
+def test_gradients_match_functional_reference(combo):
+    """The fused RMSNorm-modulate and RoPE nodes have hand-written backwards: check them against autograd
+    (float64; the tolerance covers the reference's float32 timestep tables, a wrong backward is off by O(1))."""
+    cfg = dict(input_size=8, patch_size=1, in_channels=4, hidden_size=32, depth=2, num_heads=4, mlp_ratio=4.0,
+               class_dropout_prob=0.0, num_classes=5, **combo)
+    torch.manual_seed(1)
+    model = LightningDiT(**cfg).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    trainable = {k for k, p in model.named_parameters() if p.requires_grad}
+    params = {k: v.detach().clone().requires_grad_(k in trainable) for k, v in model.state_dict().items()}
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64, requires_grad=True)
+    t, y = torch.tensor([0.2, 0.9], dtype=torch.float64), torch.tensor([1, 5])
+    weight = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    (model(x, t, y) * weight).sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    (ref_forward(params, cfg, x_ref, t, y) * weight).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-7)
+    named = dict(model.named_parameters())
+    for key in ("blocks.0.norm1.weight", "blocks.1.adaLN_modulation.1.weight", "blocks.0.attn.qkv.weight",
+                "final_layer.norm_final.weight", "y_embedder.embedding_table.weight"):
+        torch.testing.assert_close(named[key].grad, params[key].grad, rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_autocast_forward_and_backward_stay_close_to_fp32():
+    cfg = model_config("LightningDiT-S/1", num_classes=3, input_size=8, in_channels=4, depth=2, hidden_size=64,
+                       num_heads=4, class_dropout_prob=0.0)
+    torch.manual_seed(2)
+    model = LightningDiT(**cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([0, 3])
+    ref = model(x, t, y)
+    ref.square().mean().backward()
+    ref_grad = model.blocks[0].attn.qkv.weight.grad.clone()
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, t, y)
+    out.float().square().mean().backward()
+    assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max()
+    rel = (model.blocks[0].attn.qkv.weight.grad - ref_grad).norm() / ref_grad.norm()
+    assert rel < 0.05
