@@ -82,8 +82,8 @@ def scan_dataset(data_dir: str | Path, log=print) -> list[User]:
             raise PipelineError(f"user folder(s) {', '.join(missing)} are in val/ but not in train/.")
         files = {n: {s: per_split[s].get(n, []) for s in splits} for n in names}
     else:
-        folders = [p for p in _user_folders(root) if list_images(p)]
-        if not folders:
+        folders = _user_folders(root)
+        if not any(list_images(p) for p in folders):
             raise PipelineError(f"{root} has neither train/ nor user folders with images "
                                 f"({', '.join(IMAGE_EXTENSIONS)}). Expected {root}/train/ID_1/*.png or {root}/ID_1/*.png")
         log(f"note: {root} has no train/ and val/; splitting each user's images 80/20 (seed {SPLIT_SEED})")
@@ -94,8 +94,9 @@ def scan_dataset(data_dir: str | Path, log=print) -> list[User]:
     users.sort(key=lambda u: u.number)
     for user in users:
         if not user.files["train"]:
+            where = "train/" if (root / "train").is_dir() else str(root)
             raise PipelineError(f"user folder '{user.name}' has no images ({', '.join(IMAGE_EXTENSIONS)}) "
-                                "in train/. Add images or remove the folder.")
+                                f"in {where}. Add images or remove the folder.")
     return users
 
 

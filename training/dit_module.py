@@ -16,6 +16,7 @@ from models.lightningdit import LightningDiT
 from models.transport import flow_matching_loss, sample_timesteps
 
 CHECKPOINT_KIND = "micro_doppler_lightningdit"
+NONFINITE_CHECK_EVERY = 50   # steps between looks at the device-side NaN flag (a host-device sync)
 
 
 class DiTTrainingModule(pl.LightningModule):
@@ -34,7 +35,9 @@ class DiTTrainingModule(pl.LightningModule):
         self.batch_size, self.ema_decay, self.seed = batch_size, ema_decay, seed
         self.timestep_sampling, self.cosine_loss_weight = timestep_sampling, cosine_loss_weight
         self.backbone_lr_scale = backbone_lr_scale
-        self.forward_fn = torch.compile(self.model) if compile_model else self.model
+        # Kept out of the registered submodules: as one it would put a second copy of the weights in every
+        # checkpoint (under forward_fn._orig_mod.* when compiled, so --compile runs could not resume without).
+        self.__dict__["forward_fn"] = torch.compile(self.model) if compile_model else self.model
         # Normalised once, kept as non-persistent buffers so they follow the module to its device.
         mean, std = pipeline_info["latent_mean"], pipeline_info["latent_std"]
         self.register_buffer("train_x", (train_latents - mean) / std, persistent=False)
@@ -46,7 +49,10 @@ class DiTTrainingModule(pl.LightningModule):
         self.register_buffer("val_noise", torch.randn(val_latents.shape, generator=g), persistent=False)
         n_val = len(val_latents)
         self.register_buffer("val_t", (torch.arange(n_val) + 0.5) / max(n_val, 1), persistent=False)
-        self.register_buffer("nonfinite", torch.zeros((), dtype=torch.bool), persistent=False)
+        # First step whose loss was NaN/inf (-1: none), kept on the device: no sync in the step itself.
+        self.register_buffer("nonfinite_step", torch.full((), -1, dtype=torch.int64), persistent=False)
+        self._perm: torch.Tensor | None = None   # this epoch's permutation, on the device
+        self._perm_epoch = -1
 
     # ---------------------------------------------------------------- data
     def world(self) -> tuple[int, int]:
@@ -66,13 +72,21 @@ class DiTTrainingModule(pl.LightningModule):
         return Batches([(s, min(s + self.batch_size, (rank + 1) * shard, len(self.val_x))) for s in starts])
 
     def batch_indices(self, step: int) -> torch.Tensor:
-        """Indices of this rank's batch at a global step: epoch-wise permutations seeded by (seed, epoch)."""
+        """Indices (on the latents' device) of this rank's batch at a global step: epoch-wise permutations
+        seeded by (seed, epoch).
+
+        The permutation is drawn on the CPU (identical on every device) once per epoch and cached on the
+        device: copying fresh indices to the GPU every step would block the host on the GPU every step.
+        """
         rank, world = self.world()
         spe, n = self.steps_per_epoch(), len(self.train_x)
         epoch, pos = divmod(step, spe)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+        device = self.train_x.device
+        if self._perm_epoch != epoch or self._perm is None or self._perm.device != device:
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+            self._perm, self._perm_epoch = perm.to(device, non_blocking=True), epoch
         start = (pos * world + rank) * self.batch_size
-        return perm[torch.arange(start, start + self.batch_size) % n]
+        return self._perm[torch.arange(start, start + self.batch_size, device=device) % n]
 
     # ---------------------------------------------------------------- steps
     def training_step(self, batch, batch_idx):
@@ -80,24 +94,37 @@ class DiTTrainingModule(pl.LightningModule):
         step = self.global_step
         # Every random draw of this step depends on (seed, step, rank) only: resumed runs match.
         torch.manual_seed(self.seed * 1_000_003 + step * world + rank)
-        idx = self.batch_indices(step).to(self.device)
+        idx = self.batch_indices(step)
         x1, y = self.train_x[idx], self.train_y[idx]
         t = sample_timesteps(len(idx), self.timestep_sampling, device=self.device)
         noise = torch.randn_like(x1)
         loss = flow_matching_loss(self.forward_fn, x1, y, t, noise, self.cosine_loss_weight).mean()
-        self.nonfinite |= ~torch.isfinite(loss.detach())
+        self.nonfinite_step.masked_fill_(~torch.isfinite(loss.detach()) & (self.nonfinite_step < 0), step)
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(idx))
         return loss
 
+    def optimizer_step(self, *args, **kwargs):
+        # The EMA follows each optimizer step here, not in on_train_batch_end: ModelCheckpoint saves in
+        # its own on_train_batch_end, which runs before the module's, and would miss this step's update.
+        super().optimizer_step(*args, **kwargs)
+        self.update_ema(self.global_step + 1)   # global_step counts this step only after this hook
+
     def on_train_batch_end(self, outputs, batch, batch_idx):
-        self.update_ema()
+        if (self.global_step % NONFINITE_CHECK_EVERY == 0 or self.global_step < 10):
+            self.check_finite()
+
+    def check_finite(self) -> None:
+        """Raise NonFiniteLoss if any rank's loss was NaN/inf since the start (one device sync)."""
+        bad_step = int(self.nonfinite_step)
+        if self.trainer.strategy.reduce_boolean_decision(bad_step >= 0, all=False):
+            raise NonFiniteLoss(bad_step if bad_step >= 0 else int(self.global_step))
 
     @torch.no_grad()
-    def update_ema(self):
+    def update_ema(self, step: int):
         # Warm-up: early on the EMA follows the weights closely, otherwise short runs stay near init.
-        step = self.global_step
         decay = min(self.ema_decay, (1 + step) / (10 + step))
-        ema_params = [p for p in self.ema.parameters()]
+        # One fused multi-tensor lerp over all parameters; the decay is a Python float (no device sync).
+        ema_params = list(self.ema.parameters())
         params = [p.detach() for p in self.model.parameters()]
         torch._foreach_lerp_(ema_params, params, 1 - decay)
 
@@ -128,8 +155,15 @@ class DiTTrainingModule(pl.LightningModule):
         return groups
 
     # ---------------------------------------------------------------- checkpoints
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Checkpoints from before forward_fn was unregistered hold a duplicate of the weights under it.
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if k.startswith("forward_fn.")]:
+            del state[key]
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if bool(self.nonfinite):
+        self.check_finite()   # a checkpoint is only written while the loss and the weights are finite
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
             raise NonFiniteLoss(int(self.global_step))
         checkpoint["pipeline"] = {
             "kind": CHECKPOINT_KIND,

@@ -94,7 +94,8 @@ def train(args, log=print) -> Path:
     trainer = pl.Trainer(
         accelerator=args.accelerator, devices=devices, num_nodes=args.num_nodes, strategy=strategy,
         precision=precision, max_epochs=args.max_epochs, max_steps=args.max_steps or -1,
-        gradient_clip_val=args.grad_clip or None, callbacks=[every, best, TQDMProgressBar(refresh_rate=10), KeepMetricsHistory(csv_logger)],
+        gradient_clip_val=args.grad_clip or None,
+        callbacks=[every, best, TQDMProgressBar(refresh_rate=10), KeepMetricsHistory(csv_logger)],
         plugins=[AtomicCheckpointIO()],
         logger=loggers, log_every_n_steps=args.log_every_n_steps, num_sanity_val_steps=0,
         use_distributed_sampler=False, enable_model_summary=False, deterministic=False,
@@ -138,6 +139,11 @@ class KeepMetricsHistory(pl.Callback):
                     {k: float(v) for k, v in row.items() if k != "step" and v not in ("", None)}, int(row["step"]))
         self.logger.save()
 
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx) -> None:
+        # Lightning's logging step is one ahead after resuming from a checkpoint saved at an epoch end;
+        # without gradient accumulation it is the global step, as in an uninterrupted run.
+        trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
+
 
 def plot_loss_curve(metrics_csv: Path, png: Path) -> None:
     """Train loss per step (and its epoch mean) and EMA val loss per epoch, from Lightning's CSV log."""
@@ -169,7 +175,8 @@ def plot_loss_curve(metrics_csv: Path, png: Path) -> None:
 def check_same_model(saved: dict, current: dict, path: Path) -> None:
     """Resuming needs the architecture of the checkpoint; say which flags differ instead of a shape error."""
     keys = [k for k in sorted(set(saved) | set(current)) if k not in ("use_checkpoint", "class_dropout_prob")]
-    diff = [f"{k}: {saved.get(k)} in the checkpoint, {current.get(k)} now" for k in keys if saved.get(k) != current.get(k)]
+    diff = [f"{k}: {saved.get(k)} in the checkpoint, {current.get(k)} now"
+            for k in keys if saved.get(k) != current.get(k)]
     if diff:
         raise PipelineError(f"{path} was trained with a different model ({'; '.join(diff)}). Resume with the "
                             "same --model/--depth/--hidden_size/--num_heads flags and stage 1 latents, or pass "

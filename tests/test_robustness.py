@@ -1,0 +1,557 @@
+"""Nothing lost, nothing run that shouldn't: bad input, interruption, unsafe files.
+
+Errors a user causes must end with a message on stderr (what was wrong, what to do), exit code 2 and no
+traceback. A few cases run the real stage scripts as subprocesses; the others call the same main() (with
+its cli_entry wrapper) in-process, which is much faster (a traceback there would be an uncaught exception).
+"""
+import argparse
+import ast
+import csv
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from common.errors import PipelineError
+from common.io import read_safetensors_metadata, save_safetensors
+from helpers import (PYTHON, ROOT, make_dataset, make_tokenizer, run_stage, stage1_args, stage2_args)
+
+S1, S2, S3 = "stage1_extract_features.py", "stage2_train_dit.py", "stage3_inference.py"
+STEPS, EVERY = 60, 5     # the reference run: 60 steps, last.ckpt every 5
+
+
+class Result:
+    """The parts of a finished stage run the tests look at (subprocess or in-process)."""
+    def __init__(self, returncode: int, stdout: str, stderr: str):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def run_main(capsys, script: str, *args) -> Result:
+    """A stage's main() in this process: exit code, stdout and stderr, as from the command line."""
+    import importlib
+    module = importlib.import_module(script.removesuffix(".py"))
+    capsys.readouterr()
+    try:
+        module.main([str(a) for a in args])
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return Result(code, out, err)
+
+
+def assert_user_error(proc, *patterns: str) -> None:
+    """Exit code 2, 'error: ...' on stderr matching every pattern, and no traceback."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    message = proc.stderr[proc.stderr.rindex("error: "):]
+    for pattern in patterns:
+        assert re.search(pattern, message, re.S), (pattern, message)
+
+
+#################################################################################
+#                                   Fixtures                                    #
+#################################################################################
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("robust")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(ws) -> Path:
+    return make_tokenizer(ws / "tok.safetensors")
+
+
+@pytest.fixture(scope="module")
+def latents(ws, tokenizer) -> Path:
+    data = make_dataset(ws / "data")
+    proc = run_stage(S1, *stage1_args(data, tokenizer, ws / "latents"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return ws / "latents"
+
+
+def stage2_command(latents: Path, out: Path, *extra) -> list[str]:
+    """60 steps, last.ckpt every 5. No validation (it also writes last.ckpt, at epoch ends, after the EMA
+    update), so that a resume starts from a mid-step checkpoint, where the EMA update was once missed."""
+    return [PYTHON, S2, *stage2_args(latents, out, "--max_steps", STEPS, "--checkpoint_every_n_steps", EVERY,
+                                     "--log_every_n_steps", 1, "--val_every_n_epochs", 1000, *extra)]
+
+
+@pytest.fixture(scope="module")
+def trained(ws, latents) -> Path:
+    """An uninterrupted stage 2 run (also the reference for the kill -9 test)."""
+    out = ws / "trained"
+    proc = subprocess.run(stage2_command(latents, out), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def load_ckpt(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+#################################################################################
+#                             Stage 1: bad folders                              #
+#################################################################################
+
+def _empty(root: Path) -> None:
+    root.mkdir()
+
+
+def _user_without_images(root: Path) -> None:
+    make_dataset(root, users=("ID_2",), per_user=2)
+    (root / "ID_1").mkdir()
+    (root / "ID_1" / "notes.txt").write_text("no images here")
+
+
+def _same_number(root: Path) -> None:
+    make_dataset(root, users=("ID_3", "id03"), per_user=2)
+
+
+def _train_without_val(root: Path) -> None:
+    make_dataset(root / "train", users=("ID_1",), per_user=2)
+
+
+@pytest.mark.parametrize("make, patterns", [
+    (None, [r"--data_dir not found: .*nope", r"train/ and val/"]),
+    (_empty, [r"neither train/ nor user folders with images", r"ID_1/\*\.png"]),
+    (_user_without_images, [r"user folder 'ID_1' has no images", r"Add images or remove the folder"]),
+    (_same_number, [r"same user number 3: 'ID_3' and 'id03'", r"Rename or merge"]),
+    (_train_without_val, [r"has train/ but no val/", r"Add val/"]),
+], ids=["missing", "empty", "user_without_images", "same_number", "train_without_val"])
+def test_stage1_bad_data_dir(tmp_path, tokenizer, capsys, make, patterns):
+    root = tmp_path / "nope"
+    if make:
+        make(root)
+        proc = run_main(capsys, S1, *stage1_args(root, tokenizer, tmp_path / "out"))
+    else:   # one of them through the real script
+        proc = run_stage(S1, *stage1_args(root, tokenizer, tmp_path / "out"))
+    assert_user_error(proc, *patterns)
+    assert not (tmp_path / "out" / "train.safetensors").exists()
+
+
+def test_unnumbered_folders_are_numbered_by_sorted_name(tmp_path, tokenizer):
+    from data.latents import extract_features
+    data = make_dataset(tmp_path / "data", users=("carol", "alice", "bob"), per_user=2)
+    logged: list[str] = []
+    extract_features(str(data), str(tokenizer), str(tmp_path / "out"), batch_size=4, image_size=64,
+                     log=logged.append)
+    assert any("no number in their name" in m and "numbered 1..N by sorted folder name" in m for m in logged)
+    meta = read_safetensors_metadata(tmp_path / "out" / "train.safetensors")
+    assert meta["users"] == ["alice", "bob", "carol"] and meta["user_numbers"] == [1, 2, 3]
+
+
+#################################################################################
+#                            Stage 1: broken images                             #
+#################################################################################
+
+def _break(folder: Path) -> list[Path]:
+    """A truncated png, a truncated jpg and a text file named .png in `folder`."""
+    good_png = next(folder.glob("*.png"))
+    truncated_png = folder / "truncated.png"
+    truncated_png.write_bytes(good_png.read_bytes()[:200])
+    buf = folder / "truncated.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf)
+    buf.write_bytes(buf.read_bytes()[:300])
+    fake = folder / "not_an_image.png"
+    fake.write_text("this is not a png")
+    return [truncated_png, buf, fake]
+
+
+def test_broken_images_are_skipped_named_and_counted(tmp_path, tokenizer, capsys):
+    data = make_dataset(tmp_path / "data", users=("ID_1", "ID_2"), per_user=3, split=True)
+    broken = _break(data / "train" / "ID_1")
+    proc = run_main(capsys, S1, *stage1_args(data, tokenizer, tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for path in broken:
+        assert re.search(rf"warning: skipping unreadable image {re.escape(str(path))}", proc.stdout), proc.stdout
+    assert "6 train and 4 val latents" in proc.stdout and "3 unreadable image(s) skipped" in proc.stdout
+    meta = read_safetensors_metadata(tmp_path / "out" / "train.safetensors")
+    assert meta["num_skipped"] == 3
+
+
+def test_user_left_without_readable_images_fails(tmp_path, tokenizer, capsys):
+    data = make_dataset(tmp_path / "data", users=("ID_1", "ID_2"), per_user=1, split=True)
+    folder = data / "train" / "ID_2"
+    _break(folder)
+    for f in folder.iterdir():
+        if f.name.startswith("img_"):
+            f.unlink()
+    proc = run_main(capsys, S1, *stage1_args(data, tokenizer, tmp_path / "out"))
+    assert_user_error(proc, r"ID_2 have no readable images in train/", r"Add readable images or remove")
+    assert "skipping unreadable image" in proc.stdout
+    assert not list((tmp_path / "out").glob("*.safetensors"))
+
+
+#################################################################################
+#                      Wrong, broken and unsafe model files                     #
+#################################################################################
+
+class _Payload:
+    """Unpickling this runs code (writes `marker`)."""
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('pwned')",))
+
+
+def write_malicious(path: Path, marker: Path) -> Path:
+    torch.save({"state_dict": {"encoder.conv_in.weight": _Payload(marker)}, "pipeline": _Payload(marker)}, path)
+    return path
+
+
+def test_malicious_payload_is_live(tmp_path):
+    """The payload used below really runs code when unpickled without weights_only (control)."""
+    control = tmp_path / "control"
+    torch.load(write_malicious(tmp_path / "evil.pt", control), weights_only=False)
+    assert control.read_text() == "pwned"
+
+
+def test_malicious_pickles_are_refused_by_every_stage(tmp_path, latents, trained, tokenizer, capsys):
+    marker = tmp_path / "pwned"
+    evil = write_malicious(tmp_path / "evil.pt", marker)
+    out1 = tmp_path / "s1"
+    assert_user_error(run_main(capsys, S1, *stage1_args(latents.parent / "data", evil, out1)),
+                      r"refused", r"Nothing of it was executed", r"VA-VAE tokenizer")
+    assert_user_error(run_stage(S3, "--dit_checkpoint", evil, "--vavae_path", tokenizer, "--output_dir",
+                                tmp_path / "s3", "--user_ids", 1), r"refused", r"stage 2 checkpoint")
+    resumed = tmp_path / "s2"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copy(evil, resumed / "checkpoints" / "last.ckpt")
+    assert_user_error(run_main(capsys, S2, *stage2_args(latents, resumed, "--max_steps", 2)), r"refused")
+    assert_user_error(run_main(capsys, S3, "--dit_checkpoint", trained / "checkpoints" / "last.ckpt", "--vavae_path",
+                                evil, "--output_dir", tmp_path / "s3", "--user_ids", 1), r"refused")
+    assert not marker.exists()
+    assert not (tmp_path / "s3").exists() or not list((tmp_path / "s3").iterdir())
+
+
+def test_every_torch_load_is_weights_only():
+    """Static check: every torch.load / Trainer.fit(ckpt_path=...) in the project passes weights_only=True."""
+    offenders = []
+    for path in ROOT.rglob("*.py"):
+        rel = path.relative_to(ROOT)
+        if any(part.startswith(".") or part in ("shared", "build", "tests") for part in rel.parts):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+                continue
+            is_load = (node.func.attr == "load" and isinstance(node.func.value, ast.Name)
+                       and node.func.value.id == "torch")
+            is_fit = node.func.attr == "fit" and any(k.arg == "ckpt_path" for k in node.keywords)
+            if is_load or is_fit:
+                safe = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                           for k in node.keywords)
+                if not safe:
+                    offenders.append(f"{rel}:{node.lineno}")
+    assert not offenders, f"torch.load without weights_only=True: {offenders}"
+
+
+def test_tokenizer_file_errors(tmp_path, latents, trained, capsys):
+    from models.vavae import VAVAE
+    from helpers import TINY_VAVAE
+    data = latents.parent / "data"
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(os.urandom(2000))
+    other_arch = tmp_path / "other_arch.pt"   # a plain state dict: read as the published f16d32 layout
+    torch.save({"state_dict": VAVAE(**TINY_VAVAE).state_dict()}, other_arch)
+    cases = [
+        (tmp_path / "missing.pt", [r"tokenizer \(--vavae_path\) not found: .*missing\.pt", r"Check the path"]),
+        (garbage, [r"garbage\.pt", r"VA-VAE tokenizer"]),
+        (trained / "checkpoints" / "last.ckpt", [r"is not a VA-VAE tokenizer", r"looks like a DiT checkpoint",
+                                                 r"--dit_checkpoint"]),
+        (other_arch, [r"does not match the VA-VAE", r"(missing|unexpected) keys"]),
+    ]
+    for path, patterns in cases:
+        assert_user_error(run_main(capsys, S1, *stage1_args(data, path, tmp_path / "out")), *patterns)
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_dit_checkpoint_file_errors(tmp_path, tokenizer, capsys):
+    """Stage 3 (and anything using load_checkpoint): missing, not a checkpoint, a tokenizer instead."""
+    from training.train_dit import load_checkpoint
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(os.urandom(2000))
+    with pytest.raises(PipelineError, match=r"stage 2 checkpoint .* not found: .*missing\.ckpt"):
+        load_checkpoint(tmp_path / "missing.ckpt")
+    with pytest.raises(PipelineError, match=r"garbage\.ckpt.*stage 2 checkpoint"):
+        load_checkpoint(garbage)
+    proc = run_main(capsys, S3, "--dit_checkpoint", tokenizer, "--vavae_path", tokenizer, "--output_dir",
+                     tmp_path / "gen", "--user_ids", 1)
+    assert_user_error(proc, r"is not a stage 2 LightningDiT checkpoint \(found a VA-VAE tokenizer\)",
+                      r"--dit_checkpoint .*best\.ckpt")
+
+
+def test_resume_with_other_architecture_is_named(tmp_path, latents, trained, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(trained / "checkpoints", out / "checkpoints")
+    proc = run_main(capsys, S2, *stage2_args(latents, out, "--max_steps", STEPS + 2), "--hidden_size", "64")
+    assert_user_error(proc, r"last\.ckpt was trained with a different model",
+                      r"hidden_size: 32 in the checkpoint, 64 now",
+                      r"--restart")
+
+
+#################################################################################
+#                                   Stage 3                                     #
+#################################################################################
+
+def test_stage3_unknown_user_lists_valid_ids(tmp_path, trained, tokenizer):
+    proc = run_stage(S3, "--dit_checkpoint", trained / "checkpoints" / "last.ckpt", "--vavae_path", tokenizer,
+                     "--output_dir", tmp_path / "gen", "--user_ids", 1, 99, "--num_steps", 2)
+    assert_user_error(proc, r"user id\(s\) 99 were not in the training data",
+                      r"Valid --user_ids: 1 \(ID_1\), 2 \(ID_2\), 10 \(ID_10\)")
+
+
+def test_stage3_warns_about_another_tokenizer(tmp_path, trained, tokenizer):
+    import warnings
+    from generation.generate import generate
+    other = make_tokenizer(tmp_path / "other.safetensors", seed=1)
+    ckpt = str(trained / "checkpoints" / "last.ckpt")
+    kwargs = dict(user_ids=[10], num_samples_per_user=1, num_steps=2, device="cpu", log=lambda m: None)
+    with pytest.warns(UserWarning, match=r"--vavae_path .*other\.safetensors is not the tokenizer the model was "
+                                         r"trained with \(tok\.safetensors, sha256 [0-9a-f]{12}"):
+        generate(ckpt, str(other), str(tmp_path / "other"), **kwargs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        generate(ckpt, str(tokenizer), str(tmp_path / "same"), **kwargs)
+    assert not [w for w in caught if "not the tokenizer" in str(w.message)]
+
+
+#################################################################################
+#                                Atomic outputs                                 #
+#################################################################################
+
+def test_interrupted_write_leaves_no_final_file(tmp_path, monkeypatch):
+    import common.io
+    target = tmp_path / "sub" / "train.safetensors"
+
+    def dies_midway(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(common.io, "save_file", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        save_safetensors({"x": torch.zeros(3)}, target)
+    assert not target.exists() and not list(target.parent.iterdir())   # no temporary file left either
+    monkeypatch.undo()
+    save_safetensors({"x": torch.zeros(3)}, target)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask   # not mkstemp's 0600
+
+
+def test_interrupted_stage1_is_not_finished_work(tmp_path, tokenizer, monkeypatch):
+    import data.latents as latents_mod
+    real = latents_mod.encode_all
+
+    def dies_on_val(*args, **kwargs):
+        if args[-1] == "stage 1 val":
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(latents_mod, "encode_all", dies_on_val)
+    data = make_dataset(tmp_path / "data", users=("ID_1", "ID_2"), per_user=3)
+    with pytest.raises(KeyboardInterrupt):
+        latents_mod.extract_features(str(data), str(tokenizer), str(tmp_path / "out"), 4, 64, log=lambda m: None)
+    assert not latents_mod.stage1_done(tmp_path / "out")
+    assert not (tmp_path / "out" / "val.safetensors").exists()
+    assert not (tmp_path / "out" / "latent_stats.safetensors").exists()
+
+
+def test_checkpoint_interrupted_mid_save_keeps_the_previous_one(tmp_path, monkeypatch):
+    """Stage 2's checkpoints go through atomic_path: a kill mid-save leaves last.ckpt as it was."""
+    import common.io
+    from training.train_dit import AtomicCheckpointIO
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"global_step": 5, "w": torch.ones(3)}, path)
+    real_save = torch.save
+
+    def dies_midway(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        Path(f).write_bytes(Path(f).read_bytes()[:100])   # truncated, then killed
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(common.io.torch, "save", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        AtomicCheckpointIO().save_checkpoint({"global_step": 10, "w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert load_ckpt(path)["global_step"] == 5 and [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
+
+
+def test_orchestrator_reruns_a_stage_without_marker(tmp_path, monkeypatch):
+    import pipeline.orchestrate as orch
+    calls, codes = [], [1, 0]
+    monkeypatch.setattr(orch.subprocess, "call", lambda cmd, cwd=None: calls.append(cmd) or codes.pop(0))
+    args = argparse.Namespace(output_dir=str(tmp_path), stages=[1], force=False, generate_user_ids=[1],
+                              data_dir="d", vavae_path="v", batch_size=4, devices=1, max_epochs=1,
+                              num_samples_per_user=1)
+    marker = tmp_path / orch.STAGE_DIRS[1] / orch.DONE_MARKER
+    with pytest.raises(PipelineError, match=r"stage 1 failed \(exit code 1\).*finished stages are skipped"):
+        orch.run_pipeline(args, [], log=lambda m: None)
+    assert not marker.exists() and len(calls) == 1
+    orch.run_pipeline(args, [], log=lambda m: None)            # interrupted stage: run again
+    assert marker.is_file() and len(calls) == 2
+    logged = []
+    orch.run_pipeline(args, [], log=logged.append)              # finished: skipped
+    assert len(calls) == 2 and "already complete" in logged[0]
+    marker.unlink()
+    codes.append(0)
+    orch.run_pipeline(args, [], log=lambda m: None)             # marker gone: the stage runs again
+    assert len(calls) == 3
+
+
+#################################################################################
+#                          Interruption and resume                              #
+#################################################################################
+
+def _progress_step(log: str) -> int:
+    """The highest step the progress bar shows ('Epoch E: ... k/N' -> E * N + k)."""
+    steps = [int(e) * int(n) + int(k) for e, k, n in re.findall(r"Epoch (\d+): +\d+%\|[^|]*\| (\d+)/(\d+)", log)]
+    return max(steps, default=-1)
+
+
+def test_kill9_and_rerun_resumes_exactly(tmp_path, latents, trained):
+    out = tmp_path / "run"
+    cmd = stage2_command(latents, out)
+    last = out / "checkpoints" / "last.ckpt"
+    log_path = tmp_path / "first.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+        deadline = time.time() + 240
+        try:
+            while time.time() < deadline and proc.poll() is None:
+                if last.is_file() and _progress_step(log_path.read_text()) > EVERY + 1:
+                    break
+                time.sleep(0.02)
+            assert proc.poll() is None, "stage 2 ended before it could be killed:\n" + log_path.read_text()[-2000:]
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait()
+    killed_at = load_ckpt(last)["global_step"]
+    assert 0 < killed_at < STEPS and killed_at % EVERY == 0
+    assert "stage 2 done" not in log_path.read_text()
+
+    rerun = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resuming from {last} at step {killed_at}" in rerun.stdout
+    assert "dataloader is not resumable" not in rerun.stderr
+
+    ref, got = load_ckpt(trained / "checkpoints" / "last.ckpt"), load_ckpt(last)
+    assert got["global_step"] == ref["global_step"] == STEPS
+    assert ref["state_dict"].keys() == got["state_dict"].keys()
+    for key, value in ref["state_dict"].items():   # model and EMA weights: bit for bit on one device
+        assert torch.equal(got["state_dict"][key], value), (key, (got["state_dict"][key] - value).abs().max())
+
+    def metrics(run: Path) -> dict:
+        with open(run / "lightning_logs" / "csv" / "metrics.csv") as f:
+            return {(r["step"], k): float(v) for r in csv.DictReader(f) for k, v in r.items()
+                    if v and k in ("train_loss_step", "val_loss")}
+    assert metrics(out) == metrics(trained)   # the history from before the kill is kept
+
+
+def test_stage2_is_deterministic_and_resume_picks_up_finished_run(trained, latents):
+    """Same command again on a finished run: resumes at the end, changes nothing."""
+    before = load_ckpt(trained / "checkpoints" / "last.ckpt")
+    proc = subprocess.run(stage2_command(latents, trained), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and f"at step {STEPS}" in proc.stdout, proc.stderr[-2000:]
+    after = load_ckpt(trained / "checkpoints" / "last.ckpt")
+    for key, value in before["state_dict"].items():
+        assert torch.equal(after["state_dict"][key], value), key
+
+
+#################################################################################
+#                                Non-finite loss                                #
+#################################################################################
+
+def test_nonfinite_loss_stops_with_advice_and_keeps_good_checkpoint(tmp_path, latents):
+    out = tmp_path / "nan"
+    proc = run_stage(S2, *stage2_args(latents, out, "--max_steps", 30, "--checkpoint_every_n_steps", 1,
+                                      "--lr", "1e30"))
+    assert_user_error(proc, r"NaN/inf by step 1 \(precision 32-true, lr 1e\+30\)", r"last good checkpoint",
+                      r"lower --lr", r"bf16-mixed or 32-true", r"--grad_clip")
+    ckpt = load_ckpt(out / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+
+
+def _train_in_process(latents: Path, out: Path, *extra):
+    import stage2_train_dit
+    from training.train_dit import train
+    args = stage2_train_dit.build_parser().parse_args(
+        list(map(str, stage2_args(latents, out, "--log_every_n_steps", 1, *extra))))
+    return train(args, log=lambda m: None)
+
+
+@pytest.mark.parametrize("nan_step, every, max_steps", [(7, 5, 40), (23, 1000, 200)])
+def test_nonfinite_loss_is_caught_between_checkpoints(tmp_path, latents, monkeypatch, nan_step, every, max_steps):
+    # With validation (and its last.ckpt) rare, only the periodic check of the device flag can stop the run.
+    """NaN at a given step: the error names that step, the run stops soon (not only at checkpoint time)."""
+    import training.dit_module as dm
+    real, calls = dm.sample_timesteps, []
+
+    def nan_from_step(n, *args, **kwargs):
+        calls.append(n)
+        t = real(n, *args, **kwargs)
+        return t * float("nan") if len(calls) > nan_step else t
+
+    monkeypatch.setattr(dm, "sample_timesteps", nan_from_step)
+    out = tmp_path / "run"
+    with pytest.raises(PipelineError, match=rf"NaN/inf by step {nan_step} \(precision 32-true"):
+        _train_in_process(latents, out, "--max_steps", max_steps, "--checkpoint_every_n_steps", every,
+                          "--val_every_n_epochs", 1 if every < nan_step else 1000)
+    assert len(calls) <= max(nan_step + 1, 10) + dm.NONFINITE_CHECK_EVERY
+    if every < nan_step:
+        ckpt = load_ckpt(out / "checkpoints" / "last.ckpt")   # the last one from before the NaN step is kept
+        assert 0 < ckpt["global_step"] <= nan_step
+        assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+    else:
+        assert not (out / "checkpoints" / "last.ckpt").exists()
+
+
+def test_fp16_uses_loss_scaling(monkeypatch):
+    from pytorch_lightning.plugins.precision import MixedPrecision
+    from training.train_dit import resolve_precision
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_precision("bf16-mixed", "gpu") == "16-mixed"   # e.g. a T4
+    with pytest.warns(UserWarning):   # GradScaler disables itself without CUDA; on a GPU it scales
+        plugin = MixedPrecision("16-mixed", "cuda")
+    assert isinstance(plugin.scaler, torch.amp.GradScaler)
+
+
+#################################################################################
+#                                 Determinism                                   #
+#################################################################################
+
+def test_stage1_is_deterministic(tmp_path, latents, tokenizer):
+    from data.latents import extract_features, load_latents
+    extract_features(str(latents.parent / "data"), str(tokenizer), str(tmp_path / "again"), batch_size=3,
+                     image_size=64, log=lambda m: None)
+    for split in ("train", "val"):
+        a, b = load_latents(latents, split), load_latents(tmp_path / "again", split)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_stage3_is_deterministic(tmp_path, trained, tokenizer):
+    from generation.generate import generate
+    ckpt = str(trained / "checkpoints" / "last.ckpt")
+    kwargs = dict(user_ids=[1, 10], num_samples_per_user=2, num_steps=3, seed=5, device="cpu", log=lambda m: None)
+    first = generate(ckpt, str(tokenizer), str(tmp_path / "a"), batch_size=4, **kwargs)
+    second = generate(ckpt, str(tokenizer), str(tmp_path / "b"), batch_size=4, **kwargs)
+    other_batching = generate(ckpt, str(tokenizer), str(tmp_path / "c"), batch_size=1, **kwargs)
+    assert [p.name for p in first] == [p.name for p in second] == [p.name for p in other_batching]
+    load = lambda p: np.asarray(Image.open(p)).astype(np.int16)
+    for p, q, r in zip(first, second, other_batching):
+        assert np.array_equal(load(p), load(q))          # same command: the same images, bit for bit
+        assert np.abs(load(p) - load(r)).max() <= 1      # noise per (user, sample): batching only rounds
+    assert not np.array_equal(load(first[0]), load(first[1]))   # different samples differ
