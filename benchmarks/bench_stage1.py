@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from harness import (environment, median, peak_memory_mb, print_table, reset_peak_memory, resolve_device,
+from harness import (environment, median, peak_memory_mb, print_table, reset_peak_memory, setup_device,
                      sync, time_steps, write_json)
 from data.latents import encode_items
 from models.vavae import VAVAE, VAVAE_CONFIGS
@@ -71,14 +71,8 @@ def main():
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json_out", default=None)
     args = parser.parse_args()
-    device = resolve_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = setup_device(args.device, args.threads)
     on_gpu = device.type == "cuda"
-    if on_gpu:
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     args.num_images = args.num_images or (256 if on_gpu else 8)
     args.batch_size = args.batch_size or (32 if on_gpu else 4)
     rows = []

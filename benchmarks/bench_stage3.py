@@ -11,7 +11,7 @@ import argparse
 
 import torch
 
-from harness import (environment, median, peak_memory_mb, print_table, reset_peak_memory, resolve_device,
+from harness import (environment, median, peak_memory_mb, print_table, reset_peak_memory, setup_device,
                      time_steps, write_json)
 from models.lightningdit import LightningDiT, model_config
 from models.transport import guided_velocity, model_evaluations, sample_ode
@@ -32,14 +32,8 @@ def main():
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json_out", default=None)
     args = parser.parse_args()
-    device = resolve_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = setup_device(args.device, args.threads)
     on_gpu = device.type == "cuda"
-    if on_gpu:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
     args.model = args.model or ("XL/1" if on_gpu else "S/2")
     args.batch_size = args.batch_size or (64 if on_gpu else 4)
     half = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if on_gpu else None

@@ -27,7 +27,7 @@ import warnings
 import torch
 
 from harness import (environment, median, peak_memory_mb, peak_tflops, print_table, reset_peak_memory,
-                    resolve_device, time_steps, write_json, load_reference_lightningdit)
+                    setup_device, time_steps, write_json, load_reference_lightningdit)
 from models.lightningdit import LightningDiT, model_config
 from training.dit_module import DiTTrainingModule
 
@@ -187,13 +187,8 @@ def main():
     parser.add_argument("--json_out", default=None)
     args = parser.parse_args()
 
-    device = resolve_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = setup_device(args.device, args.threads)
     on_gpu = device.type == "cuda"
-    if on_gpu:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     args.sizes = args.sizes or ("B/1,L/1,XL/1" if on_gpu else "S/2,S/1,B/2,B/1")
     args.batch_size = args.batch_size or (32 if on_gpu else 8)
     if args.precision is None:

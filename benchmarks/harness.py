@@ -26,6 +26,18 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def setup_device(name: str, threads: int | None = None) -> torch.device:
+    """The device to time on, with the settings training uses there (TF32, cuDNN autotuning, threads)."""
+    device = resolve_device(name)
+    if threads:
+        torch.set_num_threads(threads)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    return device
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from models.lightningdit import LightningDiT, LightningDiT_models, model_config
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+REFERENCE = Path(__file__).resolve().parent / "reference"
 PARITY = REFERENCE / "lightningdit_small_parity.safetensors"
 
 

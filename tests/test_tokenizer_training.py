@@ -12,13 +12,7 @@ from common.io import read_safetensors_metadata
 from models.vavae import load_vavae
 from training.tokenizer import alignment_loss, build_foundation, tokenizer_config, train_tokenizer
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convs gain nothing from threads, and on a shared 2-core box thread barriers cost 10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = dict(width=8, num_res_blocks=1, image_size=32, batch_size=4, device="cpu", eval_every=0,

@@ -10,18 +10,12 @@ from common.errors import PipelineError
 from common.io import save_safetensors
 from models.vavae import VAVAE, VAVAE_CONFIGS, load_vavae, save_vavae
 
-KEYS_FILE = Path("/work/shared/reference/keys_vavae.txt")
+KEYS_FILE = Path(__file__).resolve().parent / "reference" / "keys_vavae.txt"
 SMALL = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,), z_channels=4,
              embed_dim=4, in_channels=3, out_channels=3, resolution=32)   # attention at 16x16 = lowest res
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small convs gain nothing from threads, and on a busy 2-core box thread barriers cost 10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomized(model: VAVAE, seed: int = 0) -> VAVAE:
