@@ -3,7 +3,7 @@ import argparse
 
 from common.config import add_config_flag, parse_args
 from common.errors import cli_entry
-from models.transport import SAMPLERS
+from models.transport import DEFAULT_SAMPLER, DEFAULT_SHIFT, DEFAULT_STEPS, SAMPLERS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,9 +15,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user_ids", type=int, nargs="+", help="numbers in the user folder names (ID_3 -> 3)")
     p.add_argument("--num_samples_per_user", type=int, default=4)
     p.add_argument("--guidance_scale", type=float, default=4.0, help="1 = no guidance")
-    p.add_argument("--num_steps", type=int, default=32, help="integration steps")
-    p.add_argument("--sampler", default="euler", choices=SAMPLERS)
-    p.add_argument("--shift", type=float, default=1.0, help="timestep shift (<1: more steps near noise)")
+    p.add_argument("--num_steps", type=int, default=DEFAULT_STEPS, help="integration steps")
+    p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS)
+    p.add_argument("--shift", type=float, default=DEFAULT_SHIFT, help="timestep shift (<1: more steps near noise)")
     p.add_argument("--cfg_interval_start", type=float, default=0.0, help="guide only where t >= this")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch_size", type=int, default=16)

@@ -11,7 +11,7 @@ from common.errors import PipelineError
 from common.io import atomic_path, file_sha256
 from data.images import to_uint8
 from models.lightningdit import LightningDiT
-from models.transport import guided_velocity, sample_ode
+from models.transport import DEFAULT_SAMPLER, DEFAULT_SHIFT, DEFAULT_STEPS, guided_velocity, sample_ode
 
 IMAGE_NAME = "micro_doppler_user{user:02d}_{sample:03d}.png"
 GRID_NAME = "micro_doppler_grid.png"
@@ -47,9 +47,42 @@ def check_tokenizer(info: dict, vavae_path: str) -> None:
 
 
 @torch.no_grad()
+def sample_images(model: LightningDiT, vae, info: dict, jobs: list[tuple[int, int]], guidance_scale: float = 4.0,
+                  num_steps: int = DEFAULT_STEPS, sampler: str = DEFAULT_SAMPLER, shift: float = DEFAULT_SHIFT,
+                  cfg_interval_start: float = 0.0,
+                  seed: int = 0, batch_size: int = 16, device: str = "cpu",
+                  progress: bool = True) -> tuple[np.ndarray, int]:
+    """(N, H, W, 3) uint8 images for (user number, sample index) jobs, and the model evaluations per sample.
+
+    The noise of a job comes from its own seed: the same image whatever the batch it lands in.
+    """
+    classes = dict(zip(info["user_numbers"], range(len(info["user_numbers"]))))
+    mean, std = info["latent_mean"].to(device), info["latent_std"].to(device)
+    side = int(round(model.pos_embed.shape[1] ** 0.5)) * model.patch_size
+    on_cuda = device.startswith("cuda")
+    half = torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float16
+    images, evaluations = [], 0
+    for start in tqdm(range(0, len(jobs), batch_size), desc="stage 3 sampling", unit="batch", disable=not progress):
+        batch = jobs[start:start + batch_size]
+        noise = torch.stack([torch.randn(model.in_channels, side, side, generator=torch.Generator().manual_seed(
+            seed * 1_000_003 + u * 1000 + k)) for u, k in batch]).to(device)
+        y = torch.tensor([classes[u] for u, _ in batch], device=device)
+        velocity = guided_velocity(model, y, model.num_classes, guidance_scale, cfg_interval_start)
+        calls = [0]
+
+        def counted(x, t):
+            calls[0] += 1
+            return velocity(x, t)
+        with torch.autocast("cuda", dtype=half, enabled=on_cuda):
+            z = sample_ode(counted, noise, num_steps, sampler, shift)
+        evaluations = max(evaluations, calls[0])
+        images.append(to_uint8(vae.decode(z.float() * std + mean)))
+    return np.concatenate(images), evaluations
+
+
 def generate(dit_checkpoint: str, vavae_path: str, output_dir: str, user_ids: list[int],
-             num_samples_per_user: int = 4, guidance_scale: float = 4.0, num_steps: int = 32,
-             sampler: str = "euler", shift: float = 1.0, cfg_interval_start: float = 0.0, seed: int = 0,
+             num_samples_per_user: int = 4, guidance_scale: float = 4.0, num_steps: int = DEFAULT_STEPS,
+             sampler: str = DEFAULT_SAMPLER, shift: float = DEFAULT_SHIFT, cfg_interval_start: float = 0.0, seed: int = 0,
              batch_size: int = 16, device: str = "auto", log=print) -> list[Path]:
     """Write micro_doppler_userNN_KKK.png per sample and micro_doppler_grid.png; return the sample paths."""
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
@@ -57,34 +90,20 @@ def generate(dit_checkpoint: str, vavae_path: str, output_dir: str, user_ids: li
     from models.vavae import load_vavae
     vae = load_vavae(vavae_path, device=device)
     check_tokenizer(info, vavae_path)
-    classes = class_indices(list(user_ids), info["user_numbers"], info["users"])
-    mean, std = info["latent_mean"].to(device), info["latent_std"].to(device)
-    side = int(round(model.pos_embed.shape[1] ** 0.5)) * model.patch_size
-
-    jobs = [(u, c, k) for u, c in zip(user_ids, classes) for k in range(num_samples_per_user)]
+    class_indices(list(user_ids), info["user_numbers"], info["users"])     # unknown ids: a clear error first
+    jobs = [(u, k) for u in user_ids for k in range(num_samples_per_user)]
+    pixels, nfe = sample_images(model, vae, info, jobs, guidance_scale, num_steps, sampler, shift,
+                                cfg_interval_start, seed, batch_size, device)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths, images = [], {}
-    on_cuda = device.startswith("cuda")
-    half = torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float16
-    for start in tqdm(range(0, len(jobs), batch_size), desc="stage 3 sampling", unit="batch"):
-        batch = jobs[start:start + batch_size]
-        # Noise per (user, sample) from its own seed: the same image whatever the batch size.
-        noise = torch.stack([torch.randn(model.in_channels, side, side, generator=torch.Generator().manual_seed(
-            seed * 1_000_003 + u * 1000 + k)) for u, _, k in batch]).to(device)
-        y = torch.tensor([c for _, c, _ in batch], device=device)
-        with torch.autocast("cuda", dtype=half, enabled=on_cuda):
-            velocity = guided_velocity(model, y, model.num_classes, guidance_scale, cfg_interval_start)
-            z = sample_ode(velocity, noise, num_steps, sampler, shift)
-        pixels = to_uint8(vae.decode(z.float() * std + mean))
-        for (u, _, k), arr in zip(batch, pixels):
-            path = out / IMAGE_NAME.format(user=u, sample=k + 1)
-            with atomic_path(path) as tmp:
-                Image.fromarray(arr).save(tmp, format="PNG")
-            paths.append(path)
-            images[(u, k)] = arr
-    write_grid(images, user_ids, num_samples_per_user, out / GRID_NAME)
-    log(f"stage 3 done: {len(paths)} images and {GRID_NAME} in {out}")
+    paths = []
+    for (u, k), arr in zip(jobs, pixels):
+        path = out / IMAGE_NAME.format(user=u, sample=k + 1)
+        with atomic_path(path) as tmp:
+            Image.fromarray(arr).save(tmp, format="PNG")
+        paths.append(path)
+    write_grid(dict(zip(jobs, pixels)), user_ids, num_samples_per_user, out / GRID_NAME)
+    log(f"stage 3 done: {len(paths)} images ({sampler}, {nfe} model evaluations each) and {GRID_NAME} in {out}")
     return paths
 
 
