@@ -20,6 +20,7 @@ NONFINITE_CHECK_EVERY = 50   # steps between looks at the device-side NaN flag (
 
 
 class DiTTrainingModule(pl.LightningModule):
+    """The DiT, its EMA copy, the normalised latents and the optimiser; checkpoints carry what stage 3 needs."""
     def __init__(self, model_config: dict, train_latents: torch.Tensor, train_labels: torch.Tensor,
                  val_latents: torch.Tensor, val_labels: torch.Tensor, pipeline_info: dict[str, Any],
                  lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0,
@@ -155,12 +156,6 @@ class DiTTrainingModule(pl.LightningModule):
         return groups
 
     # ---------------------------------------------------------------- checkpoints
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # Checkpoints from before forward_fn was unregistered hold a duplicate of the weights under it.
-        state = checkpoint.get("state_dict", {})
-        for key in [k for k in state if k.startswith("forward_fn.")]:
-            del state[key]
-
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.check_finite()   # a checkpoint is only written while the loss and the weights are finite
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):

@@ -70,6 +70,8 @@ def train(args, log=print) -> Path:
     if args.init_from:
         from training.init_from import initialise_from
         initialise_from(module, args.init_from, args.finetune, log)
+    elif args.finetune != "full":
+        warnings.warn(f"--finetune {args.finetune} only applies with --init_from; training every weight")
     last = ckpt_dir / "last.ckpt"
     resume = str(last) if last.is_file() and not args.restart else None
     if resume:
