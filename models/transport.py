@@ -93,7 +93,7 @@ def sample_ode(velocity: VelocityFn, x0: torch.Tensor, num_steps: int = 32, samp
         raise ValueError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}")
     ts = time_grid(num_steps, shift, x0.device)
     x = x0.float()
-    v_prev = None
+    v_prev, h_prev = None, 1.0
     for i in range(num_steps):
         t, t_next = ts[i], ts[i + 1]
         h = float(t_next - t)

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors import safe_open
 
 from common.config import parse_args
 from common.io import file_sha256, load_safetensors

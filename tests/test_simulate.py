@@ -155,14 +155,13 @@ def test_deterministic_and_users_differ():
 def test_users_distinguishable_but_not_identical():
     """Nearest-centroid on time-averaged Doppler profiles beats chance clearly; images of a user still vary."""
     users, n_train, n_test, size = 4, 6, 4, 64
-    feats, labels = [], []
+    feats = []
     for u in range(users):
         p = sample_user(np.random.default_rng([3, u]))
         for i in range(n_train + n_test):
             img = simulate_image(p, np.random.default_rng([3, u, i]), size).astype(float).mean(-1)
             feats.append(np.concatenate([img.mean(1), img.std(1)]))
-            labels.append(u)
-    x, y = np.array(feats).reshape(users, n_train + n_test, -1), np.array(labels)
+    x = np.array(feats).reshape(users, n_train + n_test, -1)
     centroids = x[:, :n_train].mean(1)
     test = x[:, n_train:].reshape(users * n_test, -1)
     pred = ((test[:, None] - centroids[None]) ** 2).sum(-1).argmin(1)
