@@ -46,7 +46,7 @@ def check_tokenizer(info: dict, vavae_path: str) -> None:
                       "Pass the tokenizer used in stage 1.")
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def sample_images(model: LightningDiT, vae, info: dict, jobs: list[tuple[int, int]], guidance_scale: float = 4.0,
                   num_steps: int = DEFAULT_STEPS, sampler: str = DEFAULT_SAMPLER, shift: float = DEFAULT_SHIFT,
                   cfg_interval_start: float = 0.0,

@@ -83,7 +83,7 @@ def model_evaluations(sampler: str, num_steps: int) -> int:
     return {"euler": num_steps, "ab2": num_steps, "heun": 2 * num_steps - 1}.get(sampler, -1)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def sample_ode(velocity: VelocityFn, x0: torch.Tensor, num_steps: int = 32, sampler: str = "euler",
                shift: float = 1.0, atol: float = 1e-6, rtol: float = 1e-3) -> torch.Tensor:
     """Integrate dx/dt = v(x, t) from noise x0 at t=0 to data at t=1."""
