@@ -30,7 +30,7 @@ def load_generator(checkpoint_path: str, device: str) -> tuple[LightningDiT, dic
 
 def class_indices(user_numbers: list[int], trained_numbers: list[int], trained_names: list[str]) -> list[int]:
     """Folder numbers (e.g. 3 for ID_3) -> class indices; an unknown number lists the valid ones."""
-    unknown = [u for u in user_numbers if u not in trained_numbers]
+    unknown = list(dict.fromkeys(u for u in user_numbers if u not in trained_numbers))   # each once
     if unknown:
         valid = ", ".join(f"{n} ({name})" for n, name in zip(trained_numbers, trained_names))
         raise PipelineError(f"user id(s) {', '.join(map(str, unknown))} were not in the training data. "
@@ -56,7 +56,7 @@ def sample_images(model: LightningDiT, vae, info: dict, jobs: list[tuple[int, in
 
     The noise of a job comes from its own seed: the same image whatever the batch it lands in.
     """
-    classes = dict(zip(info["user_numbers"], range(len(info["user_numbers"]))))
+    classes = class_indices([u for u, _ in jobs], info["user_numbers"], info["users"])   # checks the ids too
     mean, std = info["latent_mean"].to(device), info["latent_std"].to(device)
     side = int(round(model.pos_embed.shape[1] ** 0.5)) * model.patch_size
     on_cuda = device.startswith("cuda")
@@ -66,7 +66,7 @@ def sample_images(model: LightningDiT, vae, info: dict, jobs: list[tuple[int, in
         batch = jobs[start:start + batch_size]
         noise = torch.stack([torch.randn(model.in_channels, side, side, generator=torch.Generator().manual_seed(
             seed * 1_000_003 + u * 1000 + k)) for u, k in batch]).to(device)
-        y = torch.tensor([classes[u] for u, _ in batch], device=device)
+        y = torch.tensor(classes[start:start + batch_size], device=device)
         velocity = guided_velocity(model, y, model.num_classes, guidance_scale, cfg_interval_start)
         calls = [0]
 
@@ -90,7 +90,6 @@ def generate(dit_checkpoint: str, vavae_path: str, output_dir: str, user_ids: li
     from models.vavae import load_vavae
     vae = load_vavae(vavae_path, device=device)
     check_tokenizer(info, vavae_path)
-    class_indices(list(user_ids), info["user_numbers"], info["users"])     # unknown ids: a clear error first
     jobs = [(u, k) for u in user_ids for k in range(num_samples_per_user)]
     pixels, nfe = sample_images(model, vae, info, jobs, guidance_scale, num_steps, sampler, shift,
                                 cfg_interval_start, seed, batch_size, device)
