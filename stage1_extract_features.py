@@ -15,6 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image_size", type=int, default=256)
     p.add_argument("--num_workers", type=int, default=2)
     p.add_argument("--devices", type=int, default=1, help="GPUs to split the images over")
+    p.add_argument("--tokenizer_check_images", type=int, default=48,
+                   help="train images (spread over users) reconstructed to check the tokenizer knows your data; 0: skip")
     return p
 
 
@@ -22,8 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     args = parse_args(build_parser(), argv, required=["data_dir", "vavae_path", "output_path"])
     from data.latents import extract_features
-    extract_features(args.data_dir, args.vavae_path, args.output_path, args.batch_size, args.image_size,
-                     args.num_workers, args.devices)
+    extract_features(args.data_dir, args.vavae_path, args.output_path, batch_size=args.batch_size,
+                     image_size=args.image_size, num_workers=args.num_workers, devices=args.devices,
+                     tokenizer_check_images=args.tokenizer_check_images)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ jitter (start phase, speed, aspect, range, noise) so that users are distinguisha
 """
 import argparse
 import os
-import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,6 +18,8 @@ import numpy as np
 from matplotlib import colormaps
 from PIL import Image
 from tqdm import tqdm
+
+from common.io import atomic_path
 
 C = 299_792_458.0
 CARRIER_HZ = 24e9
@@ -221,7 +222,8 @@ def _ellipsoid_rcs(a: np.ndarray, c: np.ndarray, cos_theta: np.ndarray) -> np.nd
 
 
 def radar_return(params: GaitParams, t: np.ndarray, phase: float = 0.0, speed_scale: float = 1.0,
-                 aspect_deg: float = 0.0, range_m: float = 7.0, radar_height: float = 1.0) -> np.ndarray:
+                 aspect_deg: float = 0.0, range_m: float = 7.0, radar_height: float = 1.0,
+                 wavelength: float = WAVELENGTH) -> np.ndarray:
     """Complex baseband CW return sum_k sqrt(sigma_k) / R_k^2 exp(-j 4 pi R_k / lambda), shape (len(t),).
 
     The person starts `range_m` from the radar (at the origin, `radar_height` up) and walks towards
@@ -241,7 +243,7 @@ def radar_return(params: GaitParams, t: np.ndarray, phase: float = 0.0, speed_sc
     # a axis has sigma = pi b^2 c^2 / a^2, so its RCS grows as b^2.
     sigma[:, BODY_PARTS.index("torso")] *= params.girth ** 2
     amp = np.sqrt(sigma) / rng_k ** 2
-    return np.sum(amp * np.exp(-4j * np.pi / WAVELENGTH * rng_k), axis=1)
+    return np.sum(amp * np.exp(-4j * np.pi / wavelength * rng_k), axis=1)
 
 
 def spectrogram_db(x: np.ndarray, prf: float = PRF, window: int = WINDOW, nfft: int = NFFT,
@@ -261,14 +263,14 @@ def spectrogram_db(x: np.ndarray, prf: float = PRF, window: int = WINDOW, nfft: 
     return s_db - s_db.max(), freqs, (starts + window / 2) / prf
 
 
-def render_image(s_db: np.ndarray, image_size: int = 256,
-                 dynamic_range_db: float = DYNAMIC_RANGE_DB) -> np.ndarray:
-    """jet-coloured (image_size, image_size, 3) uint8 image: time left to right, positive Doppler up."""
+def render_image(s_db: np.ndarray, image_size: int = 256, dynamic_range_db: float = DYNAMIC_RANGE_DB,
+                 colormap: str = "jet") -> np.ndarray:
+    """Colour-mapped (image_size, image_size, 3) uint8 image: time left to right, positive Doppler up."""
     level = (np.clip(s_db, -dynamic_range_db, 0.0) + dynamic_range_db) / dynamic_range_db
     level = level[::-1].astype(np.float32)                 # row 0 = highest Doppler
     if level.shape != (image_size, image_size):
         level = np.asarray(Image.fromarray(level, mode="F").resize((image_size, image_size), Image.BILINEAR))
-    rgb = colormaps["jet"](np.clip(level, 0.0, 1.0))[..., :3]
+    rgb = colormaps[colormap](np.clip(level, 0.0, 1.0))[..., :3]
     return (rgb * 255 + 0.5).astype(np.uint8)
 
 
@@ -276,39 +278,86 @@ def render_image(s_db: np.ndarray, image_size: int = 256,
 #                                Whole images                                   #
 #################################################################################
 
-def simulate_image(params: GaitParams, rng: np.random.Generator, image_size: int = 256) -> np.ndarray:
-    """One spectrogram image of `params` walking, with per-image jitter drawn from `rng`."""
+@dataclass(frozen=True)
+class RadarLook:
+    """How a radar and its processing make a walk into an image: everything but the person.
+
+    The demo uses one look (DEMO_LOOK); `sample_look` draws from a broad family of them so that a
+    tokenizer trained on the family meets spectrograms of other radars and renderers prepared.
+    """
+    carrier_hz: float = CARRIER_HZ
+    prf: float = PRF
+    duration_s: float = DURATION_S
+    window: int = WINDOW
+    nfft: int = NFFT
+    n_frames: int = NFFT
+    dynamic_range_db: float = DYNAMIC_RANGE_DB
+    noise_db: tuple[float, float] = NOISE_DB
+    speed_scale: tuple[float, float] = (0.93, 1.07)      # per-image walking-speed jitter
+    colormap: str = "jet"
+
+    @property
+    def wavelength(self) -> float:
+        return C / self.carrier_hz
+
+
+DEMO_LOOK = RadarLook()
+# Colour maps of the broad family; "parula"-like maps and others stay out, for the unseen-look test.
+TRAIN_COLORMAPS = ("jet", "turbo", "viridis", "plasma", "inferno", "magma", "hot", "gray", "bone",
+                   "cividis", "gist_heat", "rainbow", "coolwarm", "Blues_r")
+
+
+def sample_look(rng: np.random.Generator) -> RadarLook:
+    """A random radar and rendering: K- to E-band carriers, unambiguous speed 3.5-12 m/s (fast feet may
+    alias), 25-150 ms windows, 1.5-4 s per image, 30-65 dB shown, noise from clean to strong, many maps."""
+    carrier = float(rng.choice([5.8e9, 10e9, 24e9, 35e9, 60e9, 77e9]))
+    v_unambiguous = rng.uniform(3.5, 12.0)                 # PRF/2 = 2 v / lambda
+    prf = 4 * v_unambiguous / (C / carrier)
+    window = max(16, int(round(rng.uniform(0.025, 0.15) * prf)))
+    nfft = int(2 ** np.ceil(np.log2(window * rng.uniform(0.8, 2.0))))
+    noise_centre = rng.uniform(-75.0, -40.0)
+    slow = rng.uniform(0.75, 1.0)
+    return RadarLook(carrier_hz=carrier, prf=float(prf), duration_s=float(rng.uniform(1.5, 4.0)), window=window,
+                     nfft=min(nfft, 1024), n_frames=int(rng.choice([128, 192, 256])),
+                     dynamic_range_db=float(rng.uniform(30.0, 65.0)),
+                     noise_db=(noise_centre - 5.0, noise_centre + 5.0),
+                     speed_scale=(slow, slow * rng.uniform(1.05, 1.45)),
+                     colormap=str(rng.choice(TRAIN_COLORMAPS)))
+
+
+def simulated_walk(params: GaitParams, rng: np.random.Generator, look: RadarLook = DEMO_LOOK) -> np.ndarray:
+    """The complex radar return of one walk of `params` (per-walk jitter drawn from `rng`), noise included."""
     # A person never walks twice the same way: small walk-to-walk changes of the gait itself.
     params = replace(params, arm_swing=params.arm_swing * rng.uniform(0.85, 1.15),
                      knee_scale=params.knee_scale * rng.uniform(0.94, 1.06),
                      hip_scale=params.hip_scale * rng.uniform(0.95, 1.05),
                      cadence=params.cadence * rng.uniform(0.97, 1.03))
-    t = np.arange(int(DURATION_S * PRF)) / PRF
-    x = radar_return(params, t, phase=rng.uniform(0, 1), speed_scale=rng.uniform(0.93, 1.07),
+    t = np.arange(int(look.duration_s * look.prf)) / look.prf
+    x = radar_return(params, t, phase=rng.uniform(0, 1), speed_scale=rng.uniform(*look.speed_scale),
                      aspect_deg=rng.uniform(-25, 25), range_m=rng.uniform(5.0, 9.0),
-                     radar_height=rng.uniform(0.8, 1.3))
+                     radar_height=rng.uniform(0.8, 1.3), wavelength=look.wavelength)
     # Static clutter (removed by the mean subtraction) and receiver noise at a jittered level.
     x = x + 0.02 * np.exp(2j * np.pi * rng.uniform())
-    noise_std = 10 ** (rng.uniform(*NOISE_DB) / 20)
-    x = x + noise_std / np.sqrt(2) * (rng.standard_normal(x.size) + 1j * rng.standard_normal(x.size))
-    return render_image(spectrogram_db(x)[0], image_size)
+    noise_std = 10 ** (rng.uniform(*look.noise_db) / 20)
+    return x + noise_std / np.sqrt(2) * (rng.standard_normal(x.size) + 1j * rng.standard_normal(x.size))
 
 
-def _save_png_atomic(image: np.ndarray, path: Path) -> None:
-    """Write to a hidden temporary file beside `path`, then rename: no half-written PNG survives a kill."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        Image.fromarray(image).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def simulate_image(params: GaitParams, rng: np.random.Generator, image_size: int = 256,
+                   look: RadarLook = DEMO_LOOK) -> np.ndarray:
+    """One spectrogram image of `params` walking, with per-image jitter drawn from `rng`."""
+    s_db = spectrogram_db(simulated_walk(params, rng, look), prf=look.prf, window=look.window, nfft=look.nfft,
+                          n_frames=look.n_frames)[0]
+    return render_image(s_db, image_size, look.dynamic_range_db, look.colormap)
 
 
 def write_dataset(output_dir: str | os.PathLike, num_users: int, train_per_user: int, val_per_user: int,
-                  seed: int, image_size: int = 256, progress: bool = True) -> None:
-    """Write output_dir/{train,val}/ID_n/ID_n_0007.png (n from 1); deterministic in `seed`."""
+                  seed: int, image_size: int = 256, looks: str = "demo", progress: bool = True) -> None:
+    """Write output_dir/{train,val}/ID_n/ID_n_0007.png (n from 1); deterministic in `seed`.
+
+    looks="demo": every image in DEMO_LOOK; "broad": every image in its own random `sample_look`.
+    """
+    if looks not in ("demo", "broad"):
+        raise ValueError(f"looks must be 'demo' or 'broad' (got {looks!r})")
     root = Path(output_dir)
     total = num_users * (train_per_user + val_per_user)
     with tqdm(total=total, desc="simulating", unit="img", disable=not progress) as bar:
@@ -319,7 +368,9 @@ def write_dataset(output_dir: str | os.PathLike, num_users: int, train_per_user:
                 folder.mkdir(parents=True, exist_ok=True)
                 for index in range(count):
                     rng = np.random.default_rng([seed, user, split_id, index])
-                    _save_png_atomic(simulate_image(params, rng, image_size), folder / f"ID_{user}_{index:04d}.png")
+                    look = sample_look(rng) if looks == "broad" else DEMO_LOOK
+                    with atomic_path(folder / f"ID_{user}_{index:04d}.png") as tmp:
+                        Image.fromarray(simulate_image(params, rng, image_size, look)).save(tmp, format="PNG")
                     bar.update(1)
 
 
@@ -331,12 +382,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val_per_user", type=int, required=True)
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--image_size", type=int, default=256)
+    parser.add_argument("--looks", choices=["demo", "broad"], default="demo",
+                        help="demo: the demo's radar and rendering; broad: a random radar and rendering per image")
     args = parser.parse_args(argv)
     for name in ("num_users", "train_per_user", "val_per_user", "image_size"):
         if getattr(args, name) < (1 if name in ("num_users", "image_size") else 0):
             parser.error(f"--{name} must be positive")
     start = time.time()
-    write_dataset(args.output_dir, args.num_users, args.train_per_user, args.val_per_user, args.seed, args.image_size)
+    write_dataset(args.output_dir, args.num_users, args.train_per_user, args.val_per_user, args.seed, args.image_size,
+                  args.looks)
     n = args.num_users * (args.train_per_user + args.val_per_user)
     print(f"wrote {n} images ({args.num_users} users x {args.train_per_user} train + {args.val_per_user} val, "
           f"{args.image_size}px, seed {args.seed}) to {args.output_dir} in {time.time() - start:.1f}s")

@@ -1,6 +1,7 @@
 # VA-VAE tokenizer: the latent-diffusion AutoencoderKL used by LightningDiT (f16d32 and narrower).
 # Written from the architecture description in shared/reference/FACTS.md; state-dict names follow the
 # published checkpoint so that `vavae-imagenet256-f16d32-dinov2.pt` loads strictly.
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -18,7 +19,6 @@ VAVAE_CONFIGS: dict[str, dict[str, Any]] = {
                    z_channels=32, embed_dim=32, in_channels=3, out_channels=3, resolution=256,
                    norm_groups=32),
 }
-REAL_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 TRAINING_ONLY_PREFIXES = ("loss.", "foundation_model.", "linear_proj.")
 
 
@@ -222,6 +222,22 @@ class VAVAE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
+
+
+@torch.no_grad()
+def reconstruction_psnr(model: VAVAE, images: torch.Tensor, batch_size: int = 16,
+                        autocast=contextlib.nullcontext) -> torch.Tensor:
+    """Per-image PSNR (dB) of encode-mean -> decode for uint8 images (N, 3, H, W), both sides as uint8."""
+    device = next(model.parameters()).device
+    values = []
+    for i in range(0, len(images), batch_size):
+        ref = images[i:i + batch_size].to(device)
+        with autocast():
+            out = model.decode(model.encode(ref.float().div(127.5).sub(1.0)))
+        out = out.float().mul(127.5).add(128.0).clamp(0, 255).floor()    # the rounding of data.images.to_uint8
+        mse = (out - ref.float()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+        values.append(10 * torch.log10(255.0 ** 2 / mse))
+    return torch.cat(values).cpu()
 
 
 #################################################################################

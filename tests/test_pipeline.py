@@ -50,6 +50,47 @@ def test_stage1_writes_latents_in_user_number_order(trained):
     torch.testing.assert_close(stats["std"].flatten(), train["latents"].transpose(0, 1).flatten(1).std(1))
 
 
+def test_stage1_checks_the_tokenizer_on_the_users_images(trained):
+    """A random tiny tokenizer reconstructs nothing: stage 1 says so loudly, with what to do, and records it."""
+    log = trained["stage1_log"]
+    assert "tokenizer check: reconstruction PSNR" in log and "WARNING" in log and "--init_from" in log
+    _, meta = load_safetensors(trained["latents"] / "train.safetensors")
+    assert meta["tokenizer_psnr_images"] == 18 and meta["tokenizer_psnr_worst_user"] in ("ID_1", "ID_2", "ID_10")
+    assert meta["tokenizer_psnr_worst_db"] <= meta["tokenizer_psnr_db"] < 24
+
+
+def test_tokenizer_check_psnr_is_the_reconstruction_psnr(tmp_path, monkeypatch):
+    """The reported figure is the mean per-image PSNR of encode -> decode, and a good score stays quiet."""
+    import data.latents as latents
+    from data.images import scan_dataset
+    from models.vavae import reconstruction_psnr
+    data = make_dataset(tmp_path / "d", users=("ID_1", "ID_2"), per_user=4, split=True)
+    tok = make_tokenizer(tmp_path / "tok.safetensors")
+    users = scan_dataset(data, log=lambda *a: None)
+    lines = []
+    monkeypatch.setattr(latents, "TOKENIZER_WARN_DB", -100.0)
+    result = latents.check_tokenizer(str(tok), users, IMAGE_SIZE, 4, "cpu", lines.append)
+    images = torch.stack([load_image(f, IMAGE_SIZE) for u in users for f in u.files["train"][::2]])
+    expected = reconstruction_psnr(load_vavae(tok), images.add(1).mul(127.5).round().to(torch.uint8))
+    assert result["tokenizer_psnr_images"] == 4
+    assert abs(result["tokenizer_psnr_db"] - expected.mean().item()) < 0.01
+    assert not any("WARNING" in line for line in lines)
+
+
+def test_stage1_records_the_split(tmp_path):
+    data = make_dataset(tmp_path / "flat", per_user=10)
+    tok = make_tokenizer(tmp_path / "tok.safetensors")
+    r = run_stage("stage1_extract_features.py", *stage1_args(data, tok, tmp_path / "lat", "--tokenizer_check_images", 0))
+    assert r.returncode == 0, r.stderr
+    assert "tokenizer check" not in r.stdout
+    split = json.loads((tmp_path / "lat" / "split.json").read_text())
+    assert split["data_dir"] == str(data.resolve())
+    for user in ("ID_1", "ID_2", "ID_10"):
+        files = split["users"][user]
+        assert len(files["train"]) == 8 and len(files["val"]) == 2 and not set(files["train"]) & set(files["val"])
+        assert all((data / f).is_file() for f in files["train"] + files["val"])
+
+
 def test_stage1_splits_unsplit_folder_80_20(tmp_path):
     data = make_dataset(tmp_path / "flat", per_user=10)
     tok = make_tokenizer(tmp_path / "tok.safetensors")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from matplotlib import colormaps
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -205,3 +206,49 @@ def test_cli_rejects_bad_counts(tmp_path, bad):
             "--val_per_user", "1", "--seed", "0"]
     with pytest.raises(SystemExit):
         sim.main(args + bad)
+
+
+#################################################################################
+#                         Looks: the broad family and the unseen one            #
+#################################################################################
+
+def test_carrier_scales_every_doppler():
+    """The same walk at 77 GHz has its spectral peaks at 77/24 times the 24 GHz ones (Doppler = 2 v / lambda)."""
+    p = GaitParams()
+
+    def peak_hz(look: sim.RadarLook) -> float:
+        t = np.arange(int(4 * look.prf)) / look.prf
+        window = int(0.064 * look.prf)
+        s_db, freqs, _ = spectrogram_db(radar_return(p, t, range_m=20.0, wavelength=look.wavelength),
+                                        prf=look.prf, window=window, nfft=4 * window, n_frames=200)
+        return float(np.median(freqs[s_db.argmax(0)]))
+
+    low, high = peak_hz(sim.DEMO_LOOK), peak_hz(sim.RadarLook(carrier_hz=77e9, prf=8000.0))
+    assert abs(high / low - 77 / 24) < 0.05 * 77 / 24
+
+
+def test_broad_looks_vary_radar_and_rendering():
+    looks = [sim.sample_look(np.random.default_rng(i)) for i in range(60)]
+    assert len({lk.colormap for lk in looks}) >= 8 and len({lk.carrier_hz for lk in looks}) >= 4
+    assert max(lk.dynamic_range_db for lk in looks) - min(lk.dynamic_range_db for lk in looks) > 20
+    assert len({lk.window for lk in looks}) > 30 and len({lk.nfft for lk in looks}) >= 3
+    # Unambiguous speeds span aliased feet (< 7.6 m/s) to a spare band.
+    v_max = [lk.prf * lk.wavelength / 4 for lk in looks]
+    assert min(v_max) < 5 and max(v_max) > 10
+    rng = np.random.default_rng(0)
+    image = simulate_image(sample_user(rng), rng, 64, looks[0])
+    assert image.shape == (64, 64, 3) and image.dtype == np.uint8 and image.std() > 5
+
+
+def test_broad_dataset_and_unseen_look_write_distinct_images(tmp_path):
+    from data.unseen_look import PARULA_LIKE, write_unseen_dataset
+    sim.write_dataset(tmp_path / "broad", 2, 2, 1, seed=3, image_size=64, looks="broad", progress=False)
+    write_unseen_dataset(tmp_path / "unseen", 2, 2, 1, seed=3, image_size=64)
+    broad = sorted((tmp_path / "broad").rglob("*.png"))
+    unseen = sorted((tmp_path / "unseen").rglob("*.jpg"))
+    assert len(broad) == len(unseen) == 6
+    # The unseen renderer's background is the first colour of its own map, which no training map starts with.
+    corner = np.asarray(Image.open(unseen[0]))[:8, :8].reshape(-1, 3).mean(0)
+    assert np.abs(corner - np.array(PARULA_LIKE(0.0)[:3]) * 255).max() < 25
+    starts = [np.array(colormaps[m](0.0)[:3]) * 255 for m in sim.TRAIN_COLORMAPS]
+    assert min(np.abs(corner - s).max() for s in starts) > 25

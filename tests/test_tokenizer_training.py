@@ -104,3 +104,54 @@ def test_clear_errors(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
     with pytest.raises(PipelineError):
         build_foundation(tmp_path / "junk.pt")
+
+
+def test_fine_tuning_from_a_tokenizer_reports_psnr_before_and_after(tmp_path):
+    data = make_dataset(tmp_path / "data", users=1, train=4, val=2)
+    start = tmp_path / "start.safetensors"
+    train_tokenizer(data, start, steps=2, **TINY)
+    lines = []
+    out = tmp_path / "tuned.safetensors"
+    summary = train_tokenizer(data, out, steps=6, lr=2e-3, warmup=1, init_from=start,
+                              **{**TINY, "width": 16, "log": lines.append})
+    # PSNR "before" is the start file's own PSNR on the same held-out images; the architecture is the file's.
+    assert math.isclose(summary["val_psnr_before_db"], read_safetensors_metadata(start)["val_psnr_db"], abs_tol=1e-3)
+    assert load_vavae(out).config == load_vavae(start).config          # --width 16 does not apply
+    meta = read_safetensors_metadata(out)
+    assert meta["init_from"] == "start.safetensors" and meta["decoder_only"] is False
+    assert any("before fine-tuning" in line for line in lines)
+
+
+def test_decoder_only_keeps_the_encoder_bit_identical(tmp_path):
+    data = make_dataset(tmp_path / "data", users=1, train=4, val=1)
+    start = tmp_path / "start.safetensors"
+    train_tokenizer(data, start, steps=1, **TINY)
+    out = tmp_path / "tuned.safetensors"
+    train_tokenizer(data, out, steps=4, lr=2e-3, warmup=1, init_from=start, decoder_only=True, **TINY)
+    before, after = load_vavae(start).state_dict(), load_vavae(out).state_dict()
+    kept = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    moved = [k for k in before if k.startswith(("decoder.", "post_quant_conv."))]
+    assert kept and all(torch.equal(before[k], after[k]) for k in kept)
+    assert any(not torch.equal(before[k], after[k]) for k in moved)
+    with pytest.raises(PipelineError, match="--init_from"):
+        train_tokenizer(data, out, steps=1, decoder_only=True, **TINY)
+
+
+def test_random_crops_are_grid_aligned_windows_of_each_image():
+    from training.tokenizer import random_crops
+    images = torch.arange(2 * 3 * 64 * 64, dtype=torch.int64).reshape(2, 3, 64, 64)
+    crops = random_crops(images, 32, torch.Generator().manual_seed(0))
+    assert crops.shape == (2, 3, 32, 32)
+    for image, crop in zip(images, crops):
+        y, x = divmod(int(crop[0, 0, 0] - image[0, 0, 0]), 64)
+        assert y % 16 == 0 and x % 16 == 0 and torch.equal(crop, image[:, y:y + 32, x:x + 32])
+    assert random_crops(images, 64, torch.Generator()) is images
+
+
+def test_crop_training_runs_and_measures_full_images(tmp_path):
+    data = make_dataset(tmp_path / "data", users=1, train=4, val=1)
+    summary = train_tokenizer(data, tmp_path / "tok.safetensors", steps=2, crop_size=16, **TINY)
+    assert math.isfinite(summary["val_psnr_db"])
+    assert read_safetensors_metadata(tmp_path / "tok.safetensors")["crop_size"] == 16
+    with pytest.raises(PipelineError, match="--crop_size"):
+        train_tokenizer(data, tmp_path / "t.safetensors", steps=1, crop_size=24, **TINY)

@@ -17,7 +17,8 @@ from tqdm import tqdm
 
 from common.errors import PipelineError
 from data.images import scan_dataset, try_load_image
-from models.vavae import VAVAE, save_vavae
+from common.io import file_sha256
+from models.vavae import VAVAE, load_vavae, reconstruction_psnr, save_vavae
 
 KL_WEIGHT = 1e-6            # LDM's weight on the KL of the summed per-image losses
 COS_MARGIN, DISTMAT_MARGIN = 0.5, 0.25    # VA-VAE's margins for the alignment term
@@ -151,21 +152,13 @@ def alignment_loss(z: torch.Tensor, proj: nn.Module, feats: torch.Tensor) -> tup
 #                                  Evaluation                                   #
 #################################################################################
 
-@torch.no_grad()
 def psnr_db(model: VAVAE, images: torch.Tensor, batch_size: int = 32, autocast=nullcontext) -> float:
-    """Mean per-image PSNR (dB) of encode-mean -> decode, both sides as uint8 with the reference rounding."""
-    was_training, device = model.training, next(model.parameters()).device
+    """Mean held-out PSNR (dB); the model is left in the mode it was in."""
+    was_training = model.training
     model.eval()
-    values = []
-    for i in range(0, len(images), batch_size):
-        ref = images[i:i + batch_size].to(device)
-        with autocast():
-            out = model.decode(model.encode(_to_float(ref)))
-        out = out.float().mul(127.5).add(128.0).clamp(0, 255).floor()    # == data.images.to_uint8
-        mse = (out - ref.float()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-        values.append(10 * torch.log10(255.0 ** 2 / mse))
+    value = reconstruction_psnr(model, images, batch_size, autocast).mean().item()
     model.train(was_training)
-    return torch.cat(values).mean().item()
+    return value
 
 
 def _to_float(images: torch.Tensor) -> torch.Tensor:
@@ -176,23 +169,55 @@ def _to_float(images: torch.Tensor) -> torch.Tensor:
 #                                   Training                                    #
 #################################################################################
 
+def build_tokenizer(init_from: str | Path | None, width: int, num_res_blocks: int, image_size: int,
+                    log=print) -> VAVAE:
+    """A fresh narrow tokenizer, or an existing one (published .pt or project .safetensors) to fine-tune."""
+    if init_from is None:
+        return VAVAE(**tokenizer_config(width, num_res_blocks, image_size))
+    model = load_vavae(init_from).requires_grad_(True)
+    log(f"fine-tuning {init_from} ({model.config['ch']} wide; --width/--num_res_blocks do not apply)")
+    return model
+
+
+def random_crops(images: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
+    """One random size x size window per image, offsets on the tokenizer's 16-px grid.
+
+    A convolutional tokenizer learns the same local statistics from crops at a fraction of the cost
+    (a 64-px crop is 1/16 of a 256-px image); grid-aligned offsets keep each crop's latent cells the
+    cells the full image would have.
+    """
+    full = images.shape[-1]
+    if size >= full:
+        return images
+    cells = (full - size) // 16 + 1
+    offsets = torch.randint(cells, (len(images), 2), generator=gen) * 16
+    return torch.stack([im[:, y:y + size, x:x + size] for im, (y, x) in zip(images, offsets.tolist())])
+
+
 def train_tokenizer(data_dir: str | Path, output_path: str | Path, width: int = 48, num_res_blocks: int = 2,
                     image_size: int = 256, steps: int = 6000, batch_size: int = 32, lr: float = 6e-4,
                     warmup: int = 200, device: str | None = None, precision: str | None = None,
                     val_fraction: float = 0.1, align_weights: str | Path | None = None, align_weight: float = 0.1,
                     foundation: Callable[[], nn.Module] | None = None, l1_weight: float = 0.1,
                     eval_every: int = 1000, max_val_images: int = 256, max_minutes: float | None = None,
+                    init_from: str | Path | None = None, decoder_only: bool = False, crop_size: int | None = None,
                     compile_model: bool = False, seed: int = 0, log_every: int = 25, progress: bool = True,
                     log=print) -> dict:
-    """Train, report held-out PSNR, write the fp16 safetensors; returns a summary with the loss history."""
+    """Train (or fine-tune), report held-out PSNR before and after, write fp16 safetensors; returns a summary."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise PipelineError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu.")
     precision = precision or ("bf16" if device.type == "cuda" else "fp32")
     if precision not in ("bf16", "fp32"):
         raise PipelineError(f"--precision must be bf16 or fp32 (got {precision}).")
+    if decoder_only and init_from is None:
+        raise PipelineError("--decoder_only keeps an existing encoder: give the tokenizer to start from with --init_from.")
+    crop_size = crop_size or image_size
+    if crop_size % 16 or not 16 <= crop_size <= image_size:
+        raise PipelineError(f"--crop_size must be a multiple of 16 between 16 and --image_size (got {crop_size}).")
     torch.manual_seed(seed)
-    config = tokenizer_config(width, num_res_blocks, image_size)
+    model = build_tokenizer(init_from, width, num_res_blocks, image_size, log).to(device).train()
+    config = model.config
 
     train_files, val_files = split_files(data_dir, val_fraction, log)
     t0 = time.time()
@@ -203,11 +228,20 @@ def train_tokenizer(data_dir: str | Path, output_path: str | Path, width: int = 
         f"({train_bank.numel() / 2**20:.0f} MiB as uint8); no flips (a flip reverses time in a spectrogram)")
     if train_bank.numel() < 4 * 2**30 and device.type == "cuda":
         train_bank, val_bank = train_bank.to(device), val_bank.to(device)   # batches are then just an index
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
+    eval_bank = val_bank[:max_val_images]
+    psnr_before = psnr_db(model, val_bank, autocast=autocast) if init_from is not None else None
+    if psnr_before is not None:
+        log(f"held-out PSNR before fine-tuning: {psnr_before:.2f} dB")
 
-    model = VAVAE(**config).to(device).train()
+    if decoder_only:          # every latent (and any DiT trained on them) stays valid
+        model.encoder.requires_grad_(False)
+        model.quant_conv.requires_grad_(False)
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"tokenizer: width {width}, {num_res_blocks} res blocks, {n_params:,} params "
-        f"(~{n_params * 2 / 2**20:.1f} MiB as fp16), latent {config['z_channels']}x{image_size // 16}x{image_size // 16}")
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"tokenizer: width {config['ch']}, {config['num_res_blocks']} res blocks, {n_params:,} params "
+        f"(~{n_params * 2 / 2**20:.1f} MiB as fp16), {n_train:,} trained, latent {config['z_channels']}x"
+        f"{image_size // 16}x{image_size // 16}, training crops {crop_size}px")
     fm, proj = None, None
     if foundation is not None or align_weights:
         fm = (foundation() if foundation is not None else build_foundation(align_weights)).to(device)
@@ -222,15 +256,14 @@ def train_tokenizer(data_dir: str | Path, output_path: str | Path, width: int = 
     torch.backends.cudnn.benchmark = device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    params = list(model.parameters()) + (list(proj.parameters()) if proj is not None else [])
+    params = [p for p in model.parameters() if p.requires_grad] + (list(proj.parameters()) if proj is not None else [])
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
     step_fn = _make_step(model, proj, fm, autocast, l1_weight, align_weight, channels_last)
     if compile_model:
         step_fn = torch.compile(step_fn)
 
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    eval_bank = val_bank[:max_val_images]
+    latent = crop_size // model.downsample_factor
     history, evals, order, pos = [], [], torch.randperm(len(train_bank), generator=gen), 0
     start, done = time.time(), 0
     bar = tqdm(total=steps, disable=not progress, desc="tokenizer", dynamic_ncols=True)
@@ -247,8 +280,9 @@ def train_tokenizer(data_dir: str | Path, output_path: str | Path, width: int = 
             order, pos = torch.randperm(len(train_bank), generator=gen), 0
         idx = order[pos:pos + batch_size] if batch_size <= len(order) else torch.randint(len(order), (batch_size,), generator=gen)
         pos += batch_size
-        x = _to_float(train_bank[idx.to(train_bank.device)].to(device, non_blocking=True))
-        noise = torch.randn(x.shape[0], config["embed_dim"], image_size // 16, image_size // 16, device=device)
+        batch = random_crops(train_bank[idx.to(train_bank.device)], crop_size, gen)
+        x = _to_float(batch.to(device, non_blocking=True))
+        noise = torch.randn(x.shape[0], config["embed_dim"], latent, latent, device=device)
         loss, parts = step_fn(x, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -270,18 +304,22 @@ def train_tokenizer(data_dir: str | Path, output_path: str | Path, width: int = 
     log(f"trained {done} steps x {batch_size} in {seconds:.0f}s ({done * batch_size / max(seconds, 1e-9):.1f} images/s)")
 
     val_psnr = psnr_db(model, val_bank, autocast=autocast)
-    log(f"held-out PSNR over {len(val_bank)} val images never trained on: {val_psnr:.2f} dB")
+    change = f" (from {psnr_before:.2f} dB before fine-tuning)" if psnr_before is not None else ""
+    log(f"held-out PSNR over {len(val_bank)} val images never trained on: {val_psnr:.2f} dB{change}")
     meta = {"val_psnr_db": round(val_psnr, 3), "num_train_images": len(train_bank), "num_val_images": len(val_bank),
             "steps": done, "batch_size": batch_size, "lr": lr, "seconds": round(seconds, 1), "seed": seed,
-            "precision": precision, "image_size": image_size, "params": n_params,
+            "precision": precision, "image_size": image_size, "crop_size": crop_size, "params": n_params,
             "align": str(Path(align_weights).name) if align_weights else ("custom" if foundation else "off"),
             "loss": f"mse + {l1_weight} l1 + {KL_WEIGHT} kl" + (f" + {align_weight} vf" if fm else ""),
             "written_by": "train_tokenizer.py"}
+    if init_from is not None:
+        meta.update(init_from=Path(init_from).name, init_sha256=file_sha256(init_from), decoder_only=decoder_only,
+                    val_psnr_before_db=round(psnr_before, 3))
     save_vavae(model.to(memory_format=torch.contiguous_format).float().cpu(), output_path, meta, half=True)
     size = Path(output_path).stat().st_size
     log(f"wrote {output_path} ({size / 2**20:.2f} MiB, fp16 weights)")
-    return {"val_psnr_db": val_psnr, "history": history, "evals": evals, "file_bytes": size,
-            "params": n_params, "steps": done, "seconds": seconds, "config": config}
+    return {"val_psnr_db": val_psnr, "val_psnr_before_db": psnr_before, "history": history, "evals": evals,
+            "file_bytes": size, "params": n_params, "steps": done, "seconds": seconds, "config": config}
 
 
 def _make_step(model, proj, fm, autocast, l1_weight, align_weight, channels_last):
