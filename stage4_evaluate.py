@@ -1,4 +1,4 @@
-"""Stage 4: evaluate generated spectrograms (identity, fidelity, diversity, memorisation, TSTR).
+"""Stage 4: evaluate generated spectrograms (identity, fidelity, diversity, memorisation, TSTR, augmentation gain).
 
     python stage4_evaluate.py --data_dir data --generated_dir outputs/generated --output_dir outputs/eval
 """
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--inception_weights", type=str, default=None,
                         help="local torchvision Inception-v3 state dict for standard FID/KID; skipped when absent")
     parser.add_argument("--export_dir", type=str, default=None,
-                        help="write confident own-user samples here as train/ID_n/*.png for augmentation")
+                        help="write a ready dataset here: train/ID_n/ = real train + accepted samples, val/ID_n/ = real val")
     parser.add_argument("--min_confidence", type=float, default=0.5, help="export: least top-1 probability")
     parser.add_argument("--min_margin", type=float, default=0.1, help="export: least top-1 minus top-2 probability")
     parser.add_argument("--num_workers", type=int, default=0, help="image decoding worker processes")

@@ -90,15 +90,16 @@ def plot_samples(users: list[User], train: ImageSet, gen: ImageSet, path: Path) 
     _save(fig, path)
 
 
-def plot_nearest(closest: list[dict], train: ImageSet, gen: ImageSet, path: Path) -> None:
-    """The generated samples closest to a training image, next to that image."""
+def plot_nearest(closest: list[dict], pairs: list[tuple[int, int]], train: ImageSet, gen: ImageSet,
+                 path: Path) -> None:
+    """The generated samples closest to a training image (`pairs`: their indices), next to that image."""
     if not closest:
         return
     fig, axes = plt.subplots(2, len(closest), figsize=(1.6 * len(closest), 3.6), squeeze=False)
-    for j, pair in enumerate(closest):
+    for j, (pair, (gen_index, train_index)) in enumerate(zip(closest, pairs)):
         flag = "COPY " if pair["copy"] else ""
-        _show(axes[0, j], gen.images[pair["_gen_index"]], f"{flag}gen\npix {pair['pixel_distance']:.2f}")
-        _show(axes[1, j], train.images[pair["_train_index"]], "nearest train")
+        _show(axes[0, j], gen.images[gen_index], f"{flag}gen\npix {pair['pixel_distance']:.2f}")
+        _show(axes[1, j], train.images[train_index], "nearest train")
     _save(fig, path)
 
 
@@ -120,17 +121,19 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def render_markdown(report: dict) -> str:
-    ident, fd, kid, man = report["identity"], report["fd"], report["kid"], report["manifold"]
-    memo, ds = report["memorization"], report["dataset"]
-    out = ["# Generation evaluation", "",
-           f"{ds['num_users']} users; chance level (1/num_users) = {ds['chance']:.3f}. "
-           f"Reference set for distribution metrics: real **train** images. The *real val* column scores held-out "
-           f"real images the same way: it is what a perfect generator would get, so read generated numbers against "
-           f"it rather than against 0 or 1 (the classifier has seen the train images, so their features are tighter "
-           f"than those of any unseen image).", ""]
+def _intro(report: dict) -> list[str]:
+    ds = report["dataset"]
+    return ["# Generation evaluation", "",
+            f"{ds['num_users']} users; chance level (1/num_users) = {ds['chance']:.3f}. "
+            f"Reference set for distribution metrics: real **train** images. The *real val* column scores held-out "
+            f"real images the same way: it is what a perfect generator would get, so read generated numbers against "
+            f"it rather than against 0 or 1 (the classifier has seen the train images, so their features are tighter "
+            f"than those of any unseen image).", ""]
 
-    out += ["## Identity (user classifier: ResNet-18 trained on real train images)", "",
+
+def _identity_section(report: dict) -> list[str]:
+    ident = report["identity"]
+    return ["## Identity (user classifier: ResNet-18 trained on real train images)", "",
             "Top-1 = share of images the classifier assigns to their (intended) user; real val top-1 is the ceiling "
             "a perfect generator could reach.", "",
             _table(["", "real val (ceiling)", "generated"],
@@ -140,7 +143,10 @@ def render_markdown(report: dict) -> str:
             "", f"Generated top-1 relative to the ceiling: {_f(ident['relative_to_ceiling'])}. "
             f"Classifier: {report['classifier'].get('path')} ({'reused from cache' if report['classifier'].get('cached') else 'trained this run'}).", ""]
 
-    out += ["## Fidelity and diversity (classifier feature space)", "",
+
+def _distribution_section(report: dict) -> list[str]:
+    fd, kid, man = report["fd"], report["kid"], report["manifold"]
+    return ["## Fidelity and diversity (classifier feature space)", "",
             "- **FD**: Frechet distance between Gaussians fitted to the features; lower is closer to real.",
             "- **KID**: kernel (MMD) distance, unbiased in the sample size; lower is better, ~0 for the same distribution.",
             f"- **Precision / recall** (k={man['k']}): share of generated images inside the real manifold (fidelity) / "
@@ -163,7 +169,10 @@ def render_markdown(report: dict) -> str:
             "", "Diversity ratio = mean pairwise feature distance within a user, divided by that of the user's real "
             "train images; well below the real-val ratio means the generator collapses to few modes.", ""]
 
-    out += ["## Memorisation", "",
+
+def _memorization_section(report: dict) -> list[str]:
+    memo = report["memorization"]
+    return ["## Memorisation", "",
             f"For each generated image its nearest training image, in pixel space (32x32) and in classifier features. "
             f"Rule: {memo['rule']} ({memo['reference']}).", "",
             _table(["view", "threshold", "copy rate", "median NN distance generated", "median NN distance real val"],
@@ -172,35 +181,55 @@ def render_markdown(report: dict) -> str:
             "", f"**Copy rate (either view): {_f(memo['copy_rate'])}** ({memo['num_copies']} images). "
             "Closest pairs: nearest_neighbours.png.", ""]
 
-    tstr = report["tstr"]
-    out += ["## Train on synthetic, test on real (TSTR)", "",
-            "The same classifier trained on generated images only, tested on real val images: high when the samples "
-            "carry each user's real traits.", "",
-            _table(["", "top-1"], [["TSTR (generated -> real val)", tstr.get("top1")],
-                                   ["trained on real (ceiling)", ident["real_val_top1"]],
-                                   ["chance", ds["chance"]]]),
-            "" if tstr.get("note") is None else f"\n{tstr['note']}", ""]
 
+def _usefulness_section(report: dict) -> list[str]:
+    tstr, aug, ds = report["tstr"], report["augmentation"], report["dataset"]
+    return ["## Are the samples useful? (TSTR and augmentation)", "",
+            "TSTR: the same classifier trained on generated images only, tested on real val images: high when the "
+            "samples carry each user's real traits. Augmentation: trained on real train images plus the samples the "
+            "export filter accepts (same steps and seed as the real-only one), tested on real val: what adding the "
+            "samples to a recognition model's training set buys.", "",
+            _table(["classifier trained on", "real val top-1"],
+                   [["real train (ceiling of TSTR)", report["identity"]["real_val_top1"]],
+                    ["generated only (TSTR)", tstr.get("top1")],
+                    [f"real train + {aug.get('generated_images', 0)} accepted generated (augmentation)",
+                     aug.get("with_generated_top1")],
+                    ["augmentation gain", aug.get("gain")],
+                    ["chance", ds["chance"]]]),
+            *[f"\n{note}" for note in (tstr.get("note"), aug.get("note")) if note], ""]
+
+
+def _per_user_section(report: dict) -> list[str]:
+    ident, fd, kid, man, memo = report["identity"], report["fd"], report["kid"], report["manifold"], report["memorization"]
     rows = []
-    for user in ds["users"]:
+    for user in report["dataset"]["users"]:
         n = str(user["number"])
-        pu, mp = ident["per_user"][n], man["per_user"][n]
-        gen = mp["generated"] or {}
+        pu, gen = ident["per_user"][n], man["per_user"][n]["generated"] or {}
         rows.append([user["name"], user["n_train"], user["n_val"], user["n_generated"], pu["real_val_top1"],
                      pu["generated_top1"], fd["per_user"][n]["real_val"], fd["per_user"][n]["generated"],
                      kid["per_user"][n]["generated"], gen.get("precision"), gen.get("recall"),
                      report["diversity"]["per_user"][n]["ratio"], memo["per_user"][n],
                      report["export"]["per_user"].get(n) if report["export"].get("enabled") else None])
-    out += ["## Per user", "",
+    return ["## Per user", "",
             _table(["user", "train", "val", "gen", "val top-1", "gen top-1", "FD val", "FD gen", "KID gen",
                     "precision", "recall", "diversity ratio", "copy rate", "exported"], rows), ""]
 
-    if report["export"].get("enabled"):
-        ex = report["export"]
-        out += ["## Export for augmentation", "",
-                f"{ex['total']} of {ex['of']} generated images written to {ex['dir']}/train/<user>/: assigned to their "
-                f"own user with confidence >= {ex['min_confidence']} and margin (top-1 minus top-2 probability) >= "
-                f"{ex['min_margin']}; {ex['excluded_as_copies']} confident images left out as copies of training images.", ""]
+
+def _export_section(report: dict) -> list[str]:
+    ex = report["export"]
+    if not ex.get("enabled"):
+        return []
+    return ["## Exported dataset", "",
+            f"{ex['dir']}/train/<user>/ holds the real train images plus {ex['total']} of {ex['of']} generated "
+            f"images (named micro_doppler_userNN_KKK.png) that the classifier assigns to their own user with "
+            f"confidence >= {ex['min_confidence']} and margin (top-1 minus top-2 probability) >= {ex['min_margin']}; "
+            f"{ex['excluded_as_copies']} confident images were left out as copies of training images. "
+            f"{ex['dir']}/val/<user>/ holds the real val images. The folder is ready for stage 1 or any classifier.", ""]
+
+
+def render_markdown(report: dict) -> str:
+    out = (_intro(report) + _identity_section(report) + _distribution_section(report) + _memorization_section(report)
+           + _usefulness_section(report) + _per_user_section(report) + _export_section(report))
     if report["notes"]:
         out += ["## Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
     out += ["## Plots", ""] + [f"- {name}: ![{name}]({file})" for name, file in report["plots"].items()] + [""]
@@ -211,19 +240,16 @@ def render_markdown(report: dict) -> str:
 #                                    Output                                     #
 #################################################################################
 
-def write_outputs(report: dict, output_dir: Path, users: list[User], train: ImageSet, val: ImageSet,
-                  gen: ImageSet) -> None:
-    """Plots first (their names go into the report), then report.json and report.md."""
+def write_outputs(report: dict, output_dir: Path, users: list[User], train: ImageSet, gen: ImageSet,
+                  nearest_pairs: list[tuple[int, int]]) -> dict:
+    """Plots, then report.json and report.md; returns the report with the plots' file names added."""
     plots = {"confusion": "confusion.png", "per_user_accuracy": "per_user_accuracy.png",
              "samples": "samples.png", "nearest_neighbours": "nearest_neighbours.png"}
     plot_confusion(report, output_dir / plots["confusion"])
     plot_per_user_accuracy(report, output_dir / plots["per_user_accuracy"])
     plot_samples(users, train, gen, output_dir / plots["samples"])
-    plot_nearest(report["memorization"]["closest"], train, gen, output_dir / plots["nearest_neighbours"])
-    report["plots"] = plots
-    # Indices into in-memory tensors only serve the plots; the file paths say the same in the report.
-    for pair in report["memorization"]["closest"]:
-        pair.pop("_gen_index", None)
-        pair.pop("_train_index", None)
+    plot_nearest(report["memorization"]["closest"], nearest_pairs, train, gen, output_dir / plots["nearest_neighbours"])
+    report = {**report, "plots": plots}
     write_text(output_dir / "report.json", json.dumps(report, indent=2))
     write_text(output_dir / "report.md", render_markdown(report))
+    return report

@@ -16,7 +16,7 @@ from common.errors import PipelineError  # noqa: E402
 from data.images import scan_dataset  # noqa: E402
 from evaluation import classifier as clf  # noqa: E402
 from evaluation import metrics as M  # noqa: E402
-from evaluation.evaluate import _export, evaluate  # noqa: E402
+from evaluation.evaluate import accepted_samples, evaluate, export_dataset  # noqa: E402
 from evaluation.imageset import load_set  # noqa: E402
 
 SIZE = 32
@@ -86,7 +86,10 @@ def runs(dataset):
 
     def counting(*args, **kwargs):
         calls.append(kwargs.get("desc"))
+        sizes.append(len(args[0]))
         return real_train(*args, **kwargs)
+
+    sizes = []
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(clf, "train_classifier", counting)
@@ -94,10 +97,11 @@ def runs(dataset):
         cache = Path(good["classifier"]["path"])
         mtime = cache.stat().st_mtime_ns
         calls_after_first = list(calls)
-        noise = evaluate(root / "data", dirs["noise"], root / "out_noise", tstr=False, **FAST)
-        copies = evaluate(root / "data", dirs["copies"], root / "out_copies", tstr=False, **FAST)
+        sizes_first = list(sizes)
+        noise = evaluate(root / "data", dirs["noise"], root / "out_noise", tstr=False, augmentation=False, **FAST)
+        copies = evaluate(root / "data", dirs["copies"], root / "out_copies", tstr=False, augmentation=False, **FAST)
     return {"good": good, "noise": noise, "copies": copies, "calls_first": calls_after_first, "calls": calls,
-            "cache": cache, "mtime": mtime, "root": root}
+            "sizes_first": sizes_first, "cache": cache, "mtime": mtime, "root": root}
 
 
 #################################################################################
@@ -126,7 +130,7 @@ def test_copies_flagged_held_out_not(runs):
 
 
 def test_classifier_cached_not_retrained(runs):
-    assert runs["calls_first"] == ["user classifier", "TSTR"]
+    assert runs["calls_first"] == ["user classifier", "TSTR", "real + generated"]
     assert runs["calls"] == runs["calls_first"]            # later runs trained nothing
     assert runs["noise"]["classifier"]["cached"] and runs["copies"]["classifier"]["cached"]
     assert runs["cache"].stat().st_mtime_ns == runs["mtime"]
@@ -147,18 +151,44 @@ def test_report_files_and_keys(runs):
         assert (out / name).stat().st_size > 0
 
 
-def test_export_layout_and_selection(runs):
-    export = runs["good"]["export"]
-    written = sorted((runs["root"] / "export" / "train").glob("*/*.png"))
-    assert len(written) == export["total"] > 0
-    for path in written:
+def test_augmentation_adds_accepted_samples_to_real_train(runs):
+    """The augmented classifier trains on real train + exactly the accepted samples; real-only is the judge."""
+    good = runs["good"]
+    aug = good["augmentation"]
+    assert aug["real_only_top1"] == good["identity"]["real_val_top1"]
+    assert aug["generated_images"] == good["export"]["accepted"] > 0
+    assert runs["sizes_first"][-1] == N_TRAIN * len(USERS) + aug["generated_images"]
+    # Held-out real images of the right users as "samples": adding them must not hurt a classifier.
+    assert aug["with_generated_top1"] >= aug["real_only_top1"] - 0.1
+    assert aug["gain"] == pytest.approx(aug["with_generated_top1"] - aug["real_only_top1"])
+    md = (runs["root"] / "out_good" / "report.md").read_text()
+    assert "augmentation gain" in md and runs["noise"]["augmentation"]["with_generated_top1"] is None
+
+
+def test_export_is_a_ready_dataset(runs):
+    """export/train/<user> = real train + accepted samples; export/val/<user> = real val; stage 1 can read it."""
+    export, root = runs["good"]["export"], runs["root"]
+    generated = sorted((root / "export" / "train").glob("*/micro_doppler_user*.png"))
+    assert len(generated) == export["total"] == export["accepted"] > 0
+    for path in generated:
         user = int(path.name.split("_user")[1].split("_")[0])
         assert path.parent.name == f"ID_{user}"
     assert sum(export["per_user"].values()) == export["total"]
+    users = scan_dataset(root / "export", log=lambda *_: None)
+    assert [u.name for u in users] == [f"ID_{u}" for u in USERS]
+    for user in users:
+        real = sorted(p.name for p in (root / "data" / "train" / user.name).iterdir())
+        assert set(real) <= {p.name for p in user.files["train"]}
+        assert len(user.files["val"]) == N_VAL
 
 
-def test_export_keeps_only_confident_own_user(tmp_path):
-    users = [type("U", (), {"name": f"ID_{n}", "number": n})() for n in (1, 2)]
+def test_export_keeps_only_confident_own_user_and_clears_the_old_selection(tmp_path):
+    users = []
+    for n in (1, 2):
+        (tmp_path / "real" / f"ID_{n}").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "real" / f"ID_{n}" / "real.png")
+        users.append(type("U", (), {"name": f"ID_{n}", "number": n,
+                                    "files": {"train": [tmp_path / "real" / f"ID_{n}" / "real.png"], "val": []}})())
     files = []
     for k in range(4):
         files.append(tmp_path / _generated_name(1, k))
@@ -169,9 +199,14 @@ def test_export_keeps_only_confident_own_user(tmp_path):
                           [0.52, 0.48],    # own user, margin 0.04 < 0.1    -> dropped
                           [0.95, 0.05]])   # confident but a training copy  -> dropped
     copies = torch.tensor([False, False, False, True])
-    out = _export(gen, probs, copies, users, tmp_path / "exp", 0.5, 0.1, log=lambda *_: None)
-    assert [p.name for p in (tmp_path / "exp" / "train" / "ID_1").iterdir()] == [files[0].name]
-    assert out["per_user"] == {"1": 1, "2": 0} and out["excluded_as_copies"] == 1
+    accepted, confident = accepted_samples(gen, probs, copies, 0.5, 0.1)
+    assert accepted.tolist() == [True, False, False, False] and (confident & copies).sum() == 1
+    stale = tmp_path / "exp" / "train" / "ID_1" / _generated_name(1, 99)
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"old")
+    out = export_dataset(users, gen, accepted, tmp_path / "exp", log=lambda *_: None)
+    assert sorted(p.name for p in (tmp_path / "exp" / "train" / "ID_1").iterdir()) == [files[0].name, "real.png"]
+    assert out["per_user"] == {"1": 1, "2": 0}
 
 
 #################################################################################
