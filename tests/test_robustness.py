@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from common.errors import PipelineError
-from common.io import read_safetensors_metadata, save_safetensors
+from common.io import load_safetensors, read_safetensors_metadata, save_safetensors
 from helpers import (PYTHON, ROOT, make_dataset, make_tokenizer, run_stage, stage1_args, stage2_args)
 
 S1, S2, S3 = "stage1_extract_features.py", "stage2_train_dit.py", "stage3_inference.py"
@@ -300,6 +300,49 @@ def test_resume_with_other_architecture_is_named(tmp_path, latents, trained, cap
                       r"--restart")
 
 
+def _other_stats(latents: Path) -> None:
+    tensors, meta = load_safetensors(latents / "latent_stats.safetensors")
+    save_safetensors({"mean": tensors["mean"] + 0.5, "std": tensors["std"]}, latents / "latent_stats.safetensors", meta)
+
+
+def _other_tokenizer(latents: Path) -> None:
+    tensors, meta = load_safetensors(latents / "train.safetensors")
+    save_safetensors(tensors, latents / "train.safetensors", {**meta, "tokenizer_sha256": "ab" * 32})
+
+
+def _other_users(latents: Path) -> None:
+    tensors, meta = load_safetensors(latents / "train.safetensors")
+    save_safetensors(tensors, latents / "train.safetensors",
+                     {**meta, "users": ["ID_1", "ID_2", "ID_11"], "user_numbers": [1, 2, 11]})
+
+
+@pytest.mark.parametrize("change, pattern", [
+    (_other_stats, r"latent statistics \(mean\) differ"),
+    (_other_tokenizer, r"tokenizer sha256: [0-9a-f]{12}\.\.\. \(tok\.safetensors\) in the checkpoint, abababababab"),
+    (_other_users, r"users: \['ID_1', 'ID_2', 'ID_10'\] in the checkpoint, \['ID_1', 'ID_2', 'ID_11'\] now"),
+], ids=["stats", "tokenizer", "users"])
+def test_resume_on_other_latents_is_refused(tmp_path, latents, trained, capsys, change, pattern):
+    """Stage 1 redone (other images, another tokenizer): resuming would mix the two runs."""
+    out, other = tmp_path / "run", tmp_path / "latents"
+    shutil.copytree(trained / "checkpoints", out / "checkpoints")
+    shutil.copytree(latents, other)
+    change(other)
+    proc = run_main(capsys, S2, *stage2_args(other, out, "--max_steps", STEPS + 2))
+    assert_user_error(proc, r"last\.ckpt was trained on other stage 1 latents", pattern, r"--restart")
+
+
+def test_restart_trains_anew_and_removes_the_stale_best(tmp_path, latents, trained):
+    out = tmp_path / "run"
+    shutil.copytree(trained / "checkpoints", out / "checkpoints")
+    shutil.copy(out / "checkpoints" / "last.ckpt", out / "checkpoints" / "best.ckpt")   # the old run's best
+    assert load_ckpt(out / "checkpoints" / "last.ckpt")["global_step"] == STEPS
+    # No validation in the new run: a best.ckpt after it can only be the old run's.
+    best = _train_in_process(latents, out, "--restart", "--max_steps", 4, "--checkpoint_every_n_steps", 2,
+                             "--val_every_n_epochs", 1000)
+    assert not (out / "checkpoints" / "best.ckpt").exists()
+    assert best == out / "checkpoints" / "last.ckpt" and load_ckpt(best)["global_step"] == 4
+
+
 #################################################################################
 #                                   Stage 3                                     #
 #################################################################################
@@ -407,6 +450,71 @@ def test_orchestrator_reruns_a_stage_without_marker(tmp_path, monkeypatch):
     codes.append(0)
     orch.run_pipeline(args, [], log=lambda m: None)             # marker gone: the stage runs again
     assert len(calls) == 3
+
+
+def _fake_stages(monkeypatch) -> list[list[str]]:
+    """Stage processes replaced by a recorder of their command lines (each 'succeeds')."""
+    import pipeline.orchestrate as orch
+    calls: list[list[str]] = []
+    monkeypatch.setattr(orch.subprocess, "call", lambda cmd, **kwargs: calls.append(cmd) or 0)
+    return calls
+
+
+def _pipeline_args(out: Path, **overrides) -> argparse.Namespace:
+    values = dict(output_dir=str(out), stages=[2, 3], force=False, generate_user_ids=[1], data_dir="d",
+                  vavae_path="v", batch_size=4, devices=1, max_epochs=1, num_samples_per_user=1)
+    return argparse.Namespace(**{**values, **overrides})
+
+
+def test_orchestrator_reruns_a_stage_whose_flags_changed(tmp_path, monkeypatch):
+    import pipeline.orchestrate as orch
+    calls, logged = _fake_stages(monkeypatch), []
+    orch.run_pipeline(_pipeline_args(tmp_path), ["--guidance_scale", "2"], log=lambda m: None)
+    assert len(calls) == 2
+    orch.run_pipeline(_pipeline_args(tmp_path), ["--guidance_scale", "2"], log=logged.append)    # same: both skipped
+    assert len(calls) == 2 and sum("already complete" in m for m in logged) == 2
+    logged.clear()
+    orch.run_pipeline(_pipeline_args(tmp_path, generate_user_ids=[2, 3]), ["--num_steps", "3"], log=logged.append)
+    assert len(calls) == 3 and calls[-1][1].endswith("stage3_inference.py")
+    assert calls[-1][calls[-1].index("--user_ids") + 1:][:2] == ["2", "3"]
+    redone = next(m for m in logged if "stage 3: redone" in m)
+    assert "--user_ids: 1 -> 2 3" in redone and "--num_steps 3 added" in redone and "--guidance_scale 2 removed" in redone
+    assert "stage 2: already complete" in logged[0]
+    # Stage 2 redone (its flags changed): stage 3, made from the old model, is redone too.
+    logged.clear()
+    orch.run_pipeline(_pipeline_args(tmp_path, max_epochs=2, generate_user_ids=[2, 3]), ["--num_steps", "3"],
+                      log=logged.append)
+    assert [c[1].rsplit("/", 1)[-1] for c in calls[3:]] == ["stage2_train_dit.py", "stage3_inference.py"]
+    assert any("--max_epochs: 1 -> 2" in m for m in logged)
+    assert any("stage 3: redone (the stage before it was redone since)" in m for m in logged)
+
+
+def test_orchestrator_force_trains_stage2_anew(tmp_path, monkeypatch):
+    import pipeline.orchestrate as orch
+    calls = _fake_stages(monkeypatch)
+    orch.run_pipeline(_pipeline_args(tmp_path, stages=[2]), [], log=lambda m: None)
+    assert "--restart" not in calls[-1]                    # an interrupted run resumes
+    orch.run_pipeline(_pipeline_args(tmp_path, stages=[2], force=True), [], log=lambda m: None)
+    assert len(calls) == 2 and "--restart" in calls[-1]
+    logged = []
+    orch.run_pipeline(_pipeline_args(tmp_path, stages=[2]), [], log=logged.append)   # --restart is not a change
+    assert len(calls) == 2 and "already complete" in logged[0]
+
+
+def test_orchestrator_from_another_folder_with_relative_paths(tmp_path, tokenizer):
+    """Paths mean what they mean in the user's shell: data, tokenizer, outputs and markers."""
+    work = tmp_path / "work"
+    make_dataset(work / "data", users=("ID_1", "ID_2"), per_user=2, split=True)
+    shutil.copy(tokenizer, work / "tok.safetensors")
+    proc = subprocess.run([PYTHON, str(ROOT / "run_complete_pipeline.py"), "--data_dir", "data", "--vavae_path",
+                           "tok.safetensors", "--output_dir", "out", "--stages", "1", "--batch_size", "4",
+                           "--image_size", "64", "--num_workers", "0"],
+                          cwd=work, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stage1 = work / "out" / "latent_features"
+    assert (stage1 / "train.safetensors").is_file() and (stage1 / ".stage_complete.json").is_file()
+    assert read_safetensors_metadata(stage1 / "train.safetensors")["user_numbers"] == [1, 2]
 
 
 #################################################################################
