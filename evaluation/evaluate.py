@@ -3,7 +3,6 @@
 evaluate() is the whole stage: the CLI (stage4_evaluate.py) and the orchestrator both call it.
 """
 import random
-import re
 import shutil
 import time
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from common.device import resolve_device
 from common.errors import PipelineError
 from common.io import atomic_path
 from data.images import User, scan_dataset
@@ -19,8 +19,8 @@ from evaluation import classifier as clf
 from evaluation import metrics as M
 from evaluation.imageset import ImageSet, load_set
 from evaluation.report import write_outputs
+from generation.generate import IMAGE_PATTERN, remove_stale_samples
 
-GENERATED_PATTERN = re.compile(r"micro_doppler_user(\d+)_(\d+)\.png")
 REPORT_VERSION = 1
 
 
@@ -36,7 +36,7 @@ def scan_generated(generated_dir: str | Path, users: list[User]) -> list[tuple[P
                             "its micro_doppler_userNN_KKK.png files into.")
     found, others = [], []
     for path in root.iterdir():
-        match = GENERATED_PATTERN.fullmatch(path.name)
+        match = IMAGE_PATTERN.fullmatch(path.name)
         if match and path.is_file():
             found.append((int(match.group(1)), int(match.group(2)), path))
         elif path.is_file():
@@ -175,9 +175,7 @@ def _export(gen: ImageSet, probs: torch.Tensor, copies: torch.Tensor, users: lis
     for c, user in enumerate(users):
         folder = export_dir / "train" / user.name
         if folder.is_dir():
-            for stale in folder.iterdir():
-                if GENERATED_PATTERN.fullmatch(stale.name):
-                    stale.unlink()
+            remove_stale_samples(folder)
         chosen = (keep & (gen.labels == c)).nonzero().flatten().tolist()
         for i in chosen:
             with atomic_path(folder / gen.paths[i].name) as tmp:
@@ -218,7 +216,7 @@ def evaluate(data_dir: str | Path, generated_dir: str | Path, output_dir: str | 
         classifier_size = image_size
     output_dir.mkdir(parents=True, exist_ok=True)
     _set_seed(seed)
-    dev = clf.resolve_device(device)
+    dev = resolve_device(device)
     num_classes = len(users)
     index_of = {u.number: c for c, u in enumerate(users)}
     notes: list[str] = []

@@ -369,6 +369,80 @@ def test_stage3_warns_about_another_tokenizer(tmp_path, trained, tokenizer):
     assert not [w for w in caught if "not the tokenizer" in str(w.message)]
 
 
+def test_stage3_rerun_leaves_only_this_runs_samples(tmp_path, trained, tokenizer):
+    from generation.generate import generate
+    ckpt, out = str(trained / "checkpoints" / "last.ckpt"), tmp_path / "gen"
+    kwargs = dict(num_steps=2, device="cpu", log=lambda m: None)
+    generate(ckpt, str(tokenizer), str(out), user_ids=[1, 10], num_samples_per_user=2, **kwargs)
+    mine = ["notes.txt", "micro_doppler_user01_001.jpg", "my_micro_doppler_user01_001.png"]
+    for name in mine:                          # the user's own files, not of the project's naming
+        (out / name).write_text("keep me")
+    logged = []
+    generate(ckpt, str(tokenizer), str(out), user_ids=[2], num_samples_per_user=1, **{**kwargs, "log": logged.append})
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["micro_doppler_grid.png", "micro_doppler_user02_001.png", *mine])
+    assert "removed 4 sample(s) of an earlier run" in logged[-1]
+
+
+def _checkpoint_without_null_class(trained: Path, tmp_path: Path) -> Path:
+    ckpt = load_ckpt(trained / "checkpoints" / "last.ckpt")
+    ckpt["pipeline"]["model_config"]["class_dropout_prob"] = 0.0
+    torch.save(ckpt, tmp_path / "no_null.ckpt")
+    return tmp_path / "no_null.ckpt"
+
+
+@pytest.mark.parametrize("flags, patterns", [
+    (["--shift", 0], [r"--shift must be > 0 \(got 0\)"]),
+    (["--shift", -1, "--sampler", "euler"], [r"--shift must be > 0 \(got -1\)"]),
+    (["--device", "cuda"], [r"--device cuda asked for CUDA but none is available here", r"--device cpu"]),
+    (["--no_null_class"], [r"--guidance_scale 4 needs the model's null class", r"--class_dropout_prob 0",
+                           r"--guidance_scale 1"]),
+], ids=["shift0", "shift_negative", "cuda", "no_null_class"])
+def test_stage3_refuses_settings_it_cannot_honour(tmp_path, trained, tokenizer, capsys, flags, patterns):
+    ckpt = trained / "checkpoints" / "last.ckpt"
+    if flags == ["--no_null_class"]:
+        ckpt, flags = _checkpoint_without_null_class(trained, tmp_path), []
+    proc = run_main(capsys, S3, "--dit_checkpoint", ckpt, "--vavae_path", tokenizer, "--output_dir",
+                    tmp_path / "gen", "--user_ids", 1, "--num_steps", 2, "--guidance_scale", 4, *flags)
+    assert_user_error(proc, *patterns)
+    assert not (tmp_path / "gen").exists()
+
+
+def test_stage3_without_null_class_runs_unguided(tmp_path, trained, tokenizer, capsys):
+    proc = run_main(capsys, S3, "--dit_checkpoint", _checkpoint_without_null_class(trained, tmp_path),
+                    "--vavae_path", tokenizer, "--output_dir", tmp_path / "gen", "--user_ids", 1,
+                    "--num_steps", 2, "--guidance_scale", 1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "gen" / "micro_doppler_user01_001.png").is_file()
+
+
+def test_noise_is_independent_per_seed_user_and_sample(monkeypatch):
+    """seed * 1_000_003 + user * 1000 + sample made (user 1, sample 1000) the same draw as (user 2, sample 0)."""
+    import generation.generate as gen
+    from models.lightningdit import LightningDiT, model_config
+    model = LightningDiT(**model_config("LightningDiT-S/2", num_classes=3, input_size=4, depth=1, hidden_size=32,
+                                        num_heads=2)).eval()
+    info = {"users": ["ID_1", "ID_2", "ID_10"], "user_numbers": [1, 2, 10],
+            "latent_mean": torch.zeros(1, 32, 1, 1), "latent_std": torch.ones(1, 32, 1, 1)}
+    seen = {}
+
+    def noise_as_output(velocity, x0, *args, **kwargs):
+        seen.update(x0=x0.clone(), restart_at=kwargs.get("restart_at"))
+        return x0
+    monkeypatch.setattr(gen, "sample_ode", noise_as_output)
+    vae = argparse.Namespace(decode=lambda z: z[:, :3])
+    gen.sample_images(model, vae, info, [(1, 1000), (2, 0)], guidance_scale=4.0, cfg_interval_start=0.3,
+                      progress=False)
+    assert not torch.equal(seen["x0"][0], seen["x0"][1])
+    assert seen["restart_at"] == 0.3              # AB2 restarts where guidance switches on
+    gen.sample_images(model, vae, info, [(1, 0)], guidance_scale=1.0, cfg_interval_start=0.3, progress=False)
+    assert seen["restart_at"] is None             # no guidance, no switch
+    # Many triples, no two alike (the first values of each draw stand for the whole draw).
+    firsts = {tuple(gen.job_noise(seed, u, k, (3,)).tolist()) for seed in (0, 1) for u in (1, 2, 3)
+              for k in range(1500)}
+    assert len(firsts) == 2 * 3 * 1500
+
+
 #################################################################################
 #                                Atomic outputs                                 #
 #################################################################################
