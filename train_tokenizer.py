@@ -10,7 +10,7 @@ from common.errors import cli_entry
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", required=True, help="stage-1 layout: D/train/<user>/*.png and D/val/<user>/*.png")
-    p.add_argument("--output_path", default="assets/demo_vavae.safetensors")
+    p.add_argument("--output_path", required=True, help="where to write the tokenizer (.safetensors)")
     p.add_argument("--width", type=int, default=48, help="base channels (the official tokenizer has 128)")
     p.add_argument("--num_res_blocks", type=int, default=2)
     p.add_argument("--image_size", type=int, default=256)
