@@ -1,6 +1,8 @@
 """Run the whole pipeline: latents (stage 1), DiT training (2), generation (3), evaluation (4).
 
-Any other flag of a stage (--model, --num_steps, --lr, ...) is passed to the stages that take it.
+Any other flag of a stage (--model, --num_steps, --lr, ...) is passed to the stages that take it. Relative
+paths are relative to the folder you run this from. A finished stage is skipped while its arguments and
+the stages before it are unchanged.
 """
 import argparse
 import sys
@@ -20,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generate_user_ids", type=int, nargs="+", default=None, help="default: every user")
     p.add_argument("--num_samples_per_user", type=int, default=4)
     p.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3, 4], choices=[1, 2, 3, 4])
-    p.add_argument("--force", action="store_true", help="redo stages even if complete")
+    p.add_argument("--force", action="store_true", help="redo the stages even if complete (stage 2 trains anew)")
     p.add_argument("--demo", action="store_true",
                    help="simulate a small dataset and run everything with the shipped demo tokenizer")
     return p

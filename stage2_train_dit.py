@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint_every_n_steps", type=int, default=500, help="last.ckpt cadence")
     p.add_argument("--log_every_n_steps", type=int, default=10)
     p.add_argument("--val_every_n_epochs", type=int, default=1)
-    p.add_argument("--restart", action="store_true", help="ignore an existing last.ckpt and start over")
+    p.add_argument("--restart", action="store_true",
+                   help="start over: remove the previous run's last.ckpt and best.ckpt")
     p.add_argument("--init_from", default=None, help="published LightningDiT weights to start from")
     p.add_argument("--finetune", default="full", choices=["full", "partial"],
                    help="with --init_from: train everything, or only adaLN/embeddings/final layer")

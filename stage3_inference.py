@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance_scale", type=float, default=4.0, help="1 = no guidance")
     p.add_argument("--num_steps", type=int, default=DEFAULT_STEPS, help="integration steps")
     p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS)
-    p.add_argument("--shift", type=float, default=DEFAULT_SHIFT, help="timestep shift (<1: more steps near noise)")
+    p.add_argument("--shift", type=float, default=DEFAULT_SHIFT, help="timestep shift > 0 (<1: more steps near noise)")
     p.add_argument("--cfg_interval_start", type=float, default=0.0, help="guide only where t >= this")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch_size", type=int, default=16)

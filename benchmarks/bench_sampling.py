@@ -16,6 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.harness import print_table, write_json  # noqa: E402
+from common.device import resolve_device  # noqa: E402
 from data.images import scan_dataset  # noqa: E402
 from evaluation import classifier as clf  # noqa: E402
 from evaluation.imageset import load_set, resize, to_uint8  # noqa: E402
@@ -42,7 +43,7 @@ def main() -> None:
     p.add_argument("--json_out", default=None)
     args = p.parse_args()
 
-    device = clf.resolve_device(args.device)
+    device = resolve_device(args.device)
     model, info = load_generator(args.dit_checkpoint, str(device))
     vae = load_vavae(args.vavae_path, device=device)
     users = scan_dataset(args.data_dir)

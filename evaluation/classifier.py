@@ -18,8 +18,7 @@ import torchvision
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from common.errors import PipelineError
-from common.io import read_safetensors_metadata, save_safetensors
+from common.io import file_sha256, read_safetensors_metadata, save_safetensors
 from evaluation.imageset import to_float
 
 CACHE_DIR = ".eval_cache"   # hidden, so scan_dataset never takes it for a user folder
@@ -173,17 +172,19 @@ def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: in
 #################################################################################
 
 def fingerprint(data_dir: Path, class_names: list[str], train_files: list[Path], cfg: ClassifierConfig) -> str:
-    """sha256 over the training files (relative path, size, mtime), the classes and the hyper-parameters.
+    """sha256 over the training files (relative path and content), the classes and the hyper-parameters.
 
-    Validation files are left out on purpose: they do not change the weights, and adding val
-    images should not cost a retraining. Device is left out too: a CPU-trained model is as good.
+    Content, not size and mtime: an image replaced by another of the same size within the clock's
+    resolution (or with its mtime restored, as by rsync -t or an archive) still retrains, and a copied
+    or touched data folder still reuses the cache. Validation files are left out on purpose: they do not
+    change the weights, and adding val images should not cost a retraining. Device is left out too: a
+    CPU-trained model is as good.
     """
     digest = hashlib.sha256()
     digest.update(json.dumps({"version": CACHE_VERSION, "classes": class_names, "config": asdict(cfg)},
                              sort_keys=True).encode())
     for path in sorted(train_files, key=lambda p: p.relative_to(data_dir).as_posix()):
-        stat = path.stat()
-        digest.update(f"{path.relative_to(data_dir).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        digest.update(f"{path.relative_to(data_dir).as_posix()}\0{file_sha256(path)}\n".encode())
     return digest.hexdigest()
 
 
@@ -240,16 +241,3 @@ def load_or_train(data_dir: Path, output_dir: Path, class_names: list[str], trai
         log(f"classifier: cached at {saved} ({seconds:.0f}s of training)")
     return model, {"cached": False, "path": str(saved) if saved else None, "fingerprint": key,
                    "train_seconds": seconds}
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when present, else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise PipelineError(f"--device {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise PipelineError(f"--device {name} asked for CUDA but none is available here; use --device cpu or auto")
-    return device

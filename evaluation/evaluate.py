@@ -3,7 +3,6 @@
 evaluate() is the whole stage: the CLI (stage4_evaluate.py) and the orchestrator both call it.
 """
 import random
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from common.device import resolve_device
 from common.errors import PipelineError
 from common.io import atomic_path
 from data.images import User, scan_dataset
@@ -20,8 +20,8 @@ from evaluation import classifier as clf
 from evaluation import metrics as M
 from evaluation.imageset import ImageSet, load_set
 from evaluation.report import write_outputs
+from generation.generate import IMAGE_PATTERN, remove_stale_samples
 
-GENERATED_PATTERN = re.compile(r"micro_doppler_user(\d+)_(\d+)\.png")
 REPORT_VERSION = 1
 
 
@@ -37,7 +37,7 @@ def scan_generated(generated_dir: str | Path, users: list[User]) -> list[tuple[P
                             "its micro_doppler_userNN_KKK.png files into.")
     found, others = [], []
     for path in root.iterdir():
-        match = GENERATED_PATTERN.fullmatch(path.name)
+        match = IMAGE_PATTERN.fullmatch(path.name)
         if match and path.is_file():
             found.append((int(match.group(1)), int(match.group(2)), path))
         elif path.is_file():
@@ -191,9 +191,7 @@ def export_dataset(users: list[User], gen: ImageSet, accepted: torch.Tensor, exp
     for c, user in enumerate(users):
         train_folder, val_folder = export_dir / "train" / user.name, export_dir / "val" / user.name
         if train_folder.is_dir():
-            for stale in train_folder.iterdir():
-                if GENERATED_PATTERN.fullmatch(stale.name):
-                    stale.unlink()
+            remove_stale_samples(train_folder)
         chosen = (accepted & (gen.labels == c)).nonzero().flatten().tolist()
         _copy_into(list(user.files["train"]) + [gen.paths[i] for i in chosen], train_folder)
         if user.files.get("val"):
@@ -410,7 +408,7 @@ def evaluate(data_dir: str | Path, generated_dir: str | Path, output_dir: str | 
     data = load_inputs(data_dir, generated_dir, image_size, classifier_size, batch_size, num_workers, log)
     output_dir.mkdir(parents=True, exist_ok=True)
     _set_seed(seed)
-    dev = clf.resolve_device(device)
+    dev = resolve_device(device)
     timing["load"] = time.perf_counter() - tick
 
     tick = time.perf_counter()

@@ -1,4 +1,5 @@
 """Stage 3 logic: sample latents per user with guidance, decode with the VA-VAE, write PNGs and a grid."""
+import re
 import warnings
 from pathlib import Path
 
@@ -7,6 +8,7 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from common.device import resolve_device
 from common.errors import PipelineError
 from common.io import atomic_path, file_sha256
 from data.images import to_uint8
@@ -14,6 +16,7 @@ from models.lightningdit import LightningDiT
 from models.transport import DEFAULT_SAMPLER, DEFAULT_SHIFT, DEFAULT_STEPS, guided_velocity, sample_ode
 
 IMAGE_NAME = "micro_doppler_user{user:02d}_{sample:03d}.png"
+IMAGE_PATTERN = re.compile(r"micro_doppler_user(\d+)_(\d+)\.png")   # every name IMAGE_NAME makes, and only those
 GRID_NAME = "micro_doppler_grid.png"
 
 
@@ -38,12 +41,44 @@ def class_indices(user_numbers: list[int], trained_numbers: list[int], trained_n
     return [trained_numbers.index(u) for u in user_numbers]
 
 
+def check_sampling(info: dict, guidance_scale: float, num_steps: int, shift: float) -> None:
+    """Settings that would give NaNs, a division by zero or meaningless images: refused with the reason."""
+    if shift <= 0:
+        raise PipelineError(f"--shift must be > 0 (got {shift:g}): the time grid s t / (1 + (s - 1) t) "
+                            "collapses at 0 and runs backwards below it. Values < 1 put more steps near the "
+                            "noise end (0.3 is the default).")
+    if num_steps < 1:
+        raise PipelineError(f"--num_steps must be at least 1 (got {num_steps})")
+    if guidance_scale != 1.0 and info["model_config"].get("class_dropout_prob", 1.0) <= 0:
+        raise PipelineError(
+            f"--guidance_scale {guidance_scale:g} needs the model's null class, but this checkpoint was trained "
+            "with --class_dropout_prob 0, so that class was never trained and guided samples would be "
+            "meaningless. Pass --guidance_scale 1 (no guidance), or retrain stage 2 with --class_dropout_prob 0.1.")
+
+
 def check_tokenizer(info: dict, vavae_path: str) -> None:
     expected = info.get("tokenizer_sha256")
     if expected and file_sha256(vavae_path) != expected:
         warnings.warn(f"--vavae_path {vavae_path} is not the tokenizer the model was trained with "
                       f"({info.get('tokenizer', '?')}, sha256 {expected[:12]}...): images will likely be wrong. "
                       "Pass the tokenizer used in stage 1.")
+
+
+def job_noise(seed: int, user: int, sample: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """The starting noise of one (seed, user number, sample index): its own generator, seeded by a hash of
+    the triple, so no two triples share a stream (however many samples or users) and the noise of a sample
+    does not depend on the batch it lands in."""
+    state = np.random.SeedSequence([seed % 2 ** 64, user, sample]).generate_state(2, np.uint32)
+    generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    return torch.randn(shape, generator=generator)
+
+
+def remove_stale_samples(folder: Path, keep: set[str] = frozenset()) -> int:
+    """Delete a folder's micro_doppler_userNN_KKK.png files not named in `keep`; other files are left alone."""
+    stale = [p for p in folder.iterdir() if IMAGE_PATTERN.fullmatch(p.name) and p.name not in keep and p.is_file()]
+    for path in stale:
+        path.unlink()
+    return len(stale)
 
 
 @torch.inference_mode()
@@ -54,7 +89,8 @@ def sample_images(model: LightningDiT, vae, info: dict, jobs: list[tuple[int, in
                   progress: bool = True) -> tuple[np.ndarray, int]:
     """(N, H, W, 3) uint8 images for (user number, sample index) jobs, and the model evaluations per sample.
 
-    The noise of a job comes from its own seed: the same image whatever the batch it lands in.
+    The noise of a job comes from its own seed: the same image whatever the batch it lands in. With a guidance
+    interval, the AB2 multistep restarts where guidance switches on (its velocity field changes there).
     """
     classes = class_indices([u for u, _ in jobs], info["user_numbers"], info["users"])   # checks the ids too
     mean, std = info["latent_mean"].to(device), info["latent_std"].to(device)
@@ -62,10 +98,10 @@ def sample_images(model: LightningDiT, vae, info: dict, jobs: list[tuple[int, in
     on_cuda = device.startswith("cuda")
     half = torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float16
     images, evaluations = [], 0
+    switch = cfg_interval_start if guidance_scale != 1.0 and cfg_interval_start > 0 else None
     for start in tqdm(range(0, len(jobs), batch_size), desc="stage 3 sampling", unit="batch", disable=not progress):
         batch = jobs[start:start + batch_size]
-        noise = torch.stack([torch.randn(model.in_channels, side, side, generator=torch.Generator().manual_seed(
-            seed * 1_000_003 + u * 1000 + k)) for u, k in batch]).to(device)
+        noise = torch.stack([job_noise(seed, u, k, (model.in_channels, side, side)) for u, k in batch]).to(device)
         y = torch.tensor(classes[start:start + batch_size], device=device)
         velocity = guided_velocity(model, y, model.num_classes, guidance_scale, cfg_interval_start)
         calls = [0]
@@ -74,7 +110,7 @@ def sample_images(model: LightningDiT, vae, info: dict, jobs: list[tuple[int, in
             calls[0] += 1
             return velocity(x, t)
         with torch.autocast("cuda", dtype=half, enabled=on_cuda):
-            z = sample_ode(counted, noise, num_steps, sampler, shift)
+            z = sample_ode(counted, noise, num_steps, sampler, shift, restart_at=switch)
         evaluations = max(evaluations, calls[0])
         images.append(to_uint8(vae.decode(z.float() * std + mean)))
     return np.concatenate(images), evaluations
@@ -84,9 +120,14 @@ def generate(dit_checkpoint: str, vavae_path: str, output_dir: str, user_ids: li
              num_samples_per_user: int = 4, guidance_scale: float = 4.0, num_steps: int = DEFAULT_STEPS,
              sampler: str = DEFAULT_SAMPLER, shift: float = DEFAULT_SHIFT, cfg_interval_start: float = 0.0, seed: int = 0,
              batch_size: int = 16, device: str = "auto", log=print) -> list[Path]:
-    """Write micro_doppler_userNN_KKK.png per sample and micro_doppler_grid.png; return the sample paths."""
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    """Write micro_doppler_userNN_KKK.png per sample and micro_doppler_grid.png; return the sample paths.
+
+    The folder then holds this run's samples only: those of an earlier run (other users, more samples,
+    another checkpoint) are removed once the new ones are written, so stage 4 never scores a mix.
+    """
+    device = str(resolve_device(device))
     model, info = load_generator(dit_checkpoint, device)
+    check_sampling(info, guidance_scale, num_steps, shift)
     from models.vavae import load_vavae
     vae = load_vavae(vavae_path, device=device)
     check_tokenizer(info, vavae_path)
@@ -102,7 +143,9 @@ def generate(dit_checkpoint: str, vavae_path: str, output_dir: str, user_ids: li
             Image.fromarray(arr).save(tmp, format="PNG")
         paths.append(path)
     write_grid(dict(zip(jobs, pixels)), user_ids, num_samples_per_user, out / GRID_NAME)
-    log(f"stage 3 done: {len(paths)} images ({sampler}, {nfe} model evaluations each) and {GRID_NAME} in {out}")
+    removed = remove_stale_samples(out, keep={p.name for p in paths})
+    log(f"stage 3 done: {len(paths)} images ({sampler}, {nfe} model evaluations each) and {GRID_NAME} in {out}"
+        + (f"; removed {removed} sample(s) of an earlier run" if removed else ""))
     return paths
 
 

@@ -72,6 +72,8 @@ def guided_velocity(model: Callable, y: torch.Tensor, null_class: int, scale: fl
 
 def time_grid(num_steps: int, shift: float = 1.0, device: torch.device | str = "cpu") -> torch.Tensor:
     """num_steps + 1 points from 0 to 1; shift s < 1 spends more steps near the noise end."""
+    if shift <= 0:
+        raise ValueError(f"shift must be > 0 (got {shift}): the grid collapses at 0 and runs backwards below")
     t = torch.linspace(0.0, 1.0, num_steps + 1, device=device, dtype=torch.float64)
     if shift != 1.0:
         t = shift * t / (1 + (shift - 1) * t)
@@ -85,8 +87,13 @@ def model_evaluations(sampler: str, num_steps: int) -> int:
 
 @torch.inference_mode()
 def sample_ode(velocity: VelocityFn, x0: torch.Tensor, num_steps: int = 32, sampler: str = "euler",
-               shift: float = 1.0, atol: float = 1e-6, rtol: float = 1e-3) -> torch.Tensor:
-    """Integrate dx/dt = v(x, t) from noise x0 at t=0 to data at t=1."""
+               shift: float = 1.0, atol: float = 1e-6, rtol: float = 1e-3,
+               restart_at: float | None = None) -> torch.Tensor:
+    """Integrate dx/dt = v(x, t) from noise x0 at t=0 to data at t=1.
+
+    restart_at: a time where v changes abruptly (the start of a guidance interval). AB2 starts afresh at
+    the first step with t >= restart_at instead of extrapolating across it from the other field's velocity.
+    """
     if sampler == "dopri5":
         return _dopri5(velocity, x0, atol, rtol)
     if sampler not in SAMPLERS:
@@ -111,7 +118,8 @@ def sample_ode(velocity: VelocityFn, x0: torch.Tensor, num_steps: int = 32, samp
         else:
             # Adams-Bashforth 2 on a non-uniform grid: second order, one evaluation per step,
             # reuses the previous velocity (flow-matching paths are smooth in t).
-            if v_prev is None:
+            # Compared in float32, as the velocity function sees t: the restart lands on its switch.
+            if v_prev is None or (restart_at is not None and float(ts[i - 1].float()) < restart_at <= float(t.float())):
                 x = x + h * v
             else:
                 r = h / h_prev

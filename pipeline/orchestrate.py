@@ -1,10 +1,15 @@
 """The orchestrator: run stages 1-4 as subprocesses, skip finished ones, pass flags to the stages that take them.
 
 Each stage runs in its own process so that Lightning's DDP launcher (which re-executes the running
-script once per GPU) re-executes that stage alone, and so that each stage's memory is freed.
+script once per GPU) re-executes that stage alone, and so that each stage's memory is freed. Stages run
+in the user's working folder, so a relative path means the same file to the orchestrator and to every stage.
+
+A finished stage leaves a marker with its arguments; it is skipped only while its arguments and the
+stage before it are unchanged (a redone stage 1 redoes 2, 3 and 4).
 """
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -20,6 +25,8 @@ STAGE_SCRIPTS = {1: "stage1_extract_features.py", 2: "stage2_train_dit.py", 3: "
                  4: "stage4_evaluate.py"}
 STAGE_DIRS = {1: "latent_features", 2: "trained_models", 3: "generated_images", 4: "evaluation"}
 DONE_MARKER = ".stage_complete.json"
+# Flags that say how to run a stage, not what it produces: a change in them alone does not redo the stage.
+NOT_COMPARED = {"--restart"}
 
 
 def stage_parsers() -> dict[int, argparse.ArgumentParser]:
@@ -32,18 +39,23 @@ def flag_names(parser: argparse.ArgumentParser) -> set[str]:
     return {s for a in parser._actions for s in a.option_strings if s.startswith("--")}
 
 
-def split_extra_flags(extra: list[str], parsers: dict[int, argparse.ArgumentParser]) -> dict[int, list[str]]:
-    """Route each `--flag [values...]` to every stage whose parser knows it; unknown flags are an error."""
+def flag_groups(tokens: list[str]) -> list[list[str]]:
+    """['--a', '1', '--b=2', '--c'] -> [['--a', '1'], ['--b', '2'], ['--c']]."""
     groups: list[list[str]] = []
-    for token in extra:
+    for token in tokens:
         if token.startswith("--"):
             groups.append([token.split("=", 1)[0]] + token.split("=", 1)[1:])
         elif groups:
             groups[-1].append(token)
         else:
             raise PipelineError(f"unexpected argument '{token}'")
+    return groups
+
+
+def split_extra_flags(extra: list[str], parsers: dict[int, argparse.ArgumentParser]) -> dict[int, list[str]]:
+    """Route each `--flag [values...]` to every stage whose parser knows it; unknown flags are an error."""
     routed: dict[int, list[str]] = {s: [] for s in parsers}
-    for group in groups:
+    for group in flag_groups(extra):
         takers = [s for s, p in parsers.items() if group[0] in flag_names(p)]
         if not takers:
             raise PipelineError(f"no stage takes the flag {group[0]}; see each stage's --help")
@@ -63,52 +75,112 @@ def config_to_flags(values: dict[str, Any]) -> list[str]:
     return flags
 
 
+def absolute(path: str | None) -> str | None:
+    """A path flag as the user meant it (relative to their working folder), independent of any cwd."""
+    return os.path.abspath(os.path.expanduser(path)) if path else path
+
+
 def stage_arguments(args: argparse.Namespace, out: Path) -> dict[int, list[str]]:
     """The flags the orchestrator itself derives for each stage (paths between stages, shared sizes)."""
     d = {s: out / name for s, name in STAGE_DIRS.items()}
+    data_dir, vavae_path = absolute(args.data_dir), absolute(args.vavae_path)
     users = [str(u) for u in args.generate_user_ids] if args.generate_user_ids else []
     return {
-        1: ["--data_dir", args.data_dir, "--vavae_path", args.vavae_path, "--output_path", str(d[1]),
+        1: ["--data_dir", data_dir, "--vavae_path", vavae_path, "--output_path", str(d[1]),
             "--batch_size", str(args.batch_size), "--devices", str(args.devices)],
         2: ["--latent_dir", str(d[1]), "--output_dir", str(d[2]), "--batch_size", str(args.batch_size),
             "--max_epochs", str(args.max_epochs), "--devices", str(args.devices)],
-        3: ["--dit_checkpoint", str(d[2] / "checkpoints" / "best.ckpt"), "--vavae_path", args.vavae_path,
+        3: ["--dit_checkpoint", str(d[2] / "checkpoints" / "best.ckpt"), "--vavae_path", vavae_path,
             "--output_dir", str(d[3]), "--num_samples_per_user", str(args.num_samples_per_user),
             "--user_ids", *users],
-        4: ["--data_dir", args.data_dir, "--generated_dir", str(d[3]), "--output_dir", str(d[4])],
+        4: ["--data_dir", data_dir, "--generated_dir", str(d[3]), "--output_dir", str(d[4])],
     }
 
 
 def default_user_ids(out: Path) -> list[int]:
     """All users of the trained model, when --generate_user_ids is not given."""
-    from safetensors import safe_open
-    with safe_open(str(out / STAGE_DIRS[1] / "train.safetensors"), framework="pt") as f:
-        return json.loads(f.metadata()["user_numbers"])
+    from common.io import read_safetensors_metadata, require_file
+    path = require_file(out / STAGE_DIRS[1] / "train.safetensors", "stage 1 latents (run stage 1 first)")
+    return read_safetensors_metadata(path)["user_numbers"]
+
+
+#################################################################################
+#                              Done-markers                                     #
+#################################################################################
+
+def read_marker(path: Path) -> dict[str, Any] | None:
+    """A finished stage's record, or None (absent, or unreadable: the stage runs again)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def flag_values(argv: list[str]) -> dict[str, list[str]]:
+    return {g[0]: g[1:] for g in flag_groups(argv) if g[0] not in NOT_COMPARED}
+
+
+def changed_flags(recorded: list[str], argv: list[str]) -> list[str]:
+    """'--flag: old -> new' for every flag whose values differ between two stage command lines."""
+    before, now = flag_values(recorded), flag_values(argv)
+    show = lambda values: " ".join(values) if values else "(on)"
+    changes = []
+    for flag in dict.fromkeys([*before, *now]):
+        if flag not in now:
+            changes.append(f"{flag} {show(before[flag])} removed")
+        elif flag not in before:
+            changes.append(f"{flag} {show(now[flag])} added")
+        elif before[flag] != now[flag]:
+            changes.append(f"{flag}: {show(before[flag])} -> {show(now[flag])}")
+    return changes
+
+
+def rerun_reasons(marker: dict[str, Any] | None, argv: list[str], upstream: float | None) -> list[str]:
+    """Why a stage must run: no finished record, other arguments, or the stage before it redone since."""
+    if marker is None:
+        return ["not finished"]
+    reasons = changed_flags(marker.get("argv", []), argv)
+    if "upstream" in marker and marker["upstream"] != upstream:
+        reasons.append("the stage before it was redone since")
+    return reasons
+
+
+def finished_at(folder: Path) -> float | None:
+    """The id (finish time) of a stage's finished run, None when it has none."""
+    return (read_marker(folder / DONE_MARKER) or {}).get("finished")
 
 
 def run_pipeline(args: argparse.Namespace, extra: list[str], log=print) -> Path:
     """Run the requested stages in order; returns the output folder."""
-    out = Path(args.output_dir)
+    out = Path(absolute(args.output_dir))
     out.mkdir(parents=True, exist_ok=True)
     parsers = stage_parsers()
     routed = split_extra_flags(extra, parsers)
+    if args.force and "--restart" not in routed[2]:
+        routed[2] = routed[2] + ["--restart"]     # --force trains anew; without it stage 2 would resume
     for stage in args.stages:
         folder = out / STAGE_DIRS[stage]
         marker = folder / DONE_MARKER
-        if marker.is_file() and not args.force:
-            log(f"== stage {stage}: already complete in {folder}, skipped (--force to redo)")
-            continue
         if stage == 3 and not args.generate_user_ids:
             args.generate_user_ids = default_user_ids(out)
         argv = stage_arguments(args, out)[stage] + routed[stage]
+        upstream = finished_at(out / STAGE_DIRS[stage - 1]) if stage > 1 else None
+        reasons = ["--force"] if args.force else rerun_reasons(read_marker(marker), argv, upstream)
+        if not reasons:
+            log(f"== stage {stage}: already complete in {folder} with these arguments, skipped (--force to redo)")
+            continue
+        if marker.is_file():
+            log(f"== stage {stage}: redone ({'; '.join(reasons)})")
         marker.unlink(missing_ok=True)
         log(f"== stage {stage}: {STAGE_SCRIPTS[stage]} " + " ".join(argv))
         started = time.time()
-        code = subprocess.call([sys.executable, str(ROOT / STAGE_SCRIPTS[stage]), *argv], cwd=ROOT)
+        code = subprocess.call([sys.executable, str(ROOT / STAGE_SCRIPTS[stage]), *argv])
         if code != 0:
             raise PipelineError(f"stage {stage} failed (exit code {code}); its message is above. "
                                 f"Fix it and rerun: finished stages are skipped, stage 2 resumes.")
-        write_text(marker, json.dumps({"argv": argv, "seconds": round(time.time() - started, 1)}, indent=1))
+        record = {"argv": argv, "seconds": round(time.time() - started, 1), "finished": time.time(),
+                  "upstream": upstream}
+        write_text(marker, json.dumps(record, indent=1))
     return out
 
 

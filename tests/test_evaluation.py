@@ -1,6 +1,7 @@
 """Stage 4 evaluation: the metrics must tell good samples from bad ones, copies from new images."""
 import inspect
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -270,6 +271,27 @@ def test_read_only_data_dir_caches_in_output_dir(dataset, tmp_path, monkeypatch)
     _, second = clf.load_or_train(*args, log=lambda *_: None)
     assert Path(first["path"]).parent == tmp_path / clf.CACHE_DIR
     assert not first["cached"] and second["cached"] and second["path"] == first["path"]
+
+
+def test_cache_key_follows_file_content_not_size_or_mtime(tmp_path):
+    data = tmp_path / "data"
+    files = []
+    for name, value in (("a.png", 10), ("b.png", 20)):
+        (data / "train" / "ID_1").mkdir(parents=True, exist_ok=True)
+        path = data / "train" / "ID_1" / name
+        Image.fromarray(np.full((8, 8), value, np.uint8)).save(path)
+        files.append(path)
+    cfg = clf.ClassifierConfig(image_size=SIZE, size=SIZE, epochs=1)
+    key = lambda: clf.fingerprint(data, ["ID_1"], files, cfg)
+    before, stat = key(), files[0].stat()
+    # Another image of the same size, its mtime put back (rsync -t, an archive, a coarse clock).
+    Image.fromarray(np.full((8, 8), 30, np.uint8)).save(files[0])
+    assert files[0].stat().st_size == stat.st_size
+    os.utime(files[0], ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    changed = key()
+    assert changed != before
+    os.utime(files[1], ns=(1, 1))                  # touched or copied, same content: the cache still fits
+    assert key() == changed
 
 
 def test_training_is_deterministic_and_never_flips(dataset):

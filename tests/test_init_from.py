@@ -227,3 +227,25 @@ def test_stage2_end_to_end_with_init_from(published, latent_dir, tmp_path, capsy
     module = make_module(latent_dir)
     initialise_from(module, out / "checkpoints" / "last.ckpt", "full", lambda m: None)
     torch.testing.assert_close(module.model.state_dict()[CLASS_TABLE], sd[f"ema.{CLASS_TABLE}"], rtol=0, atol=0)
+
+
+def test_weight_decay_spares_norms_biases_and_the_class_table(latent_dir):
+    module = make_module(latent_dir, "--weight_decay", "0.05", "--use_qknorm", "--backbone_lr_scale", "0.5")
+    groups = module.configure_optimizers().param_groups
+    decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    lr = {id(p): g["lr"] for g in groups for p in g["params"]}
+    params = {n: p for n, p in module.model.named_parameters() if p.requires_grad}
+    assert decay.keys() == {id(p) for p in params.values()}
+    for name, p in params.items():
+        assert decay[id(p)] == (0.0 if p.ndim < 2 or name == CLASS_TABLE else 0.05), name
+    assert decay[id(params["blocks.0.attn.q_norm.weight"])] == decay[id(params["blocks.0.attn.qkv.bias"])] == 0.0
+    assert decay[id(params[CLASS_TABLE])] == 0.0 and decay[id(params["blocks.0.attn.qkv.weight"])] == 0.05
+    # The backbone lr scale still applies within both kinds of group.
+    assert lr[id(params["blocks.0.attn.qkv.weight"])] == lr[id(params["blocks.0.attn.qkv.bias"])] == 0.5e-4
+    assert lr[id(params[CLASS_TABLE])] == 1e-4
+    # Without weight decay the groups stay as before, head then blocks (an earlier run's optimizer state loads).
+    plain = make_module(latent_dir)
+    names = {id(p): n for n, p in plain.model.named_parameters()}
+    groups = [[names[id(p)] for p in g["params"]] for g in plain.configure_optimizers().param_groups]
+    assert len(groups) == 2 and groups[1] == [n for n in names.values()
+                                              if n.startswith("blocks.") and "adaLN" not in n]

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from common.errors import PipelineError
-from common.io import read_safetensors_metadata, save_safetensors
+from common.io import load_safetensors, read_safetensors_metadata, save_safetensors
 from helpers import (PYTHON, ROOT, make_dataset, make_tokenizer, run_stage, stage1_args, stage2_args)
 
 S1, S2, S3 = "stage1_extract_features.py", "stage2_train_dit.py", "stage3_inference.py"
@@ -300,6 +300,49 @@ def test_resume_with_other_architecture_is_named(tmp_path, latents, trained, cap
                       r"--restart")
 
 
+def _other_stats(latents: Path) -> None:
+    tensors, meta = load_safetensors(latents / "latent_stats.safetensors")
+    save_safetensors({"mean": tensors["mean"] + 0.5, "std": tensors["std"]}, latents / "latent_stats.safetensors", meta)
+
+
+def _other_tokenizer(latents: Path) -> None:
+    tensors, meta = load_safetensors(latents / "train.safetensors")
+    save_safetensors(tensors, latents / "train.safetensors", {**meta, "tokenizer_sha256": "ab" * 32})
+
+
+def _other_users(latents: Path) -> None:
+    tensors, meta = load_safetensors(latents / "train.safetensors")
+    save_safetensors(tensors, latents / "train.safetensors",
+                     {**meta, "users": ["ID_1", "ID_2", "ID_11"], "user_numbers": [1, 2, 11]})
+
+
+@pytest.mark.parametrize("change, pattern", [
+    (_other_stats, r"latent statistics \(mean\) differ"),
+    (_other_tokenizer, r"tokenizer sha256: [0-9a-f]{12}\.\.\. \(tok\.safetensors\) in the checkpoint, abababababab"),
+    (_other_users, r"users: \['ID_1', 'ID_2', 'ID_10'\] in the checkpoint, \['ID_1', 'ID_2', 'ID_11'\] now"),
+], ids=["stats", "tokenizer", "users"])
+def test_resume_on_other_latents_is_refused(tmp_path, latents, trained, capsys, change, pattern):
+    """Stage 1 redone (other images, another tokenizer): resuming would mix the two runs."""
+    out, other = tmp_path / "run", tmp_path / "latents"
+    shutil.copytree(trained / "checkpoints", out / "checkpoints")
+    shutil.copytree(latents, other)
+    change(other)
+    proc = run_main(capsys, S2, *stage2_args(other, out, "--max_steps", STEPS + 2))
+    assert_user_error(proc, r"last\.ckpt was trained on other stage 1 latents", pattern, r"--restart")
+
+
+def test_restart_trains_anew_and_removes_the_stale_best(tmp_path, latents, trained):
+    out = tmp_path / "run"
+    shutil.copytree(trained / "checkpoints", out / "checkpoints")
+    shutil.copy(out / "checkpoints" / "last.ckpt", out / "checkpoints" / "best.ckpt")   # the old run's best
+    assert load_ckpt(out / "checkpoints" / "last.ckpt")["global_step"] == STEPS
+    # No validation in the new run: a best.ckpt after it can only be the old run's.
+    best = _train_in_process(latents, out, "--restart", "--max_steps", 4, "--checkpoint_every_n_steps", 2,
+                             "--val_every_n_epochs", 1000)
+    assert not (out / "checkpoints" / "best.ckpt").exists()
+    assert best == out / "checkpoints" / "last.ckpt" and load_ckpt(best)["global_step"] == 4
+
+
 #################################################################################
 #                                   Stage 3                                     #
 #################################################################################
@@ -324,6 +367,80 @@ def test_stage3_warns_about_another_tokenizer(tmp_path, trained, tokenizer):
         warnings.simplefilter("always")
         generate(ckpt, str(tokenizer), str(tmp_path / "same"), **kwargs)
     assert not [w for w in caught if "not the tokenizer" in str(w.message)]
+
+
+def test_stage3_rerun_leaves_only_this_runs_samples(tmp_path, trained, tokenizer):
+    from generation.generate import generate
+    ckpt, out = str(trained / "checkpoints" / "last.ckpt"), tmp_path / "gen"
+    kwargs = dict(num_steps=2, device="cpu", log=lambda m: None)
+    generate(ckpt, str(tokenizer), str(out), user_ids=[1, 10], num_samples_per_user=2, **kwargs)
+    mine = ["notes.txt", "micro_doppler_user01_001.jpg", "my_micro_doppler_user01_001.png"]
+    for name in mine:                          # the user's own files, not of the project's naming
+        (out / name).write_text("keep me")
+    logged = []
+    generate(ckpt, str(tokenizer), str(out), user_ids=[2], num_samples_per_user=1, **{**kwargs, "log": logged.append})
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["micro_doppler_grid.png", "micro_doppler_user02_001.png", *mine])
+    assert "removed 4 sample(s) of an earlier run" in logged[-1]
+
+
+def _checkpoint_without_null_class(trained: Path, tmp_path: Path) -> Path:
+    ckpt = load_ckpt(trained / "checkpoints" / "last.ckpt")
+    ckpt["pipeline"]["model_config"]["class_dropout_prob"] = 0.0
+    torch.save(ckpt, tmp_path / "no_null.ckpt")
+    return tmp_path / "no_null.ckpt"
+
+
+@pytest.mark.parametrize("flags, patterns", [
+    (["--shift", 0], [r"--shift must be > 0 \(got 0\)"]),
+    (["--shift", -1, "--sampler", "euler"], [r"--shift must be > 0 \(got -1\)"]),
+    (["--device", "cuda"], [r"--device cuda asked for CUDA but none is available here", r"--device cpu"]),
+    (["--no_null_class"], [r"--guidance_scale 4 needs the model's null class", r"--class_dropout_prob 0",
+                           r"--guidance_scale 1"]),
+], ids=["shift0", "shift_negative", "cuda", "no_null_class"])
+def test_stage3_refuses_settings_it_cannot_honour(tmp_path, trained, tokenizer, capsys, flags, patterns):
+    ckpt = trained / "checkpoints" / "last.ckpt"
+    if flags == ["--no_null_class"]:
+        ckpt, flags = _checkpoint_without_null_class(trained, tmp_path), []
+    proc = run_main(capsys, S3, "--dit_checkpoint", ckpt, "--vavae_path", tokenizer, "--output_dir",
+                    tmp_path / "gen", "--user_ids", 1, "--num_steps", 2, "--guidance_scale", 4, *flags)
+    assert_user_error(proc, *patterns)
+    assert not (tmp_path / "gen").exists()
+
+
+def test_stage3_without_null_class_runs_unguided(tmp_path, trained, tokenizer, capsys):
+    proc = run_main(capsys, S3, "--dit_checkpoint", _checkpoint_without_null_class(trained, tmp_path),
+                    "--vavae_path", tokenizer, "--output_dir", tmp_path / "gen", "--user_ids", 1,
+                    "--num_steps", 2, "--guidance_scale", 1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "gen" / "micro_doppler_user01_001.png").is_file()
+
+
+def test_noise_is_independent_per_seed_user_and_sample(monkeypatch):
+    """seed * 1_000_003 + user * 1000 + sample made (user 1, sample 1000) the same draw as (user 2, sample 0)."""
+    import generation.generate as gen
+    from models.lightningdit import LightningDiT, model_config
+    model = LightningDiT(**model_config("LightningDiT-S/2", num_classes=3, input_size=4, depth=1, hidden_size=32,
+                                        num_heads=2)).eval()
+    info = {"users": ["ID_1", "ID_2", "ID_10"], "user_numbers": [1, 2, 10],
+            "latent_mean": torch.zeros(1, 32, 1, 1), "latent_std": torch.ones(1, 32, 1, 1)}
+    seen = {}
+
+    def noise_as_output(velocity, x0, *args, **kwargs):
+        seen.update(x0=x0.clone(), restart_at=kwargs.get("restart_at"))
+        return x0
+    monkeypatch.setattr(gen, "sample_ode", noise_as_output)
+    vae = argparse.Namespace(decode=lambda z: z[:, :3])
+    gen.sample_images(model, vae, info, [(1, 1000), (2, 0)], guidance_scale=4.0, cfg_interval_start=0.3,
+                      progress=False)
+    assert not torch.equal(seen["x0"][0], seen["x0"][1])
+    assert seen["restart_at"] == 0.3              # AB2 restarts where guidance switches on
+    gen.sample_images(model, vae, info, [(1, 0)], guidance_scale=1.0, cfg_interval_start=0.3, progress=False)
+    assert seen["restart_at"] is None             # no guidance, no switch
+    # Many triples, no two alike (the first values of each draw stand for the whole draw).
+    firsts = {tuple(gen.job_noise(seed, u, k, (3,)).tolist()) for seed in (0, 1) for u in (1, 2, 3)
+              for k in range(1500)}
+    assert len(firsts) == 2 * 3 * 1500
 
 
 #################################################################################
@@ -407,6 +524,71 @@ def test_orchestrator_reruns_a_stage_without_marker(tmp_path, monkeypatch):
     codes.append(0)
     orch.run_pipeline(args, [], log=lambda m: None)             # marker gone: the stage runs again
     assert len(calls) == 3
+
+
+def _fake_stages(monkeypatch) -> list[list[str]]:
+    """Stage processes replaced by a recorder of their command lines (each 'succeeds')."""
+    import pipeline.orchestrate as orch
+    calls: list[list[str]] = []
+    monkeypatch.setattr(orch.subprocess, "call", lambda cmd, **kwargs: calls.append(cmd) or 0)
+    return calls
+
+
+def _pipeline_args(out: Path, **overrides) -> argparse.Namespace:
+    values = dict(output_dir=str(out), stages=[2, 3], force=False, generate_user_ids=[1], data_dir="d",
+                  vavae_path="v", batch_size=4, devices=1, max_epochs=1, num_samples_per_user=1)
+    return argparse.Namespace(**{**values, **overrides})
+
+
+def test_orchestrator_reruns_a_stage_whose_flags_changed(tmp_path, monkeypatch):
+    import pipeline.orchestrate as orch
+    calls, logged = _fake_stages(monkeypatch), []
+    orch.run_pipeline(_pipeline_args(tmp_path), ["--guidance_scale", "2"], log=lambda m: None)
+    assert len(calls) == 2
+    orch.run_pipeline(_pipeline_args(tmp_path), ["--guidance_scale", "2"], log=logged.append)    # same: both skipped
+    assert len(calls) == 2 and sum("already complete" in m for m in logged) == 2
+    logged.clear()
+    orch.run_pipeline(_pipeline_args(tmp_path, generate_user_ids=[2, 3]), ["--num_steps", "3"], log=logged.append)
+    assert len(calls) == 3 and calls[-1][1].endswith("stage3_inference.py")
+    assert calls[-1][calls[-1].index("--user_ids") + 1:][:2] == ["2", "3"]
+    redone = next(m for m in logged if "stage 3: redone" in m)
+    assert "--user_ids: 1 -> 2 3" in redone and "--num_steps 3 added" in redone and "--guidance_scale 2 removed" in redone
+    assert "stage 2: already complete" in logged[0]
+    # Stage 2 redone (its flags changed): stage 3, made from the old model, is redone too.
+    logged.clear()
+    orch.run_pipeline(_pipeline_args(tmp_path, max_epochs=2, generate_user_ids=[2, 3]), ["--num_steps", "3"],
+                      log=logged.append)
+    assert [c[1].rsplit("/", 1)[-1] for c in calls[3:]] == ["stage2_train_dit.py", "stage3_inference.py"]
+    assert any("--max_epochs: 1 -> 2" in m for m in logged)
+    assert any("stage 3: redone (the stage before it was redone since)" in m for m in logged)
+
+
+def test_orchestrator_force_trains_stage2_anew(tmp_path, monkeypatch):
+    import pipeline.orchestrate as orch
+    calls = _fake_stages(monkeypatch)
+    orch.run_pipeline(_pipeline_args(tmp_path, stages=[2]), [], log=lambda m: None)
+    assert "--restart" not in calls[-1]                    # an interrupted run resumes
+    orch.run_pipeline(_pipeline_args(tmp_path, stages=[2], force=True), [], log=lambda m: None)
+    assert len(calls) == 2 and "--restart" in calls[-1]
+    logged = []
+    orch.run_pipeline(_pipeline_args(tmp_path, stages=[2]), [], log=logged.append)   # --restart is not a change
+    assert len(calls) == 2 and "already complete" in logged[0]
+
+
+def test_orchestrator_from_another_folder_with_relative_paths(tmp_path, tokenizer):
+    """Paths mean what they mean in the user's shell: data, tokenizer, outputs and markers."""
+    work = tmp_path / "work"
+    make_dataset(work / "data", users=("ID_1", "ID_2"), per_user=2, split=True)
+    shutil.copy(tokenizer, work / "tok.safetensors")
+    proc = subprocess.run([PYTHON, str(ROOT / "run_complete_pipeline.py"), "--data_dir", "data", "--vavae_path",
+                           "tok.safetensors", "--output_dir", "out", "--stages", "1", "--batch_size", "4",
+                           "--image_size", "64", "--num_workers", "0"],
+                          cwd=work, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stage1 = work / "out" / "latent_features"
+    assert (stage1 / "train.safetensors").is_file() and (stage1 / ".stage_complete.json").is_file()
+    assert read_safetensors_metadata(stage1 / "train.safetensors")["user_numbers"] == [1, 2]
 
 
 #################################################################################

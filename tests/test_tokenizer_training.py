@@ -155,3 +155,16 @@ def test_crop_training_runs_and_measures_full_images(tmp_path):
     assert read_safetensors_metadata(tmp_path / "tok.safetensors")["crop_size"] == 16
     with pytest.raises(PipelineError, match="--crop_size"):
         train_tokenizer(data, tmp_path / "t.safetensors", steps=1, crop_size=24, **TINY)
+
+
+def test_output_path_is_required(tmp_path, capsys, monkeypatch):
+    """Without it the trainer used to write assets/demo_vavae.safetensors (relative to the working folder:
+    from the repository, over the shipped demo tokenizer). Run from tmp_path, so that nothing else is at risk."""
+    import train_tokenizer
+    data = make_dataset(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        train_tokenizer.main(["--data_dir", str(data), "--steps", "1", "--width", "8", "--image_size", "32",
+                              "--batch_size", "2", "--eval_every", "0", "--device", "cpu"])
+    assert exit_info.value.code == 2 and "--output_path" in capsys.readouterr().err
+    assert not list(tmp_path.rglob("*.safetensors"))

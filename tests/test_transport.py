@@ -94,3 +94,25 @@ def test_guidance_combines_cond_and_uncond_in_one_batched_call():
     seen.clear()
     early = guided_velocity(model, y, null_class=9, scale=3.0, interval_start=0.6)(torch.zeros(2, 4), torch.tensor(0.5))
     assert seen == [[2, 5]] and early[:, 0].tolist() == [2.0, 5.0]   # before the interval: conditional only
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun", "ab2"])
+@pytest.mark.parametrize("shift", [0.0, -0.5])
+def test_shift_must_be_positive(sampler, shift):
+    with pytest.raises(ValueError, match="shift must be > 0"):
+        sample_ode(lambda x, t: torch.ones_like(x), torch.zeros(1, 2), 4, sampler, shift)
+
+
+def test_ab2_restarts_where_guidance_switches_on():
+    """Guidance from t = 0.4 on: the velocity jumps from v_c = 1 to v_u + 4 (v_c - v_u) = 7 there. Each field
+    is constant, so Euler is exact on the grid; AB2 must not extrapolate across the jump from the old field."""
+    def model(x, t, y):
+        return torch.where(y == 9, -1.0, 1.0).view(-1, 1) * torch.ones_like(x)
+    velocity = guided_velocity(model, torch.tensor([0]), null_class=9, scale=4.0, interval_start=0.4)
+    x0 = torch.zeros(1, 2)
+    euler = sample_ode(velocity, x0, 10, "euler")
+    ab2 = sample_ode(velocity, x0, 10, "ab2", restart_at=0.4)
+    torch.testing.assert_close(ab2, euler)
+    assert euler[0, 0].item() == pytest.approx(0.4 * 1 + 0.6 * 7)
+    blended = sample_ode(velocity, x0, 10, "ab2")                  # without the restart: ~0.3 too far
+    assert blended[0, 0].item() == pytest.approx(euler[0, 0].item() + 0.1 * 0.5 * (7 - 1))

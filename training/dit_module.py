@@ -143,17 +143,24 @@ class DiTTrainingModule(pl.LightningModule):
                                  fused=fused, foreach=None if fused else True)
 
     def param_groups(self) -> list[dict]:
-        """Trainable parameters; with backbone_lr_scale < 1 the transformer blocks learn slower."""
-        head, backbone = [], []
+        """Trainable parameters; with backbone_lr_scale < 1 the transformer blocks learn slower.
+
+        With weight decay, norms, biases and the class table (null row included) go to groups without it:
+        decaying them pulls gains and rows towards 0, not towards a simpler model. (Without, the groups stay
+        as they were, so that earlier checkpoints' optimizer states still load.)
+        """
+        embeddings = {id(p) for m in self.model.modules() if isinstance(m, torch.nn.Embedding)
+                      for p in m.parameters()}
+        groups: dict[tuple[bool, bool], list] = {}
         for name, p in self.model.named_parameters():
             if not p.requires_grad:
                 continue
             is_backbone = name.startswith("blocks.") and "adaLN_modulation" not in name
-            (backbone if is_backbone else head).append(p)
-        groups = [{"params": head, "lr": self.lr}]
-        if backbone:
-            groups.append({"params": backbone, "lr": self.lr * self.backbone_lr_scale})
-        return groups
+            no_decay = self.weight_decay > 0 and (p.ndim < 2 or id(p) in embeddings)
+            groups.setdefault((is_backbone, no_decay), []).append(p)
+        return [{"params": params, "lr": self.lr * (self.backbone_lr_scale if is_backbone else 1.0),
+                 **({"weight_decay": 0.0} if no_decay else {})}
+                for (is_backbone, no_decay), params in sorted(groups.items())]
 
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:

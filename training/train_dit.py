@@ -73,10 +73,13 @@ def train(args, log=print) -> Path:
     elif args.finetune != "full":
         warnings.warn(f"--finetune {args.finetune} only applies with --init_from; training every weight")
     last = ckpt_dir / "last.ckpt"
-    resume = str(last) if last.is_file() and not args.restart else None
+    if args.restart:
+        remove_previous_run(ckpt_dir, log)
+    resume = str(last) if last.is_file() else None
     if resume:
         previous = load_checkpoint(last, mmap=True)
         check_same_model(previous["pipeline"]["model_config"], module.model_config, last)
+        check_same_data(previous["pipeline"], module.pipeline_info, last)
         log(f"resuming from {last} at step {previous['global_step']} (same command as before; "
             "pass --restart to start over)")
         # Batches are a function of the global step, so a mid-epoch resume is exact (Lightning can't know).
@@ -183,6 +186,36 @@ def check_same_model(saved: dict, current: dict, path: Path) -> None:
         raise PipelineError(f"{path} was trained with a different model ({'; '.join(diff)}). Resume with the "
                             "same --model/--depth/--hidden_size/--num_heads flags and stage 1 latents, or pass "
                             "--restart (or another --output_dir) to train the new model from scratch.")
+
+
+def check_same_data(saved: dict, current: dict, path: Path) -> None:
+    """Resuming on other latents (stage 1 redone on other images or with another tokenizer) would mix two
+    runs: the weights learnt one normalisation and user table, the rest of the run would use another."""
+    diff = []
+    if saved.get("users") != current["users"] or saved.get("user_numbers") != current["user_numbers"]:
+        diff.append(f"users: {saved.get('users')} in the checkpoint, {current['users']} now")
+    if saved.get("tokenizer_sha256") != current["tokenizer_sha256"]:
+        diff.append(f"tokenizer sha256: {str(saved.get('tokenizer_sha256'))[:12]}... "
+                    f"({saved.get('tokenizer') or '?'}) in the checkpoint, "
+                    f"{current['tokenizer_sha256'][:12]}... ({current['tokenizer'] or '?'}) now")
+    for key in ("latent_mean", "latent_std"):
+        if key not in saved or not torch.equal(saved[key].cpu(), current[key].cpu()):
+            diff.append(f"latent statistics ({key.split('_')[1]}) differ")
+    if diff:
+        raise PipelineError(f"{path} was trained on other stage 1 latents ({'; '.join(diff)}): stage 1 was "
+                            "redone since. Pass --restart to train anew on the new latents (or use another "
+                            "--output_dir to keep the old run).")
+
+
+def remove_previous_run(ckpt_dir: Path, log=print) -> None:
+    """--restart: the old run's checkpoints go first, so that neither a stale best.ckpt (before the new
+    run's first validation) nor a stale last.ckpt (resumed after an interruption) is ever picked up."""
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        return     # a DDP worker re-running this script: rank 0 removed them before it started the workers
+    for name in ("best.ckpt", "last.ckpt"):
+        if (ckpt_dir / name).is_file():
+            (ckpt_dir / name).unlink(missing_ok=True)
+            log(f"--restart: removed the previous run's {ckpt_dir / name}")
 
 
 def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
