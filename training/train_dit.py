@@ -77,7 +77,7 @@ def build_module(args, log=print) -> DiTTrainingModule:
 
 def train(args, log=print) -> Path:
     """Train (or resume) and return the path of the best checkpoint."""
-    pl.seed_everything(args.seed, workers=True, verbose=False)
+    torch.manual_seed(args.seed)   # the initial weights; the module seeds each step from (seed, step, rank)
     out = Path(args.output_dir)
     ckpt_dir = out / "checkpoints"
     precision = resolve_precision(args.precision, args.accelerator)
