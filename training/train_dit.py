@@ -6,7 +6,7 @@ import warnings
 import zipfile
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -75,8 +75,9 @@ def build_module(args, log=print) -> DiTTrainingModule:
     return module
 
 
-def train(args, log=print) -> Path:
-    """Train (or resume) and return the path of the best checkpoint."""
+def train(args, log=print, callbacks: Sequence[pl.Callback] = ()) -> Path:
+    """Train (or resume) and return the path of the best checkpoint; `callbacks` are added to the Trainer's
+    (benchmarks/gpu_check.py times the steps with one)."""
     torch.manual_seed(args.seed)   # the initial weights; the module seeds each step from (seed, step, rank)
     out = Path(args.output_dir)
     ckpt_dir = out / "checkpoints"
@@ -119,7 +120,7 @@ def train(args, log=print) -> Path:
         accelerator=args.accelerator, devices=devices, num_nodes=args.num_nodes, strategy=strategy,
         precision=precision, max_epochs=args.max_epochs, max_steps=args.max_steps or -1,
         gradient_clip_val=args.grad_clip or None,   # applied by DiTTrainingModule.configure_gradient_clipping
-        callbacks=[every, best, progress_callback(), KeepMetricsHistory(csv_logger)],
+        callbacks=[every, best, progress_callback(), KeepMetricsHistory(csv_logger), *callbacks],
         plugins=[AtomicCheckpointIO()],
         logger=loggers, log_every_n_steps=args.log_every_n_steps, num_sanity_val_steps=0,
         use_distributed_sampler=False, enable_model_summary=False, deterministic=False,
