@@ -191,6 +191,17 @@ def test_ddp_nan_on_one_rank_stops_the_run(tmp_path, latents):
     assert ckpt["global_step"] == 12   # the last one before the NaN; none was written after it
 
 
+def test_lightning_resume_reads_weights_only_on_any_version(tmp_path):
+    """Trainer.fit(ckpt_path=...) loads through AtomicCheckpointIO: weights_only even when Lightning (< 2.6 has no
+    fit(weights_only=...)) asks for a full unpickle."""
+    from test_robustness import write_malicious
+    marker = tmp_path / "pwned"
+    evil = write_malicious(tmp_path / "last.ckpt", marker)
+    with pytest.raises(PipelineError, match="refused"):
+        td.AtomicCheckpointIO().load_checkpoint(evil, weights_only=False)
+    assert not marker.exists()
+
+
 #################################################################################
 #                       Out of GPU memory: advice, no traceback                 #
 #################################################################################
