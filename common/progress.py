@@ -2,7 +2,8 @@
 
 In a terminal: tqdm bars. Elsewhere (a Kaggle notebook's saved output, CI, nohup, a pipe) a redrawn bar is a
 wall of carriage returns, so progress is a whole line now and then: at the start, every LINE_EVERY_S seconds
-or further 10% of the work, and at the end, flushed, with no carriage returns or escape codes.
+or further 10% of the work, and at the end, flushed, with no carriage returns or escape codes. Progress goes
+to stderr, as tqdm's does; stdout keeps the stages' messages.
 """
 import io
 import sys
@@ -15,8 +16,8 @@ LINE_STEPS = 10   # ... and a line at every further tenth of the work
 
 
 def is_terminal() -> bool:
-    """Whether the user watches stdout live (then bars are redrawn in place)."""
-    return sys.stdout.isatty()
+    """Whether the user watches the progress stream live (then bars are redrawn in place)."""
+    return sys.stderr.isatty()
 
 
 def due(now: float, last_time: float, done: int, last_done: int, total: int | None) -> bool:
@@ -27,11 +28,16 @@ def due(now: float, last_time: float, done: int, last_done: int, total: int | No
 
 
 def print_line(text: str) -> None:
+    """A message on stdout, flushed at once (so that it comes before what a child process writes next)."""
     print(text, file=sys.stdout, flush=True)
 
 
+def progress_line(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
 class LineTqdm(tqdm):
-    """tqdm that prints plain lines to stdout when they are due (see the module docstring)."""
+    """tqdm that prints plain lines to stderr when they are due (see the module docstring)."""
     monitor_interval = 0   # no monitor thread redrawing behind our back
 
     def __init__(self, *args, **kwargs):
@@ -50,7 +56,7 @@ class LineTqdm(tqdm):
         now, (last_time, last_n) = time.monotonic(), self._last_line
         if self.n != last_n and (closing or last_n < 0 or due(now, last_time, self.n, last_n, self.total)):
             self._last_line = (now, self.n)
-            print_line(self.format_meter(**self.format_dict))
+            progress_line(self.format_meter(**self.format_dict))
         return True
 
 

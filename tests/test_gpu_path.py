@@ -239,7 +239,7 @@ def test_other_errors_are_not_taken_for_out_of_memory():
 #################################################################################
 
 def test_stage2_log_outside_a_terminal(tmp_path, latents):
-    """stdout is a pipe here, as on Kaggle, in CI or under nohup: whole progress lines, no \\r or escape codes;
+    """Output to a pipe, as on Kaggle, in CI or under nohup: whole progress lines, no \\r or escape codes;
     resuming does not claim the history will be deleted, the EMA's eval mode raises no warning."""
     out = tmp_path / "run"
     first = run_stage("stage2_train_dit.py", *stage2_args(latents, out, "--max_steps", 4))
@@ -250,9 +250,9 @@ def test_stage2_log_outside_a_terminal(tmp_path, latents):
         assert "\r" not in text and "\x1b" not in text
         assert "Previous log files" not in text and "in eval mode" not in text
     steps = [int(s) for s in re.findall(r"^stage 2: step (\d+)/(?:\d+) \(\d+%\), epoch \d+, [\d.]+ steps/s",
-                                        resumed.stdout, re.M)]
+                                        resumed.stderr, re.M)]
     assert steps[0] == 4 and steps[-1] == 8 and steps == sorted(steps)
-    assert "train_loss_step=" in resumed.stdout
+    assert "train_loss_step=" in resumed.stderr
 
 
 def test_line_progress_is_plain_and_occasional(capsys, monkeypatch):
@@ -260,7 +260,7 @@ def test_line_progress_is_plain_and_occasional(capsys, monkeypatch):
     monkeypatch.setattr(cp, "is_terminal", lambda: False)
     for _ in cp.progress_bar(range(1000), desc="stage 3 sampling", unit="batch"):
         pass
-    lines = capsys.readouterr().out.splitlines()
+    lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 11   # the start, each further tenth (the last one is the end)
     assert lines[-1].startswith("stage 3 sampling: 1000/1000 batch (100%)")
     assert not any("\r" in line or "\x1b" in line for line in lines)

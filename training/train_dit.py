@@ -18,7 +18,7 @@ from pytorch_lightning.strategies import DDPStrategy
 from common.device import bf16_supported
 from common.errors import PipelineError, out_of_memory_advice
 from common.io import atomic_path, save_torch
-from common.progress import due, is_terminal, print_line
+from common.progress import due, is_terminal, progress_line
 from data.latents import load_latents, load_stats
 from models.lightningdit import model_config
 from training.dit_module import DiTTrainingModule, NonFiniteLoss
@@ -199,7 +199,7 @@ class LineProgress(pl.callbacks.ProgressBar):
         left = f", ~{timedelta(seconds=round((total - step) / rate))} left" if rate > 0 else ""
         metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"}
         shown = "".join(f", {k}={v:.4g}" if isinstance(v, float) else f", {k}={v}" for k, v in metrics.items())
-        print_line(f"stage 2: step {step}/{total} ({100 * step // max(total, 1)}%), epoch {trainer.current_epoch}, "
+        progress_line(f"stage 2: step {step}/{total} ({100 * step // max(total, 1)}%), epoch {trainer.current_epoch}, "
                    f"{rate:.2f} steps/s, {timedelta(seconds=round(elapsed))} elapsed{left}{shown}")
 
 
