@@ -3,7 +3,7 @@ and (CPU, eager) the speed of the same step with the reference LightningDiT (hus
 
 One timed step is exactly the training work of a Lightning step: DiTTrainingModule.training_step
 (batch gather, timesteps, noise, forward, flow-matching loss) under the chosen autocast, backward,
-the module's own AdamW (fused on CUDA, foreach on CPU), its EMA update and zero_grad.
+the module's own AdamW (fused, as in training), its EMA update and zero_grad.
 
 Model FLOPs per latent (documented estimate, used for MFU; matmul FLOPs only, 2 per multiply-add):
     forward  = 2 * P_token * T + 2 * P_cond + 4 * L * T^2 * D   (T tokens, L blocks, width D)

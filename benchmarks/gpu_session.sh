@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One lent-GPU session, prepared to run unattended: simulate spectrograms on all CPU cores, train the demo
-# tokenizer on them (assets/demo_vavae.safetensors), then the GPU benchmarks. Everything lands in $OUT.
+# tokenizer on them (assets/demo_vavae.safetensors), then the GPU check (benchmarks/gpu_check.py).
+# Everything lands in $OUT.
 #   TOKENIZER_MINUTES (default 5) bounds the tokenizer training; SHRINK=1 makes a seconds-long CPU dry run.
 set -u
 OUT=${OUT:-./gpu_out}; mkdir -p "$OUT"
@@ -26,7 +27,8 @@ timeout $(python -c "print(int(float($MIN) * 60 + 120))") python train_tokenizer
   --width 32 --num_res_blocks 2 --batch_size 32 --lr 6e-4 --steps 200000 --max_minutes $MIN --eval_every 0 \
   --image_size $SIZE 2>&1 | grep -v "it/s]" | tee "$OUT/tokenizer_log.txt" || echo "FAILED tokenizer" | tee -a "$OUT/log.txt"
 
-if [ -f benchmarks/gpu_bench.sh ] && [ "${BENCH:-1}" = 1 ]; then
-  timeout 300 bash benchmarks/gpu_bench.sh 2>&1 | tail -80 | tee "$OUT/bench_log.txt" || echo "FAILED bench" | tee -a "$OUT/log.txt"
+if [ "${BENCH:-1}" = 1 ]; then
+  timeout 420 python benchmarks/gpu_check.py --json_out "$OUT/gpu_check.json" 2>&1 | tail -80 | tee "$OUT/bench_log.txt" \
+    || echo "FAILED gpu_check" | tee -a "$OUT/log.txt"
 fi
 ls -la "$OUT"

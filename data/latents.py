@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from common.errors import PipelineError
 from common.io import file_sha256, load_safetensors, require_file, save_safetensors, write_text
+from common.progress import progress_bar
 from data.images import User, scan_dataset, try_load_image
 
 LATENT_FILES = ("train.safetensors", "val.safetensors", "latent_stats.safetensors")
@@ -48,7 +48,7 @@ def encode_items(vae, items: list[tuple[Path, int]], image_size: int, batch_size
     loader = DataLoader(ImageList(items, image_size), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=_collate, shuffle=False)
     latents, labels, positions, skipped = [], [], [], []
-    for batch in tqdm(loader, desc=desc, unit="batch", position=position, dynamic_ncols=True):
+    for batch in progress_bar(loader, desc=desc, unit="batch", position=position, dynamic_ncols=True):
         good = [(img, lab, i) for img, lab, i, msgs in batch if img is not None]
         for img, lab, i, msgs in batch:
             if img is None:

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib import colormaps
 from PIL import Image
-from tqdm import tqdm
+
+from common.progress import progress_bar
 
 from common.io import atomic_path
 
@@ -360,7 +361,7 @@ def write_dataset(output_dir: str | os.PathLike, num_users: int, train_per_user:
         raise ValueError(f"looks must be 'demo' or 'broad' (got {looks!r})")
     root = Path(output_dir)
     total = num_users * (train_per_user + val_per_user)
-    with tqdm(total=total, desc="simulating", unit="img", disable=not progress) as bar:
+    with progress_bar(total=total, desc="simulating", unit="img", disable=not progress) as bar:
         for user in range(1, num_users + 1):
             params = sample_user(np.random.default_rng([seed, user]))
             for split_id, (split, count) in enumerate((("train", train_per_user), ("val", val_per_user))):

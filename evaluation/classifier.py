@@ -16,9 +16,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from safetensors.torch import load_file
-from tqdm import tqdm
 
+from common.errors import PipelineError
 from common.io import file_sha256, read_safetensors_metadata, save_safetensors
+from common.progress import progress_bar
 from evaluation.imageset import to_float
 
 CACHE_DIR = ".eval_cache"   # hidden, so scan_dataset never takes it for a user folder
@@ -127,7 +128,7 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: in
         opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
     model.train()
     step = 0
-    with tqdm(total=total, desc=f"training {desc}", unit="step", leave=False) as bar:
+    with progress_bar(total=total, desc=f"training {desc}", unit="step", leave=False) as bar:
         while step < total:
             for index in _batches(images.shape[0], cfg.batch_size, gen):
                 x = augment(to_float(images[index]), cfg, gen).to(device)

@@ -5,10 +5,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from tqdm import tqdm
 
 from common.errors import PipelineError
 from common.io import load_any_weights
+from common.progress import progress_bar
 from evaluation.imageset import iterate_images
 
 INCEPTION_SIZE = 299
@@ -43,7 +43,7 @@ def inception_features(model: nn.Module, paths: list[Path], image_size: int, bat
     as in the classifier's image sets.
     """
     feats = []
-    for _, batch, ok in tqdm(iterate_images(paths, image_size, batch_size, num_workers),
+    for _, batch, ok in progress_bar(iterate_images(paths, image_size, batch_size, num_workers),
                              total=-(-len(paths) // batch_size), desc=f"inception {desc}", leave=False):
         x = F.interpolate(batch[ok], size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)
         if x.shape[0]:

@@ -6,11 +6,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
-from common.device import resolve_device
-from common.errors import PipelineError
+from common.device import bf16_supported, resolve_device
+from common.errors import PipelineError, out_of_memory_advice
 from common.io import atomic_path, file_sha256
+from common.progress import progress_bar
 from data.images import to_uint8
 from models.lightningdit import LightningDiT
 from models.transport import DEFAULT_SAMPLER, DEFAULT_SHIFT, DEFAULT_STEPS, guided_velocity, sample_ode
@@ -81,6 +81,14 @@ def remove_stale_samples(folder: Path, keep: set[str] = frozenset()) -> int:
     return len(stale)
 
 
+def sampling_dtype(device: str) -> torch.dtype | None:
+    """Autocast dtype of the sampler: bf16 on GPUs that run it natively, fp16 on older ones (a T4, where bf16
+    is emulated), none (fp32) on the CPU."""
+    if not device.startswith("cuda"):
+        return None
+    return torch.bfloat16 if bf16_supported(device) else torch.float16
+
+
 @torch.inference_mode()
 def sample_images(model: LightningDiT, vae, info: dict, jobs: list[tuple[int, int]], guidance_scale: float = 4.0,
                   num_steps: int = DEFAULT_STEPS, sampler: str = DEFAULT_SAMPLER, shift: float = DEFAULT_SHIFT,
@@ -95,11 +103,11 @@ def sample_images(model: LightningDiT, vae, info: dict, jobs: list[tuple[int, in
     classes = class_indices([u for u, _ in jobs], info["user_numbers"], info["users"])   # checks the ids too
     mean, std = info["latent_mean"].to(device), info["latent_std"].to(device)
     side = int(round(model.pos_embed.shape[1] ** 0.5)) * model.patch_size
-    on_cuda = device.startswith("cuda")
-    half = torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float16
+    half = sampling_dtype(device)
     images, evaluations = [], 0
     switch = cfg_interval_start if guidance_scale != 1.0 and cfg_interval_start > 0 else None
-    for start in tqdm(range(0, len(jobs), batch_size), desc="stage 3 sampling", unit="batch", disable=not progress):
+    batches = range(0, len(jobs), batch_size)
+    for start in progress_bar(batches, desc="stage 3 sampling", unit="batch", disable=not progress):
         batch = jobs[start:start + batch_size]
         noise = torch.stack([job_noise(seed, u, k, (model.in_channels, side, side)) for u, k in batch]).to(device)
         y = torch.tensor(classes[start:start + batch_size], device=device)
@@ -109,7 +117,7 @@ def sample_images(model: LightningDiT, vae, info: dict, jobs: list[tuple[int, in
         def counted(x, t):
             calls[0] += 1
             return velocity(x, t)
-        with torch.autocast("cuda", dtype=half, enabled=on_cuda):
+        with torch.autocast(torch.device(device).type, dtype=half, enabled=half is not None):
             z = sample_ode(counted, noise, num_steps, sampler, shift, restart_at=switch)
         evaluations = max(evaluations, calls[0])
         images.append(to_uint8(vae.decode(z.float() * std + mean)))
@@ -126,14 +134,15 @@ def generate(dit_checkpoint: str, vavae_path: str, output_dir: str, user_ids: li
     another checkpoint) are removed once the new ones are written, so stage 4 never scores a mix.
     """
     device = str(resolve_device(device))
-    model, info = load_generator(dit_checkpoint, device)
-    check_sampling(info, guidance_scale, num_steps, shift)
-    from models.vavae import load_vavae
-    vae = load_vavae(vavae_path, device=device)
-    check_tokenizer(info, vavae_path)
     jobs = [(u, k) for u in user_ids for k in range(num_samples_per_user)]
-    pixels, nfe = sample_images(model, vae, info, jobs, guidance_scale, num_steps, sampler, shift,
-                                cfg_interval_start, seed, batch_size, device)
+    with out_of_memory_advice("stage 3", f"a smaller --batch_size (now {batch_size}; e.g. 4), or --device cpu"):
+        model, info = load_generator(dit_checkpoint, device)
+        check_sampling(info, guidance_scale, num_steps, shift)
+        from models.vavae import load_vavae
+        vae = load_vavae(vavae_path, device=device)
+        check_tokenizer(info, vavae_path)
+        pixels, nfe = sample_images(model, vae, info, jobs, guidance_scale, num_steps, sampler, shift,
+                                    cfg_interval_start, seed, batch_size, device)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []

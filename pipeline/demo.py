@@ -5,6 +5,7 @@ import time
 from pathlib import Path
 
 from common.errors import PipelineError
+from common.progress import print_line
 from pipeline.orchestrate import ROOT, run_pipeline
 
 DEMO_TOKENIZER = ROOT / "assets" / "demo_vavae.safetensors"
@@ -12,7 +13,7 @@ DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
 DEMO_DATA = dict(num_users=6, train_per_user=40, val_per_user=10, seed=0)
 
 
-def simulate_once(data_dir: Path, log=print, **sizes) -> None:
+def simulate_once(data_dir: Path, log=print_line, **sizes) -> None:
     """Write the simulated dataset unless a finished one (marker present) is already there."""
     from common.io import write_text
     from data.simulate import write_dataset
@@ -25,7 +26,7 @@ def simulate_once(data_dir: Path, log=print, **sizes) -> None:
     write_text(marker, repr(sizes))
 
 
-def run_demo(args: argparse.Namespace, extra: list[str], log=print) -> None:
+def run_demo(args: argparse.Namespace, extra: list[str], log=print_line) -> None:
     """Simulate (once), then stages 1-4 with configs/demo.yaml applied by the caller."""
     started = time.time()
     if not DEMO_TOKENIZER.is_file():

@@ -19,6 +19,7 @@ from typing import Any
 from common.config import load_config
 from common.errors import PipelineError
 from common.io import write_text
+from common.progress import print_line
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGE_SCRIPTS = {1: "stage1_extract_features.py", 2: "stage2_train_dit.py", 3: "stage3_inference.py",
@@ -150,7 +151,7 @@ def finished_at(folder: Path) -> float | None:
     return (read_marker(folder / DONE_MARKER) or {}).get("finished")
 
 
-def run_pipeline(args: argparse.Namespace, extra: list[str], log=print) -> Path:
+def run_pipeline(args: argparse.Namespace, extra: list[str], log=print_line) -> Path:
     """Run the requested stages in order; returns the output folder."""
     out = Path(absolute(args.output_dir))
     out.mkdir(parents=True, exist_ok=True)

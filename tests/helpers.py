@@ -7,13 +7,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from common.device import bf16_supported
+
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 TINY_VAVAE = dict(ch=8, ch_mult=(1, 2, 2, 2, 2), num_res_blocks=1, attn_resolutions=(4,), resolution=64,
                   norm_groups=4)
 IMAGE_SIZE = 64
+# Stage 2 runs as on a GPU: mixed precision, fused AdamW, gradient clipping (default 1.0). bf16-mixed where the
+# CPU has native bf16 (else stage 2 would fall back to 32-true with a warning; test_gpu_path forces bf16 there).
+TINY_PRECISION = "bf16-mixed" if bf16_supported("cpu") else "32-true"
 TINY_DIT_FLAGS = ["--model", "LightningDiT-S/2", "--depth", "1", "--hidden_size", "32", "--num_heads", "2",
-                  "--precision", "32-true", "--accelerator", "cpu"]
+                  "--precision", TINY_PRECISION, "--accelerator", "cpu"]
 
 
 def make_tokenizer(path: str | os.PathLike, seed: int = 0, **overrides) -> Path:

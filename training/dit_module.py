@@ -115,10 +115,17 @@ class DiTTrainingModule(pl.LightningModule):
             self.check_finite()
 
     def check_finite(self) -> None:
-        """Raise NonFiniteLoss if any rank's loss was NaN/inf since the start (one device sync)."""
-        bad_step = int(self.nonfinite_step)
-        if self.trainer.strategy.reduce_boolean_decision(bad_step >= 0, all=False):
-            raise NonFiniteLoss(bad_step if bad_step >= 0 else int(self.global_step))
+        """Raise NonFiniteLoss if any rank's loss was NaN/inf since the start (one device sync).
+
+        Every rank raises with the first bad step over all ranks, so each prints the same message. The flag is
+        rank-local: DDP must not broadcast buffers (train_dit builds it with broadcast_buffers=False), or rank
+        0's flag would overwrite the others' before each forward.
+        """
+        none = torch.iinfo(torch.int64).max
+        first = torch.where(self.nonfinite_step >= 0, self.nonfinite_step, none)
+        first = int(self.trainer.strategy.reduce(first, reduce_op="min"))
+        if first != none:
+            raise NonFiniteLoss(first)
 
     @torch.no_grad()
     def update_ema(self, step: int):
@@ -137,10 +144,28 @@ class DiTTrainingModule(pl.LightningModule):
         self.log("val_loss", loss, prog_bar=True, on_epoch=True, sync_dist=True, batch_size=end - start)
 
     def configure_optimizers(self):
-        fused = self.device.type == "cuda"
-        groups = self.param_groups()
-        return torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay,
-                                 fused=fused, foreach=None if fused else True)
+        # Fused AdamW on every device (CUDA, and CPU since torch 2.4): one kernel for the whole update, 3-4x
+        # faster than foreach on the CPU. The same construction everywhere, so the CPU tests run the GPU's.
+        return torch.optim.AdamW(self.param_groups(), lr=self.lr, betas=self.betas,
+                                 weight_decay=self.weight_decay, fused=True)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Clip the global gradient norm of the true (unscaled) gradients.
+
+        Lightning's own clipping refuses a fused optimizer under mixed precision ("does not allow for gradient
+        clipping because it performs unscaling of gradients internally"): with fp16 loss scaling, fused AdamW
+        would unscale inside its step, after the clip. So unscale here first; GradScaler records it, and its
+        step() then hands the fused kernel no scale (still skipping the step on inf/NaN gradients).
+        """
+        if not gradient_clip_val:
+            return
+        if gradient_clip_algorithm not in (None, "norm"):
+            raise ValueError(f"only norm clipping is implemented, not {gradient_clip_algorithm}")
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)   # 16-mixed only
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, gradient_clip_val, foreach=True)
 
     def param_groups(self) -> list[dict]:
         """Trainable parameters; with backbone_lr_scale < 1 the transformer blocks learn slower.

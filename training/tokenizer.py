@@ -13,9 +13,9 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from common.errors import PipelineError
+from common.progress import progress_bar
 from data.images import scan_dataset, try_load_image
 from common.io import file_sha256
 from models.vavae import VAVAE, load_vavae, reconstruction_psnr, save_vavae
@@ -266,7 +266,7 @@ def train_tokenizer(data_dir: str | Path, output_path: str | Path, width: int = 
     latent = crop_size // model.downsample_factor
     history, evals, order, pos = [], [], torch.randperm(len(train_bank), generator=gen), 0
     start, done = time.time(), 0
-    bar = tqdm(total=steps, disable=not progress, desc="tokenizer", dynamic_ncols=True)
+    bar = progress_bar(total=steps, disable=not progress, desc="tokenizer", dynamic_ncols=True)
     for step in range(1, steps + 1):
         elapsed = time.time() - start
         frac = max(step / steps, elapsed / (60 * max_minutes) if max_minutes else 0.0)

@@ -1,33 +1,51 @@
 """Stage 2 logic: build the Trainer (DDP, precision, checkpoints, logs), resume, train, plot."""
 import csv
 import os
+import time
 import warnings
 import zipfile
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.plugins import TorchCheckpointIO
+from pytorch_lightning.strategies import DDPStrategy
 
-from common.errors import PipelineError
+from common.device import bf16_supported
+from common.errors import PipelineError, out_of_memory_advice
 from common.io import atomic_path, save_torch
+from common.progress import due, is_terminal, progress_line
 from data.latents import load_latents, load_stats
 from models.lightningdit import model_config
 from training.dit_module import DiTTrainingModule, NonFiniteLoss
 
 
+OOM_FLAGS = ("a smaller --batch_size (per GPU), --grad_checkpointing, a smaller --model (on 16 GB T4s: "
+             "--config configs/kaggle_2xT4.yaml, LightningDiT-B/1), --precision 16-mixed or bf16-mixed (not 32-true)")
+
+
 def resolve_precision(precision: str, accelerator: str) -> str:
-    """The precision asked for, or the nearest one this machine runs (with a warning)."""
+    """The precision asked for, or the nearest one this hardware runs natively (with a warning).
+
+    bf16-mixed needs native bf16 (common.device.bf16_supported): a T4 gets 16-mixed with loss scaling, a CPU
+    without AVX512-BF16/AMX gets 32-true. fp16 on a CPU is slow and needs loss scaling for nothing: a CPU asked
+    for 16-mixed gets bf16-mixed where it has bf16, else 32-true.
+    """
     on_cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    if not on_cuda and precision in ("16-mixed", "16", "bf16-mixed", "bf16"):
-        warnings.warn(f"precision {precision} needs a GPU; no CUDA here, training in 32-true instead")
-        return "32-true"
-    if on_cuda and precision.startswith("bf16") and not torch.cuda.is_bf16_supported():
-        warnings.warn("this GPU has no bf16 (e.g. a T4); training in 16-mixed with loss scaling instead")
-        return "16-mixed"
+    device = "cuda" if on_cuda else "cpu"
+    if precision in ("bf16-mixed", "bf16") and not bf16_supported(device):
+        instead = "16-mixed" if on_cuda else "32-true"
+        warnings.warn(f"precision {precision}: this {'GPU' if on_cuda else 'CPU'} has no native bf16 "
+                      f"({'e.g. a T4' if on_cuda else 'no AVX512-BF16 or AMX'}); training in {instead} instead")
+        return instead
+    if not on_cuda and precision in ("16-mixed", "16"):
+        instead = "bf16-mixed" if bf16_supported("cpu") else "32-true"
+        warnings.warn(f"precision {precision} is for GPUs; this CPU trains in {instead} instead")
+        return instead
     return precision
 
 
@@ -57,9 +75,10 @@ def build_module(args, log=print) -> DiTTrainingModule:
     return module
 
 
-def train(args, log=print) -> Path:
-    """Train (or resume) and return the path of the best checkpoint."""
-    pl.seed_everything(args.seed, workers=True, verbose=False)
+def train(args, log=print, callbacks: Sequence[pl.Callback] = ()) -> Path:
+    """Train (or resume) and return the path of the best checkpoint; `callbacks` are added to the Trainer's
+    (benchmarks/gpu_check.py times the steps with one)."""
+    torch.manual_seed(args.seed)   # the initial weights; the module seeds each step from (seed, step, rank)
     out = Path(args.output_dir)
     ckpt_dir = out / "checkpoints"
     precision = resolve_precision(args.precision, args.accelerator)
@@ -93,20 +112,25 @@ def train(args, log=print) -> Path:
     csv_logger = CSVLogger(out, name="lightning_logs", version="csv")
     loggers = [csv_logger, TensorBoardLogger(out, name="lightning_logs", version="tensorboard")]
     devices = args.devices
-    strategy = "ddp" if (devices if isinstance(devices, int) else 1) * args.num_nodes > 1 else "auto"
-    if strategy == "ddp" and args.accelerator == "cpu":
+    distributed = (devices if isinstance(devices, int) else 1) * args.num_nodes > 1
+    # The latents, the fixed validation noise and the NaN flag are buffers: by default DDP would broadcast
+    # them from rank 0 before every forward (the whole dataset each step) and overwrite the other ranks' flag.
+    strategy = DDPStrategy(broadcast_buffers=False) if distributed else "auto"
+    if distributed and args.accelerator == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // devices))
+    quiet_lightning_warnings()
     trainer = pl.Trainer(
         accelerator=args.accelerator, devices=devices, num_nodes=args.num_nodes, strategy=strategy,
         precision=precision, max_epochs=args.max_epochs, max_steps=args.max_steps or -1,
-        gradient_clip_val=args.grad_clip or None,
-        callbacks=[every, best, TQDMProgressBar(refresh_rate=10), KeepMetricsHistory(csv_logger)],
+        gradient_clip_val=args.grad_clip or None,   # applied by DiTTrainingModule.configure_gradient_clipping
+        callbacks=[every, best, progress_callback(), KeepMetricsHistory(csv_logger), *callbacks],
         plugins=[AtomicCheckpointIO()],
         logger=loggers, log_every_n_steps=args.log_every_n_steps, num_sanity_val_steps=0,
         use_distributed_sampler=False, enable_model_summary=False, deterministic=False,
         check_val_every_n_epoch=args.val_every_n_epochs, default_root_dir=out)
     try:
-        trainer.fit(module, ckpt_path=resume, weights_only=True)
+        with out_of_memory_advice("stage 2", OOM_FLAGS):
+            trainer.fit(module, ckpt_path=resume)   # AtomicCheckpointIO reads it with weights_only=True
     except NonFiniteLoss as err:
         raise PipelineError(
             f"training stopped: the loss became NaN/inf by step {err.step} (precision {precision}, lr {args.lr}). "
@@ -122,9 +146,71 @@ def train(args, log=print) -> Path:
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoints are written beside their final name, then renamed: a kill mid-save keeps the previous
     last.ckpt whole (Lightning's own save stages the file in /tmp and moves it, a copy when /tmp is
-    another disk, e.g. a mounted drive)."""
+    another disk, e.g. a mounted drive). Resuming reads with weights_only=True whatever the Lightning version
+    (trainer.fit(weights_only=...) only exists from Lightning 2.6)."""
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
         save_torch(checkpoint, path)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
+        return load_checkpoint(path)
+
+
+def progress_callback() -> pl.callbacks.ProgressBar:
+    """A tqdm bar in a terminal; in a log (Kaggle, CI, nohup) a plain line now and then."""
+    return TQDMProgressBar(refresh_rate=10) if is_terminal() else LineProgress()
+
+
+class LineProgress(pl.callbacks.ProgressBar):
+    """'stage 2: step 120/1400 (9%), epoch 3, 4.1 steps/s, 0:00:29 elapsed, ~0:04:52 left, train_loss=...'
+    at the start, every LINE_EVERY_S seconds or further tenth of the run, and at the end (rank 0 only)."""
+    def __init__(self):
+        super().__init__()
+        self.enabled = True
+        self.start = (0.0, 0)        # (time, step) when this run (or resume) started
+        self.last = (0.0, -1)        # (time, step) of the last line
+
+    def disable(self) -> None:
+        self.enabled = False
+
+    def enable(self) -> None:
+        self.enabled = True
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.start = self.last = (time.monotonic(), trainer.global_step)
+        self.print_line(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx) -> None:
+        if due(time.monotonic(), self.last[0], trainer.global_step, self.last[1], self.total_steps(trainer)):
+            self.print_line(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step != self.last[1]:
+            self.print_line(trainer, pl_module)
+
+    @staticmethod
+    def total_steps(trainer: pl.Trainer) -> int:
+        return int(trainer.estimated_stepping_batches)
+
+    def print_line(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        now, step, total = time.monotonic(), trainer.global_step, self.total_steps(trainer)
+        self.last = (now, step)
+        if not self.enabled:
+            return
+        elapsed = now - self.start[0]
+        rate = (step - self.start[1]) / elapsed if elapsed > 0 else 0.0
+        left = f", ~{timedelta(seconds=round((total - step) / rate))} left" if rate > 0 else ""
+        metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"}
+        shown = "".join(f", {k}={v:.4g}" if isinstance(v, float) else f", {k}={v}" for k, v in metrics.items())
+        progress_line(f"stage 2: step {step}/{total} ({100 * step // max(total, 1)}%), epoch {trainer.current_epoch}, "
+                   f"{rate:.2f} steps/s, {timedelta(seconds=round(elapsed))} elapsed{left}{shown}")
+
+
+def quiet_lightning_warnings() -> None:
+    """Lightning messages that mislead here: the CSV history is kept on resume (KeepMetricsHistory), and the
+    EMA copy is in eval mode on purpose."""
+    warnings.filterwarnings("ignore", message=".*Previous log files in this directory will be deleted")
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
 
 
 class KeepMetricsHistory(pl.Callback):

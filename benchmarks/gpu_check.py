@@ -1,0 +1,241 @@
+"""The GPU check: stages 1-3 through the functions the stage scripts call, on whatever CUDA device is present.
+
+    python benchmarks/gpu_check.py               # one GPU, <= 6 minutes on an H100, nothing downloaded
+    python benchmarks/gpu_check.py --cpu_smoke   # tiny sizes on the CPU (< 1 minute): the check itself runs
+
+- stage 1: data.latents.extract_features with the full-size f16d32 tokenizer (random weights, saved in the
+  published .pt layout) on 64 simulated spectrograms: images/s (a second, warm pass is timed);
+- stage 2: training.train_dit.train (the Lightning Trainer, DDP-ready module, fused AdamW, clipping) for
+  ~30 steps each of LightningDiT-B/1 in 16-mixed and bf16-mixed and XL/1 in bf16-mixed with
+  --grad_checkpointing, all with --grad_clip 1.0: latents/s (steps after the first 10), peak memory, MFU
+  (analytic FLOPs of benchmarks/bench_train.py over the card's dense bf16/fp16 peak), ok or the error;
+- stage 3: generation.generate.sample_images (sampling + decoding) with the B/1 model trained above:
+  images/s at the default sampler and at the seed's 250 Euler steps.
+
+Writes benchmarks/results/gpu_check.json (--cpu_smoke: /tmp/gpu_check_cpu_smoke.json): device, torch, lightning,
+stage1, stage2 (model, precision, grad_clip, batch_size, grad_checkpointing, steps, ok, latents_per_s,
+peak_mem_gb, mfu, error), stage3. A part that fails is recorded with its error and the others still run.
+"""
+import argparse
+import gc
+import json
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import pytorch_lightning as pl
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # harness, bench_train
+from harness import ROOT, peak_tflops   # noqa: E402  (harness also puts the repository on sys.path)
+from bench_train import train_flops_per_latent   # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+FULL = dict(users=4, train_per_user=12, val_per_user=4, image_size=256, num_workers=4, batch_size=32, steps=30,
+            warmup=10,
+            samples_per_user=16, seed_steps=250,
+            stage2=[("LightningDiT-B/1", "16-mixed", False), ("LightningDiT-B/1", "bf16-mixed", False),
+                    ("LightningDiT-XL/1", "bf16-mixed", True)])
+SMOKE = dict(users=2, train_per_user=4, val_per_user=2, image_size=64, num_workers=0, batch_size=4, steps=4,
+             warmup=1,
+             samples_per_user=2, seed_steps=8,
+             stage2=[("LightningDiT-S/2", "16-mixed", False), ("LightningDiT-S/2", "bf16-mixed", False),
+                     ("LightningDiT-S/2", "bf16-mixed", True)])
+SMOKE_DIT = ["--depth", "1", "--hidden_size", "32", "--num_heads", "2"]
+
+
+#################################################################################
+#                                   Helpers                                     #
+#################################################################################
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def reset_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_gb() -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
+def attempt(part: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run one part; a failure becomes {"ok": False, "error": ...} instead of ending the check."""
+    try:
+        return {"ok": True, **part(), "error": None}
+    except Exception as err:   # noqa: BLE001 - every failure is a result here
+        traceback.print_exc()
+        return {"ok": False, "error": f"{type(err).__name__}: {str(err)[:1000]}"}
+    finally:
+        reset_memory()
+
+
+class StepTimer(pl.Callback):
+    """Wall time between the end of step `warmup` and the last step (synchronised), seen by the Trainer, and
+    the analytic training FLOPs per latent of the model being trained."""
+    def __init__(self, warmup: int):
+        self.warmup, self.marks, self.flops = warmup, {}, None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.flops = train_flops_per_latent(pl_module.model)["flops"]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step in (self.warmup, trainer.max_steps):
+            sync()
+            self.marks[trainer.global_step] = time.perf_counter()
+
+    def seconds(self, last: int) -> float:
+        return self.marks[last] - self.marks[self.warmup]
+
+
+#################################################################################
+#                                   Stages                                      #
+#################################################################################
+
+def make_tokenizer(path: Path, smoke: bool) -> Path:
+    """Full size: the f16d32 VA-VAE with random weights in the published layout ({"state_dict": ...} .pt)."""
+    from models.vavae import VAVAE, VAVAE_CONFIGS, save_vavae
+    torch.manual_seed(0)
+    if smoke:
+        tiny = dict(ch=8, ch_mult=(1, 2, 2, 2, 2), num_res_blocks=1, attn_resolutions=(4,), resolution=64,
+                    norm_groups=4)
+        save_vavae(VAVAE(**tiny), path.with_suffix(".safetensors"))
+        return path.with_suffix(".safetensors")
+    torch.save({"state_dict": VAVAE(**VAVAE_CONFIGS["f16d32"]).state_dict()}, path.with_suffix(".pt"))
+    return path.with_suffix(".pt")
+
+
+def check_stage1(data: Path, tokenizer: Path, work: Path, sizes: dict) -> dict[str, Any]:
+    from data.latents import extract_features
+    n_images = sizes["users"] * (sizes["train_per_user"] + sizes["val_per_user"])
+    seconds = []
+    for run in ("cold", "warm"):
+        sync()
+        start = time.perf_counter()
+        extract_features(str(data), str(tokenizer), str(work / f"latents_{run}"), batch_size=sizes["batch_size"],
+                         image_size=sizes["image_size"], num_workers=sizes["num_workers"], log=lambda m: None)
+        sync()
+        seconds.append(time.perf_counter() - start)
+    return {"images": n_images, "batch_size": sizes["batch_size"], "tokenizer": tokenizer.name,
+            "seconds_cold": round(seconds[0], 2), "seconds_warm": round(seconds[1], 2),
+            "images_per_s": round(n_images / seconds[1], 2), "note": "PNG loading + preprocessing + encoder, "
+            "tokenizer load included; random weights"}
+
+
+def check_stage2(latents: Path, out: Path, model: str, precision: str, grad_checkpointing: bool, sizes: dict,
+                 smoke: bool) -> dict[str, Any]:
+    import stage2_train_dit
+    from training.train_dit import resolve_precision, train
+    steps, batch = sizes["steps"], sizes["batch_size"]
+    flags = ["--latent_dir", latents, "--output_dir", out, "--model", model, "--precision", precision,
+             "--grad_clip", 1.0, "--batch_size", batch, "--max_steps", steps, "--val_every_n_epochs", 10**6,
+             "--checkpoint_every_n_steps", 10**9, "--log_every_n_steps", 10,
+             *(["--grad_checkpointing"] if grad_checkpointing else []), *(SMOKE_DIT if smoke else []),
+             *(["--accelerator", "cpu"] if smoke else [])]
+    args = stage2_train_dit.build_parser().parse_args(list(map(str, flags)))
+    row = {"model": model, "precision": precision, "grad_clip": 1.0, "batch_size": batch,
+           "grad_checkpointing": grad_checkpointing, "steps": steps,
+           "precision_used": resolve_precision(precision, args.accelerator)}
+    timer = StepTimer(sizes["warmup"])
+    reset_memory()
+    train(args, log=print, callbacks=[timer])
+    latents_per_s = batch * (steps - sizes["warmup"]) / timer.seconds(steps)
+    mfu = None
+    if torch.cuda.is_available():
+        dtype = torch.float16 if row["precision_used"] == "16-mixed" else torch.bfloat16
+        mfu = round(latents_per_s * timer.flops / (peak_tflops(torch.device("cuda"), dtype)[0] * 1e12), 4)
+    return {**row, "latents_per_s": round(latents_per_s, 1), "peak_mem_gb": peak_memory_gb(), "mfu": mfu,
+            "train_tflops_per_latent": timer.flops / 1e12}
+
+
+def check_stage3(checkpoint: Path, model_name: str, tokenizer: Path, sizes: dict,
+                 device: str) -> list[dict[str, Any]]:
+    from generation.generate import load_generator, sample_images
+    from models.transport import DEFAULT_SAMPLER, DEFAULT_SHIFT, DEFAULT_STEPS
+    from models.vavae import load_vavae
+    model, info = load_generator(str(checkpoint), device)
+    vae = load_vavae(tokenizer, device=device)
+    jobs = [(u, k) for u in info["user_numbers"] for k in range(sizes["samples_per_user"])]
+    sample_images(model, vae, info, jobs[:1], num_steps=2, device=device, progress=False)   # warm-up
+    rows = []
+    for sampler, steps, shift in ((DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_SHIFT),
+                                  ("euler", sizes["seed_steps"], 1.0)):
+        reset_memory()
+        sync()
+        start = time.perf_counter()
+        _, nfe = sample_images(model, vae, info, jobs, num_steps=steps, sampler=sampler, shift=shift,
+                               device=device, progress=False)
+        sync()
+        seconds = time.perf_counter() - start
+        rows.append({"model": model_name, "sampler": sampler, "steps": steps, "nfe": nfe,
+                     "images": len(jobs), "batch_size": 16, "guidance_scale": 4.0,
+                     "images_per_s": round(len(jobs) / seconds, 2), "peak_mem_gb": peak_memory_gb()})
+    return rows
+
+
+#################################################################################
+#                                     Main                                      #
+#################################################################################
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cpu_smoke", action="store_true", help="tiny sizes on the CPU: checks the check")
+    parser.add_argument("--json_out", default=None,
+                        help="default benchmarks/results/gpu_check.json (--cpu_smoke: in the temp folder)")
+    args = parser.parse_args()
+    smoke = args.cpu_smoke
+    if not smoke and not torch.cuda.is_available():
+        sys.exit("no CUDA device: run on a GPU machine, or pass --cpu_smoke to test the check itself")
+    sizes, device = (SMOKE, "cpu") if smoke else (FULL, "cuda")
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    started = time.time()
+    result: dict[str, Any] = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke sizes)",
+        "torch": torch.__version__, "lightning": pl.__version__, "cpu_smoke": smoke}
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
+        work = Path(tmp)
+        from data.simulate import write_dataset
+        write_dataset(work / "data", sizes["users"], sizes["train_per_user"], sizes["val_per_user"], seed=0,
+                      image_size=sizes["image_size"], progress=False)
+        tokenizer = make_tokenizer(work / "vavae", smoke)
+        print("== stage 1", flush=True)
+        result["stage1"] = attempt(lambda: check_stage1(work / "data", tokenizer, work, sizes))
+        latents = work / "latents_warm"
+        print("== stage 2", flush=True)
+        result["stage2"] = []
+        for i, (model, precision, ckpt) in enumerate(sizes["stage2"]):
+            keep = i == 1   # B/1 bf16-mixed: the model stage 3 samples
+            print(f"-- {model} {precision}{' --grad_checkpointing' if ckpt else ''}", flush=True)
+            row = attempt(lambda: check_stage2(latents, work / f"dit_{i}", model, precision, ckpt, sizes, smoke))
+            if not keep:   # Lightning writes last.ckpt at the end whatever the cadence: free the disk
+                shutil.rmtree(work / f"dit_{i}", ignore_errors=True)
+            result["stage2"].append({"model": model, "precision": precision, "grad_clip": 1.0,
+                                     "batch_size": sizes["batch_size"], "grad_checkpointing": ckpt,
+                                     "steps": sizes["steps"], "latents_per_s": None, "peak_mem_gb": None,
+                                     "mfu": None, **row})
+        print("== stage 3", flush=True)
+        checkpoint = work / "dit_1" / "checkpoints" / "last.ckpt"
+        model_name = sizes["stage2"][1][0]
+        result["stage3"] = attempt(lambda: {"runs": check_stage3(checkpoint, model_name, tokenizer, sizes, device)})
+    result["seconds"] = round(time.time() - started, 1)
+    default = Path(tempfile.gettempdir()) / "gpu_check_cpu_smoke.json" if smoke else RESULTS / "gpu_check.json"
+    path = Path(args.json_out) if args.json_out else default
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    print(json.dumps(result, indent=1, default=str))
+    print(f"wrote {path} ({result['seconds']} s)")
+
+
+if __name__ == "__main__":
+    main()
