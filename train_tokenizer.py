@@ -19,20 +19,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder_only", action="store_true",
                    help="with --init_from: train the decoder only, so latents (and any DiT trained on them) stay valid")
     p.add_argument("--crop_size", type=int, default=None,
-                   help="train on random crops of this size (multiple of 16; default the full image): "
-                        "a 128-px crop costs 1/4 of a 256-px image; PSNR is always measured on full images")
+                   help="train on random crops of this size (multiple of 16; default: the full image from scratch, "
+                        "64 with --init_from): a 64-px crop costs 1/16 of a 256-px image; PSNR is always measured "
+                        "on full images")
     p.add_argument("--width", type=int, default=48, help="base channels (the official tokenizer has 128)")
     p.add_argument("--num_res_blocks", type=int, default=2)
     p.add_argument("--image_size", type=int, default=256)
     p.add_argument("--steps", type=int, default=6000)
     p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=6e-4,
-                   help="AdamW lr (6e-4 beat 2e-4 by 1 dB PSNR in a 90 s H200 run of the default model)")
-    p.add_argument("--warmup", type=int, default=200, help="linear warmup steps before the cosine decay")
+    p.add_argument("--lr", type=float, default=None, help="AdamW lr (default: 6e-4 from scratch, 5e-4 with --init_from)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="linear warmup steps before the cosine decay (default: 200 from scratch, 20 with --init_from)")
     p.add_argument("--max_minutes", type=float, default=None,
                    help="stop after this many minutes; the cosine schedule then follows the clock")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--precision", default=None, choices=["bf16", "fp32"], help="default bf16 on cuda, fp32 on cpu")
+    p.add_argument("--precision", default=None, choices=["bf16", "fp32"], help="default bf16 where it is native (GPUs of compute capability >= 8.0, CPUs with AVX512-BF16/AMX), else fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step (GPU)")
     p.add_argument("--val_fraction", type=float, default=0.1,
                    help="fraction of train images held out for PSNR when the folder has no val images")

@@ -119,6 +119,7 @@ def test_fine_tuning_from_a_tokenizer_reports_psnr_before_and_after(tmp_path):
     assert load_vavae(out).config == load_vavae(start).config          # --width 16 does not apply
     meta = read_safetensors_metadata(out)
     assert meta["init_from"] == "start.safetensors" and meta["decoder_only"] is False
+    assert meta["crop_size"] == 32          # the fine-tune default crop (64) capped at the image size
     assert any("before fine-tuning" in line for line in lines)
 
 
@@ -152,7 +153,8 @@ def test_crop_training_runs_and_measures_full_images(tmp_path):
     data = make_dataset(tmp_path / "data", users=1, train=4, val=1)
     summary = train_tokenizer(data, tmp_path / "tok.safetensors", steps=2, crop_size=16, **TINY)
     assert math.isfinite(summary["val_psnr_db"])
-    assert read_safetensors_metadata(tmp_path / "tok.safetensors")["crop_size"] == 16
+    meta = read_safetensors_metadata(tmp_path / "tok.safetensors")
+    assert meta["crop_size"] == 16 and meta["lr"] == 6e-4        # from-scratch defaults
     with pytest.raises(PipelineError, match="--crop_size"):
         train_tokenizer(data, tmp_path / "t.safetensors", steps=1, crop_size=24, **TINY)
 

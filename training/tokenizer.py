@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from common.errors import PipelineError
 from common.progress import progress_bar
 from data.images import scan_dataset, try_load_image
+from common.device import bf16_supported
 from common.io import file_sha256
 from models.vavae import VAVAE, load_vavae, reconstruction_psnr, save_vavae
 
@@ -169,6 +170,14 @@ def _to_float(images: torch.Tensor) -> torch.Tensor:
 #                                   Training                                    #
 #################################################################################
 
+# Defaults of a run from scratch and of a fine-tune (--init_from). A fine-tune is minutes on a CPU: 64-px
+# crops give 16x the images of full frames per second, a short warm-up leaves the steps to learning, and
+# the lower lr keeps what the start already knows (5e-4 took an unseen look from 15.2 to 21.0 dB in 118
+# steps here; 6e-4 from scratch beat 2e-4 by 1 dB in a 90 s H200 run).
+FROM_SCRATCH = dict(lr=6e-4, warmup=200, crop_size=None)
+FINETUNE = dict(lr=5e-4, warmup=20, crop_size=64)
+
+
 def build_tokenizer(init_from: str | Path | None, width: int, num_res_blocks: int, image_size: int,
                     log=print) -> VAVAE:
     """A fresh narrow tokenizer, or an existing one (published .pt or project .safetensors) to fine-tune."""
@@ -195,8 +204,8 @@ def random_crops(images: torch.Tensor, size: int, gen: torch.Generator) -> torch
 
 
 def train_tokenizer(data_dir: str | Path, output_path: str | Path, width: int = 48, num_res_blocks: int = 2,
-                    image_size: int = 256, steps: int = 6000, batch_size: int = 32, lr: float = 6e-4,
-                    warmup: int = 200, device: str | None = None, precision: str | None = None,
+                    image_size: int = 256, steps: int = 6000, batch_size: int = 32, lr: float | None = None,
+                    warmup: int | None = None, device: str | None = None, precision: str | None = None,
                     val_fraction: float = 0.1, align_weights: str | Path | None = None, align_weight: float = 0.1,
                     foundation: Callable[[], nn.Module] | None = None, l1_weight: float = 0.1,
                     eval_every: int = 1000, max_val_images: int = 256, max_minutes: float | None = None,
@@ -207,12 +216,14 @@ def train_tokenizer(data_dir: str | Path, output_path: str | Path, width: int = 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise PipelineError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu.")
-    precision = precision or ("bf16" if device.type == "cuda" else "fp32")
+    precision = precision or ("bf16" if bf16_supported(device) else "fp32")   # native bf16: ~2x on such CPUs
     if precision not in ("bf16", "fp32"):
         raise PipelineError(f"--precision must be bf16 or fp32 (got {precision}).")
     if decoder_only and init_from is None:
         raise PipelineError("--decoder_only keeps an existing encoder: give the tokenizer to start from with --init_from.")
-    crop_size = crop_size or image_size
+    recipe = FINETUNE if init_from is not None else FROM_SCRATCH
+    lr, warmup = lr or recipe["lr"], recipe["warmup"] if warmup is None else warmup
+    crop_size = crop_size or min(recipe["crop_size"] or image_size, image_size)
     if crop_size % 16 or not 16 <= crop_size <= image_size:
         raise PipelineError(f"--crop_size must be a multiple of 16 between 16 and --image_size (got {crop_size}).")
     torch.manual_seed(seed)
