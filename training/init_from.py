@@ -90,6 +90,9 @@ def load_pretrained(path: str | Path) -> PretrainedWeights:
     else:
         state, picked = _pick_state(obj)
     users = list(pipeline["users"]) if pipeline is not None and pipeline.get("users") else None
+    if pipeline is not None and pipeline.get("lora"):   # a `--finetune lora` checkpoint: adapters merged
+        from training.lora import merge_lora_state
+        state = merge_lora_state(state, pipeline["lora"])
     return _checked(path, PretrainedWeights(state, picked, config, users))
 
 
@@ -291,7 +294,8 @@ def apply_finetune(model: nn.Module, finetune: str) -> tuple[int, int]:
 #                                  Entry point                                  #
 #################################################################################
 
-def initialise_from(module, path: str | Path, finetune: str = "full", log: Callable[[str], None] = print) -> None:
+def initialise_from(module, path: str | Path, finetune: str = "full", log: Callable[[str], None] = print,
+                    lora_rank: int = 16, lora_alpha: float | None = None) -> None:
     """Load pretrained weights into a DiTTrainingModule (model and EMA) and set the fine-tune mode.
 
     The architecture comes from the stage 2 flags (--model, --depth, ...); the file must match it except for
@@ -312,13 +316,20 @@ def initialise_from(module, path: str | Path, finetune: str = "full", log: Calla
     model.load_state_dict(state, strict=True)
     # The EMA must start at the loaded weights: from random init it would take ~1/(1-decay) steps to forget.
     module.ema.load_state_dict(model.state_dict())
-    trainable, total = apply_finetune(model, finetune)
+    if finetune == "lora":
+        from training.lora import apply_lora
+        trainable, total = apply_lora(module, lora_rank, lora_alpha)
+    else:
+        trainable, total = apply_finetune(model, finetune)
 
     log(f"initialised from {path} ({weights.picked} weights, {len(state)} tensors): class table "
         f"{old_rows}+1 -> {len(users)}+1 rows (null row kept, {len(keep)} user row(s) carried over, the rest "
         "from the mean class), every other weight loaded; EMA reset to the loaded weights")
     scale = getattr(module, "backbone_lr_scale", 1.0)
-    if finetune == "partial":
+    if finetune == "lora":
+        log(f"--finetune lora (rank {lora_rank}): training {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters "
+            "(adapters on attention/MLP, adaLN, t/y/x embedders, final layer); base projections frozen")
+    elif finetune == "partial":
         log(f"--finetune partial: training {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters "
             "(adaLN, t/y/x embedders, final layer); attention/MLP of the blocks frozen")
     elif scale != 1.0:
