@@ -13,7 +13,7 @@ from helpers import make_tokenizer
 from models.lightningdit import LightningDiT
 from test_init_from import TINY, latent_dir, make_module, published   # noqa: F401 (fixtures)
 from training.dit_module import ema_state_dict
-from training.init_from import CLASS_TABLE, initialise_from, partial_trainable
+from training.init_from import CLASS_TABLE, initialise_from, load_pretrained, partial_trainable
 from training.lora import HalfPrecisionBase, check_same_lora, halve_base_weights, merge_lora_state
 
 RANK = 4
@@ -105,6 +105,8 @@ def test_lora_stage2_keeps_base_frozen_and_stage3_needs_no_init_file(published, 
         assert not any(".lora_" in k or "base_layer" in k for k in model.state_dict())
         merged = ema_state_dict(ckpt)["blocks.0.attn.qkv.weight"]
         assert not torch.equal(merged, ema["blocks.0.attn.qkv.weight"])                  # adapters merged in
+        again = load_pretrained(out / "checkpoints" / "last.ckpt")                       # and as --init_from
+        assert set(again.state) == set(ema) and torch.equal(again.state["blocks.0.attn.qkv.weight"], merged)
         tok = make_tokenizer(tmp_path / "tok.safetensors")
         paths = generate(str(out / "checkpoints" / "last.ckpt"), str(tok), str(tmp_path / "gen"), [1, 3],
                          num_samples_per_user=1, num_steps=2, device="cpu", log=lambda m: None)

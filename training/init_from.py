@@ -10,9 +10,11 @@ Fine-tuning modes (`--finetune`):
            the spectrograms look little like ImageNet (the usual case). With few images, add
            `--backbone_lr_scale 0.1` (blocks learn 10x slower) to keep the pretrained features from drifting.
   partial  freeze the transformer blocks; train only the adaLN modulation layers, the embedders (t, y, x)
-           and the final layer (~15 % of an XL/1's weights). Use it with very little data (tens of images
-           per user) or to get a first model quickly; it fits faster, over-fits less, but cannot adapt the
-           attention/MLP features to micro-Doppler structure.
+           and the final layer (34 % of an XL/1's weights: the adaLN layers are a third of every block).
+           Use it with very little data (tens of images per user) or to get a first model quickly; it fits
+           faster, over-fits less, but cannot adapt the attention/MLP features to micro-Doppler structure.
+  lora     partial + low-rank adapters on every block's attention and MLP projections (training/lora.py);
+           the frozen base stays in half precision on a GPU: the published XL/1 fits a 16 GB card.
 
 Accepted files (always read with weights_only=True, so a pickle that would run code is refused):
   - the published layout: a torch pickle with `model`, `ema`, `opt`, `config` (the EMA weights are used);
