@@ -3,6 +3,7 @@
 Any other flag of a stage (--model, --num_steps, --lr, ...) is passed to the stages that take it. Relative
 paths are relative to the folder you run this from. A finished stage is skipped while its arguments and
 the stages before it are unchanged.
+`--check_memory GB` runs no stage: it prints stage 2's memory estimate for these flags (exit 0 if it fits).
 """
 import argparse
 import sys
@@ -42,6 +43,9 @@ def main(argv=None) -> None:
         from pipeline.demo import run_demo
         run_demo(args, extra)
         return
+    if any(t.split("=", 1)[0] == "--check_memory" for t in extra):
+        from pipeline.orchestrate import check_memory_only
+        sys.exit(check_memory_only(args, extra))
     missing = [f"--{k}" for k in ("data_dir", "vavae_path", "output_dir") if not getattr(args, k)]
     if missing:
         raise PipelineError(f"missing {' '.join(missing)} (or run the demo: python run_complete_pipeline.py --demo)")

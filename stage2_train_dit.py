@@ -1,5 +1,6 @@
 """Stage 2: train a user-conditioned LightningDiT on the stage 1 latents (PyTorch Lightning, DDP)."""
 import argparse
+import sys
 
 from common.config import add_config_flag, parse_args
 from common.errors import cli_entry
@@ -39,16 +40,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restart", action="store_true",
                    help="start over: remove the previous run's last.ckpt and best.ckpt")
     p.add_argument("--init_from", default=None, help="published LightningDiT weights to start from")
-    p.add_argument("--finetune", default="full", choices=["full", "partial"],
-                   help="with --init_from: train everything, or only adaLN/embeddings/final layer")
+    p.add_argument("--finetune", default="full", choices=["full", "partial", "lora"],
+                   help="with --init_from: train everything, only adaLN/embeddings/final layer, or those "
+                        "plus low-rank adapters on attention/MLP (frozen base)")
+    p.add_argument("--lora_rank", type=int, default=16, help="--finetune lora: rank of the adapters")
+    p.add_argument("--lora_alpha", type=float, default=None, help="--finetune lora: scale alpha/rank (default rank)")
     p.add_argument("--backbone_lr_scale", type=float, default=1.0, help="lr factor for the transformer blocks")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--check_memory", type=float, default=None, metavar="GB",
+                   help="only estimate the peak memory per device for these flags; exit 0 if it fits in GB")
+    p.add_argument("--skip_memory_check", action="store_true",
+                   help="train on CUDA even if the estimate exceeds the free memory")
     return p
 
 
 @cli_entry
 def main(argv=None) -> None:
-    args = parse_args(build_parser(), argv, required=["latent_dir", "output_dir"])
+    parser = build_parser()
+    args = parse_args(parser, argv)
+    if args.check_memory is not None:   # a question about the flags: no data or output folder needed
+        from training.memory import GB, memory_report
+        fits, text, _ = memory_report(args, args.check_memory * GB)
+        print(text)
+        sys.exit(0 if fits else 1)
+    args = parse_args(parser, argv, required=["latent_dir", "output_dir"])
     from training.train_dit import train
     train(args)
 

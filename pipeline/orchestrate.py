@@ -185,6 +185,16 @@ def run_pipeline(args: argparse.Namespace, extra: list[str], log=print_line) -> 
     return out
 
 
+def check_memory_only(args: argparse.Namespace, extra: list[str]) -> int:
+    """`--check_memory GB`: stage 2's memory estimate for the flags stage 2 would get; runs no stage.
+    Returns stage 2's exit code (0: fits)."""
+    argv = ["--batch_size", str(args.batch_size), "--devices", str(args.devices)]
+    if args.output_dir:   # stage 1's latents, if they exist already, give the real data sizes
+        argv += ["--latent_dir", str(Path(args.output_dir) / STAGE_DIRS[1])]
+    argv += split_extra_flags(extra, stage_parsers())[2]
+    return subprocess.call([sys.executable, str(ROOT / STAGE_SCRIPTS[2]), *argv], cwd=ROOT)
+
+
 def apply_config(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[str],
                  extra: list[str]) -> list[str]:
     """The orchestrator's --config: its own keys become defaults, other keys go to the stages; flags win."""

@@ -131,10 +131,12 @@ class DiTTrainingModule(pl.LightningModule):
     def update_ema(self, step: int):
         # Warm-up: early on the EMA follows the weights closely, otherwise short runs stay near init.
         decay = min(self.ema_decay, (1 + step) / (10 + step))
-        # One fused multi-tensor lerp over all parameters; the decay is a Python float (no device sync).
-        ema_params = list(self.ema.parameters())
-        params = [p.detach() for p in self.model.parameters()]
-        torch._foreach_lerp_(ema_params, params, 1 - decay)
+        # One fused multi-tensor lerp over the trained parameters (frozen ones equal their EMA already; with
+        # LoRA they are the same tensors); the decay is a Python float (no device sync).
+        pairs = [(e, p.detach()) for e, p in zip(self.ema.parameters(), self.model.parameters()) if p.requires_grad]
+        if pairs:
+            ema_params, params = map(list, zip(*pairs))
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
 
     def validation_step(self, batch, batch_idx):
         start, end = batch
@@ -218,5 +220,10 @@ class NonFiniteLoss(PipelineError):
 
 
 def ema_state_dict(checkpoint: dict) -> dict[str, torch.Tensor]:
-    """The EMA weights of a stage 2 checkpoint, with LightningDiT's own key names."""
-    return {k[len("ema."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("ema.")}
+    """The EMA weights of a stage 2 checkpoint, with LightningDiT's own key names (LoRA adapters merged)."""
+    state = {k[len("ema."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("ema.")}
+    lora = checkpoint.get("pipeline", {}).get("lora")
+    if lora:
+        from training.lora import merge_lora_state
+        state = merge_lora_state(state, lora)
+    return state

@@ -10,9 +10,11 @@ Fine-tuning modes (`--finetune`):
            the spectrograms look little like ImageNet (the usual case). With few images, add
            `--backbone_lr_scale 0.1` (blocks learn 10x slower) to keep the pretrained features from drifting.
   partial  freeze the transformer blocks; train only the adaLN modulation layers, the embedders (t, y, x)
-           and the final layer (~15 % of an XL/1's weights). Use it with very little data (tens of images
-           per user) or to get a first model quickly; it fits faster, over-fits less, but cannot adapt the
-           attention/MLP features to micro-Doppler structure.
+           and the final layer (34 % of an XL/1's weights: the adaLN layers are a third of every block).
+           Use it with very little data (tens of images per user) or to get a first model quickly; it fits
+           faster, over-fits less, but cannot adapt the attention/MLP features to micro-Doppler structure.
+  lora     partial + low-rank adapters on every block's attention and MLP projections (training/lora.py);
+           the frozen base stays in half precision on a GPU: the published XL/1 fits a 16 GB card.
 
 Accepted files (always read with weights_only=True, so a pickle that would run code is refused):
   - the published layout: a torch pickle with `model`, `ema`, `opt`, `config` (the EMA weights are used);
@@ -90,6 +92,9 @@ def load_pretrained(path: str | Path) -> PretrainedWeights:
     else:
         state, picked = _pick_state(obj)
     users = list(pipeline["users"]) if pipeline is not None and pipeline.get("users") else None
+    if pipeline is not None and pipeline.get("lora"):   # a `--finetune lora` checkpoint: adapters merged
+        from training.lora import merge_lora_state
+        state = merge_lora_state(state, pipeline["lora"])
     return _checked(path, PretrainedWeights(state, picked, config, users))
 
 
@@ -291,7 +296,8 @@ def apply_finetune(model: nn.Module, finetune: str) -> tuple[int, int]:
 #                                  Entry point                                  #
 #################################################################################
 
-def initialise_from(module, path: str | Path, finetune: str = "full", log: Callable[[str], None] = print) -> None:
+def initialise_from(module, path: str | Path, finetune: str = "full", log: Callable[[str], None] = print,
+                    lora_rank: int = 16, lora_alpha: float | None = None) -> None:
     """Load pretrained weights into a DiTTrainingModule (model and EMA) and set the fine-tune mode.
 
     The architecture comes from the stage 2 flags (--model, --depth, ...); the file must match it except for
@@ -312,13 +318,20 @@ def initialise_from(module, path: str | Path, finetune: str = "full", log: Calla
     model.load_state_dict(state, strict=True)
     # The EMA must start at the loaded weights: from random init it would take ~1/(1-decay) steps to forget.
     module.ema.load_state_dict(model.state_dict())
-    trainable, total = apply_finetune(model, finetune)
+    if finetune == "lora":
+        from training.lora import apply_lora
+        trainable, total = apply_lora(module, lora_rank, lora_alpha)
+    else:
+        trainable, total = apply_finetune(model, finetune)
 
     log(f"initialised from {path} ({weights.picked} weights, {len(state)} tensors): class table "
         f"{old_rows}+1 -> {len(users)}+1 rows (null row kept, {len(keep)} user row(s) carried over, the rest "
         "from the mean class), every other weight loaded; EMA reset to the loaded weights")
     scale = getattr(module, "backbone_lr_scale", 1.0)
-    if finetune == "partial":
+    if finetune == "lora":
+        log(f"--finetune lora (rank {lora_rank}): training {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters "
+            "(adapters on attention/MLP, adaLN, t/y/x embedders, final layer); base projections frozen")
+    elif finetune == "partial":
         log(f"--finetune partial: training {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters "
             "(adaLN, t/y/x embedders, final layer); attention/MLP of the blocks frozen")
     elif scale != 1.0:

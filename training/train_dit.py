@@ -85,10 +85,16 @@ def train(args, log=print, callbacks: Sequence[pl.Callback] = ()) -> Path:
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True   # TF32 on Ampere+: same results class, much faster
         torch.backends.cudnn.allow_tf32 = True
+    if args.finetune == "lora" and not args.init_from:
+        raise PipelineError("--finetune lora trains low-rank adapters on a pretrained model: pass --init_from "
+                            "with the weights to adapt (e.g. the published lightningdit-xl-imagenet256-*.pt)")
+    if torch.cuda.is_available() and args.accelerator != "cpu" and not args.skip_memory_check:
+        from training.memory import check_cuda_memory
+        check_cuda_memory(args, log)
     module = build_module(args, log)
     if args.init_from:
         from training.init_from import initialise_from
-        initialise_from(module, args.init_from, args.finetune, log)
+        initialise_from(module, args.init_from, args.finetune, log, args.lora_rank, args.lora_alpha)
     elif args.finetune != "full":
         warnings.warn(f"--finetune {args.finetune} only applies with --init_from; training every weight")
     last = ckpt_dir / "last.ckpt"
@@ -99,6 +105,8 @@ def train(args, log=print, callbacks: Sequence[pl.Callback] = ()) -> Path:
         previous = load_checkpoint(last, mmap=True)
         check_same_model(previous["pipeline"]["model_config"], module.model_config, last)
         check_same_data(previous["pipeline"], module.pipeline_info, last)
+        from training.lora import check_same_lora
+        check_same_lora(previous["pipeline"].get("lora"), module.pipeline_info.get("lora"), last)
         log(f"resuming from {last} at step {previous['global_step']} (same command as before; "
             "pass --restart to start over)")
         # Batches are a function of the global step, so a mid-epoch resume is exact (Lightning can't know).
@@ -111,6 +119,10 @@ def train(args, log=print, callbacks: Sequence[pl.Callback] = ()) -> Path:
                            save_last=True, enable_version_counter=False)
     csv_logger = CSVLogger(out, name="lightning_logs", version="csv")
     loggers = [csv_logger, TensorBoardLogger(out, name="lightning_logs", version="tensorboard")]
+    callbacks = [every, best, progress_callback(), KeepMetricsHistory(csv_logger), *callbacks]
+    if args.finetune == "lora":
+        from training.lora import HalfPrecisionBase
+        callbacks.append(HalfPrecisionBase())
     devices = args.devices
     distributed = (devices if isinstance(devices, int) else 1) * args.num_nodes > 1
     # The latents, the fixed validation noise and the NaN flag are buffers: by default DDP would broadcast
@@ -123,7 +135,7 @@ def train(args, log=print, callbacks: Sequence[pl.Callback] = ()) -> Path:
         accelerator=args.accelerator, devices=devices, num_nodes=args.num_nodes, strategy=strategy,
         precision=precision, max_epochs=args.max_epochs, max_steps=args.max_steps or -1,
         gradient_clip_val=args.grad_clip or None,   # applied by DiTTrainingModule.configure_gradient_clipping
-        callbacks=[every, best, progress_callback(), KeepMetricsHistory(csv_logger), *callbacks],
+        callbacks=callbacks,
         plugins=[AtomicCheckpointIO()],
         logger=loggers, log_every_n_steps=args.log_every_n_steps, num_sanity_val_steps=0,
         use_distributed_sampler=False, enable_model_summary=False, deterministic=False,
