@@ -16,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_epochs", type=int, default=100)
     p.add_argument("--max_steps", type=int, default=None, help="stop after this many steps (overrides epochs)")
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--warmup_steps", type=int, default=0, help="linear lr warm-up over this many steps (0: none)")
     p.add_argument("--devices", type=int, default=1)
     p.add_argument("--num_nodes", type=int, default=1)
     p.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu", "cuda"])

@@ -276,3 +276,21 @@ def test_stage_headers_come_before_the_stage_output(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:]
     header, done = proc.stdout.index("== stage 1:"), proc.stdout.index("stage 1 done")
     assert header < done and "\r" not in proc.stdout
+
+
+def test_lr_warmup_ramps_then_holds_and_resumes(tmp_path, latents, monkeypatch):
+    """--warmup_steps: the lr of step s is lr * min(1, (s + 1) / warmup), also after a resume (no scheduler state)."""
+    seen = []
+    real_ema = dm.DiTTrainingModule.update_ema
+
+    def recording_ema(self, step):
+        seen.append((step, self.trainer.optimizers[0].param_groups[0]["lr"]))
+        return real_ema(self, step)
+
+    monkeypatch.setattr(dm.DiTTrainingModule, "update_ema", recording_ema)
+    out = tmp_path / "warm"
+    train_in_process(latents, out, "--lr", 1e-3, "--warmup_steps", 4, "--max_steps", 3)
+    train_in_process(latents, out, "--lr", 1e-3, "--warmup_steps", 4, "--max_steps", 6)   # resumes
+    assert {step for step, _ in seen} == set(range(1, 7))
+    for step, lr in seen:
+        assert lr == pytest.approx(1e-3 * min(1.0, step / 4))

@@ -26,7 +26,7 @@ class DiTTrainingModule(pl.LightningModule):
                  lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0,
                  batch_size: int = 32, ema_decay: float = 0.9995, seed: int = 0,
                  timestep_sampling: str = "uniform", cosine_loss_weight: float = 0.0,
-                 compile_model: bool = False, backbone_lr_scale: float = 1.0):
+                 compile_model: bool = False, backbone_lr_scale: float = 1.0, warmup_steps: int = 0):
         super().__init__()
         self.model = LightningDiT(**model_config)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
@@ -35,7 +35,7 @@ class DiTTrainingModule(pl.LightningModule):
         self.lr, self.betas, self.weight_decay = lr, betas, weight_decay
         self.batch_size, self.ema_decay, self.seed = batch_size, ema_decay, seed
         self.timestep_sampling, self.cosine_loss_weight = timestep_sampling, cosine_loss_weight
-        self.backbone_lr_scale = backbone_lr_scale
+        self.backbone_lr_scale, self.warmup_steps = backbone_lr_scale, warmup_steps
         # Kept out of the registered submodules: as one it would put a second copy of the weights in every
         # checkpoint (under forward_fn._orig_mod.* when compiled, so --compile runs could not resume without).
         self.__dict__["forward_fn"] = torch.compile(self.model) if compile_model else self.model
@@ -104,10 +104,15 @@ class DiTTrainingModule(pl.LightningModule):
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(idx))
         return loss
 
-    def optimizer_step(self, *args, **kwargs):
+    def optimizer_step(self, epoch, batch_idx, optimizer, *args, **kwargs):
+        # Linear lr warm-up as a function of the global step (no scheduler state: a checkpoint written in
+        # on_train_batch_end would hold a scheduler one step behind, and a resume would repeat an lr).
+        ramp = min(1.0, (self.global_step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        for group in optimizer.param_groups:
+            group["lr"] = group.get("base_lr", self.lr) * ramp
         # The EMA follows each optimizer step here, not in on_train_batch_end: ModelCheckpoint saves in
         # its own on_train_batch_end, which runs before the module's, and would miss this step's update.
-        super().optimizer_step(*args, **kwargs)
+        super().optimizer_step(epoch, batch_idx, optimizer, *args, **kwargs)
         self.update_ema(self.global_step + 1)   # global_step counts this step only after this hook
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
@@ -148,8 +153,11 @@ class DiTTrainingModule(pl.LightningModule):
     def configure_optimizers(self):
         # Fused AdamW on every device (CUDA, and CPU since torch 2.4): one kernel for the whole update, 3-4x
         # faster than foreach on the CPU. The same construction everywhere, so the CPU tests run the GPU's.
-        return torch.optim.AdamW(self.param_groups(), lr=self.lr, betas=self.betas,
-                                 weight_decay=self.weight_decay, fused=True)
+        optimizer = torch.optim.AdamW(self.param_groups(), lr=self.lr, betas=self.betas,
+                                      weight_decay=self.weight_decay, fused=True)
+        for group in optimizer.param_groups:
+            group["base_lr"] = group["lr"]
+        return optimizer
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         """Clip the global gradient norm of the true (unscaled) gradients.

@@ -68,7 +68,7 @@ def build_module(args, log=print) -> DiTTrainingModule:
         config, train_x, train_y, val_x, val_y, info, lr=args.lr, betas=(0.9, args.beta2),
         weight_decay=args.weight_decay, batch_size=args.batch_size, ema_decay=args.ema_decay, seed=args.seed,
         timestep_sampling=args.timestep_sampling, cosine_loss_weight=args.cosine_loss_weight,
-        compile_model=args.compile, backbone_lr_scale=args.backbone_lr_scale)
+        compile_model=args.compile, backbone_lr_scale=args.backbone_lr_scale, warmup_steps=args.warmup_steps)
     n_params = sum(p.numel() for p in module.model.parameters())
     log(f"{args.model} ({n_params / 1e6:.1f}M parameters), {len(users)} users, "
         f"{len(train_x)} train / {len(val_x)} val latents")
