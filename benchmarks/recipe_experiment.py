@@ -1,0 +1,96 @@
+"""Which stage-2 recipe and guidance scale work best on the demo at equal CPU time? (issue: a better recipe)
+
+Simulates the demo data and encodes it once, then for each recipe trains the demo DiT (configs/demo.yaml plus
+the recipe's flags) through the real orchestrator, samples, and evaluates with stage 4; stage 2's CPU time is
+measured from the child processes' rusage, so other load on the machine does not count. Guidance scales are
+compared on the base recipe's checkpoint. Writes benchmarks/results/recipe_experiment.json and prints a table.
+
+    python benchmarks/recipe_experiment.py --work_dir /tmp/recipe [--recipes base logit_normal ...]
+"""
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER = ROOT / "assets" / "demo_vavae.safetensors"
+RECIPES = {
+    "base": [],
+    "logit_normal": ["--timestep_sampling", "logit_normal"],
+    "logit_normal+cosine": ["--timestep_sampling", "logit_normal", "--cosine_loss_weight", "1.0"],
+    "warmup": ["--warmup_steps", "100"],
+    "batch64": ["--batch_size", "64", "--max_epochs", "100"],     # same images seen, half the steps
+    "fp32": ["--precision", "32-true"],
+}
+GUIDANCE = [1.0, 2.0, 4.0]
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def pipeline(out: Path, data: Path, *flags: str) -> float:
+    """Run run_complete_pipeline.py with the demo config; returns the CPU seconds its stages used."""
+    before = children_cpu()
+    cmd = [sys.executable, str(ROOT / "run_complete_pipeline.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
+           "--data_dir", str(data), "--vavae_path", str(TOKENIZER), "--output_dir", str(out), *flags]
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    return children_cpu() - before
+
+
+def scores(out: Path) -> dict:
+    report = json.loads((out / "evaluation" / "report.json").read_text())
+    return {"identity": report["identity"]["generated_top1"], "ceiling": report["identity"]["real_val_top1"],
+            "fd": report["fd"]["classifier"], "precision": report["manifold"]["generated"]["precision"],
+            "recall": report["manifold"]["generated"]["recall"], "tstr": report["tstr_top1"],
+            "copy_rate": report["memorization"]["copy_rate"],
+            "augmentation_gain": report.get("augmentation", {}).get("gain")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work_dir", required=True)
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "recipe_experiment.json"))
+    args = parser.parse_args()
+    work = Path(args.work_dir).resolve()
+    base = work / "base"
+    subprocess.run([sys.executable, str(ROOT / "run_complete_pipeline.py"), "--demo", "--output_dir", str(base),
+                    "--stages", "1"], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    data = base / "data"
+    results = {"recipes": {}, "guidance": {}}
+    for name in args.recipes:
+        out = work / name
+        if not (out / "latent_features").is_dir():
+            shutil.copytree(base / "latent_features", out / "latent_features")
+        start = time.time()
+        cpu = pipeline(out, data, "--stages", "2", "--restart", *RECIPES[name])
+        pipeline(out, data, "--stages", "3", "4", *RECIPES[name])
+        results["recipes"][name] = {"flags": RECIPES[name], "stage2_cpu_s": round(cpu, 1),
+                                    "wall_s": round(time.time() - start, 1), **scores(out)}
+        print(name, results["recipes"][name], flush=True)
+    if "base" in args.recipes:
+        for scale in GUIDANCE:
+            out = work / f"guidance_{scale:g}"
+            if not (out / "trained_models").is_dir():
+                shutil.copytree(base / "latent_features", out / "latent_features")
+                shutil.copytree(work / "base" / "trained_models", out / "trained_models")
+            pipeline(out, data, "--stages", "3", "4", "--guidance_scale", str(scale))
+            results["guidance"][f"{scale:g}"] = scores(out)
+            print("guidance", scale, results["guidance"][f"{scale:g}"], flush=True)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(results, indent=1))
+    print("| recipe | stage 2 CPU s | identity (ceiling) | classifier FD | precision / recall | TSTR |")
+    print("|---|---|---|---|---|---|")
+    for name, r in results["recipes"].items():
+        print(f"| {name} | {r['stage2_cpu_s']:.0f} | {r['identity']:.2f} ({r['ceiling']:.2f}) | {r['fd']:.1f} | "
+              f"{r['precision']:.2f} / {r['recall']:.2f} | {r['tstr']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
