@@ -52,6 +52,22 @@ def scores(out: Path) -> dict:
             "augmentation_gain": report.get("augmentation", {}).get("gain")}
 
 
+def compare_guidance(work: Path, data: Path, results: dict) -> None:
+    for scale in GUIDANCE:
+        out = work / f"guidance_{scale:g}"
+        if not (out / "trained_models").is_dir():
+            shutil.copytree(work / "base" / "latent_features", out / "latent_features")
+            shutil.copytree(work / "base" / "trained_models", out / "trained_models")
+        pipeline(out, data, "--stages", "3", "4", "--guidance_scale", str(scale))
+        results["guidance"][f"{scale:g}"] = scores(out)
+        print("guidance", scale, results["guidance"][f"{scale:g}"], flush=True)
+
+
+def save(results: dict, path: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(results, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work_dir", required=True)
@@ -69,22 +85,14 @@ def main() -> None:
         if not (out / "latent_features").is_dir():
             shutil.copytree(base / "latent_features", out / "latent_features")
         start = time.time()
-        cpu = pipeline(out, data, "--stages", "2", "--restart", *RECIPES[name])
+        cpu = pipeline(out, data, "--stages", "2", *RECIPES[name])     # an interrupted run resumes
         pipeline(out, data, "--stages", "3", "4", *RECIPES[name])
         results["recipes"][name] = {"flags": RECIPES[name], "stage2_cpu_s": round(cpu, 1),
                                     "wall_s": round(time.time() - start, 1), **scores(out)}
         print(name, results["recipes"][name], flush=True)
-    if "base" in args.recipes:
-        for scale in GUIDANCE:
-            out = work / f"guidance_{scale:g}"
-            if not (out / "trained_models").is_dir():
-                shutil.copytree(base / "latent_features", out / "latent_features")
-                shutil.copytree(work / "base" / "trained_models", out / "trained_models")
-            pipeline(out, data, "--stages", "3", "4", "--guidance_scale", str(scale))
-            results["guidance"][f"{scale:g}"] = scores(out)
-            print("guidance", scale, results["guidance"][f"{scale:g}"], flush=True)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(results, indent=1))
+        if name == "base":      # guidance scales on the base model, before the other recipes
+            compare_guidance(work, data, results)
+        save(results, args.output)
     print("| recipe | stage 2 CPU s | identity (ceiling) | classifier FD | precision / recall | TSTR |")
     print("|---|---|---|---|---|---|")
     for name, r in results["recipes"].items():
