@@ -164,7 +164,7 @@ def check_stage3(checkpoint: Path, model_name: str, tokenizer: Path, sizes: dict
     from models.vavae import load_vavae
     model, info = load_generator(str(checkpoint), device)
     vae = load_vavae(tokenizer, device=device)
-    jobs = [(u, k) for u in info["user_numbers"] for k in range(sizes["samples_per_user"])]
+    jobs = [(u, k) for u in info.user_numbers for k in range(sizes["samples_per_user"])]
     sample_images(model, vae, info, jobs[:1], num_steps=2, device=device, progress=False)   # warm-up
     rows = []
     for sampler, steps, shift in ((DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_SHIFT),

@@ -281,7 +281,7 @@ def test_tokenizer_file_errors(tmp_path, latents, trained, capsys):
 
 def test_dit_checkpoint_file_errors(tmp_path, tokenizer, capsys):
     """Stage 3 (and anything using load_checkpoint): missing, not a checkpoint, a tokenizer instead."""
-    from training.train_dit import load_checkpoint
+    from models.checkpoint import load_checkpoint
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(os.urandom(2000))
     with pytest.raises(PipelineError, match=r"stage 2 checkpoint .* not found: .*missing\.ckpt"):
