@@ -164,7 +164,7 @@ def write_split(users: list[User], data_dir: str, path: Path) -> None:
 #################################################################################
 
 def extract_features(data_dir: str, vavae_path: str, output_path: str, batch_size: int = 32,
-                     image_size: int = 256, num_workers: int = 0, devices: int = 1,
+                     image_size: int = 256, num_workers: int = 2, devices: int = 1,
                      tokenizer_check_images: int = 48, log=print) -> dict[str, Any]:
     """Encode data_dir's train/val images; write train/val latents, the train-set stats and split.json."""
     users = scan_dataset(data_dir, log=log)

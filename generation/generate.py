@@ -117,7 +117,7 @@ def sample_images(model: LightningDiT, vae, info: PipelineInfo, jobs: list[tuple
             calls[0] += 1
             return velocity(x, t)
         with torch.autocast(torch.device(device).type, dtype=half, enabled=half is not None):
-            z = sample_ode(counted, noise, num_steps, sampler, shift, restart_at=switch)
+            z = sample_ode(counted, noise, num_steps=num_steps, sampler=sampler, shift=shift, restart_at=switch)
         evaluations = max(evaluations, calls[0])
         images.append(to_uint8(vae.decode(z.float() * std + mean)))
     return np.concatenate(images), evaluations
@@ -140,8 +140,9 @@ def generate(dit_checkpoint: str, vavae_path: str, output_dir: str, user_ids: li
         from models.vavae import load_vavae
         vae = load_vavae(vavae_path, device=device)
         check_tokenizer(info, vavae_path)
-        pixels, nfe = sample_images(model, vae, info, jobs, guidance_scale, num_steps, sampler, shift,
-                                    cfg_interval_start, seed, batch_size, device)
+        pixels, nfe = sample_images(model, vae, info, jobs, guidance_scale=guidance_scale, num_steps=num_steps,
+                                    sampler=sampler, shift=shift, cfg_interval_start=cfg_interval_start,
+                                    seed=seed, batch_size=batch_size, device=device)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -11,6 +11,7 @@ from common.io import save_safetensors
 from models.lightningdit import LightningDiT, model_config
 from training.init_from import (CLASS_TABLE, initialise_from, load_pretrained, partial_trainable,
                                 resize_class_table, suggest_flags)
+from training.cli import training_options
 from training.train_dit import build_module
 
 TINY = ["--model", "LightningDiT-S/2", "--depth", "1", "--hidden_size", "32", "--num_heads", "2"]
@@ -60,7 +61,7 @@ def latent_dir(tmp_path_factory) -> Path:
 
 
 def make_module(latent_dir: Path, *flags: str):
-    args = stage2_train_dit.build_parser().parse_args(
+    args = training_options(
         ["--latent_dir", str(latent_dir), "--output_dir", "unused", *TINY, *flags])
     return build_module(args, log=lambda m: None)
 

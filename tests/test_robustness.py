@@ -670,9 +670,9 @@ def test_nonfinite_loss_stops_with_advice_and_keeps_good_checkpoint(tmp_path, la
 
 
 def _train_in_process(latents: Path, out: Path, *extra):
-    import stage2_train_dit
+    from training.cli import training_options
     from training.train_dit import train
-    args = stage2_train_dit.build_parser().parse_args(
+    args = training_options(
         list(map(str, stage2_args(latents, out, "--log_every_n_steps", 1, *extra))))
     return train(args, log=lambda m: None)
 

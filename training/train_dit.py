@@ -19,6 +19,7 @@ from common.errors import PipelineError, out_of_memory_advice
 from common.io import atomic_path, save_torch
 from common.progress import due, is_terminal, progress_line
 from data.latents import load_latents, load_stats
+from training.cli import TrainOptions
 from models.checkpoint import PipelineInfo, checkpoint_info, load_checkpoint
 from models.lightningdit import model_config
 from training.dit_module import DiTTrainingModule, NonFiniteLoss
@@ -49,7 +50,7 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     return precision
 
 
-def build_module(args, log=print) -> DiTTrainingModule:
+def build_module(args: TrainOptions, log=print) -> DiTTrainingModule:
     """Latents, stats and user table from stage 1 + the model config from the flags."""
     train_x, train_y, meta = load_latents(args.latent_dir, "train")
     val_x, val_y, _ = load_latents(args.latent_dir, "val")
@@ -75,7 +76,7 @@ def build_module(args, log=print) -> DiTTrainingModule:
     return module
 
 
-def train(args, log=print, callbacks: Sequence[pl.Callback] = ()) -> Path:
+def train(args: TrainOptions, log=print, callbacks: Sequence[pl.Callback] = ()) -> Path:
     """Train (or resume) and return the path of the best checkpoint; `callbacks` are added to the Trainer's
     (benchmarks/gpu_check.py times the steps with one)."""
     torch.manual_seed(args.seed)   # the initial weights; the module seeds each step from (seed, step, rank)
@@ -125,7 +126,7 @@ def train(args, log=print, callbacks: Sequence[pl.Callback] = ()) -> Path:
         from training.lora import HalfPrecisionBase
         callbacks.append(HalfPrecisionBase())
     devices = args.devices
-    distributed = (devices if isinstance(devices, int) else 1) * args.num_nodes > 1
+    distributed = devices * args.num_nodes > 1
     # The latents, the fixed validation noise and the NaN flag are buffers: by default DDP would broadcast
     # them from rank 0 before every forward (the whole dataset each step) and overwrite the other ranks' flag.
     strategy = DDPStrategy(broadcast_buffers=False) if distributed else "auto"
