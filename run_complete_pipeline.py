@@ -4,29 +4,12 @@ Any other flag of a stage (--model, --num_steps, --lr, ...) is passed to the sta
 paths are relative to the folder you run this from. A finished stage is skipped while its arguments and
 the stages before it are unchanged.
 `--check_memory GB` runs no stage: it prints stage 2's memory estimate for these flags (exit 0 if it fits).
+The flags are in pipeline/cli.py.
 """
-import argparse
 import sys
 
 from common.errors import PipelineError, cli_entry
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--config", default=None, help="YAML whose keys are flags of this script or of any stage")
-    p.add_argument("--data_dir")
-    p.add_argument("--vavae_path")
-    p.add_argument("--output_dir", default=None)
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--max_epochs", type=int, default=50)
-    p.add_argument("--devices", type=int, default=1)
-    p.add_argument("--generate_user_ids", type=int, nargs="+", default=None, help="default: every user")
-    p.add_argument("--num_samples_per_user", type=int, default=4)
-    p.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3, 4], choices=[1, 2, 3, 4])
-    p.add_argument("--force", action="store_true", help="redo the stages even if complete (stage 2 trains anew)")
-    p.add_argument("--demo", action="store_true",
-                   help="simulate a small dataset and run everything with the shipped demo tokenizer")
-    return p
+from pipeline.cli import build_parser
 
 
 @cli_entry

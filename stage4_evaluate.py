@@ -1,46 +1,11 @@
 """Stage 4: evaluate generated spectrograms (identity, fidelity, diversity, memorisation, TSTR, augmentation gain).
+The flags are in evaluation/cli.py.
 
     python stage4_evaluate.py --data_dir data --generated_dir outputs/generated --output_dir outputs/eval
 """
-import argparse
-
-from common.config import add_config_flag, parse_args
+from common.config import parse_args
 from common.errors import cli_entry
-
-REQUIRED = ["data_dir", "generated_dir", "output_dir"]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_flag(parser)
-    parser.add_argument("--data_dir", type=str, default=None, help="stage 1 layout: train/ID_n/*.png and val/ID_n/*.png")
-    parser.add_argument("--generated_dir", type=str, default=None, help="folder of micro_doppler_userNN_KKK.png files")
-    parser.add_argument("--output_dir", type=str, default=None, help="report.json, report.md and plots go here")
-    parser.add_argument("--image_size", type=int, default=256, help="size images are decoded at (the generator's)")
-    parser.add_argument("--classifier_size", type=int, default=128,
-                        help="resolution the user classifier works at (128: 4x cheaper than 256 on CPU)")
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--classifier_epochs", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--inception_weights", type=str, default=None,
-                        help="local torchvision Inception-v3 state dict for standard FID/KID; skipped when absent")
-    parser.add_argument("--export_dir", type=str, default=None,
-                        help="write a ready dataset here: train/ID_n/ = real train + accepted samples, val/ID_n/ = real val")
-    parser.add_argument("--min_confidence", type=float, default=0.5, help="export: least top-1 probability")
-    parser.add_argument("--min_margin", type=float, default=0.1, help="export: least top-1 minus top-2 probability")
-    parser.add_argument("--num_workers", type=int, default=0, help="image decoding worker processes")
-    parser.add_argument("--nearest_k", type=int, default=3, help="k of the k-NN manifolds (precision/recall, density/coverage)")
-    parser.add_argument("--min_user_samples", type=int, default=10, help="least samples per user for per-user FD/KID/PR")
-    parser.add_argument("--copy_percentile", type=float, default=1.0,
-                        help="memorisation: percentile of real-val NN distances that sets the copy threshold")
-    parser.add_argument("--copy_factor", type=float, default=0.5, help="memorisation: threshold = factor x that percentile")
-    return parser
-
-
-def options(args: argparse.Namespace) -> dict:
-    """The keyword arguments of evaluate() from parsed flags (all but the three folders and --config)."""
-    return {k: v for k, v in vars(args).items() if k not in REQUIRED and k != "config"}
+from evaluation.cli import REQUIRED, build_parser, options
 
 
 @cli_entry

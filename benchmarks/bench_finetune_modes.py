@@ -13,16 +13,15 @@ import warnings
 import torch
 
 from harness import environment, median, print_table, setup_device, time_steps, write_json
-import stage2_train_dit
-from common.config import parse_args
 from training.init_from import initialise_from
+from training.cli import training_options
 from training.train_dit import build_module
 
 warnings.filterwarnings("ignore", message=".*self.log.*")   # the module is stepped without a Trainer
 
 
 def time_mode(stage2_argv: list[str], finetune: str, steps: int, device: torch.device) -> dict:
-    args = parse_args(stage2_train_dit.build_parser(), [*stage2_argv, "--finetune", finetune])
+    args = training_options([*stage2_argv, "--finetune", finetune])
     module = build_module(args, log=lambda m: None)
     initialise_from(module, args.init_from, finetune, lambda m: None, args.lora_rank, args.lora_alpha)
     module.to(device)

@@ -56,7 +56,7 @@ def main() -> None:
                                  train.images, train.labels, cfg, device)
     real_feats, _ = clf.extract(judge, train.images, 64, device)
 
-    jobs = [(u, k) for u in info["user_numbers"] for k in range(args.samples_per_user)]
+    jobs = [(u, k) for u in info.user_numbers for k in range(args.samples_per_user)]
     rows, reference_feats, reference_fd = [], None, None
     for spec in args.configs.split():
         sampler, steps, *rest = spec.split(":")

@@ -14,15 +14,17 @@ import torch
 from harness import (environment, median, peak_memory_mb, print_table, reset_peak_memory, setup_device,
                      time_steps, write_json)
 from models.lightningdit import LightningDiT, model_config
-from models.transport import guided_velocity, model_evaluations, sample_ode
+from models.transport import (DEFAULT_SAMPLER, DEFAULT_SHIFT, DEFAULT_STEPS, SAMPLERS, guided_velocity,
+                              model_evaluations, sample_ode)
 from models.vavae import VAVAE, VAVAE_CONFIGS
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="size, e.g. XL/1 (default XL/1 on GPU, S/2 on CPU)")
-    parser.add_argument("--sampler", default="euler", choices=["euler", "heun", "ab2", "dopri5"])
-    parser.add_argument("--steps", type=int, default=32, help="sampler steps")
+    parser.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS)
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="sampler steps")
+    parser.add_argument("--shift", type=float, default=DEFAULT_SHIFT, help="timestep shift")
     parser.add_argument("--guidance_scale", type=float, default=4.0)
     parser.add_argument("--batch_size", type=int, default=None, help="images per batch (default 4 CPU, 64 GPU)")
     parser.add_argument("--repeats", type=int, default=2, help="timed batches (after one warm-up batch)")
@@ -54,7 +56,7 @@ def main():
     def sample():
         with torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None):
             velocity = guided_velocity(model, y, model.num_classes, args.guidance_scale)
-            latents["z"] = sample_ode(velocity, noise, args.steps, args.sampler)
+            latents["z"] = sample_ode(velocity, noise, args.steps, args.sampler, args.shift)
 
     @torch.no_grad()
     def decode():

@@ -29,6 +29,7 @@ import torch
 from harness import (environment, median, peak_memory_mb, peak_tflops, print_table, reset_peak_memory,
                     setup_device, time_steps, write_json, load_reference_lightningdit)
 from models.lightningdit import LightningDiT, model_config
+from models.checkpoint import PipelineInfo
 from training.dit_module import DiTTrainingModule
 
 warnings.filterwarnings("ignore", message=".*self.log.*")   # the module is stepped without a Trainer
@@ -67,8 +68,10 @@ def build_module(name: str, args, device: torch.device) -> DiTTrainingModule:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.num_latents, 32, 16, 16, generator=g)
     y = torch.randint(0, args.num_classes, (args.num_latents,), generator=g)
-    info = {"latent_mean": torch.zeros(1, 32, 1, 1), "latent_std": torch.ones(1, 32, 1, 1)}
-    module = DiTTrainingModule(config, x, y, x[:2], y[:2], info, batch_size=args.batch_size,
+    info = PipelineInfo(model_config=config, users=[f"ID_{i + 1}" for i in range(args.num_classes)],
+                        user_numbers=list(range(1, args.num_classes + 1)),
+                        latent_mean=torch.zeros(1, 32, 1, 1), latent_std=torch.ones(1, 32, 1, 1))
+    module = DiTTrainingModule(info, x, y, x[:2], y[:2], batch_size=args.batch_size,
                                compile_model=args.compile)
     # Away from the adaLN-Zero init (output exactly 0), so the ours-vs-reference check means something.
     for layer in [b.adaLN_modulation[-1] for b in module.model.blocks] + [module.model.final_layer.linear]:
@@ -80,7 +83,7 @@ def swap_in_reference(module: DiTTrainingModule, reference_cls, device: torch.de
     """The same module with the reference's model (same config, same weights) in place of ours."""
     # Our defaults (SwiGLU, RoPE, RMSNorm) are the published config; the reference defaults them off.
     ours = {k: v.default for k, v in inspect.signature(LightningDiT).parameters.items()}
-    ref = reference_cls(**{**ours, **module.model_config})
+    ref = reference_cls(**{**ours, **module.info.model_config})
     ref.load_state_dict(module.model.state_dict(), strict=True)
     module = copy.copy(module)   # shares latents and buffers; model, EMA and forward are replaced below
     module._modules = dict(module._modules)

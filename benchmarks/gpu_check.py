@@ -133,7 +133,7 @@ def check_stage1(data: Path, tokenizer: Path, work: Path, sizes: dict) -> dict[s
 
 def check_stage2(latents: Path, out: Path, model: str, precision: str, grad_checkpointing: bool, sizes: dict,
                  smoke: bool) -> dict[str, Any]:
-    import stage2_train_dit
+    from training.cli import training_options
     from training.train_dit import resolve_precision, train
     steps, batch = sizes["steps"], sizes["batch_size"]
     flags = ["--latent_dir", latents, "--output_dir", out, "--model", model, "--precision", precision,
@@ -141,7 +141,7 @@ def check_stage2(latents: Path, out: Path, model: str, precision: str, grad_chec
              "--checkpoint_every_n_steps", 10**9, "--log_every_n_steps", 10,
              *(["--grad_checkpointing"] if grad_checkpointing else []), *(SMOKE_DIT if smoke else []),
              *(["--accelerator", "cpu"] if smoke else [])]
-    args = stage2_train_dit.build_parser().parse_args(list(map(str, flags)))
+    args = training_options(list(map(str, flags)))
     row = {"model": model, "precision": precision, "grad_clip": 1.0, "batch_size": batch,
            "grad_checkpointing": grad_checkpointing, "steps": steps,
            "precision_used": resolve_precision(precision, args.accelerator)}
@@ -164,7 +164,7 @@ def check_stage3(checkpoint: Path, model_name: str, tokenizer: Path, sizes: dict
     from models.vavae import load_vavae
     model, info = load_generator(str(checkpoint), device)
     vae = load_vavae(tokenizer, device=device)
-    jobs = [(u, k) for u in info["user_numbers"] for k in range(sizes["samples_per_user"])]
+    jobs = [(u, k) for u in info.user_numbers for k in range(sizes["samples_per_user"])]
     sample_images(model, vae, info, jobs[:1], num_steps=2, device=device, progress=False)   # warm-up
     rows = []
     for sampler, steps, shift in ((DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_SHIFT),

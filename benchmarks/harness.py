@@ -15,16 +15,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from common.device import resolve_device  # noqa: E402  (after the path: benchmarks run as scripts)
+
 
 #################################################################################
 #                                   Timing                                      #
 #################################################################################
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
 
 def setup_device(name: str, threads: int | None = None) -> torch.device:
     """The device to time on, with the settings training uses there (TF32, cuDNN autotuning, threads)."""

@@ -8,6 +8,19 @@ import yaml
 from common.errors import PipelineError
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the description's layout and shows every flag's default (none for unset and switches)."""
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def new_parser(description: str | None) -> argparse.ArgumentParser:
+    """The parser of a command line of this project (its --help shows the defaults)."""
+    return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+
+
 def add_config_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=str, default=None,
                         help="YAML file whose keys are flag names (without --); flags given here win")

@@ -22,10 +22,6 @@ _UMASK = os.umask(0)   # read once, at import (setting it is process-wide, so no
 os.umask(_UMASK)
 
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds.
@@ -37,12 +33,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    with contextlib.suppress(OSError):   # mkstemp makes 0600 files; outputs get the usual permissions
-        os.chmod(tmp, 0o666 & ~_UMASK)
+    with contextlib.suppress(OSError):   # mkstemp makes 0600 files; outputs get the usual permissions (a writer
+        os.chmod(tmp, 0o666 & ~_UMASK)   # that reopens or recreates the file gets them from the umask too)
     tmp = Path(tmp)
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_UMASK)     # mkstemp makes 0600 files; outputs should be shareable
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from common.device import resolve_device
 from common.errors import PipelineError
 from common.io import file_sha256, load_safetensors, require_file, save_safetensors, write_text
 from common.progress import progress_bar
@@ -164,7 +165,7 @@ def write_split(users: list[User], data_dir: str, path: Path) -> None:
 #################################################################################
 
 def extract_features(data_dir: str, vavae_path: str, output_path: str, batch_size: int = 32,
-                     image_size: int = 256, num_workers: int = 0, devices: int = 1,
+                     image_size: int = 256, num_workers: int = 2, devices: int = 1,
                      tokenizer_check_images: int = 48, log=print) -> dict[str, Any]:
     """Encode data_dir's train/val images; write train/val latents, the train-set stats and split.json."""
     users = scan_dataset(data_dir, log=log)
@@ -184,7 +185,7 @@ def extract_features(data_dir: str, vavae_path: str, output_path: str, batch_siz
     }
     log(f"{len(users)} users: " + ", ".join(f"{u.name}->class {i}" for i, u in enumerate(users)))
     if tokenizer_check_images > 0:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = str(resolve_device("auto"))
         meta.update(check_tokenizer(vavae_path, users, image_size, tokenizer_check_images, device, log))
     write_split(users, data_dir, out / "split.json")
     summary: dict[str, Any] = {"users": len(users), **{k: v for k, v in meta.items() if k.startswith("tokenizer_psnr")}}

@@ -12,6 +12,7 @@ from common.errors import PipelineError, out_of_memory_advice
 from common.io import atomic_path, file_sha256
 from common.progress import progress_bar
 from data.images import to_uint8
+from models.checkpoint import PipelineInfo, checkpoint_info, ema_state_dict, load_checkpoint
 from models.lightningdit import LightningDiT
 from models.transport import DEFAULT_SAMPLER, DEFAULT_SHIFT, DEFAULT_STEPS, guided_velocity, sample_ode
 
@@ -20,13 +21,11 @@ IMAGE_PATTERN = re.compile(r"micro_doppler_user(\d+)_(\d+)\.png")   # every name
 GRID_NAME = "micro_doppler_grid.png"
 
 
-def load_generator(checkpoint_path: str, device: str) -> tuple[LightningDiT, dict]:
+def load_generator(checkpoint_path: str, device: str) -> tuple[LightningDiT, PipelineInfo]:
     """EMA LightningDiT of a stage 2 checkpoint and the pipeline info it carries (users, latent stats)."""
-    from training.dit_module import ema_state_dict
-    from training.train_dit import load_checkpoint
     ckpt = load_checkpoint(checkpoint_path)
-    info = ckpt["pipeline"]
-    model = LightningDiT(**{**info["model_config"], "use_checkpoint": False})
+    info = checkpoint_info(ckpt)
+    model = LightningDiT(**{**info.model_config, "use_checkpoint": False})
     model.load_state_dict(ema_state_dict(ckpt))
     return model.to(device).eval().requires_grad_(False), info
 
@@ -41,7 +40,7 @@ def class_indices(user_numbers: list[int], trained_numbers: list[int], trained_n
     return [trained_numbers.index(u) for u in user_numbers]
 
 
-def check_sampling(info: dict, guidance_scale: float, num_steps: int, shift: float) -> None:
+def check_sampling(info: PipelineInfo, guidance_scale: float, num_steps: int, shift: float) -> None:
     """Settings that would give NaNs, a division by zero or meaningless images: refused with the reason."""
     if shift <= 0:
         raise PipelineError(f"--shift must be > 0 (got {shift:g}): the time grid s t / (1 + (s - 1) t) "
@@ -49,18 +48,18 @@ def check_sampling(info: dict, guidance_scale: float, num_steps: int, shift: flo
                             "noise end (0.3 is the default).")
     if num_steps < 1:
         raise PipelineError(f"--num_steps must be at least 1 (got {num_steps})")
-    if guidance_scale != 1.0 and info["model_config"].get("class_dropout_prob", 1.0) <= 0:
+    if guidance_scale != 1.0 and info.model_config.get("class_dropout_prob", 1.0) <= 0:
         raise PipelineError(
             f"--guidance_scale {guidance_scale:g} needs the model's null class, but this checkpoint was trained "
             "with --class_dropout_prob 0, so that class was never trained and guided samples would be "
             "meaningless. Pass --guidance_scale 1 (no guidance), or retrain stage 2 with --class_dropout_prob 0.1.")
 
 
-def check_tokenizer(info: dict, vavae_path: str) -> None:
-    expected = info.get("tokenizer_sha256")
+def check_tokenizer(info: PipelineInfo, vavae_path: str) -> None:
+    expected = info.tokenizer_sha256
     if expected and file_sha256(vavae_path) != expected:
         warnings.warn(f"--vavae_path {vavae_path} is not the tokenizer the model was trained with "
-                      f"({info.get('tokenizer', '?')}, sha256 {expected[:12]}...): images will likely be wrong. "
+                      f"({info.tokenizer or '?'}, sha256 {expected[:12]}...): images will likely be wrong. "
                       "Pass the tokenizer used in stage 1.")
 
 
@@ -90,7 +89,7 @@ def sampling_dtype(device: str) -> torch.dtype | None:
 
 
 @torch.inference_mode()
-def sample_images(model: LightningDiT, vae, info: dict, jobs: list[tuple[int, int]], guidance_scale: float = 4.0,
+def sample_images(model: LightningDiT, vae, info: PipelineInfo, jobs: list[tuple[int, int]], guidance_scale: float = 4.0,
                   num_steps: int = DEFAULT_STEPS, sampler: str = DEFAULT_SAMPLER, shift: float = DEFAULT_SHIFT,
                   cfg_interval_start: float = 0.0,
                   seed: int = 0, batch_size: int = 16, device: str = "cpu",
@@ -100,8 +99,8 @@ def sample_images(model: LightningDiT, vae, info: dict, jobs: list[tuple[int, in
     The noise of a job comes from its own seed: the same image whatever the batch it lands in. With a guidance
     interval, the AB2 multistep restarts where guidance switches on (its velocity field changes there).
     """
-    classes = class_indices([u for u, _ in jobs], info["user_numbers"], info["users"])   # checks the ids too
-    mean, std = info["latent_mean"].to(device), info["latent_std"].to(device)
+    classes = class_indices([u for u, _ in jobs], info.user_numbers, info.users)   # checks the ids too
+    mean, std = info.latent_mean.to(device), info.latent_std.to(device)
     side = int(round(model.pos_embed.shape[1] ** 0.5)) * model.patch_size
     half = sampling_dtype(device)
     images, evaluations = [], 0
@@ -118,7 +117,7 @@ def sample_images(model: LightningDiT, vae, info: dict, jobs: list[tuple[int, in
             calls[0] += 1
             return velocity(x, t)
         with torch.autocast(torch.device(device).type, dtype=half, enabled=half is not None):
-            z = sample_ode(counted, noise, num_steps, sampler, shift, restart_at=switch)
+            z = sample_ode(counted, noise, num_steps=num_steps, sampler=sampler, shift=shift, restart_at=switch)
         evaluations = max(evaluations, calls[0])
         images.append(to_uint8(vae.decode(z.float() * std + mean)))
     return np.concatenate(images), evaluations
@@ -141,8 +140,9 @@ def generate(dit_checkpoint: str, vavae_path: str, output_dir: str, user_ids: li
         from models.vavae import load_vavae
         vae = load_vavae(vavae_path, device=device)
         check_tokenizer(info, vavae_path)
-        pixels, nfe = sample_images(model, vae, info, jobs, guidance_scale, num_steps, sampler, shift,
-                                    cfg_interval_start, seed, batch_size, device)
+        pixels, nfe = sample_images(model, vae, info, jobs, guidance_scale=guidance_scale, num_steps=num_steps,
+                                    sampler=sampler, shift=shift, cfg_interval_start=cfg_interval_start,
+                                    seed=seed, batch_size=batch_size, device=device)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -86,10 +86,9 @@ def model_evaluations(sampler: str, num_steps: int) -> int:
 
 
 @torch.inference_mode()
-def sample_ode(velocity: VelocityFn, x0: torch.Tensor, num_steps: int = 32, sampler: str = "euler",
-               shift: float = 1.0, atol: float = 1e-6, rtol: float = 1e-3,
-               restart_at: float | None = None) -> torch.Tensor:
-    """Integrate dx/dt = v(x, t) from noise x0 at t=0 to data at t=1.
+def sample_ode(velocity: VelocityFn, x0: torch.Tensor, num_steps: int, sampler: str, shift: float,
+               atol: float = 1e-6, rtol: float = 1e-3, restart_at: float | None = None) -> torch.Tensor:
+    """Integrate dx/dt = v(x, t) from noise x0 at t=0 to data at t=1 (the CLI defaults are DEFAULT_*).
 
     restart_at: a time where v changes abruptly (the start of a guidance interval). AB2 starts afresh at
     the first step with t >= restart_at instead of extrapolating across it from the other field's velocity.

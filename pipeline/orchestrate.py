@@ -31,9 +31,8 @@ NOT_COMPARED = {"--restart"}
 
 
 def stage_parsers() -> dict[int, argparse.ArgumentParser]:
-    import stage1_extract_features, stage2_train_dit, stage3_inference, stage4_evaluate
-    modules = [stage1_extract_features, stage2_train_dit, stage3_inference, stage4_evaluate]
-    return {i + 1: m.build_parser() for i, m in enumerate(modules)}
+    import data.cli, evaluation.cli, generation.cli, training.cli
+    return {i + 1: m.build_parser() for i, m in enumerate([data.cli, training.cli, generation.cli, evaluation.cli])}
 
 
 def flag_names(parser: argparse.ArgumentParser) -> set[str]:

@@ -47,8 +47,8 @@ def fp16_like_a_t4(monkeypatch) -> None:
 
 
 def train_in_process(latents, out, *extra):
-    import stage2_train_dit
-    args = stage2_train_dit.build_parser().parse_args(list(map(str, stage2_args(latents, out, *extra))))
+    from training.cli import training_options
+    args = training_options(list(map(str, stage2_args(latents, out, *extra))))
     return td.train(args, log=lambda m: None)
 
 

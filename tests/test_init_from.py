@@ -10,7 +10,8 @@ from common.errors import PipelineError
 from common.io import save_safetensors
 from models.lightningdit import LightningDiT, model_config
 from training.init_from import (CLASS_TABLE, initialise_from, load_pretrained, partial_trainable,
-                                read_published_weights, resize_class_table, suggest_flags)
+                                resize_class_table, suggest_flags)
+from training.cli import training_options
 from training.train_dit import build_module
 
 TINY = ["--model", "LightningDiT-S/2", "--depth", "1", "--hidden_size", "32", "--num_heads", "2"]
@@ -60,7 +61,7 @@ def latent_dir(tmp_path_factory) -> Path:
 
 
 def make_module(latent_dir: Path, *flags: str):
-    args = stage2_train_dit.build_parser().parse_args(
+    args = training_options(
         ["--latent_dir", str(latent_dir), "--output_dir", "unused", *TINY, *flags])
     return build_module(args, log=lambda m: None)
 
@@ -79,14 +80,14 @@ def test_reads_other_layouts(tmp_path, published):
     _, model, ema = published
     # Only `model`, DDP-prefixed: the prefix is stripped.
     torch.save({"model": {f"module.{k}": v for k, v in model.items()}}, tmp_path / "model_only.pt")
-    got = read_published_weights(tmp_path / "model_only.pt")
+    got = load_pretrained(tmp_path / "model_only.pt").state
     assert set(got) == set(model) and torch.equal(got[CLASS_TABLE], model[CLASS_TABLE])
     torch.save(ema, tmp_path / "flat.pt")
     torch.save({"state_dict": ema}, tmp_path / "nested.pt")
     save_safetensors(ema, tmp_path / "flat.safetensors")
     save_safetensors({f"state_dict.{k}": v for k, v in ema.items()}, tmp_path / "prefixed.safetensors")
     for name in ("flat.pt", "nested.pt", "flat.safetensors", "prefixed.safetensors"):
-        got = read_published_weights(tmp_path / name)
+        got = load_pretrained(tmp_path / name).state
         assert set(got) == set(ema), name
         assert all(torch.equal(got[k], ema[k]) for k in ema), name
 
@@ -94,9 +95,9 @@ def test_reads_other_layouts(tmp_path, published):
 def test_not_a_dit_is_a_clear_error(tmp_path):
     torch.save({"state_dict": {"encoder.conv_in.weight": torch.zeros(2)}}, tmp_path / "vae.pt")
     with pytest.raises(PipelineError, match="no LightningDiT weights.*VA-VAE"):
-        read_published_weights(tmp_path / "vae.pt")
+        load_pretrained(tmp_path / "vae.pt").state
     with pytest.raises(PipelineError, match="not found"):
-        read_published_weights(tmp_path / "missing.pt")
+        load_pretrained(tmp_path / "missing.pt").state
 
 
 class Payload:
@@ -112,7 +113,7 @@ def test_malicious_pickle_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"ema": {"x_embedder.proj.weight": Payload(str(marker))}}, tmp_path / "evil.pt")
     with pytest.raises(PipelineError, match="refused"):
-        read_published_weights(tmp_path / "evil.pt")
+        load_pretrained(tmp_path / "evil.pt").state
     assert not marker.exists()
 
 

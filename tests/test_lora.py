@@ -12,9 +12,9 @@ from generation.generate import generate, load_generator
 from helpers import make_tokenizer
 from models.lightningdit import LightningDiT
 from test_init_from import TINY, latent_dir, make_module, published   # noqa: F401 (fixtures)
-from training.dit_module import ema_state_dict
+from models.checkpoint import ema_state_dict, merge_lora_state
 from training.init_from import CLASS_TABLE, initialise_from, load_pretrained, partial_trainable
-from training.lora import HalfPrecisionBase, check_same_lora, halve_base_weights, merge_lora_state
+from training.lora import HalfPrecisionBase, check_same_lora, halve_base_weights
 
 RANK = 4
 
@@ -39,7 +39,7 @@ def stage2(latent_dir, out, path, *extra):
 
 def test_lora_trains_adapters_and_conditioning_only(published, latent_dir):
     path, _, ema = published
-    reference = LightningDiT(**make_module(latent_dir).model_config).eval()
+    reference = LightningDiT(**make_module(latent_dir).info.model_config).eval()
     module = lora_module(latent_dir, path)
     reference.load_state_dict({**ema, CLASS_TABLE: module.model.state_dict()[f"{CLASS_TABLE}"]})
     names = {n for n, p in module.model.named_parameters() if p.requires_grad}
@@ -69,8 +69,8 @@ def test_merge_equals_the_adapted_model_and_peft_merge(published, latent_dir):
             if ".lora_B." in name:
                 p.normal_(0, 0.1)
     model = module.model.eval()
-    merged = LightningDiT(**module.model_config).eval()
-    merged.load_state_dict(merge_lora_state(model.state_dict(), module.pipeline_info["lora"]))
+    merged = LightningDiT(**module.info.model_config).eval()
+    merged.load_state_dict(merge_lora_state(model.state_dict(), module.info.lora))
     with torch.no_grad():
         torch.testing.assert_close(merged(*inputs()), model(*inputs()), rtol=1e-5, atol=1e-6)
         for layer in [m for m in model.modules() if hasattr(m, "lora_A")]:

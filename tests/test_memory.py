@@ -9,6 +9,7 @@ from common.errors import PipelineError
 from training.init_from import apply_finetune
 from training.lora import HalfPrecisionBase, apply_lora
 from training.memory import estimate_memory, measured_peak, setup_from_args
+from training.cli import training_options
 from training.train_dit import build_module
 
 # Measured on this CPU over 36 configurations (3 shapes x fp32/bf16 x full/partial/LoRA x checkpointing):
@@ -36,7 +37,7 @@ def latents16(tmp_path_factory):
     ("bf16-mixed", "lora", True), ("bf16-mixed", "lora", False)])
 def test_estimate_is_within_margin_of_measured_peak(latents16, precision, finetune, checkpointing, one_thread):
     flags = [*SMALL, "--precision", precision, "--finetune", finetune, "--init_from", "weights.pt"]
-    args = stage2_train_dit.build_parser().parse_args(
+    args = training_options(
         ["--latent_dir", str(latents16), "--output_dir", "unused", *flags] + ["--grad_checkpointing"] * checkpointing)
 
     def train_three_steps():

@@ -281,7 +281,7 @@ def test_tokenizer_file_errors(tmp_path, latents, trained, capsys):
 
 def test_dit_checkpoint_file_errors(tmp_path, tokenizer, capsys):
     """Stage 3 (and anything using load_checkpoint): missing, not a checkpoint, a tokenizer instead."""
-    from training.train_dit import load_checkpoint
+    from models.checkpoint import load_checkpoint
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(os.urandom(2000))
     with pytest.raises(PipelineError, match=r"stage 2 checkpoint .* not found: .*missing\.ckpt"):
@@ -670,9 +670,9 @@ def test_nonfinite_loss_stops_with_advice_and_keeps_good_checkpoint(tmp_path, la
 
 
 def _train_in_process(latents: Path, out: Path, *extra):
-    import stage2_train_dit
+    from training.cli import training_options
     from training.train_dit import train
-    args = stage2_train_dit.build_parser().parse_args(
+    args = training_options(
         list(map(str, stage2_args(latents, out, "--log_every_n_steps", 1, *extra))))
     return train(args, log=lambda m: None)
 

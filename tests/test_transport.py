@@ -48,14 +48,14 @@ def test_fixed_step_samplers_converge_at_their_order(sampler, order):
     def velocity(x, t):
         return -x + torch.cos(3 * t)
     exact = _exact(x0)
-    errors = [(sample_ode(velocity, x0, n, sampler).double() - exact).abs().max().item() for n in (16, 32, 64)]
+    errors = [(sample_ode(velocity, x0, n, sampler, 1.0).double() - exact).abs().max().item() for n in (16, 32, 64)]
     for coarse, fine in zip(errors, errors[1:]):
         assert coarse / fine == pytest.approx(2 ** order, rel=0.25)
 
 
 def test_dopri5_is_accurate():
     x0 = torch.tensor([[1.0, -0.5]])
-    out = sample_ode(lambda x, t: -x + torch.cos(3 * t), x0, sampler="dopri5")
+    out = sample_ode(lambda x, t: -x + torch.cos(3 * t), x0, 0, "dopri5", 1.0)
     # rtol 1e-3 as in the reference; a fixed 16-step Euler is ~20x further off.
     assert (out.double() - _exact(x0.double())).abs().max() < 2e-3
 
@@ -73,11 +73,11 @@ def test_evaluation_counts():
         return torch.zeros_like(x)
     for sampler in ("euler", "heun", "ab2"):
         calls.clear()
-        sample_ode(velocity, torch.zeros(1, 2), 8, sampler)
+        sample_ode(velocity, torch.zeros(1, 2), 8, sampler, 1.0)
         assert len(calls) == model_evaluations(sampler, 8)
     assert set(SAMPLERS) == {"euler", "heun", "ab2", "dopri5"}
     with pytest.raises(ValueError):
-        sample_ode(velocity, torch.zeros(1, 2), 4, "rk4")
+        sample_ode(velocity, torch.zeros(1, 2), 4, "rk4", 1.0)
 
 
 def test_guidance_combines_cond_and_uncond_in_one_batched_call():
@@ -110,9 +110,9 @@ def test_ab2_restarts_where_guidance_switches_on():
         return torch.where(y == 9, -1.0, 1.0).view(-1, 1) * torch.ones_like(x)
     velocity = guided_velocity(model, torch.tensor([0]), null_class=9, scale=4.0, interval_start=0.4)
     x0 = torch.zeros(1, 2)
-    euler = sample_ode(velocity, x0, 10, "euler")
-    ab2 = sample_ode(velocity, x0, 10, "ab2", restart_at=0.4)
+    euler = sample_ode(velocity, x0, 10, "euler", 1.0)
+    ab2 = sample_ode(velocity, x0, 10, "ab2", 1.0, restart_at=0.4)
     torch.testing.assert_close(ab2, euler)
     assert euler[0, 0].item() == pytest.approx(0.4 * 1 + 0.6 * 7)
-    blended = sample_ode(velocity, x0, 10, "ab2")                  # without the restart: ~0.3 too far
+    blended = sample_ode(velocity, x0, 10, "ab2", 1.0)                # without the restart: ~0.3 too far
     assert blended[0, 0].item() == pytest.approx(euler[0, 0].item() + 0.1 * 0.5 * (7 - 1))

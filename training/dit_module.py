@@ -6,32 +6,30 @@ host-to-device copies.
 """
 import copy
 import math
-from typing import Any
 
 import pytorch_lightning as pl
 import torch
 
 from common.errors import PipelineError
+from models.checkpoint import PipelineInfo
 from models.lightningdit import LightningDiT
 from models.transport import flow_matching_loss, sample_timesteps
 
-CHECKPOINT_KIND = "micro_doppler_lightningdit"
 NONFINITE_CHECK_EVERY = 50   # steps between looks at the device-side NaN flag (a host-device sync)
 
 
 class DiTTrainingModule(pl.LightningModule):
     """The DiT, its EMA copy, the normalised latents and the optimiser; checkpoints carry what stage 3 needs."""
-    def __init__(self, model_config: dict, train_latents: torch.Tensor, train_labels: torch.Tensor,
-                 val_latents: torch.Tensor, val_labels: torch.Tensor, pipeline_info: dict[str, Any],
+    def __init__(self, info: PipelineInfo, train_latents: torch.Tensor, train_labels: torch.Tensor,
+                 val_latents: torch.Tensor, val_labels: torch.Tensor,
                  lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0,
                  batch_size: int = 32, ema_decay: float = 0.9995, seed: int = 0,
                  timestep_sampling: str = "uniform", cosine_loss_weight: float = 0.0,
                  compile_model: bool = False, backbone_lr_scale: float = 1.0, warmup_steps: int = 0):
         super().__init__()
-        self.model = LightningDiT(**model_config)
+        self.model = LightningDiT(**info.model_config)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
-        self.model_config = dict(model_config)
-        self.pipeline_info = pipeline_info
+        self.info = info   # saved with every checkpoint (models/checkpoint.py)
         self.lr, self.betas, self.weight_decay = lr, betas, weight_decay
         self.batch_size, self.ema_decay, self.seed = batch_size, ema_decay, seed
         self.timestep_sampling, self.cosine_loss_weight = timestep_sampling, cosine_loss_weight
@@ -40,7 +38,7 @@ class DiTTrainingModule(pl.LightningModule):
         # checkpoint (under forward_fn._orig_mod.* when compiled, so --compile runs could not resume without).
         self.__dict__["forward_fn"] = torch.compile(self.model) if compile_model else self.model
         # Normalised once, kept as non-persistent buffers so they follow the module to its device.
-        mean, std = pipeline_info["latent_mean"], pipeline_info["latent_std"]
+        mean, std = info.latent_mean, info.latent_std
         self.register_buffer("train_x", (train_latents - mean) / std, persistent=False)
         self.register_buffer("train_y", train_labels.long(), persistent=False)
         self.register_buffer("val_x", (val_latents - mean) / std, persistent=False)
@@ -202,11 +200,7 @@ class DiTTrainingModule(pl.LightningModule):
         self.check_finite()   # a checkpoint is only written while the loss and the weights are finite
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):
             raise NonFiniteLoss(int(self.global_step))
-        checkpoint["pipeline"] = {
-            "kind": CHECKPOINT_KIND,
-            "model_config": self.model_config,
-            **self.pipeline_info,
-        }
+        checkpoint["pipeline"] = self.info.to_dict()
 
 
 class Batches:
@@ -225,13 +219,3 @@ class NonFiniteLoss(PipelineError):
     def __init__(self, step: int):
         self.step = step
         super().__init__(f"the training loss became NaN or infinite by step {step}")
-
-
-def ema_state_dict(checkpoint: dict) -> dict[str, torch.Tensor]:
-    """The EMA weights of a stage 2 checkpoint, with LightningDiT's own key names (LoRA adapters merged)."""
-    state = {k[len("ema."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("ema.")}
-    lora = checkpoint.get("pipeline", {}).get("lora")
-    if lora:
-        from training.lora import merge_lora_state
-        state = merge_lora_state(state, lora)
-    return state

@@ -33,6 +33,7 @@ import torch.nn as nn
 
 from common.errors import PipelineError
 from common.io import load_safetensors, require_file, torch_load_weights
+from models.checkpoint import merge_lora_state
 from models.lightningdit import LightningDiT, LightningDiT_models
 
 WHAT = "LightningDiT weights (--init_from): a published checkpoint, a state dict or a stage 2 checkpoint"
@@ -58,11 +59,6 @@ class PretrainedWeights:
     picked: str                                            # e.g. "ema", "model", "state_dict/ema.*", "flat"
     config: dict[str, Any] = field(default_factory=dict)   # the file's own config, if any (hints only)
     users: list[str] | None = None                         # class names, for this project's checkpoints
-
-
-def read_published_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """The LightningDiT state dict of a weights file (EMA preferred), with wrapper prefixes stripped."""
-    return load_pretrained(path).state
 
 
 def load_pretrained(path: str | Path) -> PretrainedWeights:
@@ -93,7 +89,6 @@ def load_pretrained(path: str | Path) -> PretrainedWeights:
         state, picked = _pick_state(obj)
     users = list(pipeline["users"]) if pipeline is not None and pipeline.get("users") else None
     if pipeline is not None and pipeline.get("lora"):   # a `--finetune lora` checkpoint: adapters merged
-        from training.lora import merge_lora_state
         state = merge_lora_state(state, pipeline["lora"])
     return _checked(path, PretrainedWeights(state, picked, config, users))
 
@@ -307,7 +302,7 @@ def initialise_from(module, path: str | Path, finetune: str = "full", log: Calla
     model: LightningDiT = module.model
     state = check_compatible(weights, model, path, log)
 
-    users = list(module.pipeline_info.get("users") or range(model.num_classes))
+    users = list(module.info.users or range(model.num_classes))
     # Same user name in a stage 2 checkpoint -> keep its learned row; everyone else starts fresh.
     keep = {i: weights.users.index(u) for i, u in enumerate(users) if u in weights.users} if weights.users else {}
     old_rows = state[CLASS_TABLE].shape[0] - 1

@@ -8,9 +8,9 @@ t/y/x embedders (the class table holds the new users) and the final layer train 
 `--finetune partial`. Only what trains has gradients, Adam state and an EMA: the EMA model shares the frozen
 tensors with the trained one.
 
-Checkpoints hold the adapters and the (frozen) base weights under peft's names; `merge_lora_state` folds
-them back into a plain LightningDiT state dict for stage 3 and for `--init_from`, so a LoRA checkpoint is,
-like any other, all that sampling needs besides the tokenizer. peft is imported only to inject the adapters.
+Checkpoints hold the adapters and the (frozen) base weights under peft's names; `merge_lora_state`
+(models/checkpoint.py) folds them back into a plain LightningDiT state dict for stage 3 and for `--init_from`,
+so a LoRA checkpoint is, like any other, all that sampling needs besides the tokenizer. peft is imported only to inject the adapters.
 """
 import copy
 import re
@@ -25,7 +25,6 @@ from training.init_from import GRID_TABLES, partial_trainable
 
 # The nn.Linear layers that get adapters: attention qkv/proj and the MLP (SwiGLU w12/w3, or GELU fc1/fc2).
 TARGET_PATTERN = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(w12|w3|fc1|fc2))"
-ADAPTER = "default"   # peft's adapter name; it appears in the parameter names (lora_A.default.weight)
 DEFAULT_RANK = 16
 
 
@@ -58,7 +57,7 @@ def apply_lora(module, rank: int = DEFAULT_RANK, alpha: float | None = None) -> 
     for name, p in module.model.named_parameters():
         p.requires_grad_(lora_trainable(name) and name not in GRID_TABLES)
     module.ema = ema_sharing_frozen(module.model)
-    module.pipeline_info["lora"] = {"rank": rank, "alpha": alpha}
+    module.info.lora = {"rank": rank, "alpha": alpha}
     total = sum(p.numel() for p in module.model.parameters())
     return sum(p.numel() for p in module.model.parameters() if p.requires_grad), total
 
@@ -104,27 +103,8 @@ class HalfPrecisionBase(pl.Callback):
 
 
 #################################################################################
-#                           Checkpoints: merge and check                        #
+#                           Checkpoints: resume check                           #
 #################################################################################
-
-def merge_lora_state(state: dict[str, torch.Tensor], lora: dict) -> dict[str, torch.Tensor]:
-    """A plain LightningDiT state dict (float32) from one with adapters: W = W0 + (alpha / r) B A."""
-    scaling = float(lora["alpha"]) / int(lora["rank"])
-    merged = {}
-    for key, value in state.items():
-        if ".lora_A." in key or ".lora_B." in key:
-            continue
-        if ".base_layer." in key:
-            prefix, leaf = key.split(".base_layer.", 1)
-            value = value.float()
-            if leaf == "weight":
-                a = state[f"{prefix}.lora_A.{ADAPTER}.weight"].float()
-                b = state[f"{prefix}.lora_B.{ADAPTER}.weight"].float()
-                value = value + scaling * (b @ a)
-            key = f"{prefix}.{leaf}"
-        merged[key] = value
-    return merged
-
 
 def check_same_lora(saved: dict | None, current: dict | None, path: Path) -> None:
     """Resuming a LoRA run needs the same adapters; say so instead of a state-dict key error."""

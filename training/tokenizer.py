@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common.device import resolve_device
 from common.errors import PipelineError
 from common.progress import progress_bar
 from data.images import scan_dataset, try_load_image
@@ -213,7 +214,7 @@ def train_tokenizer(data_dir: str | Path, output_path: str | Path, width: int = 
                     compile_model: bool = False, seed: int = 0, log_every: int = 25, progress: bool = True,
                     log=print) -> dict:
     """Train (or fine-tune), report held-out PSNR before and after, write fp16 safetensors; returns a summary."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device or "auto")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise PipelineError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu.")
     precision = precision or ("bf16" if bf16_supported(device) else "fp32")   # native bf16: ~2x on such CPUs

@@ -3,7 +3,6 @@ import csv
 import os
 import time
 import warnings
-import zipfile
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,6 +19,8 @@ from common.errors import PipelineError, out_of_memory_advice
 from common.io import atomic_path, save_torch
 from common.progress import due, is_terminal, progress_line
 from data.latents import load_latents, load_stats
+from training.cli import TrainOptions
+from models.checkpoint import PipelineInfo, checkpoint_info, load_checkpoint
 from models.lightningdit import model_config
 from training.dit_module import DiTTrainingModule, NonFiniteLoss
 
@@ -49,7 +50,7 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     return precision
 
 
-def build_module(args, log=print) -> DiTTrainingModule:
+def build_module(args: TrainOptions, log=print) -> DiTTrainingModule:
     """Latents, stats and user table from stage 1 + the model config from the flags."""
     train_x, train_y, meta = load_latents(args.latent_dir, "train")
     val_x, val_y, _ = load_latents(args.latent_dir, "val")
@@ -61,11 +62,11 @@ def build_module(args, log=print) -> DiTTrainingModule:
                           num_heads=args.num_heads, use_qknorm=args.use_qknorm or None,
                           class_dropout_prob=args.class_dropout_prob,
                           use_checkpoint=bool(args.grad_checkpointing))
-    info = {"users": users, "user_numbers": numbers, "latent_mean": mean, "latent_std": std,
-            "tokenizer": meta.get("tokenizer", ""), "tokenizer_sha256": meta.get("tokenizer_sha256", ""),
-            "image_size": meta.get("image_size", 256)}
+    info = PipelineInfo(model_config=config, users=users, user_numbers=numbers, latent_mean=mean, latent_std=std,
+                        tokenizer=meta.get("tokenizer", ""), tokenizer_sha256=meta.get("tokenizer_sha256", ""),
+                        image_size=meta.get("image_size", 256))
     module = DiTTrainingModule(
-        config, train_x, train_y, val_x, val_y, info, lr=args.lr, betas=(0.9, args.beta2),
+        info, train_x, train_y, val_x, val_y, lr=args.lr, betas=(0.9, args.beta2),
         weight_decay=args.weight_decay, batch_size=args.batch_size, ema_decay=args.ema_decay, seed=args.seed,
         timestep_sampling=args.timestep_sampling, cosine_loss_weight=args.cosine_loss_weight,
         compile_model=args.compile, backbone_lr_scale=args.backbone_lr_scale, warmup_steps=args.warmup_steps)
@@ -75,7 +76,7 @@ def build_module(args, log=print) -> DiTTrainingModule:
     return module
 
 
-def train(args, log=print, callbacks: Sequence[pl.Callback] = ()) -> Path:
+def train(args: TrainOptions, log=print, callbacks: Sequence[pl.Callback] = ()) -> Path:
     """Train (or resume) and return the path of the best checkpoint; `callbacks` are added to the Trainer's
     (benchmarks/gpu_check.py times the steps with one)."""
     torch.manual_seed(args.seed)   # the initial weights; the module seeds each step from (seed, step, rank)
@@ -103,10 +104,11 @@ def train(args, log=print, callbacks: Sequence[pl.Callback] = ()) -> Path:
     resume = str(last) if last.is_file() else None
     if resume:
         previous = load_checkpoint(last, mmap=True)
-        check_same_model(previous["pipeline"]["model_config"], module.model_config, last)
-        check_same_data(previous["pipeline"], module.pipeline_info, last)
+        saved = checkpoint_info(previous)
+        check_same_model(saved.model_config, module.info.model_config, last)
+        check_same_data(saved, module.info, last)
         from training.lora import check_same_lora
-        check_same_lora(previous["pipeline"].get("lora"), module.pipeline_info.get("lora"), last)
+        check_same_lora(saved.lora, module.info.lora, last)
         log(f"resuming from {last} at step {previous['global_step']} (same command as before; "
             "pass --restart to start over)")
         # Batches are a function of the global step, so a mid-epoch resume is exact (Lightning can't know).
@@ -124,7 +126,7 @@ def train(args, log=print, callbacks: Sequence[pl.Callback] = ()) -> Path:
         from training.lora import HalfPrecisionBase
         callbacks.append(HalfPrecisionBase())
     devices = args.devices
-    distributed = (devices if isinstance(devices, int) else 1) * args.num_nodes > 1
+    distributed = devices * args.num_nodes > 1
     # The latents, the fixed validation noise and the NaN flag are buffers: by default DDP would broadcast
     # them from rank 0 before every forward (the whole dataset each step) and overwrite the other ranks' flag.
     strategy = DDPStrategy(broadcast_buffers=False) if distributed else "auto"
@@ -286,18 +288,18 @@ def check_same_model(saved: dict, current: dict, path: Path) -> None:
                             "--restart (or another --output_dir) to train the new model from scratch.")
 
 
-def check_same_data(saved: dict, current: dict, path: Path) -> None:
+def check_same_data(saved: PipelineInfo, current: PipelineInfo, path: Path) -> None:
     """Resuming on other latents (stage 1 redone on other images or with another tokenizer) would mix two
     runs: the weights learnt one normalisation and user table, the rest of the run would use another."""
     diff = []
-    if saved.get("users") != current["users"] or saved.get("user_numbers") != current["user_numbers"]:
-        diff.append(f"users: {saved.get('users')} in the checkpoint, {current['users']} now")
-    if saved.get("tokenizer_sha256") != current["tokenizer_sha256"]:
-        diff.append(f"tokenizer sha256: {str(saved.get('tokenizer_sha256'))[:12]}... "
-                    f"({saved.get('tokenizer') or '?'}) in the checkpoint, "
-                    f"{current['tokenizer_sha256'][:12]}... ({current['tokenizer'] or '?'}) now")
+    if saved.users != current.users or saved.user_numbers != current.user_numbers:
+        diff.append(f"users: {saved.users} in the checkpoint, {current.users} now")
+    if saved.tokenizer_sha256 != current.tokenizer_sha256:
+        diff.append(f"tokenizer sha256: {str(saved.tokenizer_sha256)[:12]}... "
+                    f"({saved.tokenizer or '?'}) in the checkpoint, "
+                    f"{current.tokenizer_sha256[:12]}... ({current.tokenizer or '?'}) now")
     for key in ("latent_mean", "latent_std"):
-        if key not in saved or not torch.equal(saved[key].cpu(), current[key].cpu()):
+        if not torch.equal(getattr(saved, key).cpu(), getattr(current, key).cpu()):
             diff.append(f"latent statistics ({key.split('_')[1]}) differ")
     if diff:
         raise PipelineError(f"{path} was trained on other stage 1 latents ({'; '.join(diff)}): stage 1 was "
@@ -314,17 +316,3 @@ def remove_previous_run(ckpt_dir: Path, log=print) -> None:
         if (ckpt_dir / name).is_file():
             (ckpt_dir / name).unlink(missing_ok=True)
             log(f"--restart: removed the previous run's {ckpt_dir / name}")
-
-
-def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
-    """A stage 2 checkpoint (weights_only); a clear error for anything else."""
-    from common.io import torch_load_weights
-    from training.dit_module import CHECKPOINT_KIND
-    mmap = mmap and zipfile.is_zipfile(path)
-    ckpt = torch_load_weights(path, "a stage 2 checkpoint (checkpoints/best.ckpt or last.ckpt)", mmap=mmap)
-    if not isinstance(ckpt, dict) or ckpt.get("pipeline", {}).get("kind") != CHECKPOINT_KIND:
-        found = "a VA-VAE tokenizer" if isinstance(ckpt, dict) and any(
-            str(k).startswith(("encoder.", "decoder.")) for k in ckpt.get("state_dict", ckpt)) else "another kind of file"
-        raise PipelineError(f"{path} is not a stage 2 LightningDiT checkpoint (found {found}). "
-                            "Pass --dit_checkpoint <output_dir>/checkpoints/best.ckpt from stage2_train_dit.py.")
-    return ckpt

@@ -1,0 +1,27 @@
+"""Stage 1's command line (stage1_extract_features.py): encode every image once with the frozen VA-VAE."""
+import argparse
+
+from common.config import add_config_flag, new_parser
+
+DESCRIPTION = "Stage 1: encode every image once with the frozen VA-VAE; write train/val latents and their stats."
+REQUIRED = ["data_dir", "vavae_path", "output_path"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = new_parser(DESCRIPTION)
+    add_config_flag(p)
+    p.add_argument("--data_dir", help="train/ and val/ with one folder per user (ID_1, ID_2, ...), or the user folders")
+    p.add_argument("--vavae_path", help="vavae-imagenet256-f16d32-dinov2.pt or a project .safetensors tokenizer")
+    p.add_argument("--output_path", help="folder for train.safetensors, val.safetensors, latent_stats.safetensors")
+    p.add_argument("--batch_size", type=int, default=32, help="images per encoder batch")
+    p.add_argument("--image_size", type=int, default=256, help="centre-crop size (ADM preprocessing)")
+    p.add_argument("--num_workers", type=int, default=2, help="image decoding processes")
+    p.add_argument("--devices", type=int, default=1, help="GPUs to split the images over")
+    p.add_argument("--tokenizer_check_images", type=int, default=48,
+                   help="train images (spread over users) reconstructed to check the tokenizer knows your data; 0: skip")
+    return p
+
+
+def options(args: argparse.Namespace) -> dict:
+    """The keyword arguments of data.latents.extract_features from parsed flags."""
+    return {k: v for k, v in vars(args).items() if k != "config"}

@@ -1,0 +1,95 @@
+"""The stage 2 checkpoint format, in one place: what a checkpoint carries besides the weights, and reading it.
+
+A checkpoint is Lightning's dict (`state_dict` with `model.*` and `ema.*`, optimizer state, loops) plus a
+`pipeline` entry: everything stage 3 needs to sample without the training code or the latents (model
+config, users, latent statistics, the tokenizer's sha256, LoRA adapter settings). Training writes it
+(training/dit_module.py), stage 3 and `--init_from` read it; neither reader imports PyTorch Lightning.
+"""
+import os
+import zipfile
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+from common.errors import PipelineError
+from common.io import torch_load_weights
+
+CHECKPOINT_KIND = "micro_doppler_lightningdit"
+LORA_ADAPTER = "default"   # peft's adapter name; it appears in the parameter names (lora_A.default.weight)
+
+
+#################################################################################
+#                              What a checkpoint carries                        #
+#################################################################################
+
+@dataclass
+class PipelineInfo:
+    """The `pipeline` entry of a stage 2 checkpoint."""
+    model_config: dict[str, Any]      # LightningDiT(**model_config) rebuilds the network
+    users: list[str]                  # user folder names in class order
+    user_numbers: list[int]           # the numbers in those names (ID_3 -> 3): stage 3's --user_ids
+    latent_mean: torch.Tensor         # (1, C, 1, 1): latents are trained normalised with these
+    latent_std: torch.Tensor
+    tokenizer: str = ""               # file name and sha256 of the stage 1 tokenizer (stage 3 warns on another)
+    tokenizer_sha256: str = ""
+    image_size: int = 256
+    lora: dict[str, Any] | None = None   # {"rank", "alpha"} of a `--finetune lora` run: adapters to merge
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plain dict stored under checkpoint["pipeline"] (weights_only-loadable)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        if values["lora"] is None:
+            del values["lora"]   # the format of checkpoints written before LoRA existed
+        return {"kind": CHECKPOINT_KIND, **values}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "PipelineInfo":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+#################################################################################
+#                                   Reading                                     #
+#################################################################################
+
+def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
+    """A stage 2 checkpoint (weights_only); a clear error for anything else."""
+    mmap = mmap and zipfile.is_zipfile(path)
+    ckpt = torch_load_weights(path, "a stage 2 checkpoint (checkpoints/best.ckpt or last.ckpt)", mmap=mmap)
+    if not isinstance(ckpt, dict) or ckpt.get("pipeline", {}).get("kind") != CHECKPOINT_KIND:
+        found = "a VA-VAE tokenizer" if isinstance(ckpt, dict) and any(
+            str(k).startswith(("encoder.", "decoder.")) for k in ckpt.get("state_dict", ckpt)) else "another kind of file"
+        raise PipelineError(f"{path} is not a stage 2 LightningDiT checkpoint (found {found}). "
+                            "Pass --dit_checkpoint <output_dir>/checkpoints/best.ckpt from stage2_train_dit.py.")
+    return ckpt
+
+
+def checkpoint_info(checkpoint: dict[str, Any]) -> PipelineInfo:
+    return PipelineInfo.from_dict(checkpoint["pipeline"])
+
+
+def ema_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The EMA weights of a stage 2 checkpoint, with LightningDiT's own key names (LoRA adapters merged)."""
+    state = {k[len("ema."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("ema.")}
+    lora = checkpoint.get("pipeline", {}).get("lora")
+    return merge_lora_state(state, lora) if lora else state
+
+
+def merge_lora_state(state: dict[str, torch.Tensor], lora: dict) -> dict[str, torch.Tensor]:
+    """A plain LightningDiT state dict (float32) from one with adapters: W = W0 + (alpha / r) B A."""
+    scaling = float(lora["alpha"]) / int(lora["rank"])
+    merged = {}
+    for key, value in state.items():
+        if ".lora_A." in key or ".lora_B." in key:
+            continue
+        if ".base_layer." in key:
+            prefix, leaf = key.split(".base_layer.", 1)
+            value = value.float()
+            if leaf == "weight":
+                a = state[f"{prefix}.lora_A.{LORA_ADAPTER}.weight"].float()
+                b = state[f"{prefix}.lora_B.{LORA_ADAPTER}.weight"].float()
+                value = value + scaling * (b @ a)
+            key = f"{prefix}.{leaf}"
+        merged[key] = value
+    return merged

@@ -1,0 +1,131 @@
+"""The command lines: README flag tables = parsers, one source per default, --help shows defaults, and
+the package layout (stage 3 without Lightning, parsers in the packages)."""
+import argparse
+import inspect
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import data.cli
+import evaluation.cli
+import generation.cli
+import pipeline.cli
+import training.cli
+
+ROOT = Path(__file__).resolve().parent.parent
+PARSERS = {"stage1_extract_features.py": data.cli.build_parser, "stage2_train_dit.py": training.cli.build_parser,
+           "stage3_inference.py": generation.cli.build_parser, "stage4_evaluate.py": evaluation.cli.build_parser,
+           "run_complete_pipeline.py": pipeline.cli.build_parser,
+           "train_tokenizer.py": training.cli.build_tokenizer_parser}
+
+
+def readme_tables() -> dict[str, list[tuple[list[str], str]]]:
+    """script -> [(flags of a row, its default cell)] from the `| flag | default | meaning |` table that
+    follows each `### ...: `script.py`` heading."""
+    tables: dict[str, list[tuple[list[str], str]]] = {}
+    script = None
+    for line in (ROOT / "README.md").read_text().splitlines():
+        heading = re.match(r"#+ .*`(\w+\.py)`", line)
+        if heading:
+            script = heading.group(1)
+        elif line.startswith("#"):
+            script = None
+        elif script and line.startswith("| `--"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            tables.setdefault(script, []).append((re.findall(r"`(--\w+)", cells[0]), cells[1]))
+    return tables
+
+
+def is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def same_default(readme: str, action: argparse.Action) -> bool:
+    text, default = readme.strip("`"), action.default
+    if isinstance(action, argparse._StoreTrueAction):
+        return text in ("off", "")
+    if default is None:   # unset: blank, "none", or a described default ("rank", "every user")
+        return text in ("", "none") or not is_number(text)
+    if isinstance(default, list):
+        return text.split() == [str(v) for v in default]
+    if isinstance(default, (int, float)):
+        return is_number(text) and float(text) == default
+    return text == str(default)
+
+
+@pytest.mark.parametrize("script", sorted(PARSERS))
+def test_readme_flag_table_matches_the_parser(script):
+    tables = readme_tables()
+    assert script in tables, f"README has no flag table under a heading naming {script}"
+    parser = PARSERS[script]()
+    actions = {s: a for a in parser._actions for s in a.option_strings if s.startswith("--")}
+    documented = [flag for flags, _ in tables[script] for flag in flags]
+    assert sorted(set(documented)) == sorted(set(actions) - {"--help", "--config"}), \
+        f"{script}: README table flags differ from the parser"
+    for flags, cell in tables[script]:
+        values = [v.strip() for v in cell.split(",")] if cell else [""]
+        values = values if len(values) == len(flags) else values * len(flags) if len(values) == 1 else None
+        assert values is not None, f"{script}: row {flags} has {cell!r}, not one default per flag"
+        for flag, value in zip(flags, values):
+            assert same_default(value, actions[flag]), \
+                f"{script} {flag}: README says {value!r}, the parser {actions[flag].default!r}"
+
+
+def function_defaults_agree(function, parser: argparse.ArgumentParser, rename: dict[str, str] = {}) -> None:
+    """A default a stage's entry function repeats must be the parser's (one source)."""
+    flags = {a.dest: a.default for a in parser._actions}
+    for name, p in inspect.signature(function).parameters.items():
+        dest = rename.get(name, name)
+        if p.default is not inspect.Parameter.empty and dest in flags:
+            assert p.default == flags[dest], f"{function.__name__}({name}={p.default!r}) vs --{dest} {flags[dest]!r}"
+
+
+def test_entry_function_defaults_are_the_parsers():
+    from data.latents import extract_features
+    from evaluation.evaluate import evaluate
+    from generation.generate import generate, sample_images
+    from training.tokenizer import train_tokenizer
+    function_defaults_agree(extract_features, data.cli.build_parser())
+    function_defaults_agree(generate, generation.cli.build_parser())
+    function_defaults_agree(sample_images, generation.cli.build_parser(), {"device": "resolved device"})
+    function_defaults_agree(evaluate, evaluation.cli.build_parser())
+    function_defaults_agree(train_tokenizer, training.cli.build_tokenizer_parser(), {"compile_model": "compile"})
+
+
+def test_train_options_name_every_stage2_flag():
+    from dataclasses import fields
+    dests = {a.dest for a in training.cli.build_parser()._actions} - {"help", "config"}
+    assert {f.name for f in fields(training.cli.TrainOptions)} == dests
+
+
+@pytest.mark.parametrize("script", sorted(PARSERS))
+def test_help_shows_defaults(script):
+    parser = PARSERS[script]()
+    text = " ".join(parser.format_help().split())
+    for action in parser._actions:
+        if action.option_strings and action.default not in (None, False) and action.dest != "help":
+            assert f"(default: {action.default})" in text, f"{script} --help hides {action.option_strings[0]}'s default"
+
+
+def test_every_flag_has_help():
+    for script, build in PARSERS.items():
+        for action in build()._actions:
+            assert action.help, f"{script} {action.option_strings} has no help text (so --help shows no default)"
+
+
+def test_stage3_and_parsers_load_without_training_code():
+    """Sampling needs the checkpoint format (models/checkpoint.py), not Lightning or training/; the
+    orchestrator gets the stage parsers from the packages, not from the top-level scripts."""
+    code = ("import sys, generation.generate, pipeline.orchestrate as o; o.stage_parsers(); "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('pytorch_lightning', 'lightning') "
+            "or m.startswith('training.') and m != 'training.cli' or m.startswith(('stage', 'run_complete'))]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

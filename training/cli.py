@@ -1,0 +1,167 @@
+"""The command lines of stage 2 (stage2_train_dit.py, with the options it hands to training/train_dit.py)
+and of train_tokenizer.py."""
+import argparse
+from dataclasses import dataclass, fields
+from typing import Sequence
+
+from common.config import add_config_flag, new_parser, parse_args
+from models.lightningdit import DEFAULT_MODEL, LightningDiT_models
+
+DESCRIPTION = "Stage 2: train a user-conditioned LightningDiT on the stage 1 latents (PyTorch Lightning, DDP)."
+REQUIRED = ["latent_dir", "output_dir"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = new_parser(DESCRIPTION)
+    add_config_flag(p)
+    p.add_argument("--latent_dir", help="stage 1 output (train/val.safetensors, latent_stats.safetensors)")
+    p.add_argument("--output_dir", help="writes checkpoints/, lightning_logs/, loss_curve.png")
+    p.add_argument("--batch_size", type=int, default=32, help="per device")
+    p.add_argument("--max_epochs", type=int, default=100, help="passes over the train latents")
+    p.add_argument("--max_steps", type=int, default=None, help="stop after this many steps (overrides epochs)")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
+    p.add_argument("--warmup_steps", type=int, default=0, help="linear lr warm-up over this many steps (0: none)")
+    p.add_argument("--devices", type=int, default=1, help="processes (GPUs) per node; DDP when more than one")
+    p.add_argument("--num_nodes", type=int, default=1, help="machines")
+    p.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu", "cuda"], help="auto: CUDA when present")
+    p.add_argument("--precision", default="bf16-mixed", help="32-true, 16-mixed (T4), bf16-mixed (Ampere+)")
+    p.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(LightningDiT_models), help="LightningDiT size/patch")
+    p.add_argument("--depth", type=int, default=None, help="override the named size's depth")
+    p.add_argument("--hidden_size", type=int, default=None, help="override the named size's width")
+    p.add_argument("--num_heads", type=int, default=None, help="override the named size's heads")
+    p.add_argument("--use_qknorm", action="store_true", help="RMS-normalise q and k (stabler at high lr)")
+    p.add_argument("--class_dropout_prob", type=float, default=0.1, help="label dropout for guidance")
+    p.add_argument("--grad_checkpointing", action="store_true", help="recompute activations: less memory")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--ema_decay", type=float, default=0.9995, help="EMA of the weights (validation and sampling use it)")
+    p.add_argument("--beta2", type=float, default=0.999, help="AdamW beta2")
+    p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (not on norms, biases, class table)")
+    p.add_argument("--grad_clip", type=float, default=1.0, help="0 disables")
+    p.add_argument("--timestep_sampling", default="uniform", choices=["uniform", "logit_normal"], help="training t distribution")
+    p.add_argument("--cosine_loss_weight", type=float, default=0.0, help="weight of the velocity cosine term")
+    p.add_argument("--checkpoint_every_n_steps", type=int, default=500, help="last.ckpt cadence")
+    p.add_argument("--log_every_n_steps", type=int, default=10, help="metrics.csv cadence")
+    p.add_argument("--val_every_n_epochs", type=int, default=1, help="EMA validation (and best.ckpt) cadence")
+    p.add_argument("--restart", action="store_true",
+                   help="start over: remove the previous run's last.ckpt and best.ckpt")
+    p.add_argument("--init_from", default=None, help="published LightningDiT weights to start from")
+    p.add_argument("--finetune", default="full", choices=["full", "partial", "lora"],
+                   help="with --init_from: train everything, only adaLN/embeddings/final layer, or those "
+                        "plus low-rank adapters on attention/MLP (frozen base)")
+    p.add_argument("--lora_rank", type=int, default=16, help="--finetune lora: rank of the adapters")
+    p.add_argument("--lora_alpha", type=float, default=None, help="--finetune lora: scale alpha/rank (default rank)")
+    p.add_argument("--backbone_lr_scale", type=float, default=1.0, help="lr factor for the transformer blocks")
+    p.add_argument("--seed", type=int, default=0, help="initial weights and every batch")
+    p.add_argument("--check_memory", type=float, default=None, metavar="GB",
+                   help="only estimate the peak memory per device for these flags; exit 0 if it fits in GB")
+    p.add_argument("--skip_memory_check", action="store_true",
+                   help="train on CUDA even if the estimate exceeds the free memory")
+    return p
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Every stage 2 flag, by name (defaults live in build_parser only); what train() and the memory
+    estimate read."""
+    latent_dir: str | None
+    output_dir: str | None
+    batch_size: int
+    max_epochs: int
+    max_steps: int | None
+    lr: float
+    warmup_steps: int
+    devices: int
+    num_nodes: int
+    accelerator: str
+    precision: str
+    model: str
+    depth: int | None
+    hidden_size: int | None
+    num_heads: int | None
+    use_qknorm: bool
+    class_dropout_prob: float
+    grad_checkpointing: bool
+    compile: bool
+    ema_decay: float
+    beta2: float
+    weight_decay: float
+    grad_clip: float
+    timestep_sampling: str
+    cosine_loss_weight: float
+    checkpoint_every_n_steps: int
+    log_every_n_steps: int
+    val_every_n_epochs: int
+    restart: bool
+    init_from: str | None
+    finetune: str
+    lora_rank: int
+    lora_alpha: float | None
+    backbone_lr_scale: float
+    seed: int
+    check_memory: float | None
+    skip_memory_check: bool
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "TrainOptions":
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+def training_options(argv: Sequence[str], required: Sequence[str] = REQUIRED) -> TrainOptions:
+    """Stage 2's options from command-line tokens (with --config), as the stage parses them."""
+    return TrainOptions.from_args(parse_args(build_parser(), [str(a) for a in argv], required=required))
+
+
+#################################################################################
+#                               train_tokenizer.py                              #
+#################################################################################
+
+TOKENIZER_DESCRIPTION = """Train a VA-VAE tokenizer on a folder of spectrogram images, or fine-tune one on your own images.
+
+    python train_tokenizer.py --data_dir D --output_path tok.safetensors --steps 6000
+    python train_tokenizer.py --data_dir D --output_path tok.safetensors \
+        --init_from assets/demo_vavae.safetensors --max_minutes 10
+"""
+
+
+def build_tokenizer_parser() -> argparse.ArgumentParser:
+    p = new_parser(TOKENIZER_DESCRIPTION)
+    p.add_argument("--data_dir", required=True, help="stage-1 layout: D/train/<user>/*.png and D/val/<user>/*.png")
+    p.add_argument("--output_path", required=True, help="the .safetensors file to write")
+    p.add_argument("--init_from", default=None,
+                   help="start from this tokenizer (project .safetensors or the published VA-VAE .pt) and "
+                        "fine-tune it on --data_dir; --width and --num_res_blocks then come from the file")
+    p.add_argument("--decoder_only", action="store_true",
+                   help="with --init_from: train the decoder only, so latents (and any DiT trained on them) stay valid")
+    p.add_argument("--crop_size", type=int, default=None,
+                   help="train on random crops of this size (multiple of 16; default: the full image from scratch, "
+                        "64 with --init_from): a 64-px crop costs 1/16 of a 256-px image; PSNR is always measured "
+                        "on full images")
+    p.add_argument("--width", type=int, default=48, help="base channels (the official tokenizer has 128)")
+    p.add_argument("--num_res_blocks", type=int, default=2, help="residual blocks per resolution")
+    p.add_argument("--image_size", type=int, default=256, help="centre-crop size of the images")
+    p.add_argument("--steps", type=int, default=6000, help="optimizer steps (unless --max_minutes ends first)")
+    p.add_argument("--batch_size", type=int, default=32, help="images (or crops) per step")
+    p.add_argument("--lr", type=float, default=None, help="AdamW lr (default: 6e-4 from scratch, 5e-4 with --init_from)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="linear warmup steps before the cosine decay (default: 200 from scratch, 20 with --init_from)")
+    p.add_argument("--max_minutes", type=float, default=None,
+                   help="stop after this many minutes; the cosine schedule then follows the clock")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--precision", default=None, choices=["bf16", "fp32"], help="default bf16 where it is native (GPUs of compute capability >= 8.0, CPUs with AVX512-BF16/AMX), else fp32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training step (GPU)")
+    p.add_argument("--val_fraction", type=float, default=0.1,
+                   help="fraction of train images held out for PSNR when the folder has no val images")
+    p.add_argument("--eval_every", type=int, default=1000, help="val PSNR every this many steps (0: only at the end)")
+    p.add_argument("--align_weights", default=None,
+                   help="local torchvision ResNet/ViT state dict for the VA-VAE alignment term (off if absent)")
+    p.add_argument("--align_weight", type=float, default=0.1, help="weight of the alignment term")
+    p.add_argument("--l1_weight", type=float, default=0.1, help="weight of the L1 term (beside MSE)")
+    p.add_argument("--seed", type=int, default=0, help="initial weights, split and batches")
+    return p
+
+
+def tokenizer_options(args: argparse.Namespace) -> dict:
+    """The keyword arguments of training.tokenizer.train_tokenizer from parsed flags."""
+    values = dict(vars(args))
+    values["compile_model"] = values.pop("compile")
+    return values
