@@ -13,6 +13,7 @@ import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from matplotlib import colormaps
@@ -351,38 +352,56 @@ def simulate_image(params: GaitParams, rng: np.random.Generator, image_size: int
     return render_image(s_db, image_size, look.dynamic_range_db, look.colormap)
 
 
-def write_dataset(output_dir: str | os.PathLike, num_users: int, train_per_user: int, val_per_user: int,
-                  seed: int, image_size: int = 256, looks: str = "demo", progress: bool = True) -> None:
-    """Write output_dir/{train,val}/ID_n/ID_n_0007.png (n from 1); deterministic in `seed`.
+def write_people(output_dir: str | os.PathLike, num_users: int, train_per_user: int, val_per_user: int, seed: int,
+                 make_image: Callable[[GaitParams, np.random.Generator], Image.Image], extension: str = "png",
+                 desc: str = "simulating", progress: bool = True, **save_options) -> None:
+    """Write output_dir/{train,val}/ID_n/ID_n_0007.<extension> (n from 1), one `make_image(person, rng)` each.
 
-    looks="demo": every image in DEMO_LOOK; "broad": every image in its own random `sample_look`.
+    Person n is drawn from seed (seed, n), each image's jitter from (seed, n, split, index): deterministic,
+    and the same people whatever the renderer.
     """
-    if looks not in ("demo", "broad"):
-        raise ValueError(f"looks must be 'demo' or 'broad' (got {looks!r})")
     root = Path(output_dir)
-    total = num_users * (train_per_user + val_per_user)
-    with progress_bar(total=total, desc="simulating", unit="img", disable=not progress) as bar:
+    with progress_bar(total=num_users * (train_per_user + val_per_user), desc=desc, unit="img",
+                      disable=not progress) as bar:
         for user in range(1, num_users + 1):
             params = sample_user(np.random.default_rng([seed, user]))
             for split_id, (split, count) in enumerate((("train", train_per_user), ("val", val_per_user))):
                 folder = root / split / f"ID_{user}"
                 folder.mkdir(parents=True, exist_ok=True)
                 for index in range(count):
-                    rng = np.random.default_rng([seed, user, split_id, index])
-                    look = sample_look(rng) if looks == "broad" else DEMO_LOOK
-                    with atomic_path(folder / f"ID_{user}_{index:04d}.png") as tmp:
-                        Image.fromarray(simulate_image(params, rng, image_size, look)).save(tmp, format="PNG")
+                    image = make_image(params, np.random.default_rng([seed, user, split_id, index]))
+                    with atomic_path(folder / f"ID_{user}_{index:04d}.{extension}") as tmp:
+                        image.save(tmp, format="JPEG" if extension == "jpg" else extension.upper(), **save_options)
                     bar.update(1)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Simulate a per-user radar micro-Doppler dataset (walking people).")
+def write_dataset(output_dir: str | os.PathLike, num_users: int, train_per_user: int, val_per_user: int,
+                  seed: int, image_size: int = 256, looks: str = "demo", progress: bool = True) -> None:
+    """Simulated PNGs; looks="demo": every image in DEMO_LOOK, "broad": each in its own random `sample_look`."""
+    if looks not in ("demo", "broad"):
+        raise ValueError(f"looks must be 'demo' or 'broad' (got {looks!r})")
+
+    def make_image(params: GaitParams, rng: np.random.Generator) -> Image.Image:
+        look = sample_look(rng) if looks == "broad" else DEMO_LOOK
+        return Image.fromarray(simulate_image(params, rng, image_size, look))
+
+    write_people(output_dir, num_users, train_per_user, val_per_user, seed, make_image, progress=progress)
+
+
+def dataset_parser(description: str) -> argparse.ArgumentParser:
+    """The command line shared by the simulators: where, how many people and images, which seed, what size."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--num_users", type=int, required=True)
     parser.add_argument("--train_per_user", type=int, required=True)
     parser.add_argument("--val_per_user", type=int, required=True)
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--image_size", type=int, default=256)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = dataset_parser("Simulate a per-user radar micro-Doppler dataset (walking people).")
     parser.add_argument("--looks", choices=["demo", "broad"], default="demo",
                         help="demo: the demo's radar and rendering; broad: a random radar and rendering per image")
     args = parser.parse_args(argv)

@@ -8,16 +8,13 @@ It reuses only the body and radar physics (`simulated_walk`), so the *person* is
 
     python -m data.unseen_look --output_dir D --num_users N --train_per_user M --val_per_user K --seed S
 """
-import argparse
 from pathlib import Path
 
 import numpy as np
 from matplotlib.colors import LinearSegmentedColormap
 from PIL import Image
-from tqdm import tqdm
 
-from common.io import atomic_path
-from data.simulate import C, RadarLook, sample_user, simulated_walk
+from data.simulate import C, GaitParams, RadarLook, dataset_parser, simulated_walk, write_people
 
 # Anchor colours of a parula-like map (dark blue -> blue -> teal -> green-yellow -> yellow).
 PARULA_LIKE = LinearSegmentedColormap.from_list(
@@ -52,31 +49,16 @@ def render_unseen(s_db: np.ndarray, image_size: int = 256) -> Image.Image:
 def write_unseen_dataset(output_dir: str | Path, num_users: int, train_per_user: int, val_per_user: int,
                          seed: int, image_size: int = 256, jpeg_quality: int = 88) -> None:
     """output_dir/{train,val}/ID_n/*.jpg in the unseen look; deterministic in `seed`."""
-    root = Path(output_dir)
-    with tqdm(total=num_users * (train_per_user + val_per_user), desc="unseen look", unit="img") as bar:
-        for user in range(1, num_users + 1):
-            params = sample_user(np.random.default_rng([seed, user]))
-            for split_id, (split, count) in enumerate((("train", train_per_user), ("val", val_per_user))):
-                folder = root / split / f"ID_{user}"
-                folder.mkdir(parents=True, exist_ok=True)
-                for index in range(count):
-                    rng = np.random.default_rng([seed, user, split_id, index, 77])
-                    walk = simulated_walk(params, rng, UNSEEN_RADAR)
-                    image = render_unseen(gaussian_stft_db(walk, UNSEEN_RADAR.prf), image_size)
-                    with atomic_path(folder / f"ID_{user}_{index:04d}.jpg") as tmp:
-                        image.save(tmp, format="JPEG", quality=jpeg_quality)
-                    bar.update(1)
+    def make_image(params: GaitParams, rng: np.random.Generator) -> Image.Image:
+        walk = simulated_walk(params, rng, UNSEEN_RADAR)
+        return render_unseen(gaussian_stft_db(walk, UNSEEN_RADAR.prf), image_size)
+
+    write_people(output_dir, num_users, train_per_user, val_per_user, seed, make_image, extension="jpg",
+                 desc="unseen look", quality=jpeg_quality)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Simulated walking people in a look the demo tokenizer never saw.")
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--num_users", type=int, required=True)
-    parser.add_argument("--train_per_user", type=int, required=True)
-    parser.add_argument("--val_per_user", type=int, required=True)
-    parser.add_argument("--seed", type=int, required=True)
-    parser.add_argument("--image_size", type=int, default=256)
-    args = parser.parse_args(argv)
+    args = dataset_parser("Simulated walking people in a look the demo tokenizer never saw.").parse_args(argv)
     write_unseen_dataset(args.output_dir, args.num_users, args.train_per_user, args.val_per_user, args.seed,
                          args.image_size)
 
