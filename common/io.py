@@ -33,11 +33,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    with contextlib.suppress(OSError):   # mkstemp makes 0600 files; outputs get the usual permissions (a writer
-        os.chmod(tmp, 0o666 & ~_UMASK)   # that reopens or recreates the file gets them from the umask too)
     tmp = Path(tmp)
     try:
         yield tmp
+        # After the writer (some write a file of their own over tmp): mkstemp's 0600 becomes the usual mode.
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

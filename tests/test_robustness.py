@@ -423,10 +423,11 @@ def test_noise_is_independent_per_seed_user_and_sample(monkeypatch):
     """seed * 1_000_003 + user * 1000 + sample made (user 1, sample 1000) the same draw as (user 2, sample 0)."""
     import generation.generate as gen
     from models.lightningdit import LightningDiT, model_config
-    model = LightningDiT(**model_config("LightningDiT-S/2", num_classes=3, input_size=4, depth=1, hidden_size=32,
-                                        num_heads=2)).eval()
-    info = {"users": ["ID_1", "ID_2", "ID_10"], "user_numbers": [1, 2, 10],
-            "latent_mean": torch.zeros(1, 32, 1, 1), "latent_std": torch.ones(1, 32, 1, 1)}
+    from models.checkpoint import PipelineInfo
+    config = model_config("LightningDiT-S/2", num_classes=3, input_size=4, depth=1, hidden_size=32, num_heads=2)
+    model = LightningDiT(**config).eval()
+    info = PipelineInfo(model_config=config, users=["ID_1", "ID_2", "ID_10"], user_numbers=[1, 2, 10],
+                        latent_mean=torch.zeros(1, 32, 1, 1), latent_std=torch.ones(1, 32, 1, 1))
     seen = {}
 
     def noise_as_output(velocity, x0, *args, **kwargs):
