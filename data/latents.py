@@ -1,6 +1,5 @@
 """Stage 1 logic: encode every image once with the frozen VA-VAE; read the latent files back."""
 import json
-import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -15,7 +14,6 @@ from common.io import file_sha256, load_safetensors, require_file, save_safetens
 from common.progress import progress_bar
 from data.images import User, scan_dataset, try_load_image
 
-LATENT_FILES = ("train.safetensors", "val.safetensors", "latent_stats.safetensors")
 
 
 #################################################################################
@@ -236,7 +234,3 @@ def load_stats(latent_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     tensors, _ = load_safetensors(require_file(Path(latent_dir) / "latent_stats.safetensors",
                                                "latent statistics (latent_stats.safetensors from stage 1)"))
     return tensors["mean"], tensors["std"]
-
-
-def stage1_done(output_path: str | os.PathLike) -> bool:
-    return all((Path(output_path) / name).is_file() for name in LATENT_FILES)
