@@ -20,7 +20,7 @@ from data.simulate import write_dataset  # noqa: E402
 from data.unseen_look import write_unseen_dataset  # noqa: E402
 from models.vavae import load_vavae, reconstruction_psnr  # noqa: E402
 from pipeline.demo import DEMO_DATA  # noqa: E402
-from training.tokenizer import load_bank  # noqa: E402
+from data.images import load_bank  # noqa: E402
 
 SETS = {
     "demo look (the demo's val images)": lambda d: write_dataset(d, **{**DEMO_DATA, "train_per_user": 0}),

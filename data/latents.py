@@ -12,7 +12,7 @@ from common.device import resolve_device
 from common.errors import PipelineError
 from common.io import file_sha256, load_safetensors, require_file, save_safetensors, write_text
 from common.progress import progress_bar
-from data.images import User, scan_dataset, try_load_image
+from data.images import User, load_bank, scan_dataset, try_load_image
 
 
 
@@ -121,15 +121,13 @@ def check_tokenizer(vavae_path: str, users: list[User], image_size: int, num_ima
     """Reconstruct ~num_images train images spread over the users; PSNR overall and for the worst user."""
     from models.vavae import load_vavae, reconstruction_psnr
     per_user = max(1, -(-num_images // len(users)))
-    picked = []
-    for cls, user in enumerate(users):
+    picked = []     # per user, evenly spaced train files
+    for user in users:
         files = user.files["train"]
-        step = max(1, len(files) // per_user)
-        picked += [(f, cls) for f in files[::step][:per_user]]
-    loaded = [(try_load_image(f, image_size), cls) for f, cls in picked]
-    loaded = [(x, cls) for x, cls in loaded if x is not None]
-    images = torch.stack([x for x, _ in loaded]).add(1).mul(127.5).round().to(torch.uint8)
-    labels = torch.tensor([cls for _, cls in loaded])
+        picked.append(files[::max(1, len(files) // per_user)][:per_user])
+    banks = [load_bank(files, image_size, log=log) for files in picked]     # unreadable files are left out
+    images = torch.cat(banks)
+    labels = torch.cat([torch.full((len(bank),), cls) for cls, bank in enumerate(banks)])
     psnr = reconstruction_psnr(load_vavae(vavae_path, device=device), images)
     per_user_psnr = {users[c].name: psnr[labels == c].mean().item() for c in labels.unique().tolist()}
     worst = min(per_user_psnr, key=per_user_psnr.get)

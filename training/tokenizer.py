@@ -5,7 +5,6 @@ Loss: reconstruction + a tiny KL (as in LDM) + optionally the VA-VAE foundation-
 """
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
@@ -17,7 +16,7 @@ import torch.nn.functional as F
 from common.device import resolve_device
 from common.errors import PipelineError
 from common.progress import progress_bar
-from data.images import scan_dataset, try_load_image
+from data.images import load_bank, scan_dataset
 from common.device import bf16_supported
 from common.io import file_sha256
 from models.vavae import VAVAE, load_vavae, reconstruction_psnr, save_vavae
@@ -46,20 +45,8 @@ def tokenizer_config(width: int = 48, num_res_blocks: int = 2, image_size: int =
 
 
 #################################################################################
-#                                 Image bank                                    #
+#                                 Image files                                   #
 #################################################################################
-
-def load_bank(files: list[Path], size: int, workers: int = 8, log=print) -> torch.Tensor:
-    """All images as one (N, 3, size, size) uint8 tensor: 192 KiB per 256x256 image keeps thousands in memory."""
-    def one(path):
-        x = try_load_image(path, size)      # [-1, 1] with the reference centre crop; None if unreadable
-        return None if x is None else x.add(1).mul(127.5).round().to(torch.uint8)   # exact inverse of /255
-    with ThreadPoolExecutor(workers) as pool:
-        images = [x for x in pool.map(one, files) if x is not None]
-    if len(images) < len(files):
-        log(f"skipped {len(files) - len(images)} unreadable image(s)")
-    return torch.stack(images) if images else torch.empty(0, 3, size, size, dtype=torch.uint8)
-
 
 def split_files(data_dir: str | Path, val_fraction: float, log=print) -> tuple[list[Path], list[Path]]:
     """Train files from train/; PSNR files from val/, or a held-out slice of train/ when val/ is empty."""
