@@ -119,7 +119,7 @@ def test_fine_tuning_from_a_tokenizer_reports_psnr_before_and_after(tmp_path):
     assert load_vavae(out).config == load_vavae(start).config          # --width 16 does not apply
     meta = read_safetensors_metadata(out)
     assert meta["init_from"] == "start.safetensors" and meta["decoder_only"] is False
-    assert meta["crop_size"] == 32          # the fine-tune default crop (64) capped at the image size
+    assert meta["crop_size"] == 32 and meta["batch_size"] == 4    # full frames; TINY's batch wins over the recipe's 8
     assert any("before fine-tuning" in line for line in lines)
 
 
@@ -155,6 +155,9 @@ def test_crop_training_runs_and_measures_full_images(tmp_path):
     assert math.isfinite(summary["val_psnr_db"])
     meta = read_safetensors_metadata(tmp_path / "tok.safetensors")
     assert meta["crop_size"] == 16 and meta["lr"] == 6e-4        # from-scratch defaults
+    finetune = train_tokenizer(data, tmp_path / "f.safetensors", steps=1, init_from=tmp_path / "tok.safetensors",
+                               **{**TINY, "batch_size": None})
+    assert read_safetensors_metadata(tmp_path / "f.safetensors")["batch_size"] == 8 and finetune["steps"] == 1
     with pytest.raises(PipelineError, match="--crop_size"):
         train_tokenizer(data, tmp_path / "t.safetensors", steps=1, crop_size=24, **TINY)
 
