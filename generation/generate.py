@@ -10,8 +10,8 @@ from PIL import Image, ImageDraw
 from common.device import bf16_supported, resolve_device
 from common.errors import PipelineError, out_of_memory_advice
 from common.io import atomic_path, file_sha256
+from common.pixels import to_uint8
 from common.progress import progress_bar
-from data.images import to_uint8
 from models.checkpoint import PipelineInfo, checkpoint_info, ema_state_dict, load_checkpoint
 from models.lightningdit import LightningDiT
 from models.transport import DEFAULT_SAMPLER, DEFAULT_SHIFT, DEFAULT_STEPS, guided_velocity, sample_ode
@@ -119,7 +119,7 @@ def sample_images(model: LightningDiT, vae, info: PipelineInfo, jobs: list[tuple
         with torch.autocast(torch.device(device).type, dtype=half, enabled=half is not None):
             z = sample_ode(counted, noise, num_steps=num_steps, sampler=sampler, shift=shift, restart_at=switch)
         evaluations = max(evaluations, calls[0])
-        images.append(to_uint8(vae.decode(z.float() * std + mean)))
+        images.append(to_uint8(vae.decode(z.float() * std + mean)).permute(0, 2, 3, 1).cpu().numpy())   # HWC for PIL
     return np.concatenate(images), evaluations
 
 

@@ -19,6 +19,7 @@ from common.progress import progress_bar
 from data.images import load_bank, scan_dataset
 from common.device import bf16_supported
 from common.io import file_sha256
+from common.pixels import to_float
 from models.vavae import VAVAE, load_vavae, reconstruction_psnr, save_vavae
 
 KL_WEIGHT = 1e-6            # LDM's weight on the KL of the summed per-image losses
@@ -150,10 +151,6 @@ def psnr_db(model: VAVAE, images: torch.Tensor, batch_size: int = 32, autocast=n
     return value
 
 
-def _to_float(images: torch.Tensor) -> torch.Tensor:
-    return images.float().div(127.5).sub(1.0)
-
-
 #################################################################################
 #                                   Training                                    #
 #################################################################################
@@ -280,7 +277,7 @@ def train_tokenizer(data_dir: str | Path, output_path: str | Path, width: int = 
         idx = order[pos:pos + batch_size] if batch_size <= len(order) else torch.randint(len(order), (batch_size,), generator=gen)
         pos += batch_size
         batch = random_crops(train_bank[idx.to(train_bank.device)], crop_size, gen)
-        x = _to_float(batch.to(device, non_blocking=True))
+        x = to_float(batch.to(device, non_blocking=True))
         noise = torch.randn(x.shape[0], config["embed_dim"], latent, latent, device=device)
         loss, parts = step_fn(x, noise)
         opt.zero_grad(set_to_none=True)
