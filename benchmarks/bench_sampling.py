@@ -17,9 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.harness import print_table, write_json  # noqa: E402
 from common.device import resolve_device  # noqa: E402
+from common.pixels import to_float, to_uint8  # noqa: E402
 from data.images import scan_dataset  # noqa: E402
 from evaluation import classifier as clf  # noqa: E402
-from evaluation.imageset import load_set, resize, to_uint8  # noqa: E402
+from evaluation.imageset import load_set, resize  # noqa: E402
 from evaluation.metrics import frechet_distance  # noqa: E402
 from generation.generate import load_generator, sample_images  # noqa: E402
 from models.vavae import load_vavae  # noqa: E402
@@ -66,8 +67,7 @@ def main() -> None:
                                     num_steps=int(steps), sampler=sampler, shift=shift,
                                     batch_size=args.batch_size, device=str(device), progress=False)
         seconds = time.perf_counter() - start
-        images = to_uint8(resize(torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1,
-                                 args.classifier_size))
+        images = to_uint8(resize(to_float(torch.from_numpy(pixels).permute(0, 3, 1, 2)), args.classifier_size))
         feats, _ = clf.extract(judge, images, 64, device)
         fd = frechet_distance(real_feats, feats)
         if reference_feats is None:

@@ -14,8 +14,8 @@ import torch
 from harness import (environment, median, peak_memory_mb, print_table, reset_peak_memory, setup_device,
                      time_steps, write_json)
 from models.lightningdit import LightningDiT, model_config
-from models.transport import (DEFAULT_SAMPLER, DEFAULT_SHIFT, DEFAULT_STEPS, SAMPLERS, guided_velocity,
-                              model_evaluations, sample_ode)
+from models.transport import (DEFAULT_SAMPLER, DEFAULT_SHIFT, DEFAULT_STEPS, SAMPLERS, CountedVelocity,
+                              guided_velocity, sample_ode)
 from models.vavae import VAVAE, VAVAE_CONFIGS
 
 
@@ -55,8 +55,9 @@ def main():
     @torch.no_grad()
     def sample():
         with torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None):
-            velocity = guided_velocity(model, y, model.num_classes, args.guidance_scale)
+            velocity = CountedVelocity(guided_velocity(model, y, model.num_classes, args.guidance_scale))
             latents["z"] = sample_ode(velocity, noise, args.steps, args.sampler, args.shift)
+        latents["nfe"] = velocity.calls
 
     @torch.no_grad()
     def decode():
@@ -65,7 +66,7 @@ def main():
     reset_peak_memory(device)
     sample_s = median(time_steps(sample, args.repeats, 1, device))
     decode_s = median(time_steps(decode, args.repeats, 1, device)) if vae is not None else 0.0
-    nfe = model_evaluations(args.sampler, args.steps)
+    nfe = latents["nfe"]
     row = {"model": args.model, "sampler": args.sampler, "steps": args.steps, "nfe": nfe,
            "cfg": args.guidance_scale, "batch": args.batch_size, "vae": args.vae,
            "sample_img_per_s": args.batch_size / sample_s,

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from common.errors import PipelineError
+from common.pixels import to_uint8
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SPLIT_SEED = 0          # the 80/20 split of an unsplit folder must be the same every run
@@ -154,16 +155,11 @@ def try_load_image(path: Path, size: int) -> torch.Tensor | None:
         return None
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B,3,H,W) in [-1,1] -> (B,H,W,3) uint8, the reference's rounding (127.5 x + 128, clamped)."""
-    return images.mul(127.5).add(128.0).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
 def load_bank(files: list[Path], size: int, workers: int = 8, log=print) -> torch.Tensor:
     """All images as one (N, 3, size, size) uint8 tensor: 192 KiB per 256x256 image keeps thousands in memory."""
     def one(path):
         x = try_load_image(path, size)      # [-1, 1] with the reference centre crop; None if unreadable
-        return None if x is None else x.add(1).mul(127.5).round().to(torch.uint8)   # exact inverse of /255
+        return None if x is None else to_uint8(x)
     with ThreadPoolExecutor(workers) as pool:
         images = [x for x in pool.map(one, files) if x is not None]
     if len(images) < len(files):

@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 
 from common.errors import PipelineError
 from common.io import file_sha256, read_safetensors_metadata, save_safetensors
+from common.pixels import to_float
 from common.progress import progress_bar
-from evaluation.imageset import to_float
 
 CACHE_DIR = ".eval_cache"   # hidden, so scan_dataset never takes it for a user folder
 CACHE_VERSION = 1           # bump when training code changes what a cached model would be

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from common.pixels import to_uint8
 from data.images import try_load_image
 
 THUMB_SIZE = 32         # pixel-space memorisation view: coarse enough to ignore decoder noise
@@ -46,15 +47,6 @@ def resize(images: torch.Tensor, size: int) -> torch.Tensor:
     if images.shape[-1] == size and images.shape[-2] == size:
         return images
     return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1,1] float -> uint8 CHW; exact inverse of the loader's p/127.5 - 1 for 8-bit files."""
-    return images.mul(127.5).add(128.0).clamp(0, 255).to(torch.uint8)
-
-
-def to_float(images: torch.Tensor) -> torch.Tensor:
-    return images.float().div(127.5).sub(1.0)
 
 
 #################################################################################

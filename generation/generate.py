@@ -10,11 +10,12 @@ from PIL import Image, ImageDraw
 from common.device import bf16_supported, resolve_device
 from common.errors import PipelineError, out_of_memory_advice
 from common.io import atomic_path, file_sha256
+from common.pixels import to_uint8
 from common.progress import progress_bar
-from data.images import to_uint8
 from models.checkpoint import PipelineInfo, checkpoint_info, ema_state_dict, load_checkpoint
 from models.lightningdit import LightningDiT
-from models.transport import DEFAULT_SAMPLER, DEFAULT_SHIFT, DEFAULT_STEPS, guided_velocity, sample_ode
+from models.transport import (DEFAULT_SAMPLER, DEFAULT_SHIFT, DEFAULT_STEPS, CountedVelocity, guided_velocity,
+                              sample_ode)
 
 IMAGE_NAME = "micro_doppler_user{user:02d}_{sample:03d}.png"
 IMAGE_PATTERN = re.compile(r"micro_doppler_user(\d+)_(\d+)\.png")   # every name IMAGE_NAME makes, and only those
@@ -110,16 +111,11 @@ def sample_images(model: LightningDiT, vae, info: PipelineInfo, jobs: list[tuple
         batch = jobs[start:start + batch_size]
         noise = torch.stack([job_noise(seed, u, k, (model.in_channels, side, side)) for u, k in batch]).to(device)
         y = torch.tensor(classes[start:start + batch_size], device=device)
-        velocity = guided_velocity(model, y, model.num_classes, guidance_scale, cfg_interval_start)
-        calls = [0]
-
-        def counted(x, t):
-            calls[0] += 1
-            return velocity(x, t)
+        velocity = CountedVelocity(guided_velocity(model, y, model.num_classes, guidance_scale, cfg_interval_start))
         with torch.autocast(torch.device(device).type, dtype=half, enabled=half is not None):
-            z = sample_ode(counted, noise, num_steps=num_steps, sampler=sampler, shift=shift, restart_at=switch)
-        evaluations = max(evaluations, calls[0])
-        images.append(to_uint8(vae.decode(z.float() * std + mean)))
+            z = sample_ode(velocity, noise, num_steps=num_steps, sampler=sampler, shift=shift, restart_at=switch)
+        evaluations = max(evaluations, velocity.calls)
+        images.append(to_uint8(vae.decode(z.float() * std + mean)).permute(0, 2, 3, 1).cpu().numpy())   # HWC for PIL
     return np.concatenate(images), evaluations
 
 

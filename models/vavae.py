@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from common.errors import PipelineError
 from common.io import load_safetensors, save_safetensors, torch_load_weights
+from common.pixels import to_float, to_uint8
 
 VAVAE_CONFIGS: dict[str, dict[str, Any]] = {
     "f16d32": dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,),
@@ -233,9 +234,8 @@ def reconstruction_psnr(model: VAVAE, images: torch.Tensor, batch_size: int = 16
     for i in range(0, len(images), batch_size):
         ref = images[i:i + batch_size].to(device)
         with autocast():
-            out = model.decode(model.encode(ref.float().div(127.5).sub(1.0)))
-        out = out.float().mul(127.5).add(128.0).clamp(0, 255).floor()    # the rounding of data.images.to_uint8
-        mse = (out - ref.float()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+            out = model.decode(model.encode(to_float(ref)))
+        mse = (to_uint8(out.float()).float() - ref.float()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
         values.append(10 * torch.log10(255.0 ** 2 / mse))
     return torch.cat(values).cpu()
 

@@ -1,8 +1,13 @@
-"""Shared test fixtures: a tiny image dataset, a tiny tokenizer, and running the stage scripts."""
+"""Shared test helpers: tiny image datasets, a tiny tokenizer, tiny-DiT flags, a malicious checkpoint, and
+running the stage scripts (as subprocesses or in-process)."""
+import importlib
 import os
+import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -17,8 +22,64 @@ IMAGE_SIZE = 64
 # Stage 2 runs as on a GPU: mixed precision, fused AdamW, gradient clipping (default 1.0). bf16-mixed where the
 # CPU has native bf16 (else stage 2 would fall back to 32-true with a warning; test_gpu_path forces bf16 there).
 TINY_PRECISION = "bf16-mixed" if bf16_supported("cpu") else "32-true"
-TINY_DIT_FLAGS = ["--model", "LightningDiT-S/2", "--depth", "1", "--hidden_size", "32", "--num_heads", "2",
-                  "--precision", TINY_PRECISION, "--accelerator", "cpu"]
+TINY_DIT = dict(depth=1, hidden_size=32, num_heads=2)          # LightningDiT-S/2 cut down to one 32-wide block
+TINY_DIT_MODEL_FLAGS = ["--model", "LightningDiT-S/2", *[a for k, v in TINY_DIT.items() for a in (f"--{k}", str(v))]]
+TINY_DIT_FLAGS = [*TINY_DIT_MODEL_FLAGS, "--precision", TINY_PRECISION, "--accelerator", "cpu"]
+
+
+#################################################################################
+#                                 Tiny datasets                                 #
+#################################################################################
+
+Draw = Callable[[np.random.Generator, int, int], tuple[Image.Image, str]]   # (rng, user index, image index)
+
+
+def mixed_image(rng: np.random.Generator, user: int, index: int) -> tuple[Image.Image, str]:
+    """Spectrogram-like noise in several sizes and modes (grey, RGB, RGBA, palette, 16-bit); every other
+    grey or RGB image a JPEG."""
+    kind = user + index
+    h, w = [(64, 64), (80, 96), (128, 100), (70, 64)][kind % 4]
+    arr = (rng.random((h, w)) * 255).astype(np.uint8)
+    mode = kind % 5
+    if mode == 0:
+        image = Image.fromarray(arr, "L")
+    elif mode == 1:
+        image = Image.fromarray(np.stack([arr, arr[::-1], 255 - arr], -1), "RGB")
+    elif mode == 2:
+        image = Image.fromarray(np.stack([arr, arr, arr, np.full_like(arr, 200)], -1), "RGBA")
+    elif mode == 3:
+        image = Image.fromarray(arr, "L").convert("P")
+    else:
+        image = Image.fromarray(arr.astype(np.uint16) * 200)   # 16-bit grey (mode I;16)
+    return image, ".jpg" if index % 2 and image.mode in ("L", "RGB") else ".png"
+
+
+def track_image(rng: np.random.Generator, user: int, index: int, size: int = 40) -> tuple[Image.Image, str]:
+    """A noisy floor with three bright periodic tracks whose rate depends on the user (a 40 px RGB png)."""
+    t = np.linspace(0, 1, size)
+    img = rng.uniform(0, 40, (size, size, 3))
+    for k in range(3):
+        rows = (size / 2 + size / 4 * np.sin(2 * np.pi * (user + 1 + k) * t + rng.uniform(0, 6))).astype(int)
+        img[np.clip(rows, 0, size - 1), np.arange(size)] = (255, 200 - 50 * k, 40)
+    return Image.fromarray(img.astype(np.uint8)), ".png"
+
+
+def make_dataset(root: str | os.PathLike, users=("ID_1", "ID_2", "ID_10"), per_user: int = 5,
+                 val_per_user: int | None = None, seed: int | np.random.Generator = 0,
+                 draw: Draw = mixed_image) -> Path:
+    """User folders of img_NNN files drawn by `draw`: root/<user>/, or root/train/<user>/ and root/val/<user>/
+    when `val_per_user` is given. A Generator as `seed` goes on drawing from its own stream."""
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    splits = (("train", per_user), ("val", val_per_user)) if val_per_user is not None else (("", per_user),)
+    for u, name in enumerate(users):
+        for split, count in splits:
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                image, suffix = draw(rng, u, i)
+                image.save(folder / f"img_{i:03d}{suffix}", **({"quality": 90} if suffix == ".jpg" else {}))
+    return root
 
 
 def make_tokenizer(path: str | os.PathLike, seed: int = 0, **overrides) -> Path:
@@ -30,45 +91,66 @@ def make_tokenizer(path: str | os.PathLike, seed: int = 0, **overrides) -> Path:
     return Path(path)
 
 
-def _image(rng: np.random.Generator, kind: int) -> Image.Image:
-    """Spectrogram-like noise in several sizes and modes (grey, RGB, RGBA, palette, 16-bit)."""
-    h, w = [(64, 64), (80, 96), (128, 100), (70, 64)][kind % 4]
-    arr = (rng.random((h, w)) * 255).astype(np.uint8)
-    mode = kind % 5
-    if mode == 0:
-        return Image.fromarray(arr, "L")
-    if mode == 1:
-        return Image.fromarray(np.stack([arr, arr[::-1], 255 - arr], -1), "RGB")
-    if mode == 2:
-        return Image.fromarray(np.stack([arr, arr, arr, np.full_like(arr, 200)], -1), "RGBA")
-    if mode == 3:
-        return Image.fromarray(arr, "L").convert("P")
-    return Image.fromarray(arr.astype(np.uint16) * 200)   # 16-bit grey (mode I;16)
+class _Payload:
+    """Unpickling this runs code: it writes 'pwned' to `marker`."""
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('pwned')",))
 
 
-def make_dataset(root: str | os.PathLike, users=("ID_1", "ID_2", "ID_10"), per_user: int = 5,
-                 seed: int = 0, split: bool = False) -> Path:
-    """User folders with png and jpg images of mixed sizes and modes (`split`: train/ and val/ layout)."""
-    root = Path(root)
-    rng = np.random.default_rng(seed)
-    for u, name in enumerate(users):
-        for split_name, count in ((("train", per_user), ("val", 2)) if split else ((None, per_user),)):
-            folder = root / split_name / name if split_name else root / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                image = _image(rng, u + i)
-                if i % 2 and image.mode in ("L", "RGB"):
-                    image.save(folder / f"img_{i:03d}.jpg", quality=90)
-                else:
-                    image.save(folder / f"img_{i:03d}.png")
-    return root
+def write_malicious(path: Path, marker: Path, key: str = "state_dict", weight: str = "encoder.conv_in.weight",
+                    legacy: bool = False) -> Path:
+    """A checkpoint {key: {weight: payload}, "pipeline": payload} whose unpickling writes `marker`; torch.save's
+    zip format, or with `legacy` a plain pickle."""
+    obj = {key: {weight: _Payload(marker)}, "pipeline": _Payload(marker)}
+    if legacy:
+        with open(path, "wb") as f:
+            pickle.dump(obj, f)
+    else:
+        import torch
+        torch.save(obj, path)
+    return path
 
+
+#################################################################################
+#                              Running the stages                               #
+#################################################################################
 
 def run_stage(script: str, *args, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
     """Run a stage script from the repository root; returns the completed process (text output)."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "default"}
     return subprocess.run([PYTHON, script, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env=env, **kwargs)
+
+
+class Result:
+    """The parts of a finished stage run the tests look at (subprocess or in-process)."""
+    def __init__(self, returncode: int, stdout: str, stderr: str):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def run_main(capsys, script: str, *args) -> Result:
+    """A stage's main() in this process: exit code, stdout and stderr, as from the command line."""
+    module = importlib.import_module(script.removesuffix(".py"))
+    capsys.readouterr()
+    try:
+        module.main([str(a) for a in args])
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return Result(code, out, err)
+
+
+def assert_user_error(proc, *patterns: str) -> None:
+    """Exit code 2, 'error: ...' on stderr matching every pattern, and no traceback."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    message = proc.stderr[proc.stderr.rindex("error: "):]
+    for pattern in patterns:
+        assert re.search(pattern, message, re.S), (pattern, message)
 
 
 def stage1_args(data_dir, vavae_path, output_path, *extra) -> list[str]:

@@ -19,12 +19,14 @@ from evaluation import classifier as clf  # noqa: E402
 from evaluation import metrics as M  # noqa: E402
 from evaluation.evaluate import accepted_samples, evaluate, export_dataset  # noqa: E402
 from evaluation.imageset import load_set  # noqa: E402
+from helpers import make_dataset  # noqa: E402
 
 SIZE = 32
 USERS = [1, 2, 5, 7]            # not 1..N on purpose: user numbers are not class indices
 N_TRAIN, N_VAL, N_HELD_OUT = 16, 6, 6
 FAST = dict(image_size=SIZE, classifier_size=SIZE, batch_size=16, classifier_epochs=3, seed=0,
             min_user_samples=4, log=lambda *_: None)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")   # the module-scoped fixtures train too
 
 
 #################################################################################
@@ -45,15 +47,6 @@ def _generated_name(user: int, k: int) -> str:
     return f"micro_doppler_user{user:02d}_{k:03d}.png"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core runner, spinning OpenMP threads slow training ~10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
@@ -62,16 +55,13 @@ def dataset(tmp_path_factory):
     for d in dirs.values():
         d.mkdir()
     for c, user in enumerate(USERS):
-        for split, n in (("train", N_TRAIN), ("val", N_VAL)):
-            folder = root / "data" / split / f"ID_{user}"
-            folder.mkdir(parents=True)
-            for k in range(n):
-                _spectrogram(c, rng).save(folder / f"{k:03d}.png")
+        make_dataset(root / "data", users=(f"ID_{user}",), per_user=N_TRAIN, val_per_user=N_VAL, seed=rng,
+                     draw=lambda rng, _user, _index, c=c: (_spectrogram(c, rng), ".png"))
         for k in range(N_HELD_OUT):
             _spectrogram(c, rng).save(dirs["held_out"] / _generated_name(user, k))
             noise = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
             Image.fromarray(noise).save(dirs["noise"] / _generated_name(user, k))
-            shutil.copyfile(root / "data" / "train" / f"ID_{user}" / f"{k:03d}.png",
+            shutil.copyfile(root / "data" / "train" / f"ID_{user}" / f"img_{k:03d}.png",
                             dirs["copies"] / _generated_name(user, k))
     _spectrogram(0, rng).save(dirs["unknown"] / _generated_name(1, 0))
     _spectrogram(0, rng).save(dirs["unknown"] / _generated_name(9, 0))

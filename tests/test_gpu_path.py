@@ -14,8 +14,8 @@ import training.dit_module as dm
 import training.train_dit as td
 from common.device import bf16_supported
 from common.errors import PipelineError
-from helpers import PYTHON, ROOT, make_dataset, make_tokenizer, run_stage, stage1_args, stage2_args
-from test_robustness import assert_user_error, run_main
+from helpers import (PYTHON, ROOT, assert_user_error, make_dataset, make_tokenizer, run_main, run_stage,
+                     stage1_args, stage2_args, write_malicious)
 
 CLIP = 0.01   # far below this tiny model's gradient norms: every step must be clipped
 
@@ -194,7 +194,6 @@ def test_ddp_nan_on_one_rank_stops_the_run(tmp_path, latents):
 def test_lightning_resume_reads_weights_only_on_any_version(tmp_path):
     """Trainer.fit(ckpt_path=...) loads through AtomicCheckpointIO: weights_only even when Lightning (< 2.6 has no
     fit(weights_only=...)) asks for a full unpickle."""
-    from test_robustness import write_malicious
     marker = tmp_path / "pwned"
     evil = write_malicious(tmp_path / "last.ckpt", marker)
     with pytest.raises(PipelineError, match="refused"):

@@ -1,5 +1,4 @@
 """--init_from: start stage 2 from published-layout LightningDiT weights (tiny model, tiny latents)."""
-import os
 from pathlib import Path
 
 import pytest
@@ -8,20 +7,20 @@ import torch
 import stage2_train_dit
 from common.errors import PipelineError
 from common.io import save_safetensors
+from helpers import TINY_DIT, TINY_DIT_MODEL_FLAGS, write_malicious
 from models.lightningdit import LightningDiT, model_config
 from training.init_from import (CLASS_TABLE, initialise_from, load_pretrained, partial_trainable,
                                 resize_class_table, suggest_flags)
 from training.cli import training_options
 from training.train_dit import build_module
 
-TINY = ["--model", "LightningDiT-S/2", "--depth", "1", "--hidden_size", "32", "--num_heads", "2"]
 PUBLISHED_CLASSES = 10
 USERS = ["ID_1", "ID_2", "ID_3"]
 
 
 def tiny_dit(num_classes: int = PUBLISHED_CLASSES, seed: int = 0, **overrides) -> LightningDiT:
     """A tiny LightningDiT with every weight (adaLN/final included) filled with noise: nothing is zero."""
-    kw = dict(input_size=4, depth=1, hidden_size=32, num_heads=2)
+    kw = dict(input_size=4, **TINY_DIT)
     kw.update(overrides)
     model = LightningDiT(**model_config("LightningDiT-S/2", num_classes=num_classes, **kw))
     g = torch.Generator().manual_seed(seed)
@@ -62,7 +61,7 @@ def latent_dir(tmp_path_factory) -> Path:
 
 def make_module(latent_dir: Path, *flags: str):
     args = training_options(
-        ["--latent_dir", str(latent_dir), "--output_dir", "unused", *TINY, *flags])
+        ["--latent_dir", str(latent_dir), "--output_dir", "unused", *TINY_DIT_MODEL_FLAGS, *flags])
     return build_module(args, log=lambda m: None)
 
 
@@ -100,20 +99,11 @@ def test_not_a_dit_is_a_clear_error(tmp_path):
         load_pretrained(tmp_path / "missing.pt").state
 
 
-class Payload:
-    """Unpickling this would create a folder: the loader must refuse before anything runs."""
-    def __init__(self, target: str):
-        self.target = target
-
-    def __reduce__(self):
-        return os.makedirs, (self.target,)
-
-
 def test_malicious_pickle_is_refused(tmp_path):
     marker = tmp_path / "pwned"
-    torch.save({"ema": {"x_embedder.proj.weight": Payload(str(marker))}}, tmp_path / "evil.pt")
+    evil = write_malicious(tmp_path / "evil.pt", marker, key="ema", weight="x_embedder.proj.weight")
     with pytest.raises(PipelineError, match="refused"):
-        load_pretrained(tmp_path / "evil.pt").state
+        load_pretrained(evil).state
     assert not marker.exists()
 
 
@@ -210,7 +200,7 @@ def test_suggest_flags_for_named_sizes():
 def test_stage2_end_to_end_with_init_from(published, latent_dir, tmp_path, capsys):
     path, _, ema = published
     out = tmp_path / "run"
-    stage2_train_dit.main(["--latent_dir", str(latent_dir), "--output_dir", str(out), *TINY,
+    stage2_train_dit.main(["--latent_dir", str(latent_dir), "--output_dir", str(out), *TINY_DIT_MODEL_FLAGS,
                            "--precision", "32-true", "--accelerator", "cpu", "--max_steps", "4",
                            "--batch_size", "8", "--checkpoint_every_n_steps", "2", "--init_from", str(path),
                            "--finetune", "partial"])

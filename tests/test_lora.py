@@ -9,9 +9,9 @@ import torch
 import stage2_train_dit
 from common.errors import PipelineError
 from generation.generate import generate, load_generator
-from helpers import make_tokenizer
+from helpers import TINY_DIT_MODEL_FLAGS, make_tokenizer
 from models.lightningdit import LightningDiT
-from test_init_from import TINY, latent_dir, make_module, published   # noqa: F401 (fixtures)
+from test_init_from import latent_dir, make_module, published   # noqa: F401 (fixtures)
 from models.checkpoint import ema_state_dict, merge_lora_state
 from training.init_from import CLASS_TABLE, initialise_from, load_pretrained, partial_trainable
 from training.lora import HalfPrecisionBase, check_same_lora, halve_base_weights
@@ -31,10 +31,10 @@ def inputs(n: int = 4, seed: int = 0):
 
 
 def stage2(latent_dir, out, path, *extra):
-    stage2_train_dit.main(["--latent_dir", str(latent_dir), "--output_dir", str(out), *TINY, "--precision",
-                           "32-true", "--accelerator", "cpu", "--batch_size", "8", "--checkpoint_every_n_steps",
-                           "2", "--val_every_n_epochs", "1000", "--init_from", str(path), "--finetune", "lora",
-                           "--lora_rank", str(RANK), "--lora_alpha", "8", "--lr", "1e-2", *extra])
+    stage2_train_dit.main(["--latent_dir", str(latent_dir), "--output_dir", str(out), *TINY_DIT_MODEL_FLAGS,
+                           "--precision", "32-true", "--accelerator", "cpu", "--batch_size", "8",
+                           "--checkpoint_every_n_steps", "2", "--val_every_n_epochs", "1000", "--init_from", str(path),
+                           "--finetune", "lora", "--lora_rank", str(RANK), "--lora_alpha", "8", "--lr", "1e-2", *extra])
 
 
 def test_lora_trains_adapters_and_conditioning_only(published, latent_dir):
@@ -158,8 +158,8 @@ def test_lora_resume_after_crash_is_exact(published, latent_dir, tmp_path, monke
 
 def test_lora_needs_init_from(latent_dir, tmp_path):
     with pytest.raises(PipelineError, match="--finetune lora.*--init_from"):
-        stage2_train_dit.main.__wrapped__(["--latent_dir", str(latent_dir), "--output_dir", str(tmp_path), *TINY,
-                                           "--finetune", "lora", "--accelerator", "cpu"])
+        stage2_train_dit.main.__wrapped__(["--latent_dir", str(latent_dir), "--output_dir", str(tmp_path),
+                                           *TINY_DIT_MODEL_FLAGS, "--finetune", "lora", "--accelerator", "cpu"])
 
 
 def test_half_precision_base_trains_in_mixed_precision(published, latent_dir):

@@ -10,7 +10,8 @@ from PIL import Image
 from common.config import parse_args
 from common.io import file_sha256, load_safetensors
 from data.images import load_image
-from helpers import IMAGE_SIZE, make_dataset, make_tokenizer, run_stage, stage1_args, stage2_args
+from helpers import (IMAGE_SIZE, TINY_DIT_MODEL_FLAGS, make_dataset, make_tokenizer, run_stage, stage1_args,
+                     stage2_args)
 from models.vavae import load_vavae
 
 
@@ -18,7 +19,7 @@ from models.vavae import load_vavae
 def trained(tmp_path_factory):
     """Stage 1 and a short stage 2 run shared by the tests below."""
     root = tmp_path_factory.mktemp("pipeline")
-    data = make_dataset(root / "data", split=True, per_user=6)
+    data = make_dataset(root / "data", per_user=6, val_per_user=2)
     tokenizer = make_tokenizer(root / "tok.safetensors")
     r1 = run_stage("stage1_extract_features.py", *stage1_args(data, tokenizer, root / "latents"))
     assert r1.returncode == 0, r1.stderr
@@ -64,7 +65,7 @@ def test_tokenizer_check_psnr_is_the_reconstruction_psnr(tmp_path, monkeypatch):
     import data.latents as latents
     from data.images import scan_dataset
     from models.vavae import reconstruction_psnr
-    data = make_dataset(tmp_path / "d", users=("ID_1", "ID_2"), per_user=4, split=True)
+    data = make_dataset(tmp_path / "d", users=("ID_1", "ID_2"), per_user=4, val_per_user=2)
     tok = make_tokenizer(tmp_path / "tok.safetensors")
     users = scan_dataset(data, log=lambda *a: None)
     lines = []
@@ -163,8 +164,7 @@ def test_orchestrator_runs_skips_and_passes_flags(trained, tmp_path):
     out = tmp_path / "run"
     common = ["run_complete_pipeline.py", "--data_dir", trained["data"], "--vavae_path", trained["tokenizer"],
               "--output_dir", out, "--batch_size", 4, "--max_epochs", 1, "--generate_user_ids", 2,
-              "--num_samples_per_user", 2, "--stages", 1, 2, 3, "--image_size", IMAGE_SIZE,
-              "--model", "LightningDiT-S/2", "--depth", 1, "--hidden_size", 32, "--num_heads", 2,
+              "--num_samples_per_user", 2, "--stages", 1, 2, 3, "--image_size", IMAGE_SIZE, *TINY_DIT_MODEL_FLAGS,
               "--precision", "32-true", "--num_steps", 2]
     r = run_stage(*common, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]

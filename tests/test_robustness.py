@@ -22,40 +22,11 @@ from PIL import Image
 
 from common.errors import PipelineError
 from common.io import load_safetensors, read_safetensors_metadata, save_safetensors
-from helpers import (PYTHON, ROOT, TINY_PRECISION, make_dataset, make_tokenizer, run_stage, stage1_args,
-                     stage2_args)
+from helpers import (PYTHON, ROOT, TINY_DIT, TINY_PRECISION, assert_user_error, make_dataset, make_tokenizer,
+                     run_main, run_stage, stage1_args, stage2_args, write_malicious)
 
 S1, S2, S3 = "stage1_extract_features.py", "stage2_train_dit.py", "stage3_inference.py"
 STEPS, EVERY = 60, 5     # the reference run: 60 steps, last.ckpt every 5
-
-
-class Result:
-    """The parts of a finished stage run the tests look at (subprocess or in-process)."""
-    def __init__(self, returncode: int, stdout: str, stderr: str):
-        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
-
-
-def run_main(capsys, script: str, *args) -> Result:
-    """A stage's main() in this process: exit code, stdout and stderr, as from the command line."""
-    import importlib
-    module = importlib.import_module(script.removesuffix(".py"))
-    capsys.readouterr()
-    try:
-        module.main([str(a) for a in args])
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return Result(code, out, err)
-
-
-def assert_user_error(proc, *patterns: str) -> None:
-    """Exit code 2, 'error: ...' on stderr matching every pattern, and no traceback."""
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    message = proc.stderr[proc.stderr.rindex("error: "):]
-    for pattern in patterns:
-        assert re.search(pattern, message, re.S), (pattern, message)
 
 
 #################################################################################
@@ -169,7 +140,7 @@ def _break(folder: Path) -> list[Path]:
 
 
 def test_broken_images_are_skipped_named_and_counted(tmp_path, tokenizer, capsys):
-    data = make_dataset(tmp_path / "data", users=("ID_1", "ID_2"), per_user=3, split=True)
+    data = make_dataset(tmp_path / "data", users=("ID_1", "ID_2"), per_user=3, val_per_user=2)
     broken = _break(data / "train" / "ID_1")
     proc = run_main(capsys, S1, *stage1_args(data, tokenizer, tmp_path / "out"))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -181,7 +152,7 @@ def test_broken_images_are_skipped_named_and_counted(tmp_path, tokenizer, capsys
 
 
 def test_user_left_without_readable_images_fails(tmp_path, tokenizer, capsys):
-    data = make_dataset(tmp_path / "data", users=("ID_1", "ID_2"), per_user=1, split=True)
+    data = make_dataset(tmp_path / "data", users=("ID_1", "ID_2"), per_user=1, val_per_user=2)
     folder = data / "train" / "ID_2"
     _break(folder)
     for f in folder.iterdir():
@@ -196,20 +167,6 @@ def test_user_left_without_readable_images_fails(tmp_path, tokenizer, capsys):
 #################################################################################
 #                      Wrong, broken and unsafe model files                     #
 #################################################################################
-
-class _Payload:
-    """Unpickling this runs code (writes `marker`)."""
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (exec, (f"open({self.marker!r}, 'w').write('pwned')",))
-
-
-def write_malicious(path: Path, marker: Path) -> Path:
-    torch.save({"state_dict": {"encoder.conv_in.weight": _Payload(marker)}, "pipeline": _Payload(marker)}, path)
-    return path
-
 
 def test_malicious_payload_is_live(tmp_path):
     """The payload used below really runs code when unpickled without weights_only (control)."""
@@ -424,7 +381,7 @@ def test_noise_is_independent_per_seed_user_and_sample(monkeypatch):
     import generation.generate as gen
     from models.lightningdit import LightningDiT, model_config
     from models.checkpoint import PipelineInfo
-    config = model_config("LightningDiT-S/2", num_classes=3, input_size=4, depth=1, hidden_size=32, num_heads=2)
+    config = model_config("LightningDiT-S/2", num_classes=3, input_size=4, **TINY_DIT)
     model = LightningDiT(**config).eval()
     info = PipelineInfo(model_config=config, users=["ID_1", "ID_2", "ID_10"], user_numbers=[1, 2, 10],
                         latent_mean=torch.zeros(1, 32, 1, 1), latent_std=torch.ones(1, 32, 1, 1))
@@ -581,7 +538,7 @@ def test_orchestrator_force_trains_stage2_anew(tmp_path, monkeypatch):
 def test_orchestrator_from_another_folder_with_relative_paths(tmp_path, tokenizer):
     """Paths mean what they mean in the user's shell: data, tokenizer, outputs and markers."""
     work = tmp_path / "work"
-    make_dataset(work / "data", users=("ID_1", "ID_2"), per_user=2, split=True)
+    make_dataset(work / "data", users=("ID_1", "ID_2"), per_user=2, val_per_user=2)
     shutil.copy(tokenizer, work / "tok.safetensors")
     proc = subprocess.run([PYTHON, str(ROOT / "run_complete_pipeline.py"), "--data_dir", "data", "--vavae_path",
                            "tok.safetensors", "--output_dir", "out", "--stages", "1", "--batch_size", "4",

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from PIL import Image
 
 from common.errors import PipelineError
 from common.io import read_safetensors_metadata
+from helpers import make_dataset, track_image
 from models.vavae import load_vavae
 from training.tokenizer import alignment_loss, build_foundation, tokenizer_config, train_tokenizer
 
@@ -17,27 +17,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = dict(width=8, num_res_blocks=1, image_size=32, batch_size=4, device="cpu", eval_every=0,
             progress=False, log=lambda *a: None)
-
-
-def make_dataset(root, users=2, train=6, val=2, size=40, seed=0):
-    """Spectrogram-like pictures: a noisy floor with a few bright periodic tracks, per user a different rate."""
-    rng = np.random.default_rng(seed)
-    t = np.linspace(0, 1, size)
-    for u in range(1, users + 1):
-        for split, n in (("train", train), ("val", val)):
-            folder = root / split / f"ID_{u}"
-            folder.mkdir(parents=True)
-            for i in range(n):
-                img = rng.uniform(0, 40, (size, size, 3))
-                for k in range(3):
-                    rows = (size / 2 + size / 4 * np.sin(2 * np.pi * (u + k) * t + rng.uniform(0, 6))).astype(int)
-                    img[np.clip(rows, 0, size - 1), np.arange(size)] = (255, 200 - 50 * k, 40)
-                Image.fromarray(img.astype(np.uint8)).save(folder / f"{i}.png")
-    return root
+TWO_USERS = dict(users=("ID_1", "ID_2"), per_user=6, val_per_user=2, draw=track_image)
+ONE_USER = dict(users=("ID_1",), per_user=4, val_per_user=1, draw=track_image)
 
 
 def test_tiny_run_writes_a_loadable_tokenizer(tmp_path):
-    data = make_dataset(tmp_path / "data")
+    data = make_dataset(tmp_path / "data", **TWO_USERS)
     out = tmp_path / "tok.safetensors"
     summary = train_tokenizer(data, out, steps=3, **TINY)
     model = load_vavae(out)
@@ -50,7 +35,7 @@ def test_tiny_run_writes_a_loadable_tokenizer(tmp_path):
 
 
 def test_loss_decreases_on_a_fixed_set(tmp_path):
-    data = make_dataset(tmp_path / "data", users=1, train=4, val=1)
+    data = make_dataset(tmp_path / "data", **ONE_USER)
     summary = train_tokenizer(data, tmp_path / "tok.safetensors", steps=30, lr=2e-3, warmup=3, log_every=1,
                               **{**TINY, "width": 16})
     losses = [h["loss"] for h in summary["history"]]
@@ -59,7 +44,7 @@ def test_loss_decreases_on_a_fixed_set(tmp_path):
 
 
 def test_alignment_with_a_custom_feature_extractor(tmp_path):
-    data = make_dataset(tmp_path / "data", users=1, train=4, val=1)
+    data = make_dataset(tmp_path / "data", **ONE_USER)
     factory = lambda: nn.Sequential(nn.Conv2d(3, 12, 4, stride=4), nn.ReLU(), nn.Conv2d(12, 24, 2, stride=2))
     summary = train_tokenizer(data, tmp_path / "tok.safetensors", steps=4, log_every=1, foundation=factory, **TINY)
     last = summary["history"][-1]
@@ -74,7 +59,7 @@ def test_alignment_from_a_local_torchvision_vit_file(tmp_path):
     torch.save(vit.state_dict(), tmp_path / "vit.pt")
     fm = build_foundation(tmp_path / "vit.pt")
     assert fm(torch.zeros(2, 3, 64, 64)).shape == (2, 16, 4, 4)     # resized to the ViT's own input size
-    data = make_dataset(tmp_path / "data", users=1, train=4, val=1)
+    data = make_dataset(tmp_path / "data", **ONE_USER)
     lines = []
     train_tokenizer(data, tmp_path / "tok.safetensors", steps=2, align_weights=tmp_path / "vit.pt",
                     **{**TINY, "log": lines.append})
@@ -107,7 +92,7 @@ def test_clear_errors(tmp_path):
 
 
 def test_fine_tuning_from_a_tokenizer_reports_psnr_before_and_after(tmp_path):
-    data = make_dataset(tmp_path / "data", users=1, train=4, val=2)
+    data = make_dataset(tmp_path / "data", **{**ONE_USER, "val_per_user": 2})
     start = tmp_path / "start.safetensors"
     train_tokenizer(data, start, steps=2, **TINY)
     lines = []
@@ -124,7 +109,7 @@ def test_fine_tuning_from_a_tokenizer_reports_psnr_before_and_after(tmp_path):
 
 
 def test_decoder_only_keeps_the_encoder_bit_identical(tmp_path):
-    data = make_dataset(tmp_path / "data", users=1, train=4, val=1)
+    data = make_dataset(tmp_path / "data", **ONE_USER)
     start = tmp_path / "start.safetensors"
     train_tokenizer(data, start, steps=1, **TINY)
     out = tmp_path / "tuned.safetensors"
@@ -150,7 +135,7 @@ def test_random_crops_are_grid_aligned_windows_of_each_image():
 
 
 def test_crop_training_runs_and_measures_full_images(tmp_path):
-    data = make_dataset(tmp_path / "data", users=1, train=4, val=1)
+    data = make_dataset(tmp_path / "data", **ONE_USER)
     summary = train_tokenizer(data, tmp_path / "tok.safetensors", steps=2, crop_size=16, **TINY)
     assert math.isfinite(summary["val_psnr_db"])
     meta = read_safetensors_metadata(tmp_path / "tok.safetensors")
@@ -166,7 +151,7 @@ def test_output_path_is_required(tmp_path, capsys, monkeypatch):
     """Without it the trainer used to write assets/demo_vavae.safetensors (relative to the working folder:
     from the repository, over the shipped demo tokenizer). Run from tmp_path, so that nothing else is at risk."""
     import train_tokenizer
-    data = make_dataset(tmp_path / "data")
+    data = make_dataset(tmp_path / "data", **TWO_USERS)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
         train_tokenizer.main(["--data_dir", str(data), "--steps", "1", "--width", "8", "--image_size", "32",

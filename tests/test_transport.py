@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from models.transport import (SAMPLERS, flow_matching_loss, guided_velocity, model_evaluations, sample_ode,
+from models.transport import (SAMPLERS, CountedVelocity, flow_matching_loss, guided_velocity, sample_ode,
                               sample_timesteps, time_grid)
 
 
@@ -66,15 +66,11 @@ def _exact(x0):
 
 
 def test_evaluation_counts():
-    calls = []
-
-    def velocity(x, t):
-        calls.append(1)
-        return torch.zeros_like(x)
-    for sampler in ("euler", "heun", "ab2"):
-        calls.clear()
+    velocity = CountedVelocity(lambda x, t: torch.zeros_like(x))
+    for sampler, expected in (("euler", 8), ("heun", 2 * 8 - 1), ("ab2", 8)):
+        velocity.calls = 0
         sample_ode(velocity, torch.zeros(1, 2), 8, sampler, 1.0)
-        assert len(calls) == model_evaluations(sampler, 8)
+        assert velocity.calls == expected
     assert set(SAMPLERS) == {"euler", "heun", "ab2", "dopri5"}
     with pytest.raises(ValueError):
         sample_ode(velocity, torch.zeros(1, 2), 4, "rk4", 1.0)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from common.errors import PipelineError
 from common.io import save_safetensors
+from helpers import write_malicious
 from models.vavae import VAVAE, VAVAE_CONFIGS, load_vavae, save_vavae
 
 KEYS_FILE = Path(__file__).resolve().parent / "reference" / "keys_vavae.txt"
@@ -195,22 +196,14 @@ def test_safetensors_round_trip_of_narrow_model(tmp_path):
     assert (tmp_path / "half.safetensors").stat().st_size < 0.6 * (tmp_path / "tok.safetensors").stat().st_size
 
 
-class _Evil:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (Path(self.marker),))
-
-
 def test_malicious_pickle_is_refused(tmp_path):
-    marker = tmp_path / "pwned"
-    pickle.loads(pickle.dumps(_Evil(str(tmp_path / "control"))))   # the payload does work when unpickled
-    assert (tmp_path / "control").exists()
-    with open(tmp_path / "evil.pt", "wb") as f:
-        pickle.dump({"state_dict": {"x": _Evil(str(marker))}}, f)
+    """A plain (not zip) pickle: the payload does run when unpickled, and the loader refuses it unrun."""
+    control, marker = tmp_path / "control", tmp_path / "pwned"
+    with open(write_malicious(tmp_path / "control.pt", control, legacy=True), "rb") as f:
+        pickle.load(f)
+    assert control.read_text() == "pwned"
     with pytest.raises(PipelineError, match="refused"):
-        load_vavae(tmp_path / "evil.pt")
+        load_vavae(write_malicious(tmp_path / "evil.pt", marker, legacy=True))
     assert not marker.exists()
 
 

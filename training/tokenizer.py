@@ -6,6 +6,7 @@ Loss: reconstruction + a tiny KL (as in LDM) + optionally the VA-VAE foundation-
 import math
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -19,6 +20,7 @@ from common.progress import progress_bar
 from data.images import load_bank, scan_dataset
 from common.device import bf16_supported
 from common.io import file_sha256
+from common.pixels import to_float
 from models.vavae import VAVAE, load_vavae, reconstruction_psnr, save_vavae
 
 KL_WEIGHT = 1e-6            # LDM's weight on the KL of the summed per-image losses
@@ -150,10 +152,6 @@ def psnr_db(model: VAVAE, images: torch.Tensor, batch_size: int = 32, autocast=n
     return value
 
 
-def _to_float(images: torch.Tensor) -> torch.Tensor:
-    return images.float().div(127.5).sub(1.0)
-
-
 #################################################################################
 #                                   Training                                    #
 #################################################################################
@@ -192,16 +190,34 @@ def random_crops(images: torch.Tensor, size: int, gen: torch.Generator) -> torch
     return torch.stack([im[:, y:y + size, x:x + size] for im, (y, x) in zip(images, offsets.tolist())])
 
 
-def train_tokenizer(data_dir: str | Path, output_path: str | Path, width: int = 48, num_res_blocks: int = 2,
-                    image_size: int = 256, steps: int = 6000, batch_size: int | None = None, lr: float | None = None,
-                    warmup: int | None = None, device: str | None = None, precision: str | None = None,
-                    val_fraction: float = 0.1, align_weights: str | Path | None = None, align_weight: float = 0.1,
-                    foundation: Callable[[], nn.Module] | None = None, l1_weight: float = 0.1,
-                    eval_every: int = 1000, max_val_images: int = 256, max_minutes: float | None = None,
-                    init_from: str | Path | None = None, decoder_only: bool = False, crop_size: int | None = None,
-                    compile_model: bool = False, seed: int = 0, log_every: int = 25, progress: bool = True,
-                    log=print) -> dict:
-    """Train (or fine-tune), report held-out PSNR before and after, write fp16 safetensors; returns a summary."""
+@dataclass
+class Recipe:
+    """A run's resolved options: the flags given, the rest from FROM_SCRATCH or FINETUNE."""
+    device: torch.device
+    precision: str          # bf16 or fp32
+    lr: float
+    warmup: int
+    crop_size: int
+    batch_size: int
+
+    def autocast(self):
+        """The context of a forward pass: bf16 autocast, or nothing in fp32."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.precision == "bf16" else nullcontext()
+
+
+@dataclass
+class TrainingRun:
+    """What the loop hands back: the logged losses, the periodic held-out PSNRs, steps done, seconds taken."""
+    history: list[dict]
+    evals: list[tuple[int, float]]
+    steps: int
+    seconds: float
+
+
+def resolve_recipe(init_from: str | Path | None, image_size: int, lr: float | None, warmup: int | None,
+                   crop_size: int | None, batch_size: int | None, device: str | None, precision: str | None,
+                   decoder_only: bool) -> Recipe:
+    """Check the options and fill those left open: the device, bf16 where native, the recipe's lr/warm-up/batch."""
     device = resolve_device(device or "auto")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise PipelineError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu.")
@@ -210,15 +226,17 @@ def train_tokenizer(data_dir: str | Path, output_path: str | Path, width: int = 
         raise PipelineError(f"--precision must be bf16 or fp32 (got {precision}).")
     if decoder_only and init_from is None:
         raise PipelineError("--decoder_only keeps an existing encoder: give the tokenizer to start from with --init_from.")
-    recipe = FINETUNE if init_from is not None else FROM_SCRATCH
-    lr, warmup = lr or recipe["lr"], recipe["warmup"] if warmup is None else warmup
-    batch_size, crop_size = batch_size or recipe["batch_size"], crop_size or image_size
+    defaults = FINETUNE if init_from is not None else FROM_SCRATCH
+    crop_size = crop_size or image_size
     if crop_size % 16 or not 16 <= crop_size <= image_size:
         raise PipelineError(f"--crop_size must be a multiple of 16 between 16 and --image_size (got {crop_size}).")
-    torch.manual_seed(seed)
-    model = build_tokenizer(init_from, width, num_res_blocks, image_size, log).to(device).train()
-    config = model.config
+    return Recipe(device, precision, lr or defaults["lr"], defaults["warmup"] if warmup is None else warmup, crop_size,
+                  batch_size or defaults["batch_size"])
 
+
+def load_banks(data_dir: str | Path, val_fraction: float, image_size: int, device: torch.device,
+               log=print) -> tuple[torch.Tensor, torch.Tensor]:
+    """The train and held-out images as uint8 banks, on the GPU when they fit there."""
     train_files, val_files = split_files(data_dir, val_fraction, log)
     t0 = time.time()
     train_bank, val_bank = load_bank(train_files, image_size, log=log), load_bank(val_files, image_size, log=log)
@@ -228,43 +246,83 @@ def train_tokenizer(data_dir: str | Path, output_path: str | Path, width: int = 
         f"({train_bank.numel() / 2**20:.0f} MiB as uint8); no flips (a flip reverses time in a spectrogram)")
     if train_bank.numel() < 4 * 2**30 and device.type == "cuda":
         train_bank, val_bank = train_bank.to(device), val_bank.to(device)   # batches are then just an index
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
-    eval_bank = val_bank[:max_val_images]
-    psnr_before = psnr_db(model, val_bank, autocast=autocast) if init_from is not None else None
-    if psnr_before is not None:
-        log(f"held-out PSNR before fine-tuning: {psnr_before:.2f} dB")
+    return train_bank, val_bank
 
+
+def set_trainable(model: VAVAE, decoder_only: bool, image_size: int, crop_size: int, log=print) -> int:
+    """Freeze the encoder under --decoder_only and log what is trained; returns the parameter count."""
     if decoder_only:          # every latent (and any DiT trained on them) stays valid
         model.encoder.requires_grad_(False)
         model.quant_conv.requires_grad_(False)
+    config = model.config
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"tokenizer: width {config['ch']}, {config['num_res_blocks']} res blocks, {n_params:,} params "
         f"(~{n_params * 2 / 2**20:.1f} MiB as fp16), {n_train:,} trained, latent {config['z_channels']}x"
         f"{image_size // 16}x{image_size // 16}, training crops {crop_size}px")
-    fm, proj = None, None
-    if foundation is not None or align_weights:
-        fm = (foundation() if foundation is not None else build_foundation(align_weights)).to(device)
-        with torch.no_grad():
-            dim = fm(torch.zeros(1, 3, image_size, image_size, device=device)).shape[1]
-        proj = nn.Conv2d(config["embed_dim"], dim, 1, bias=False).to(device)   # VA-VAE's linear_proj
-        log(f"alignment term on: weight {align_weight}, foundation features {dim}-dim")
-    else:
-        log("alignment term off (no --align_weights file given): plain KL-VAE training")
+    return n_params
 
+
+def alignment_term(foundation: Callable[[], nn.Module] | None, align_weights: str | Path | None,
+                   align_weight: float, embed_dim: int, image_size: int, device: torch.device,
+                   log=print) -> tuple[nn.Module | None, nn.Conv2d | None]:
+    """The optional VA-VAE alignment: the frozen foundation model and the latent's projection onto its features."""
+    if foundation is None and not align_weights:
+        log("alignment term off (no --align_weights file given): plain KL-VAE training")
+        return None, None
+    fm = (foundation() if foundation is not None else build_foundation(align_weights)).to(device)
+    with torch.no_grad():
+        dim = fm(torch.zeros(1, 3, image_size, image_size, device=device)).shape[1]
+    proj = nn.Conv2d(embed_dim, dim, 1, bias=False).to(device)   # VA-VAE's linear_proj
+    log(f"alignment term on: weight {align_weight}, foundation features {dim}-dim")
+    return fm, proj
+
+
+def learning_rate(lr: float, warmup: int, step: int, frac: float) -> float:
+    """Linear warm-up, then cosine to zero over whichever runs out first (`frac` done): steps or minutes."""
+    return lr * min(1.0, step / max(1, warmup)) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+
+def batch_sampler(bank: torch.Tensor, batch_size: int, crop_size: int,
+                  gen: torch.Generator) -> Callable[[], torch.Tensor]:
+    """A function giving the next batch of random crops: each image once per pass, in a new order each pass
+    (drawn with replacement when the bank is smaller than a batch)."""
+    order, pos = torch.randperm(len(bank), generator=gen), 0
+
+    def next_batch() -> torch.Tensor:
+        nonlocal order, pos
+        if pos + batch_size > len(order):
+            order, pos = torch.randperm(len(bank), generator=gen), 0
+        if batch_size <= len(order):
+            idx = order[pos:pos + batch_size]
+        else:
+            idx = torch.randint(len(order), (batch_size,), generator=gen)
+        pos += batch_size
+        return random_crops(bank[idx.to(bank.device)], crop_size, gen)
+    return next_batch
+
+
+def run_training(model: VAVAE, proj: nn.Module | None, fm: nn.Module | None, train_bank: torch.Tensor,
+                 eval_bank: torch.Tensor, recipe: Recipe, *, steps: int, l1_weight: float,
+                 align_weight: float, eval_every: int, max_minutes: float | None, compile_model: bool, seed: int,
+                 log_every: int, progress: bool, log=print) -> TrainingRun:
+    """The optimisation loop: AdamW, the warm-up + cosine schedule, gradient clipping, held-out PSNR as it goes."""
+    device = recipe.device
     channels_last = device.type == "cuda"        # NHWC convs are the fast path for cuDNN in bf16
     torch.backends.cudnn.benchmark = device.type == "cuda"
     if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad] + (list(proj.parameters()) if proj is not None else [])
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
-    step_fn = _make_step(model, proj, fm, autocast, l1_weight, align_weight, channels_last)
+    opt = torch.optim.AdamW(params, lr=recipe.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    step_fn = _make_step(model, proj, fm, recipe.autocast, l1_weight, align_weight, channels_last)
     if compile_model:
         step_fn = torch.compile(step_fn)
 
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    latent = crop_size // model.downsample_factor
-    history, evals, order, pos = [], [], torch.randperm(len(train_bank), generator=gen), 0
+    gen = torch.Generator(device="cpu").manual_seed(seed)       # batch order and crop offsets
+    batch_size = recipe.batch_size
+    next_batch = batch_sampler(train_bank, batch_size, recipe.crop_size, gen)
+    latent = recipe.crop_size // model.downsample_factor
+    history, evals = [], []
     start, done = time.time(), 0
     bar = progress_bar(total=steps, disable=not progress, desc="tokenizer", dynamic_ncols=True)
     for step in range(1, steps + 1):
@@ -273,16 +331,10 @@ def train_tokenizer(data_dir: str | Path, output_path: str | Path, width: int = 
         if frac > 1.0:
             log(f"time budget of {max_minutes} min reached at step {step - 1}")
             break
-        # Linear warmup, then cosine to zero over whichever runs out first: steps or minutes.
         for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, step / max(1, warmup)) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
-        if pos + batch_size > len(order):
-            order, pos = torch.randperm(len(train_bank), generator=gen), 0
-        idx = order[pos:pos + batch_size] if batch_size <= len(order) else torch.randint(len(order), (batch_size,), generator=gen)
-        pos += batch_size
-        batch = random_crops(train_bank[idx.to(train_bank.device)], crop_size, gen)
-        x = _to_float(batch.to(device, non_blocking=True))
-        noise = torch.randn(x.shape[0], config["embed_dim"], latent, latent, device=device)
+            group["lr"] = learning_rate(recipe.lr, recipe.warmup, step, frac)
+        x = to_float(next_batch().to(device, non_blocking=True))
+        noise = torch.randn(x.shape[0], model.config["embed_dim"], latent, latent, device=device)
         loss, parts = step_fn(x, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -295,31 +347,74 @@ def train_tokenizer(data_dir: str | Path, output_path: str | Path, width: int = 
             bar.set_postfix(loss=f"{vals['loss']:.4f}", img_s=f"{step * batch_size / (time.time() - start):.1f}")
         bar.update(1)
         if eval_every and step % eval_every == 0 and step != steps:
-            p = psnr_db(model, eval_bank, autocast=autocast)
+            p = psnr_db(model, eval_bank, autocast=recipe.autocast)
             evals.append((step, p))
             bar.write(f"step {step}: loss {history[-1]['loss']:.4f} (l1 {history[-1]['l1']:.4f} "
                       f"mse {history[-1]['mse']:.5f}) lr {opt.param_groups[0]['lr']:.2e} val PSNR {p:.2f} dB")
     bar.close()
     seconds = time.time() - start
     log(f"trained {done} steps x {batch_size} in {seconds:.0f}s ({done * batch_size / max(seconds, 1e-9):.1f} images/s)")
+    return TrainingRun(history, evals, done, seconds)
 
-    val_psnr = psnr_db(model, val_bank, autocast=autocast)
-    change = f" (from {psnr_before:.2f} dB before fine-tuning)" if psnr_before is not None else ""
-    log(f"held-out PSNR over {len(val_bank)} val images never trained on: {val_psnr:.2f} dB{change}")
-    meta = {"val_psnr_db": round(val_psnr, 3), "num_train_images": len(train_bank), "num_val_images": len(val_bank),
-            "steps": done, "batch_size": batch_size, "lr": lr, "seconds": round(seconds, 1), "seed": seed,
-            "precision": precision, "image_size": image_size, "crop_size": crop_size, "params": n_params,
-            "align": str(Path(align_weights).name) if align_weights else ("custom" if foundation else "off"),
-            "loss": f"mse + {l1_weight} l1 + {KL_WEIGHT} kl" + (f" + {align_weight} vf" if fm else ""),
+
+def tokenizer_metadata(*, val_psnr: float, psnr_before: float | None, num_train: int, num_val: int,
+                       run: TrainingRun, recipe: Recipe, seed: int, image_size: int, params: int,
+                       align_weights: str | Path | None, custom_foundation: bool, aligned: bool, l1_weight: float,
+                       align_weight: float, init_from: str | Path | None, decoder_only: bool) -> dict:
+    """The safetensors metadata of the written tokenizer: how it was trained and how well it reconstructs."""
+    meta = {"val_psnr_db": round(val_psnr, 3), "num_train_images": num_train, "num_val_images": num_val,
+            "steps": run.steps, "batch_size": recipe.batch_size, "lr": recipe.lr, "seconds": round(run.seconds, 1),
+            "seed": seed, "precision": recipe.precision, "image_size": image_size, "crop_size": recipe.crop_size,
+            "params": params,
+            "align": str(Path(align_weights).name) if align_weights else ("custom" if custom_foundation else "off"),
+            "loss": f"mse + {l1_weight} l1 + {KL_WEIGHT} kl" + (f" + {align_weight} vf" if aligned else ""),
             "written_by": "train_tokenizer.py"}
     if init_from is not None:
         meta.update(init_from=Path(init_from).name, init_sha256=file_sha256(init_from), decoder_only=decoder_only,
                     val_psnr_before_db=round(psnr_before, 3))
+    return meta
+
+
+def train_tokenizer(data_dir: str | Path, output_path: str | Path, width: int = 48, num_res_blocks: int = 2,
+                    image_size: int = 256, steps: int = 6000, batch_size: int | None = None, lr: float | None = None,
+                    warmup: int | None = None, device: str | None = None, precision: str | None = None,
+                    val_fraction: float = 0.1, align_weights: str | Path | None = None, align_weight: float = 0.1,
+                    foundation: Callable[[], nn.Module] | None = None, l1_weight: float = 0.1,
+                    eval_every: int = 1000, max_val_images: int = 256, max_minutes: float | None = None,
+                    init_from: str | Path | None = None, decoder_only: bool = False, crop_size: int | None = None,
+                    compile_model: bool = False, seed: int = 0, log_every: int = 25, progress: bool = True,
+                    log=print) -> dict:
+    """Train (or fine-tune), report held-out PSNR before and after, write fp16 safetensors; returns a summary."""
+    recipe = resolve_recipe(init_from, image_size, lr, warmup, crop_size, batch_size, device, precision, decoder_only)
+    torch.manual_seed(seed)
+    model = build_tokenizer(init_from, width, num_res_blocks, image_size, log).to(recipe.device).train()
+    train_bank, val_bank = load_banks(data_dir, val_fraction, image_size, recipe.device, log)
+    psnr_before = None
+    if init_from is not None:
+        psnr_before = psnr_db(model, val_bank, autocast=recipe.autocast)
+        log(f"held-out PSNR before fine-tuning: {psnr_before:.2f} dB")
+    n_params = set_trainable(model, decoder_only, image_size, recipe.crop_size, log)
+    fm, proj = alignment_term(foundation, align_weights, align_weight, model.config["embed_dim"], image_size,
+                              recipe.device, log)
+
+    run = run_training(model, proj, fm, train_bank, val_bank[:max_val_images], recipe, steps=steps,
+                       l1_weight=l1_weight, align_weight=align_weight, eval_every=eval_every,
+                       max_minutes=max_minutes, compile_model=compile_model, seed=seed, log_every=log_every,
+                       progress=progress, log=log)
+
+    val_psnr = psnr_db(model, val_bank, autocast=recipe.autocast)
+    change = f" (from {psnr_before:.2f} dB before fine-tuning)" if psnr_before is not None else ""
+    log(f"held-out PSNR over {len(val_bank)} val images never trained on: {val_psnr:.2f} dB{change}")
+    meta = tokenizer_metadata(val_psnr=val_psnr, psnr_before=psnr_before, num_train=len(train_bank),
+                              num_val=len(val_bank), run=run, recipe=recipe, seed=seed,
+                              image_size=image_size, params=n_params, align_weights=align_weights,
+                              custom_foundation=foundation is not None, aligned=fm is not None, l1_weight=l1_weight,
+                              align_weight=align_weight, init_from=init_from, decoder_only=decoder_only)
     save_vavae(model.to(memory_format=torch.contiguous_format).float().cpu(), output_path, meta, half=True)
     size = Path(output_path).stat().st_size
     log(f"wrote {output_path} ({size / 2**20:.2f} MiB, fp16 weights)")
-    return {"val_psnr_db": val_psnr, "val_psnr_before_db": psnr_before, "history": history, "evals": evals,
-            "file_bytes": size, "params": n_params, "steps": done, "seconds": seconds, "config": config}
+    return {"val_psnr_db": val_psnr, "val_psnr_before_db": psnr_before, "history": run.history, "evals": run.evals,
+            "file_bytes": size, "params": n_params, "steps": run.steps, "seconds": run.seconds, "config": model.config}
 
 
 def _make_step(model, proj, fm, autocast, l1_weight, align_weight, channels_last):
