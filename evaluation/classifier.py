@@ -17,7 +17,6 @@ import torch.nn.functional as F
 import torchvision
 from safetensors.torch import load_file
 
-from common.errors import PipelineError
 from common.io import file_sha256, read_safetensors_metadata, save_safetensors
 from common.pixels import to_float
 from common.progress import progress_bar

@@ -35,3 +35,17 @@ def one_thread_per_module():
     (pytestmark = pytest.mark.usefixtures("one_thread_per_module"))."""
     with _one_torch_thread():
         yield
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory):
+    """A tiny LightningDiT in the reference's file layout (helpers.write_published)."""
+    from helpers import write_published
+    return write_published(tmp_path_factory.mktemp("published"))
+
+
+@pytest.fixture(scope="module")
+def latent_dir(tmp_path_factory):
+    """Stage 1 output for 3 users with (N, 32, 4, 4) latents (helpers.write_latent_dir)."""
+    from helpers import write_latent_dir
+    return write_latent_dir(tmp_path_factory.mktemp("latents"))

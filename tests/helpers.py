@@ -1,5 +1,5 @@
-"""Shared test helpers: tiny image datasets, a tiny tokenizer, tiny-DiT flags, a malicious checkpoint, and
-running the stage scripts (as subprocesses or in-process)."""
+"""Shared test helpers: tiny image datasets, a tiny tokenizer, tiny-DiT flags, a malicious checkpoint,
+running the stage scripts (as subprocesses or in-process), and published-layout DiT weights with tiny latents."""
 import importlib
 import os
 import pickle
@@ -10,9 +10,15 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 from PIL import Image
 
 from common.device import bf16_supported
+from common.io import save_safetensors
+from models.lightningdit import LightningDiT, model_config
+from models.vavae import VAVAE, save_vavae
+from training.cli import training_options
+from training.train_dit import build_module
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -84,8 +90,6 @@ def make_dataset(root: str | os.PathLike, users=("ID_1", "ID_2", "ID_10"), per_u
 
 def make_tokenizer(path: str | os.PathLike, seed: int = 0, **overrides) -> Path:
     """A tiny VA-VAE (latents (32, 4, 4) for 64x64 images) written as our safetensors tokenizer."""
-    import torch
-    from models.vavae import VAVAE, save_vavae
     torch.manual_seed(seed)
     save_vavae(VAVAE(**{**TINY_VAVAE, **overrides}), path)
     return Path(path)
@@ -109,7 +113,6 @@ def write_malicious(path: Path, marker: Path, key: str = "state_dict", weight: s
         with open(path, "wb") as f:
             pickle.dump(obj, f)
     else:
-        import torch
         torch.save(obj, path)
     return path
 
@@ -161,3 +164,55 @@ def stage1_args(data_dir, vavae_path, output_path, *extra) -> list[str]:
 def stage2_args(latent_dir, output_dir, *extra) -> list[str]:
     return ["--latent_dir", str(latent_dir), "--output_dir", str(output_dir), "--batch_size", "4",
             *TINY_DIT_FLAGS, *map(str, extra)]
+
+
+#################################################################################
+#            Stage 2 from published weights (--init_from, --finetune)           #
+#################################################################################
+
+PUBLISHED_CLASSES = 10
+USERS = ["ID_1", "ID_2", "ID_3"]
+
+
+def tiny_dit(num_classes: int = PUBLISHED_CLASSES, seed: int = 0, **overrides) -> LightningDiT:
+    """A tiny LightningDiT with every weight (adaLN/final included) filled with noise: nothing is zero."""
+    kw = dict(input_size=4, **TINY_DIT)
+    kw.update(overrides)
+    model = LightningDiT(**model_config("LightningDiT-S/2", num_classes=num_classes, **kw))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name != "pos_embed":
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def write_published(folder: Path) -> tuple[Path, dict, dict]:
+    """A reference-format file: {'model', 'ema', 'opt', 'config'}, the model half saved from a DDP wrapper."""
+    model, ema = tiny_dit(seed=1).state_dict(), tiny_dit(seed=2).state_dict()
+    path = folder / "lightningdit-tiny.pt"
+    torch.save({"model": {f"module.{k}": v for k, v in model.items()}, "ema": ema,
+                "opt": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(3)}},
+                        "param_groups": [{"lr": 2e-4, "betas": (0.9, 0.95), "params": [0]}]},
+                "config": {"model": {"model_type": "LightningDiT-S/2", "in_chans": 32, "use_rope": True},
+                           "train": {"global_batch_size": 1024}}}, path)
+    return path, model, ema
+
+
+def write_latent_dir(out: Path) -> Path:
+    """Stage 1 output for 3 users: (N, 32, 4, 4) latents, user ids, users/user_numbers metadata, stats."""
+    g = torch.Generator().manual_seed(0)
+    meta = {"users": USERS, "user_numbers": [1, 2, 3], "image_size": 64}
+    for split, n in (("train", 24), ("val", 6)):
+        save_safetensors({"latents": torch.randn(n, 32, 4, 4, generator=g),
+                          "user_ids": torch.arange(n, dtype=torch.int64) % 3}, out / f"{split}.safetensors",
+                         {**meta, "split": split})
+    save_safetensors({"mean": torch.zeros(1, 32, 1, 1), "std": torch.ones(1, 32, 1, 1)},
+                     out / "latent_stats.safetensors", meta)
+    return out
+
+
+def make_module(latent_dir: Path, *flags: str):
+    args = training_options(
+        ["--latent_dir", str(latent_dir), "--output_dir", "unused", *TINY_DIT_MODEL_FLAGS, *flags])
+    return build_module(args, log=lambda m: None)

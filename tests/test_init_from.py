@@ -1,68 +1,13 @@
 """--init_from: start stage 2 from published-layout LightningDiT weights (tiny model, tiny latents)."""
-from pathlib import Path
-
 import pytest
 import torch
 
 import stage2_train_dit
 from common.errors import PipelineError
 from common.io import save_safetensors
-from helpers import TINY_DIT, TINY_DIT_MODEL_FLAGS, write_malicious
-from models.lightningdit import LightningDiT, model_config
+from helpers import TINY_DIT_MODEL_FLAGS, USERS, make_module, tiny_dit, write_malicious
 from training.init_from import (CLASS_TABLE, initialise_from, load_pretrained, partial_trainable,
                                 resize_class_table, suggest_flags)
-from training.cli import training_options
-from training.train_dit import build_module
-
-PUBLISHED_CLASSES = 10
-USERS = ["ID_1", "ID_2", "ID_3"]
-
-
-def tiny_dit(num_classes: int = PUBLISHED_CLASSES, seed: int = 0, **overrides) -> LightningDiT:
-    """A tiny LightningDiT with every weight (adaLN/final included) filled with noise: nothing is zero."""
-    kw = dict(input_size=4, **TINY_DIT)
-    kw.update(overrides)
-    model = LightningDiT(**model_config("LightningDiT-S/2", num_classes=num_classes, **kw))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name != "pos_embed":
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
-    return model
-
-
-@pytest.fixture(scope="module")
-def published(tmp_path_factory) -> tuple[Path, dict, dict]:
-    """A reference-format file: {'model', 'ema', 'opt', 'config'}, the model half saved from a DDP wrapper."""
-    model, ema = tiny_dit(seed=1).state_dict(), tiny_dit(seed=2).state_dict()
-    path = tmp_path_factory.mktemp("published") / "lightningdit-tiny.pt"
-    torch.save({"model": {f"module.{k}": v for k, v in model.items()}, "ema": ema,
-                "opt": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(3)}},
-                        "param_groups": [{"lr": 2e-4, "betas": (0.9, 0.95), "params": [0]}]},
-                "config": {"model": {"model_type": "LightningDiT-S/2", "in_chans": 32, "use_rope": True},
-                           "train": {"global_batch_size": 1024}}}, path)
-    return path, model, ema
-
-
-@pytest.fixture(scope="module")
-def latent_dir(tmp_path_factory) -> Path:
-    """Stage 1 output for 3 users: (N, 32, 4, 4) latents, user ids, users/user_numbers metadata, stats."""
-    out = tmp_path_factory.mktemp("latents")
-    g = torch.Generator().manual_seed(0)
-    meta = {"users": USERS, "user_numbers": [1, 2, 3], "image_size": 64}
-    for split, n in (("train", 24), ("val", 6)):
-        save_safetensors({"latents": torch.randn(n, 32, 4, 4, generator=g),
-                          "user_ids": torch.arange(n, dtype=torch.int64) % 3}, out / f"{split}.safetensors",
-                         {**meta, "split": split})
-    save_safetensors({"mean": torch.zeros(1, 32, 1, 1), "std": torch.ones(1, 32, 1, 1)},
-                     out / "latent_stats.safetensors", meta)
-    return out
-
-
-def make_module(latent_dir: Path, *flags: str):
-    args = training_options(
-        ["--latent_dir", str(latent_dir), "--output_dir", "unused", *TINY_DIT_MODEL_FLAGS, *flags])
-    return build_module(args, log=lambda m: None)
 
 
 def test_reads_published_layout_and_prefers_ema(published):

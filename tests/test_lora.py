@@ -9,9 +9,8 @@ import torch
 import stage2_train_dit
 from common.errors import PipelineError
 from generation.generate import generate, load_generator
-from helpers import TINY_DIT_MODEL_FLAGS, make_tokenizer
+from helpers import TINY_DIT_MODEL_FLAGS, make_module, make_tokenizer
 from models.lightningdit import LightningDiT
-from test_init_from import latent_dir, make_module, published   # noqa: F401 (fixtures)
 from models.checkpoint import ema_state_dict, merge_lora_state
 from training.init_from import CLASS_TABLE, initialise_from, load_pretrained, partial_trainable
 from training.lora import HalfPrecisionBase, check_same_lora, halve_base_weights
