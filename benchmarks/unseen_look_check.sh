@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The maintainer's check of issue 12 on a look no tokenizer here was trained on (data/unseen_look.py: 6 people,
+# 40 train + 10 val each): fine-tune the demo tokenizer for 10 minutes on the train images, then LightningDiT-S/2
+# for 60 epochs, 10 samples per person, stage 4. Extra arguments go to the pipeline (e.g. --lr 5e-4).
+#   Usage: benchmarks/unseen_look_check.sh WORK_DIR [pipeline flags...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+work=${1:?work folder}; shift
+[ -d "$work/data" ] || python -c "
+from data.unseen_look import write_unseen_dataset
+write_unseen_dataset('$work/data', 6, 40, 10, seed=31)"
+[ -f "$work/tok.safetensors" ] || python train_tokenizer.py --data_dir "$work/data" --output_path "$work/tok.safetensors" \
+    --init_from assets/demo_vavae.safetensors --max_minutes 10
+python run_complete_pipeline.py --data_dir "$work/data" --vavae_path "$work/tok.safetensors" --output_dir "$work/run" \
+    --model LightningDiT-S/2 --max_epochs 60 --num_samples_per_user 10 "$@"
