@@ -18,3 +18,9 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     p / 255 scaling for 8-bit pixels.
     """
     return images.mul(127.5).add(128.0).clamp(0, 255).to(torch.uint8)
+
+
+def psnr_db(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR (dB) of uint8 images against uint8 references of the same shape."""
+    mse = (images.float() - reference.float()).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(255.0 ** 2 / mse.clamp_min(1e-10))

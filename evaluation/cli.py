@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="classifier, TSTR and sampling seeds")
     parser.add_argument("--inception_weights", type=str, default=None,
                         help="local torchvision Inception-v3 state dict for standard FID/KID; skipped when absent")
+    parser.add_argument("--vavae_path", type=str, default=None,
+                        help="the tokenizer of the latents: adds the identity of its reconstructions of the real val "
+                             "images, the most a generator decoding with it can reach")
     parser.add_argument("--export_dir", type=str, default=None,
                         help="write a ready dataset here: train/ID_n/ = real train + accepted samples, val/ID_n/ = real val")
     parser.add_argument("--min_confidence", type=float, default=0.5, help="export: least top-1 probability")

@@ -5,6 +5,7 @@ evaluate() is the whole stage: the CLI (stage4_evaluate.py) and the orchestrator
 import random
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -12,13 +13,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from common.device import resolve_device
+from common.device import bf16_supported, resolve_device
 from common.errors import PipelineError
 from common.io import atomic_path
-from data.images import User, scan_dataset
+from common.pixels import psnr_db, to_float, to_uint8
+from data.images import User, load_bank, scan_dataset
 from evaluation import classifier as clf
 from evaluation import metrics as M
-from evaluation.imageset import ImageSet, load_set
+from evaluation.imageset import ImageSet, load_set, resize
 from evaluation.report import write_outputs
 from generation.generate import IMAGE_PATTERN, remove_stale_samples
 
@@ -385,13 +387,28 @@ def augmentation_report(data: Inputs, accepted: torch.Tensor, cfg: clf.Classifie
 #                                   Evaluate                                    #
 #################################################################################
 
+def tokenizer_report(data: Inputs, vavae_path: str | Path, image_size: int, classifier_size: int,
+                     model: torch.nn.Module, batch_size: int, dev: torch.device) -> dict:
+    """Identity of the tokenizer's reconstructions of the real val images: a generator's samples are decoded by
+    the same tokenizer, so this, not the real-val top-1, is the most they can reach."""
+    from models.vavae import load_vavae, reconstruct
+    if len(data.val) == 0:
+        return {"top1": None, "psnr_db": None, "note": "no readable val images"}
+    bank = load_bank(data.val.paths, image_size, log=lambda *_: None)
+    autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if bf16_supported(dev) else nullcontext
+    recon = reconstruct(load_vavae(vavae_path, device=dev), bank, autocast=autocast)
+    logits = clf.extract(model, to_uint8(resize(to_float(recon), classifier_size)), batch_size, dev)[1]
+    return {"top1": _identity(logits, data.val.labels, len(data.users))["top1"], "psnr_db": psnr_db(recon, bank).mean().item(),
+            "tokenizer": str(vavae_path)}
+
+
 def evaluate(data_dir: str | Path, generated_dir: str | Path, output_dir: str | Path, *,
              image_size: int = 256, batch_size: int = 64, device: str = "auto", classifier_epochs: int = 10,
              classifier_size: int = 128, seed: int = 0, inception_weights: str | Path | None = None,
              export_dir: str | Path | None = None, min_confidence: float = 0.5, min_margin: float = 0.1,
              num_workers: int = 0, nearest_k: int = 3, min_user_samples: int = 10,
              copy_percentile: float = 1.0, copy_factor: float = 0.5, tstr: bool = True, augmentation: bool = True,
-             log: Callable[[str], None] = print) -> dict:
+             vavae_path: str | Path | None = None, log: Callable[[str], None] = print) -> dict:
     """Score generated spectrograms against the real data; write report.json, report.md and plots.
 
     Returns the report (the dict written to output_dir/report.json).
@@ -402,6 +419,9 @@ def evaluate(data_dir: str | Path, generated_dir: str | Path, output_dir: str | 
     if inception_weights is not None and not Path(inception_weights).is_file():
         raise PipelineError(f"--inception_weights not found: {inception_weights}. Give a local torchvision "
                             "Inception-v3 state dict, or leave the flag out to skip Inception FID/KID.")
+    if vavae_path is not None and not Path(vavae_path).is_file():
+        raise PipelineError(f"--vavae_path not found: {vavae_path}. Give the tokenizer stage 1 used, or leave the "
+                            "flag out to skip the tokenizer ceiling.")
     if classifier_size > image_size:
         log(f"note: --classifier_size {classifier_size} > --image_size {image_size}; using {image_size}")
         classifier_size = image_size
@@ -422,6 +442,11 @@ def evaluate(data_dir: str | Path, generated_dir: str | Path, output_dir: str | 
     timing["classifier"] = time.perf_counter() - tick
 
     identity = identity_report(data, train_logits, val_logits, gen_logits)
+    if vavae_path is not None:
+        tick = time.perf_counter()
+        identity["tokenizer_reconstructions"] = tokenizer_report(data, vavae_path, image_size, classifier_size,
+                                                                 model, batch_size, dev)
+        timing["tokenizer"] = time.perf_counter() - tick
     tick = time.perf_counter()
     dist = distribution_report(data, train_feats, val_feats, gen_feats, gen_logits, val_logits, nearest_k, seed,
                                min_user_samples)

@@ -131,6 +131,15 @@ def _intro(report: dict) -> list[str]:
             f"than those of any unseen image).", ""]
 
 
+def _tokenizer_lines(recon: dict | None) -> list[str]:
+    if not recon or recon.get("top1") is None:
+        return []
+    return ["", f"The tokenizer's own reconstructions of the real val images ({recon['psnr_db']:.1f} dB PSNR) score "
+                f"top-1 **{_f(recon['top1'])}**: generated images are decoded by the same tokenizer, so this, not the "
+                "real-val column, is the most they can reach. Far below the ceiling, the tokenizer loses what tells "
+                "people apart: fine-tune it (train_tokenizer.py --init_from)."]
+
+
 def _identity_section(report: dict) -> list[str]:
     ident = report["identity"]
     return ["## Identity (user classifier: ResNet-18 trained on real train images)", "",
@@ -140,6 +149,7 @@ def _identity_section(report: dict) -> list[str]:
                    [["top-1", ident["real_val_top1"], ident["generated_top1"]],
                     ["top-5", ident["real_val_top5"], ident["generated_top5"]],
                     ["mean confidence", ident["real_val_mean_confidence"], ident["generated_mean_confidence"]]]),
+            *_tokenizer_lines(ident.get("tokenizer_reconstructions")),
             "", f"Generated top-1 relative to the ceiling: {_f(ident['relative_to_ceiling'])}. "
             f"Classifier: {report['classifier'].get('path')} ({'reused from cache' if report['classifier'].get('cached') else 'trained this run'}).", ""]
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from common.errors import PipelineError
 from common.io import load_safetensors, save_safetensors, torch_load_weights
-from common.pixels import to_float, to_uint8
+from common.pixels import psnr_db, to_float, to_uint8
 
 VAVAE_CONFIGS: dict[str, dict[str, Any]] = {
     "f16d32": dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,),
@@ -226,18 +226,23 @@ class VAVAE(nn.Module):
 
 
 @torch.no_grad()
+@torch.no_grad()
+def reconstruct(model: VAVAE, images: torch.Tensor, batch_size: int = 16,
+                autocast=contextlib.nullcontext) -> torch.Tensor:
+    """encode-mean -> decode of uint8 images (N, 3, H, W), returned as uint8 on the CPU."""
+    device = next(model.parameters()).device
+    out = []
+    for batch in torch.split(images, batch_size):
+        with autocast():
+            decoded = model.decode(model.encode(to_float(batch.to(device))))
+        out.append(to_uint8(decoded.float()).cpu())
+    return torch.cat(out)
+
+
 def reconstruction_psnr(model: VAVAE, images: torch.Tensor, batch_size: int = 16,
                         autocast=contextlib.nullcontext) -> torch.Tensor:
     """Per-image PSNR (dB) of encode-mean -> decode for uint8 images (N, 3, H, W), both sides as uint8."""
-    device = next(model.parameters()).device
-    values = []
-    for i in range(0, len(images), batch_size):
-        ref = images[i:i + batch_size].to(device)
-        with autocast():
-            out = model.decode(model.encode(to_float(ref)))
-        mse = (to_uint8(out.float()).float() - ref.float()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-        values.append(10 * torch.log10(255.0 ** 2 / mse))
-    return torch.cat(values).cpu()
+    return psnr_db(reconstruct(model, images, batch_size, autocast), images)
 
 
 #################################################################################

@@ -358,3 +358,26 @@ def test_diversity_and_nearest_neighbours():
     assert torch.equal(i, torch.arange(5)) and (d < 1e-6).all()
     d, i = M.nearest_neighbours(x, x, exclude_self=True)
     assert not torch.equal(i, torch.arange(200)) and (d > 0).all()
+
+
+#################################################################################
+#                 The tokenizer's ceiling (--vavae_path)                        #
+#################################################################################
+
+def test_tokenizer_reconstructions_are_scored_like_real_val(dataset, tmp_path, monkeypatch):
+    from helpers import make_tokenizer
+    import models.vavae
+    root, dirs = dataset
+    tokenizer = make_tokenizer(tmp_path / "tok.safetensors")
+    fast = dict(FAST, tstr=False, augmentation=False)
+    real = evaluate(root / "data", dirs["held_out"], tmp_path / "real", vavae_path=tokenizer, **fast)
+    recon = real["identity"]["tokenizer_reconstructions"]
+    assert 0.0 <= recon["top1"] <= 1.0 and 0.0 < recon["psnr_db"] < 40.0        # an untrained tokenizer
+    assert "tokenizer's own reconstructions" in (tmp_path / "real" / "report.md").read_text()
+    # A perfect tokenizer gives back the val images themselves: exactly the real-val ceiling.
+    monkeypatch.setattr(models.vavae, "reconstruct", lambda model, images, *a, **k: images.clone())
+    perfect = evaluate(root / "data", dirs["held_out"], tmp_path / "perfect", vavae_path=tokenizer, **fast)
+    assert perfect["identity"]["tokenizer_reconstructions"]["top1"] == perfect["identity"]["real_val_top1"]
+    assert perfect["identity"]["tokenizer_reconstructions"]["psnr_db"] > 100
+    with pytest.raises(PipelineError, match="--vavae_path not found"):
+        evaluate(root / "data", dirs["held_out"], tmp_path / "x", vavae_path=tmp_path / "missing.pt", **fast)
