@@ -398,8 +398,8 @@ def tokenizer_report(data: Inputs, vavae_path: str | Path, image_size: int, clas
     autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if bf16_supported(dev) else nullcontext
     recon = reconstruct(load_vavae(vavae_path, device=dev), bank, autocast=autocast)
     logits = clf.extract(model, to_uint8(resize(to_float(recon), classifier_size)), batch_size, dev)[1]
-    return {"top1": _identity(logits, data.val.labels, len(data.users))["top1"], "psnr_db": psnr_db(recon, bank).mean().item(),
-            "tokenizer": str(vavae_path)}
+    return {"top1": _identity(logits, data.val.labels, len(data.users))["top1"],
+            "psnr_db": psnr_db(recon, bank).mean().item(), "tokenizer": str(vavae_path)}
 
 
 def evaluate(data_dir: str | Path, generated_dir: str | Path, output_dir: str | Path, *,

@@ -226,7 +226,6 @@ class VAVAE(nn.Module):
 
 
 @torch.no_grad()
-@torch.no_grad()
 def reconstruct(model: VAVAE, images: torch.Tensor, batch_size: int = 16,
                 autocast=contextlib.nullcontext) -> torch.Tensor:
     """encode-mean -> decode of uint8 images (N, 3, H, W), returned as uint8 on the CPU."""
