@@ -30,7 +30,7 @@ def test_tiny_run_writes_a_loadable_tokenizer(tmp_path):
     meta = read_safetensors_metadata(out)
     assert meta["kind"] == "vavae" and meta["num_train_images"] == 12 and meta["num_val_images"] == 4
     assert meta["steps"] == 3 and meta["storage_dtype"] == "float16" and meta["align"] == "off"
-    assert math.isclose(meta["val_psnr_db"], summary["val_psnr_db"], abs_tol=1e-3)
+    assert meta["val_psnr_db"] == round(summary["val_psnr_db"], 3)     # the metadata keeps 3 decimals
     assert model.encode(torch.zeros(1, 3, 32, 32)).shape == (1, 32, 2, 2)
 
 
@@ -99,8 +99,10 @@ def test_fine_tuning_from_a_tokenizer_reports_psnr_before_and_after(tmp_path):
     out = tmp_path / "tuned.safetensors"
     summary = train_tokenizer(data, out, steps=6, lr=2e-3, warmup=1, init_from=start,
                               **{**TINY, "width": 16, "log": lines.append})
-    # PSNR "before" is the start file's own PSNR on the same held-out images; the architecture is the file's.
-    assert math.isclose(summary["val_psnr_before_db"], read_safetensors_metadata(start)["val_psnr_db"], abs_tol=1e-3)
+    # PSNR "before" is the start file's own PSNR on the same held-out images: the file's metadata scores the fp16
+    # weights the file holds, so the two are the same computation and agree exactly (the metadata keeps 3
+    # decimals). The architecture is the file's.
+    assert round(summary["val_psnr_before_db"], 3) == read_safetensors_metadata(start)["val_psnr_db"]
     assert load_vavae(out).config == load_vavae(start).config          # --width 16 does not apply
     meta = read_safetensors_metadata(out)
     assert meta["init_from"] == "start.safetensors" and meta["decoder_only"] is False
