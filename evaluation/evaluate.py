@@ -22,7 +22,7 @@ from evaluation import classifier as clf
 from evaluation import metrics as M
 from evaluation.imageset import ImageSet, load_set, resize
 from evaluation.report import write_outputs
-from generation.generate import IMAGE_PATTERN, remove_stale_samples
+from data.samples import IMAGE_PATTERN, remove_stale_samples
 
 REPORT_VERSION = 1
 
