@@ -7,7 +7,9 @@ Ratios and differences of proportions (identity relative to its ceiling, the aug
 percentile bootstrap over the images, with a fixed seed so a rerun prints the same interval.
 
 The intervals cover the sampling noise of the images scored (which samples were drawn, which real val
-images exist); they do not cover the classifier's own training seed.
+images exist); they do not cover the classifier's own training seed. A bootstrap cannot vary what never
+varies: when every image is right (or every pair of verdicts agrees) its interval is a point, and the
+Wilson intervals of the parts are the honest width.
 """
 import math
 from typing import Callable, Sequence
