@@ -11,8 +11,12 @@ from evaluation.cli import REQUIRED, build_parser, options
 @cli_entry
 def main(argv=None) -> int:
     args = parse_args(build_parser(), argv, required=REQUIRED)
+    from evaluation.compare import compare, load_report, render
+    other = load_report(args.compare_to) if args.compare_to else None   # a wrong path fails before the work
     from evaluation.evaluate import evaluate   # heavy (torchvision); keep --help and the orchestrator fast
-    evaluate(args.data_dir, args.generated_dir, args.output_dir, **options(args))
+    report = evaluate(args.data_dir, args.generated_dir, args.output_dir, **options(args))
+    if other is not None:
+        print(render(compare(other, report), args.compare_to, f"{args.output_dir} (this run)"))
     return 0
 
 

@@ -38,9 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--copy_percentile", type=float, default=1.0,
                         help="memorisation: percentile of real-val NN distances that sets the copy threshold")
     parser.add_argument("--copy_factor", type=float, default=0.5, help="memorisation: threshold = factor x that percentile")
+    parser.add_argument("--compare_to", type=str, default=None,
+                        help="another run's report.json: print both runs' headline numbers with their 95%% intervals "
+                             "and whether they differ beyond noise")
     return parser
 
 
 def options(args: argparse.Namespace) -> dict:
-    """The keyword arguments of evaluate() from parsed flags (all but the three folders and --config)."""
-    return {k: v for k, v in vars(args).items() if k not in REQUIRED and k != "config"}
+    """The keyword arguments of evaluate() from parsed flags (all but the three folders, --config and
+    --compare_to, which stage4_evaluate.py handles after evaluate())."""
+    return {k: v for k, v in vars(args).items() if k not in REQUIRED and k not in ("config", "compare_to")}

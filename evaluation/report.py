@@ -115,6 +115,13 @@ def _f(value, digits: int = 3) -> str:
     return str(value)
 
 
+def _ci(value: float | None, interval: list[float] | None, digits: int = 3) -> str:
+    """A value with its 95 % interval: `0.283 [0.210, 0.370]`; the value alone when there is no interval."""
+    if value is None or interval is None:
+        return _f(value, digits)
+    return f"{value:.{digits}f} [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"
+
+
 def _table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_f(v) for v in row) + " |" for row in rows]
@@ -135,22 +142,27 @@ def _tokenizer_lines(recon: dict | None) -> list[str]:
     if not recon or recon.get("top1") is None:
         return []
     return ["", f"The tokenizer's own reconstructions of the real val images ({recon['psnr_db']:.1f} dB PSNR) score "
-                f"top-1 **{_f(recon['top1'])}**: generated images are decoded by the same tokenizer, so this, not the "
+                f"top-1 **{_ci(recon['top1'], recon.get('top1_ci'))}**: generated images are decoded by the same tokenizer, so this, not the "
                 "real-val column, is the most they can reach. Far below the ceiling, the tokenizer loses what tells "
                 "people apart: fine-tune it (train_tokenizer.py --init_from)."]
 
 
 def _identity_section(report: dict) -> list[str]:
     ident = report["identity"]
+    rows = [["top-1 [95 % interval]", _ci(ident["real_val_top1"], ident.get("real_val_top1_ci")),
+             _ci(ident["generated_top1"], ident.get("generated_top1_ci"))]]
+    # Top-5 of fewer than 10 users says little (of 6 users it is near 1.000 for any image): shown from 10 users.
+    if 5 < report["dataset"]["num_users"] / 2:
+        rows.append(["top-5", ident["real_val_top5"], ident["generated_top5"]])
+    rows.append(["mean confidence", ident["real_val_mean_confidence"], ident["generated_mean_confidence"]])
     return ["## Identity (user classifier: ResNet-18 trained on real train images)", "",
             "Top-1 = share of images the classifier assigns to their (intended) user; real val top-1 is the ceiling "
-            "a perfect generator could reach.", "",
-            _table(["", "real val (ceiling)", "generated"],
-                   [["top-1", ident["real_val_top1"], ident["generated_top1"]],
-                    ["top-5", ident["real_val_top5"], ident["generated_top5"]],
-                    ["mean confidence", ident["real_val_mean_confidence"], ident["generated_mean_confidence"]]]),
+            "a perfect generator could reach. Brackets: 95 % interval (Wilson) over the images scored; two runs "
+            "whose intervals overlap do not differ beyond their noise (python -m evaluation.compare).", "",
+            _table(["", "real val (ceiling)", "generated"], rows),
             *_tokenizer_lines(ident.get("tokenizer_reconstructions")),
-            "", f"Generated top-1 relative to the ceiling: {_f(ident['relative_to_ceiling'])}. "
+            "", f"Generated top-1 relative to the ceiling: "
+            f"{_ci(ident['relative_to_ceiling'], ident.get('relative_to_ceiling_ci'))} (bootstrap over both image sets). "
             f"Classifier: {report['classifier'].get('path')} ({'reused from cache' if report['classifier'].get('cached') else 'trained this run'}).", ""]
 
 
@@ -199,14 +211,17 @@ def _usefulness_section(report: dict) -> list[str]:
             "samples carry each user's real traits. Augmentation: trained on real train images plus the samples the "
             "export filter accepts (same steps and seed as the real-only one), tested on real val: what adding the "
             "samples to a recognition model's training set buys.", "",
-            _table(["classifier trained on", "real val top-1"],
-                   [["real train (ceiling of TSTR)", report["identity"]["real_val_top1"]],
-                    ["generated only (TSTR)", tstr.get("top1")],
+            _table(["classifier trained on", "real val top-1 [95 % interval]"],
+                   [["real train (ceiling of TSTR)", _ci(report["identity"]["real_val_top1"],
+                                                         report["identity"].get("real_val_top1_ci"))],
+                    ["generated only (TSTR)", _ci(tstr.get("top1"), tstr.get("top1_ci"))],
                     [f"real train + {aug.get('generated_images', 0)} accepted generated (augmentation)",
                      aug.get("with_generated_top1")],
-                    ["augmentation gain", aug.get("gain")],
+                    ["augmentation gain (paired bootstrap over real val)", _ci(aug.get("gain"), aug.get("gain_ci"))],
                     ["chance", ds["chance"]]]),
-            *[f"\n{note}" for note in (tstr.get("note"), aug.get("note")) if note], ""]
+            # The caption above says what each row is; a block's note adds only why a number is missing.
+            *[f"\n{block['note']}" for block, key in ((tstr, "top1"), (aug, "gain"))
+              if block.get("note") and (block.get(key) is None or block.get("generated_images") == 0)], ""]
 
 
 def _per_user_section(report: dict) -> list[str]:
@@ -220,9 +235,18 @@ def _per_user_section(report: dict) -> list[str]:
                      kid["per_user"][n]["generated"], gen.get("precision"), gen.get("recall"),
                      report["diversity"]["per_user"][n]["ratio"], memo["per_user"][n],
                      report["export"]["per_user"].get(n) if report["export"].get("enabled") else None])
-    return ["## Per user", "",
-            _table(["user", "train", "val", "gen", "val top-1", "gen top-1", "FD val", "FD gen", "KID gen",
-                    "precision", "recall", "diversity ratio", "copy rate", "exported"], rows), ""]
+    header = ["user", "train", "val", "gen", "val top-1", "gen top-1", "FD val", "FD gen", "KID gen",
+              "precision", "recall", "diversity ratio", "copy rate", "exported"]
+    # A column with no value for any user (per-user FD/KID/PR below --min_user_samples, no export) is left
+    # out and named once, rather than shown as a column of n/a.
+    empty = [j for j in range(len(header)) if all(row[j] is None for row in rows)]
+    keep = [j for j in range(len(header)) if j not in empty]
+    lines = ["## Per user", "", _table([header[j] for j in keep], [[row[j] for j in keep] for row in rows]), ""]
+    if empty:
+        lines += [f"Not shown, no value for any user: {', '.join(header[j] for j in empty)} (per-user FD, KID, "
+                  f"precision and recall need at least --min_user_samples {report['inputs']['min_user_samples']} "
+                  "train and generated images per user; exported counts need --export_dir).", ""]
+    return lines
 
 
 def _export_section(report: dict) -> list[str]:

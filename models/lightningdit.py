@@ -342,6 +342,18 @@ class LightningDiT(nn.Module):
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Forward pass of LightningDiT: the velocity at (x_t, t) for class y.
+
+        x: (N, C, H, W) float latents on the flow path, C = in_channels, H = W = input_size (a multiple of
+           patch_size); stage 2 feeds them normalised per channel (about mean 0, std 1: latent_stats).
+           float32, or bf16/fp16 under autocast.
+        t: (N,) float flow time in [0, 1]: 0 is pure noise, 1 is data (models/transport.py).
+        y: (N,) int64 class indices in [0, num_classes]; num_classes is the null class (guidance). In training
+           mode a share class_dropout_prob of the labels is replaced by the null class.
+        Returns (N, C, H, W) velocity (x1 - x0 at the optimum), float32 (the autocast dtype under autocast);
+        with learn_sigma only the first C of the 2C output channels. Raises IndexError for a label outside
+        [0, num_classes] and RuntimeError for a spatial size other than input_size (the token grid is fixed).
+        """
         x = self.x_embedder(x) + self.pos_embed.to(x.dtype)
         c = self.t_embedder(t) + self.y_embedder(y, self.training)
         for block in self.blocks:

@@ -31,7 +31,12 @@ def sample_timesteps(n: int, kind: str = "uniform", device: torch.device | str =
 
 def flow_matching_loss(model: Callable, x1: torch.Tensor, y: torch.Tensor, t: torch.Tensor,
                        noise: torch.Tensor, cosine_weight: float = 0.0) -> torch.Tensor:
-    """Per-sample loss: MSE between predicted and true velocity (+ optional 1 - cos over channels)."""
+    """Per-sample loss: MSE between predicted and true velocity (+ optional 1 - cos over channels).
+
+    model: (x_t, t, y) -> velocity, e.g. LightningDiT.forward. x1: (N, C, H, W) data latents (normalised);
+    noise: x0, same shape, standard normal; t: (N,) float in [0, 1] (sample_timesteps); y: (N,) int64 labels.
+    Returns (N,) float32 losses, >= 0 (the cosine term adds at most 2 * cosine_weight); the caller averages.
+    """
     t_ = t.view(-1, *([1] * (x1.dim() - 1)))
     x_t = t_ * x1 + (1 - t_) * noise
     target = x1 - noise
@@ -52,7 +57,9 @@ def guided_velocity(model: Callable, y: torch.Tensor, null_class: int, scale: fl
     """v = v_u + w (v_c - v_u) on all channels, cond and uncond in one batched forward.
 
     Guidance is applied only where t >= interval_start; before that the conditional model alone runs
-    (half the cost), as in the reference's guidance interval.
+    (half the cost), as in the reference's guidance interval. y: (N,) int64 labels; null_class: the
+    unconditional label (the model's num_classes); scale w: 1 is no guidance. Returns a VelocityFn taking
+    x (N, C, H, W) and t (a 0-d or (N,) float in [0, 1]) and giving a float32 velocity of x's shape.
     """
     null = torch.full_like(y, null_class)
     both = torch.cat([y, null])
@@ -96,6 +103,12 @@ class CountedVelocity:
 def sample_ode(velocity: VelocityFn, x0: torch.Tensor, num_steps: int, sampler: str, shift: float,
                atol: float = 1e-6, rtol: float = 1e-3, restart_at: float | None = None) -> torch.Tensor:
     """Integrate dx/dt = v(x, t) from noise x0 at t=0 to data at t=1 (the CLI defaults are DEFAULT_*).
+
+    velocity: (x, t) -> v, t a 0-d float tensor in [0, 1] (guided_velocity). x0: (N, C, H, W) standard normal
+    noise. num_steps: steps of the time_grid (ignored by the adaptive dopri5, which stops at atol/rtol);
+    model evaluations are num_steps for euler and ab2, 2 * num_steps - 1 for heun. Returns (N, C, H, W)
+    float32 latents at t = 1, in the normalised latent space the model was trained in.
+    Raises ValueError for an unknown sampler or shift <= 0, RuntimeError for dopri5 without torchdiffeq.
 
     restart_at: a time where v changes abruptly (the start of a guidance interval). AB2 starts afresh at
     the first step with t >= restart_at instead of extrapolating across it from the other field's velocity.

@@ -215,10 +215,21 @@ class VAVAE(nn.Module):
         return mean, logvar.clamp(-30.0, 20.0)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """The posterior mean: deterministic, and the posterior is narrow enough that it is what matters."""
+        """Images -> latents: the posterior mean (deterministic; the posterior is narrow enough that it is what
+        matters).
+
+        x: (N, in_channels, H, W) float images in [-1, 1] (common.pixels.to_float of uint8), H and W multiples
+           of downsample_factor (16 for f16d32). float32, or bf16/fp16 under autocast.
+        Returns (N, embed_dim, H / f, W / f) raw (unnormalised) latents, f = downsample_factor, in x's dtype.
+        Raises RuntimeError for a channel count other than in_channels.
+        """
         return self.encode_posterior(x)[0]
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents -> images. z: (N, embed_dim, h, w) raw latents (undo stage 1's normalisation first:
+        z * latent_std + latent_mean). Returns (N, out_channels, h * f, w * f) float images, nominally in
+        [-1, 1] but not clamped (common.pixels.to_uint8 clamps). Raises RuntimeError for a channel count other
+        than embed_dim."""
         return self.decoder(self.post_quant_conv(z))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

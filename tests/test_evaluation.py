@@ -17,8 +17,10 @@ from common.errors import PipelineError  # noqa: E402
 from data.images import scan_dataset  # noqa: E402
 from evaluation import classifier as clf  # noqa: E402
 from evaluation import metrics as M  # noqa: E402
-from evaluation.evaluate import accepted_samples, evaluate, export_dataset  # noqa: E402
+from evaluation.evaluate import evaluate  # noqa: E402
+from evaluation.export import accepted_samples, export_dataset  # noqa: E402
 from evaluation.imageset import load_set  # noqa: E402
+from evaluation.intervals import wilson_interval  # noqa: E402
 from helpers import make_dataset  # noqa: E402
 
 SIZE = 32
@@ -154,6 +156,48 @@ def test_augmentation_adds_accepted_samples_to_real_train(runs):
     assert aug["gain"] == pytest.approx(aug["with_generated_top1"] - aug["real_only_top1"])
     md = (runs["root"] / "out_good" / "report.md").read_text()
     assert "augmentation gain" in md and runs["noise"]["augmentation"]["with_generated_top1"] is None
+
+
+def test_headline_numbers_carry_intervals_that_contain_them(runs):
+    good = runs["good"]
+    ident, tstr, aug = good["identity"], good["tstr"], good["augmentation"]
+    n_gen, n_val = len(USERS) * N_HELD_OUT, len(USERS) * N_VAL
+    assert (ident["n_generated"], ident["n_real_val"]) == (n_gen, n_val)
+    for value, interval in ((ident["generated_top1"], ident["generated_top1_ci"]),
+                            (ident["real_val_top1"], ident["real_val_top1_ci"]),
+                            (tstr["top1"], tstr["top1_ci"]), (aug["gain"], aug["gain_ci"])):
+        assert interval[0] <= value <= interval[1]
+    # The Wilson interval of exactly the counts the report scored.
+    assert ident["generated_top1_ci"] == pytest.approx(
+        wilson_interval(round(ident["generated_top1"] * n_gen), n_gen), abs=1e-12)
+    lo, hi = ident["relative_to_ceiling_ci"]
+    assert 0 <= lo <= hi and good["intervals"]["level"] == 0.95
+    md = (runs["root"] / "out_good" / "report.md").read_text()
+    assert f"[{ident['generated_top1_ci'][0]:.3f}, {ident['generated_top1_ci'][1]:.3f}]" in md
+
+
+def test_report_md_shows_no_empty_columns_no_top5_of_few_users_no_repeated_captions(runs):
+    from evaluation.report import render_markdown
+    good_md = (runs["root"] / "out_good" / "report.md").read_text()
+    assert "| top-5 |" not in good_md                    # 4 users: top-5 is near 1 for any image
+    # The table's caption says what TSTR and augmentation are; their notes are not repeated under it.
+    assert "\n" + runs["good"]["tstr"]["note"] + "\n" not in good_md
+    assert runs["good"]["augmentation"]["note"] not in good_md
+    noise_md = (runs["root"] / "out_noise" / "report.md").read_text()
+    assert "exported |" not in noise_md and "Not shown, no value for any user: exported" in noise_md
+    assert "skipped (tstr=False)" in noise_md          # a missing number still says why
+    # Too few samples per user for per-user FD/KID/PR: one line instead of columns of n/a.
+    report = json.loads((runs["root"] / "out_good" / "report.json").read_text())
+    for n in report["fd"]["per_user"]:
+        report["fd"]["per_user"][n] = {"generated": None, "real_val": None}
+        report["kid"]["per_user"][n] = {"generated": None, "real_val": None}
+        report["manifold"]["per_user"][n] = {"generated": None, "real_val": None}
+    md = render_markdown(report)
+    per_user = md.split("## Per user")[1]
+    assert "n/a" not in per_user.split("\n\n")[1]
+    assert "Not shown, no value for any user: FD val, FD gen, KID gen, precision, recall" in per_user
+    report["dataset"]["num_users"] = 12
+    assert "| top-5 |" in render_markdown(report)
 
 
 def test_export_is_a_ready_dataset(runs):
@@ -381,3 +425,72 @@ def test_tokenizer_reconstructions_are_scored_like_real_val(dataset, tmp_path, m
     assert perfect["identity"]["tokenizer_reconstructions"]["psnr_db"] > 100
     with pytest.raises(PipelineError, match="--vavae_path not found"):
         evaluate(root / "data", dirs["held_out"], tmp_path / "x", vavae_path=tmp_path / "missing.pt", **fast)
+
+
+#################################################################################
+#                      Intervals and comparing two runs                         #
+#################################################################################
+
+def test_wilson_interval_known_values_and_narrows_with_n():
+    # Wilson score intervals at 95 % as scipy.stats.binomtest(k, n).proportion_ci(method="wilson") gives them, to 4 digits.
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(81, 263) == pytest.approx((0.2553, 0.3662), abs=1e-4)
+    assert wilson_interval(0, 0) is None
+    widths = [hi - lo for lo, hi in (wilson_interval(3 * n // 10, n) for n in (10, 40, 160, 640))]
+    assert all(a > b for a, b in zip(widths, widths[1:]))
+    # At large n the width is the normal one, 2 z sqrt(p (1 - p) / n): 4x the images, half the width.
+    assert widths[-2] / widths[-1] == pytest.approx(2.0, rel=0.02)
+    with pytest.raises(ValueError):
+        wilson_interval(11, 10)
+
+
+def test_bootstrap_intervals_are_seeded_and_centred():
+    from evaluation.intervals import paired_difference_interval, ratio_interval
+    rng = np.random.default_rng(0)
+    before = rng.random(200) < 0.5
+    assert paired_difference_interval(before, before) == (0.0, 0.0)         # the same verdicts: no gain at all
+    after = before | (rng.random(200) < 0.3)                                 # only ever fixes mistakes
+    lo, hi = paired_difference_interval(after, before, seed=1)
+    assert 0 < lo <= (after.mean() - before.mean()) <= hi
+    assert paired_difference_interval(after, before, seed=1) == (lo, hi)    # fixed seed, same interval
+    gen, val = rng.random(120) < 0.3, rng.random(60) < 0.9
+    lo, hi = ratio_interval(gen, val)
+    assert lo < gen.mean() / val.mean() < hi and hi - lo < 0.4
+
+
+def _report(generated: float, interval: list[float]) -> dict:
+    return {"identity": {"generated_top1": generated, "generated_top1_ci": interval}}
+
+
+def test_compare_says_within_noise_for_overlap_and_differs_for_separated(tmp_path, capsys):
+    from evaluation.compare import compare, main
+    base = _report(0.30, [0.22, 0.39])
+    assert compare(base, _report(0.36, [0.28, 0.45]))[0]["verdict"] == "within noise"
+    assert compare(base, _report(0.55, [0.46, 0.64]))[0]["verdict"] == "differs"
+    assert compare(base, {"identity": {"generated_top1": 0.5}})[0]["verdict"] == "no interval"   # an older report
+    (tmp_path / "a.json").write_text(json.dumps(base))
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "report.json").write_text(json.dumps(_report(0.55, [0.46, 0.64])))
+    main([str(tmp_path / "a.json"), str(tmp_path / "b")])
+    out = capsys.readouterr().out
+    assert "0.300 [0.220, 0.390]" in out and "0.550 [0.460, 0.640]" in out and "differs" in out
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "a.json"), str(tmp_path / "missing.json")])
+    assert exit_info.value.code == 2 and "missing.json not found" in capsys.readouterr().err
+
+
+def test_stage4_compare_to_prints_both_runs(runs, monkeypatch, tmp_path, capsys):
+    import evaluation.evaluate
+    import stage4_evaluate
+    root = runs["root"]
+    monkeypatch.setattr(evaluation.evaluate, "evaluate", lambda *a, **kw: runs["noise"])   # the run itself is tested above
+    stage4_evaluate.main(["--data_dir", "d", "--generated_dir", "g", "--output_dir", "o",
+                          "--compare_to", str(root / "out_good")])
+    out = capsys.readouterr().out
+    line = next(l for l in out.splitlines() if l.startswith("identity: generated top-1"))
+    assert line.endswith("differs")          # held-out real images vs noise: far beyond the noise of 24 samples
+    with pytest.raises(SystemExit) as exit_info:     # a wrong path fails before any work
+        stage4_evaluate.main(["--data_dir", "d", "--generated_dir", "g", "--output_dir", "o",
+                              "--compare_to", str(tmp_path / "none.json")])
+    assert exit_info.value.code == 2

@@ -6,8 +6,8 @@ import stage2_train_dit
 from common.errors import PipelineError
 from common.io import save_safetensors
 from helpers import TINY_DIT_MODEL_FLAGS, USERS, make_module, tiny_dit, write_malicious
-from training.init_from import (CLASS_TABLE, initialise_from, load_pretrained, partial_trainable,
-                                resize_class_table, suggest_flags)
+from training.finetune import partial_trainable
+from training.init_from import CLASS_TABLE, initialise_from, load_pretrained, resize_class_table, suggest_flags
 
 
 def test_reads_published_layout_and_prefers_ema(published):
@@ -34,6 +34,20 @@ def test_reads_other_layouts(tmp_path, published):
         got = load_pretrained(tmp_path / name).state
         assert set(got) == set(ema), name
         assert all(torch.equal(got[k], ema[k]) for k in ema), name
+
+
+@pytest.mark.parametrize("wrap", ["model._orig_mod.{}", "ema._orig_mod.{}", "state_dict.ema.module._orig_mod.{}",
+                                  "_orig_mod.module.{}"])
+def test_wrapper_segments_are_stripped_at_any_depth(tmp_path, published, wrap):
+    """A Lightning module whose DiT was torch.compile'd saves `model._orig_mod.*`: the segment sits under
+    `model.`/`ema.`, not at the front of the key, and was missed ("holds no LightningDiT weights")."""
+    _, _, ema = published
+    save = save_safetensors if wrap.startswith("state_dict.") else torch.save
+    path = tmp_path / ("w.safetensors" if save is save_safetensors else "w.pt")
+    save({wrap.format(k): v for k, v in ema.items()}, path)
+    got = load_pretrained(path).state
+    assert set(got) == set(ema)
+    assert all(torch.equal(got[k], ema[k]) for k in ema)
 
 
 def test_not_a_dit_is_a_clear_error(tmp_path):

@@ -6,8 +6,8 @@ import torch
 import run_complete_pipeline
 import stage2_train_dit
 from common.errors import PipelineError
-from training.init_from import apply_finetune
-from training.lora import HalfPrecisionBase, apply_lora
+from training.callbacks import HalfPrecisionBase
+from training.finetune import apply_finetune, apply_lora
 from training.memory import estimate_memory, measured_peak, setup_from_args
 from training.cli import training_options
 from training.train_dit import build_module
@@ -101,3 +101,17 @@ def test_cuda_training_refused_before_anything_is_built(latents16, tmp_path, mon
         stage2_train_dit.main.__wrapped__(["--latent_dir", str(latents16), "--output_dir", str(tmp_path / "o"),
                                            "--model", "LightningDiT-XL/1", "--precision", "16-mixed"])
     assert not (tmp_path / "o").exists()
+
+
+def test_memory_estimate_imports_no_lightning():
+    """The estimate runs before anything is built (and from --check_memory): it must not pay for Lightning's
+    import, which it used to pull in through training.lora only for a layer-name rule."""
+    import subprocess
+    import sys
+    code = ("import sys\n"
+             "from models.lightningdit import model_config\n"
+             "from training.memory import TrainingSetup, estimate_memory\n"
+             "estimate_memory(TrainingSetup(model_config('LightningDiT-S/2', 4), 8, 'bf16-mixed', finetune='lora'))\n"
+             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pytorch_lightning', 'lightning', 'peft')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -5,22 +5,14 @@ on ImageNet in the same VA-VAE f16d32 latent space this pipeline uses, so everyt
 transfers: the table is rebuilt for this data set's users (+ the null row for guidance), every other weight is
 kept, and the EMA starts from the loaded weights.
 
-Fine-tuning modes (`--finetune`):
-  full     train every weight (the default). Use it when there are more than a few dozen images per user or
-           the spectrograms look little like ImageNet (the usual case). With few images, add
-           `--backbone_lr_scale 0.1` (blocks learn 10x slower) to keep the pretrained features from drifting.
-  partial  freeze the transformer blocks; train only the adaLN modulation layers, the embedders (t, y, x)
-           and the final layer (34 % of an XL/1's weights: the adaLN layers are a third of every block).
-           Use it with very little data (tens of images per user) or to get a first model quickly; it fits
-           faster, over-fits less, but cannot adapt the attention/MLP features to micro-Doppler structure.
-  lora     partial + low-rank adapters on every block's attention and MLP projections (training/lora.py);
-           the frozen base stays in half precision on a GPU: the published XL/1 fits a 16 GB card.
+What trains afterwards (`--finetune full | partial | lora`) is training/finetune.py's business.
 
 Accepted files (always read with weights_only=True, so a pickle that would run code is refused):
   - the published layout: a torch pickle with `model`, `ema`, `opt`, `config` (the EMA weights are used);
   - a flat LightningDiT state dict, or one under a `state_dict` key, in a torch or a .safetensors file;
   - this project's own stage 2 checkpoints (`pipeline` key; EMA weights under `state_dict` as `ema.*`);
-  a `module.` (DDP) or `_orig_mod.` (torch.compile) prefix is stripped everywhere.
+  the `module.` (DDP) and `_orig_mod.` (torch.compile) segments that wrappers add are removed wherever they
+  occur in a key (`model._orig_mod.blocks.0...` of a Lightning module whose DiT was compiled included).
 """
 import re
 import zipfile
@@ -29,21 +21,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn as nn
 
 from common.errors import PipelineError
 from common.io import load_safetensors, require_file, torch_load_weights
 from models.checkpoint import merge_lora_state
 from models.lightningdit import LightningDiT, LightningDiT_models
+from training.finetune import GRID_TABLES, apply_finetune, apply_lora
 
 WHAT = "LightningDiT weights (--init_from): a published checkpoint, a state dict or a stage 2 checkpoint"
 CLASS_TABLE = "y_embedder.embedding_table.weight"
-# Fixed tables that are pure functions of the token grid (not learned): recomputed when the grid differs.
-GRID_TABLES = {"pos_embed": 1, "feat_rope.freqs_cos": 0, "feat_rope.freqs_sin": 0}   # key -> token axis
-# Prefixes that wrappers add to every key: DDP's `module.`, torch.compile's `_orig_mod.`.
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-# What `--finetune partial` trains: conditioning and input/output layers; the blocks' attention/MLP stay frozen.
-PARTIAL_TRAINABLE_PREFIXES = ("x_embedder.", "t_embedder.", "y_embedder.", "final_layer.")
+# Key segments that wrappers add: DDP's `module.`, torch.compile's `_orig_mod.`; at any depth, since a
+# Lightning module nests its (compiled) DiT under `model.`/`ema.`. LightningDiT names no layer `module`.
+WRAPPER_SEGMENT = re.compile(r"(?:^|(?<=\.))(?:module|_orig_mod)\.")
 # Share of the pretrained table's std used as noise on the new user rows (see resize_class_table).
 USER_ROW_NOISE = 0.1
 
@@ -94,16 +83,12 @@ def load_pretrained(path: str | Path) -> PretrainedWeights:
 
 
 def strip_prefixes(obj: Any) -> Any:
-    """Remove DDP/compile prefixes from the keys of every (nested) dict."""
+    """Remove the DDP/compile segments (`module.`, `_orig_mod.`) wherever they occur in the keys of every
+    (nested) dict: `module._orig_mod.x`, `model._orig_mod.x` and `model.module.x` all become `x` / `model.x`."""
     if not isinstance(obj, dict):
         return obj
-    out = {}
-    for key, value in obj.items():
-        if isinstance(key, str):
-            while key.startswith(WRAPPER_PREFIXES):
-                key = key.split(".", 1)[1]
-        out[key] = strip_prefixes(value)
-    return out
+    return {WRAPPER_SEGMENT.sub("", key) if isinstance(key, str) else key: strip_prefixes(value)
+            for key, value in obj.items()}
 
 
 def _pick_state(tensors: dict[str, Any]) -> tuple[dict[str, torch.Tensor], str]:
@@ -263,31 +248,6 @@ def resize_class_table(table: torch.Tensor, num_users: int, keep: dict[int, int]
 
 
 #################################################################################
-#                                Fine-tune modes                                #
-#################################################################################
-
-def partial_trainable(name: str) -> bool:
-    """True for what `--finetune partial` trains: adaLN layers, the t/y/x embedders and the final layer."""
-    return name.startswith(PARTIAL_TRAINABLE_PREFIXES) or ".adaLN_modulation." in name
-
-
-def apply_finetune(model: nn.Module, finetune: str) -> tuple[int, int]:
-    """Set requires_grad for the mode; returns (trainable, total) parameter counts.
-
-    The fixed pos_embed stays frozen in both modes. DiTTrainingModule.param_groups skips frozen parameters,
-    so the optimizer only ever sees (and keeps Adam state for) the trainable ones.
-    """
-    if finetune not in ("full", "partial"):
-        raise PipelineError(f"--finetune must be 'full' or 'partial', not '{finetune}'")
-    for name, p in model.named_parameters():
-        if name in GRID_TABLES:
-            continue
-        p.requires_grad_(finetune == "full" or partial_trainable(name))
-    total = sum(p.numel() for p in model.parameters())
-    return sum(p.numel() for p in model.parameters() if p.requires_grad), total
-
-
-#################################################################################
 #                                  Entry point                                  #
 #################################################################################
 
@@ -314,7 +274,6 @@ def initialise_from(module, path: str | Path, finetune: str = "full", log: Calla
     # The EMA must start at the loaded weights: from random init it would take ~1/(1-decay) steps to forget.
     module.ema.load_state_dict(model.state_dict())
     if finetune == "lora":
-        from training.lora import apply_lora
         trainable, total = apply_lora(module, lora_rank, lora_alpha)
     else:
         trainable, total = apply_finetune(model, finetune)

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from models.lightningdit import LightningDiT, LightningDiT_models, model_config
+from training.finetune import GRID_TABLES, is_lora_target, partial_trainable
 
 GB = 1e9
 F32 = 4
@@ -96,8 +97,6 @@ class ParamCounts:
 
 
 def count_parameters(setup: TrainingSetup) -> ParamCounts:
-    from training.init_from import GRID_TABLES, partial_trainable
-    from training.lora import is_lora_target
     model = meta_model(setup.model_config)
     counts = ParamCounts()
     lora = setup.finetune == "lora"

@@ -107,7 +107,7 @@ def train(args: TrainOptions, log=print, callbacks: Sequence[pl.Callback] = ()) 
         saved = checkpoint_info(previous)
         check_same_model(saved.model_config, module.info.model_config, last)
         check_same_data(saved, module.info, last)
-        from training.lora import check_same_lora
+        from training.finetune import check_same_lora
         check_same_lora(saved.lora, module.info.lora, last)
         log(f"resuming from {last} at step {previous['global_step']} (same command as before; "
             "pass --restart to start over)")
@@ -123,7 +123,7 @@ def train(args: TrainOptions, log=print, callbacks: Sequence[pl.Callback] = ()) 
     loggers = [csv_logger, TensorBoardLogger(out, name="lightning_logs", version="tensorboard")]
     callbacks = [every, best, progress_callback(), KeepMetricsHistory(csv_logger), *callbacks]
     if args.finetune == "lora":
-        from training.lora import HalfPrecisionBase
+        from training.callbacks import HalfPrecisionBase
         callbacks.append(HalfPrecisionBase())
     devices = args.devices
     distributed = devices * args.num_nodes > 1

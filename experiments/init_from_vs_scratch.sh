@@ -34,7 +34,7 @@ for run in $RUNS; do
 done
 modes=$(echo $RUNS | tr ' ' '\n' | sed 's/^init$/full/' | grep -v scratch | paste -sd, || true)
 if [ -n "$modes" ]; then   # the demo's stage 2 flags (configs/demo.yaml)
-  $PY benchmarks/bench_finetune_modes.py --modes $modes --json_out $OUT/modes.json --latent_dir $OUT/$first/latent_features \
+  $PY experiments/finetune_modes_cost.py --modes $modes --json_out $OUT/modes.json --latent_dir $OUT/$first/latent_features \
       --init_from $INIT --model LightningDiT-S/2 --depth 4 --hidden_size 192 --num_heads 3 --batch_size 32 \
       --lr 0.0005 --precision 32-true --ema_decay 0.998 --accelerator cpu
 fi

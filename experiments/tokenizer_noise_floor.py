@@ -4,7 +4,7 @@ without receiver noise (same person, same jitter), and a tokenizer's reconstruct
 A latent 24x smaller than the image cannot carry per-pixel noise, so the noise-free rendering bounds what a
 tokenizer that reproduces the signal exactly would score on the noisy image.
 
-    python benchmarks/noise_floor.py [--tokenizer assets/demo_vavae.safetensors] [--images 60]
+    python experiments/tokenizer_noise_floor.py [--tokenizer assets/demo_vavae.safetensors] [--images 60]
 """
 import argparse
 import dataclasses

@@ -4,7 +4,7 @@ Writes (once, into --work_dir) the demo's own val images (6 people, seed 0, as `
 images of people no tokenizer trained on, and the unseen look of data/unseen_look.py; then prints and saves
 the mean per-image PSNR of each tokenizer on each set.
 
-    python benchmarks/tokenizer_looks.py --work_dir /tmp/looks assets/demo_vavae.safetensors other.safetensors
+    python experiments/tokenizer_psnr_per_look.py --work_dir /tmp/looks assets/demo_vavae.safetensors other.safetensors
 """
 import argparse
 import contextlib

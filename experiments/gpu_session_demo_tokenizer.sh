@@ -4,7 +4,8 @@
 # Everything lands in $OUT.
 #   TOKENIZER_MINUTES (default 5) bounds the tokenizer training; SHRINK=1 makes a seconds-long CPU dry run.
 set -u
-OUT=${OUT:-./gpu_out}; mkdir -p "$OUT"
+OUT=${OUT:-./gpu_out}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.."   # the repository root: the scripts below are named from there
 export PYTHONUNBUFFERED=1
 SIM=/tmp/sim_tokenizer
 MIN=${TOKENIZER_MINUTES:-5}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Does training on crops hurt full-frame PSNR? Fine-tunes the demo tokenizer on the demo's own data for the same
 # wall time with 64-px crops, 128-px crops and full frames (batch 32, lr 2e-4), each measured on the 60 full
-# held-out images (results: benchmarks/results/tokenizer_crops_cpu.json).   Usage: benchmarks/tokenizer_crops.sh WORK_DIR [MINUTES]
+# held-out images (results: experiments/results/tokenizer_crops_cpu.json).   Usage: experiments/do_crops_hurt_tokenizer.sh WORK_DIR [MINUTES]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work=${1:?work folder}; minutes=${2:-4}

@@ -3,19 +3,22 @@
 A step is a Lightning training step's work: DiTTrainingModule.training_step, backward, the module's
 AdamW, its EMA update, zero_grad (CPU: process CPU time per step, one thread, median).
 
-Example (after benchmarks/init_from_experiment.sh):
-    python benchmarks/bench_finetune_modes.py --latent_dir OUT/init/latent_features \
+Example (after experiments/init_from_vs_scratch.sh, which also runs this with RUNS="init partial lora"):
+    python experiments/finetune_modes_cost.py --latent_dir OUT/init/latent_features \
         --init_from OUT/pretrain/trained_models/checkpoints/best.ckpt --config configs/demo.yaml --json_out x.json
 """
 import argparse
+import sys
 import warnings
+from pathlib import Path
 
 import torch
 
-from harness import environment, median, print_table, setup_device, time_steps, write_json
-from training.init_from import initialise_from
-from training.cli import training_options
-from training.train_dit import build_module
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))   # the timing harness (it adds the repo root)
+from harness import environment, median, print_table, setup_device, time_steps, write_json  # noqa: E402
+from training.init_from import initialise_from  # noqa: E402
+from training.cli import training_options  # noqa: E402
+from training.train_dit import build_module  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*self.log.*")   # the module is stepped without a Trainer
 

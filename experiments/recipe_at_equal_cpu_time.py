@@ -5,9 +5,9 @@ the recipe's flags) through the real orchestrator, samples, and evaluates with s
 measured from the child processes' rusage, so other load on the machine does not count. Guidance scales are
 compared on the base recipe's checkpoint. Every run samples --num_samples_per_user images per person (12 by
 default, twice the demo's 6: identity on 36 samples moves by +-0.1 from draw to draw).
-Writes benchmarks/results/recipe_experiment.json and prints a table.
+Writes experiments/results/recipe_experiment.json and prints a table.
 
-    python benchmarks/recipe_experiment.py --work_dir /tmp/recipe [--recipes base logit_normal ...]
+    python experiments/recipe_at_equal_cpu_time.py --work_dir /tmp/recipe [--recipes base logit_normal ...]
 """
 import argparse
 import json
@@ -77,7 +77,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work_dir", required=True)
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
-    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "recipe_experiment.json"))
+    parser.add_argument("--output", default=str(ROOT / "experiments" / "results" / "recipe_experiment.json"))
     parser.add_argument("--num_samples_per_user", type=int, default=12)
     args = parser.parse_args()
     work = Path(args.work_dir).resolve()

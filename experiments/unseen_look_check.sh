@@ -2,7 +2,7 @@
 # The maintainer's check of issue 12 on a look no tokenizer here was trained on (data/unseen_look.py: 6 people,
 # 40 train + 10 val each): fine-tune the demo tokenizer for 10 minutes on the train images, then LightningDiT-S/2
 # for 60 epochs, 10 samples per person, stage 4. Extra arguments go to the pipeline (e.g. --lr 5e-4).
-#   Usage: benchmarks/unseen_look_check.sh WORK_DIR [pipeline flags...]
+#   Usage: experiments/unseen_look_check.sh WORK_DIR [pipeline flags...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work=${1:?work folder}; shift
