@@ -9,6 +9,7 @@ A finished stage leaves a marker with its arguments and a fingerprint of the fil
 its arguments, those files and the stage before it are unchanged (a redone stage 1 redoes 2, 3 and 4).
 """
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -156,13 +157,19 @@ def fingerprint(path: Path, previous: dict[str, Any] | None = None) -> dict[str,
                 count += 1
         return {"images": count, "digest": digest.hexdigest()}
     if path.is_file():
-        from common.io import file_sha256
         stat = path.stat()
         stamp = [stat.st_size, stat.st_mtime_ns]
         if previous and previous.get("stamp") == stamp and "sha256" in previous:
             return previous
-        return {"stamp": stamp, "sha256": file_sha256(path)}
+        return {"stamp": stamp, "sha256": _sha256(str(path.resolve()), *stamp)}
     return {"missing": True}
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    """file_sha256, once per file version in this process (stages 1, 3 and 4 all read the tokenizer)."""
+    from common.io import file_sha256
+    return file_sha256(path)
 
 
 def input_fingerprints(argv: list[str], recorded: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
