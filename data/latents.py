@@ -294,7 +294,8 @@ def load_latents(latent_dir: str | Path, split: str, log=print) -> tuple[torch.T
                             "train latents of those users.")
     numbers = present.tolist()
     if split == "train" and numbers != list(range(len(numbers))):
-        log(f"note: {latent_dir / 'train.safetensors'} names no users; its user ids {numbers} become classes "
+        shown = ", ".join(map(str, numbers[:10])) + (", ..." if len(numbers) > 10 else "")
+        log(f"note: {latent_dir / 'train.safetensors'} names no users; its user ids ({shown}) become classes "
             f"0..{len(numbers) - 1}, named ID_<id> (stage 3 --user_ids takes the ids)")
     return latents, torch.searchsorted(present, user_ids), {**meta, "users": [f"ID_{n}" for n in numbers],
                                                              "user_numbers": numbers}
