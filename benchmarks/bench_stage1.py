@@ -50,7 +50,7 @@ def bench_config(name: str, items, args, device: torch.device) -> dict:
     for _ in range(args.repeats):
         sync(device)
         start = time.perf_counter()
-        latents, *_ = encode_items(vae, items, 256, args.batch_size, args.num_workers, str(device), f"stage1 {name}")
+        latents = encode_items(vae, items, 256, args.batch_size, args.num_workers, str(device), f"stage1 {name}").latents
         sync(device)
         passes.append(time.perf_counter() - start)
     row["end_to_end_img_per_s"] = len(items) / median(passes)

@@ -82,6 +82,7 @@ def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     require_file(path, "safetensors file")
+    refuse_lfs_pointer(path, "a safetensors file")
     try:
         return load_file(str(path)), read_safetensors_metadata(path)
     except Exception as err:  # safetensors raises its own types for corrupt headers
@@ -95,6 +96,7 @@ def torch_load_weights(path: str | os.PathLike, what: str, mmap: bool = False) -
     of which only a part is used (e.g. the EMA weights of a file that also holds the optimizer state).
     """
     require_file(path, what)
+    refuse_lfs_pointer(path, what)
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
@@ -132,3 +134,58 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+#################################################################################
+#                        Several files replaced together                        #
+#################################################################################
+
+STAGING_DIR = ".staging"                  # hidden: scan_dataset never takes it for a user folder
+REPLACING_MARKER = ".replacing.json"      # present only while files move from staging into place
+
+
+@contextlib.contextmanager
+def replaced_together(folder: str | os.PathLike, names: tuple[str, ...]) -> Iterator[Path]:
+    """Yield an empty staging folder inside `folder`; write the files `names` there. When the block succeeds,
+    each is moved into `folder` (os.replace, same file system); when it raises, `folder` is left as it was.
+
+    While the files move, folder/.replacing.json exists: a process killed mid-move leaves it, and
+    interrupted_replace(folder) tells a reader the files may mix two runs.
+    """
+    import shutil
+    folder = Path(folder)
+    staging = folder / STAGING_DIR
+    shutil.rmtree(staging, ignore_errors=True)     # a killed run's leftovers
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        missing = [name for name in names if not (staging / name).is_file()]
+        if missing:
+            raise RuntimeError(f"replaced_together: the block did not write {missing}")
+        write_text(folder / REPLACING_MARKER, json.dumps(list(names)))
+        for name in names:
+            os.replace(staging / name, folder / name)
+        (folder / REPLACING_MARKER).unlink()
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def interrupted_replace(folder: str | os.PathLike) -> bool:
+    """True when a replaced_together() into `folder` stopped while moving its files into place."""
+    return (Path(folder) / REPLACING_MARKER).is_file()
+
+
+LFS_POINTER_PREFIX = b"version https://git-lfs"
+
+
+def refuse_lfs_pointer(path: str | os.PathLike, what: str) -> None:
+    """Raise PipelineError when `path` is a Git LFS pointer (a clone made without git-lfs) instead of `what`."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(LFS_POINTER_PREFIX))
+    except OSError:
+        return      # the loader reports an unreadable file itself
+    if head == LFS_POINTER_PREFIX:
+        raise PipelineError(f"{path} is a Git LFS pointer (a small text file standing in for {what}), not the "
+                            "file itself: run `git lfs pull` in its repository (install git-lfs first), or "
+                            "download the file directly.")

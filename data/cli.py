@@ -14,7 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vavae_path", help="vavae-imagenet256-f16d32-dinov2.pt or a project .safetensors tokenizer")
     p.add_argument("--output_path", help="folder for train.safetensors, val.safetensors, latent_stats.safetensors")
     p.add_argument("--batch_size", type=int, default=32, help="images per encoder batch")
-    p.add_argument("--image_size", type=int, default=256, help="centre-crop size (ADM preprocessing)")
+    p.add_argument("--image_size", type=int, default=256, help="centre-crop size (ADM preprocessing; a non-square image keeps the centre of its long side)")
     p.add_argument("--num_workers", type=int, default=2, help="image decoding processes")
     p.add_argument("--devices", type=int, default=1, help="GPUs to split the images over")
     p.add_argument("--tokenizer_check_images", type=int, default=48,

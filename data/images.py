@@ -61,11 +61,14 @@ def number_users(names: list[str], log=print) -> dict[str, int]:
     return numbers
 
 
-def scan_dataset(data_dir: str | Path, log=print) -> list[User]:
+def scan_dataset(data_dir: str | Path, log=print, hold_out_val: bool = True) -> list[User]:
     """Find users and their train/val images under `data_dir`, ordered by user number.
 
     Layout A: data_dir/train/<user>/*.png and data_dir/val/<user>/*.png.
     Layout B: data_dir/<user>/*.png, split 80/20 per user with a fixed seed.
+    With no val image at all (an empty val/, or users of 1-2 images in layout B) and hold_out_val, ~20% of each
+    user's train images (at least one, from users with two or more) become val, with a note. Raises
+    PipelineError for a layout it cannot use, saying what to change.
     """
     root = Path(data_dir)
     if not root.is_dir():
@@ -99,7 +102,29 @@ def scan_dataset(data_dir: str | Path, log=print) -> list[User]:
             where = "train/" if (root / "train").is_dir() else str(root)
             raise PipelineError(f"user folder '{user.name}' has no images ({', '.join(IMAGE_EXTENSIONS)}) "
                                 f"in {where}. Add images or remove the folder.")
+    if hold_out_val and not any(u.files["val"] for u in users):
+        _hold_out_val(users, root, log)
     return users
+
+
+def _hold_out_val(users: list[User], root: Path, log=print) -> None:
+    """No val image anywhere (an empty val/, or users of 1-2 images): move a seeded ~20% (at least one) of each
+    user's train images with two or more to val, so stage 2 can validate and stage 4 score unseen images.
+    Every stage calls scan_dataset, so they all see the same split. Raises PipelineError when no user has two."""
+    for user in users:
+        files = user.files["train"]
+        if len(files) >= 2:
+            n_val = max(1, int(round(len(files) * VAL_FRACTION)))
+            shuffled = random.Random(SPLIT_SEED).sample(files, len(files))
+            user.files = {"train": sorted(shuffled[n_val:]), "val": sorted(shuffled[:n_val])}
+    held = sum(len(u.files["val"]) for u in users)
+    if not held:
+        raise PipelineError(f"{root} has no val images and every user has a single image, so nothing can be held "
+                            "out to validate the generator or score it on unseen images. Add a second image to "
+                            "at least one user (in val/ or beside the first).")
+    where = "val/ is empty" if (root / "train").is_dir() else "the 80/20 split left no val image (users of 1-2 images)"
+    log(f"note: {where}; holding out {held} train image(s) as val ({sum(bool(u.files['val']) for u in users)} "
+        f"of {len(users)} users, seed {SPLIT_SEED}). Put images in val/ to choose them yourself.")
 
 
 def _split(files: list[Path]) -> dict[str, list[Path]]:
@@ -114,7 +139,11 @@ def _split(files: list[Path]) -> dict[str, list[Path]]:
 #################################################################################
 
 def center_crop(image: Image.Image, size: int) -> Image.Image:
-    """ADM centre crop: halve with BOX while large, BICUBIC to short side == size, crop the centre."""
+    """ADM centre crop: halve with BOX while large, BICUBIC to short side == size, crop the centre.
+
+    A non-square image keeps the centre of its long side only (of a 40x300 spectrogram, 40 of the 300 px of
+    time): it is cropped, not squeezed, so every image keeps the tokenizer's pixel aspect. Stage 1 notes it.
+    """
     while min(image.size) >= 2 * size:
         image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
     scale = size / min(image.size)
@@ -125,7 +154,11 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
 
 
 def open_rgb(path: Path) -> Image.Image:
-    """Any mode (grey, RGBA, palette, 16-bit) -> RGB; raises OSError/ValueError on a broken file."""
+    """Any mode (grey, RGBA, palette, 16-bit) -> RGB; raises OSError/ValueError on a broken file.
+
+    16-bit and float images are stretched per image, from their own minimum to their own maximum, onto
+    0..255: absolute levels (one recording louder than another) are not kept. Alpha is composited on black.
+    """
     with Image.open(path) as image:
         image.load()
         if image.mode in ("I;16", "I;16B", "I", "F"):
@@ -140,19 +173,43 @@ def open_rgb(path: Path) -> Image.Image:
         return image.convert("RGB")
 
 
+def read_image(path: Path, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(3, size, size) float32 in [-1, 1], the tokenizer's input convention, and the file's (width, height) px."""
+    image = open_rgb(path)
+    arr = np.asarray(center_crop(image, size), dtype=np.float32) / 255.0
+    return torch.from_numpy(arr).permute(2, 0, 1).sub(0.5).div(0.5), image.size
+
+
 def load_image(path: Path, size: int) -> torch.Tensor:
-    """(3, size, size) float32 in [-1, 1], the tokenizer's input convention."""
-    arr = np.asarray(center_crop(open_rgb(path), size), dtype=np.float32) / 255.0
-    return torch.from_numpy(arr).permute(2, 0, 1).sub(0.5).div(0.5)
+    """(3, size, size) float32 in [-1, 1] (read_image without the size)."""
+    return read_image(path, size)[0]
 
 
-def try_load_image(path: Path, size: int) -> torch.Tensor | None:
-    """load_image, but a broken or truncated file gives a warning naming it and None."""
+def try_read_image(path: Path, size: int) -> tuple[torch.Tensor, tuple[int, int]] | None:
+    """read_image, but a broken or truncated file gives a warning naming it and None."""
     try:
-        return load_image(path, size)
+        return read_image(path, size)
     except (OSError, ValueError, SyntaxError) as err:
         warnings.warn(f"skipping unreadable image {path}: {err}", stacklevel=2)
         return None
+
+
+def try_load_image(path: Path, size: int) -> torch.Tensor | None:
+    """try_read_image without the size: the image, or None for a broken file."""
+    read = try_read_image(path, size)
+    return None if read is None else read[0]
+
+
+def crop_note(names: list[str], shapes: list[tuple[int, int]], image_size: int) -> str | None:
+    """A note naming how many images (of `names`, (width, height) each) lose part of their long side to the
+    centre crop, with the worst; None when every image is square."""
+    cut = [(name, shape) for name, shape in zip(names, shapes) if shape[0] != shape[1]]
+    if not cut:
+        return None
+    name, (w, h) = max(cut, key=lambda item: max(item[1]) / min(item[1]))
+    return (f"note: {len(cut)} of {len(names)} images are not square; each is scaled to {image_size} px on its "
+            f"short side and its long side (time, in a spectrogram) centre-cropped: {name} ({w}x{h}) keeps "
+            f"{min(w, h)} of its {max(w, h)} px. Cut long recordings into square windows first to keep all of them.")
 
 
 def load_bank(files: list[Path], size: int, workers: int = 8, log=print) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """Stage 1 logic: encode every image once with the frozen VA-VAE; read the latent files back."""
 import json
 import tempfile
+import uuid
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -10,10 +12,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from common.device import resolve_device
 from common.errors import PipelineError
-from common.io import file_sha256, load_safetensors, require_file, save_safetensors, write_text
+from common.io import (file_sha256, interrupted_replace, load_safetensors, read_safetensors_metadata, replaced_together,
+                       require_file, save_safetensors, write_text)
 from common.progress import progress_bar
-from data.images import User, load_bank, scan_dataset, try_load_image
+from data.images import User, crop_note, load_bank, scan_dataset, try_read_image
 
+STAGE1_FILES = ("train.safetensors", "val.safetensors", "latent_stats.safetensors", "split.json")
+RUN_KEY = "stage1_run"      # the same random id in each of a run's files: a folder mixing two runs is refused
 
 
 #################################################################################
@@ -21,7 +26,7 @@ from data.images import User, load_bank, scan_dataset, try_load_image
 #################################################################################
 
 class ImageList(Dataset):
-    """(image or None, class index, position) for a list of files; broken files give None."""
+    """(image and its (width, height), or None; class index; position) for a list of files; broken files give None."""
     def __init__(self, items: list[tuple[Path, int]], image_size: int):
         self.items, self.image_size = items, image_size
 
@@ -32,53 +37,68 @@ class ImageList(Dataset):
         path, label = self.items[i]
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            image = try_load_image(path, self.image_size)
-        return image, label, i, [str(w.message) for w in caught]
+            read = try_read_image(path, self.image_size)
+        return read, label, i, [str(w.message) for w in caught]
 
 
 def _collate(batch):
     return batch
 
 
+@dataclass
+class Encoded:
+    """The readable files of a list, encoded, in the list's order."""
+    latents: torch.Tensor       # (N, C, h, w) float32
+    labels: torch.Tensor        # (N,) int64 class index
+    positions: torch.Tensor     # (N,) int64 position of each in the list of files
+    shapes: torch.Tensor        # (N, 2) int64 (width, height) of each file, px
+    skipped: list[str]          # the unreadable files
+
+    def files(self, items: list[tuple[Path, int]]) -> list[Path]:
+        """The encoded files, one per latent."""
+        return [items[i][0] for i in self.positions.tolist()]
+
+
 @torch.no_grad()
 def encode_items(vae, items: list[tuple[Path, int]], image_size: int, batch_size: int,
-                 num_workers: int, device: str, desc: str, position: int = 0):
-    """Encode files -> (latents (N,C,h,w) float32, class indices, positions in `items`, skipped files)."""
+                 num_workers: int, device: str, desc: str, position: int = 0) -> Encoded:
+    """Encode the (file, class index) items on one device; unreadable files are skipped with a warning."""
     loader = DataLoader(ImageList(items, image_size), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=_collate, shuffle=False)
-    latents, labels, positions, skipped = [], [], [], []
+    latents, labels, positions, shapes, skipped = [], [], [], [], []
     for batch in progress_bar(loader, desc=desc, unit="batch", position=position, dynamic_ncols=True):
-        good = [(img, lab, i) for img, lab, i, msgs in batch if img is not None]
-        for img, lab, i, msgs in batch:
-            if img is None:
+        good = [(read, lab, i) for read, lab, i, msgs in batch if read is not None]
+        for read, lab, i, msgs in batch:
+            if read is None:
                 skipped.append(str(items[i][0]))
                 for m in msgs:
                     print(f"warning: {m}")
         if not good:
             continue
-        x = torch.stack([g[0] for g in good]).to(device)
+        x = torch.stack([read[0] for read, _, _ in good]).to(device)
         latents.append(vae.encode(x).float().cpu())
-        labels.append(torch.tensor([g[1] for g in good], dtype=torch.int64))
-        positions.append(torch.tensor([g[2] for g in good], dtype=torch.int64))
+        labels.append(torch.tensor([lab for _, lab, _ in good], dtype=torch.int64))
+        positions.append(torch.tensor([i for _, _, i in good], dtype=torch.int64))
+        shapes.append(torch.tensor([read[1] for read, _, _ in good], dtype=torch.int64))
     if not latents:
         empty = torch.empty(0, dtype=torch.int64)
-        return torch.empty(0), empty, empty, skipped
-    return torch.cat(latents), torch.cat(labels), torch.cat(positions), skipped
+        return Encoded(torch.empty(0), empty, empty, torch.empty(0, 2, dtype=torch.int64), skipped)
+    return Encoded(torch.cat(latents), torch.cat(labels), torch.cat(positions), torch.cat(shapes), skipped)
 
 
 def _encode_shard(rank: int, world: int, vavae_path: str, items, image_size, batch_size, num_workers, out_dir: str):
     """One GPU's share of the files (spawned per device); results go to a temporary file."""
     from models.vavae import load_vavae
     vae = load_vavae(vavae_path, device=f"cuda:{rank}")
-    lat, lab, pos, skipped = encode_items(vae, items[rank::world], image_size, batch_size, num_workers,
-                                          f"cuda:{rank}", f"gpu{rank}", position=rank)
+    part = encode_items(vae, items[rank::world], image_size, batch_size, num_workers, f"cuda:{rank}", f"gpu{rank}",
+                        position=rank)
     # Positions back in the full list: shard r holds items r, r + world, ...
-    torch.save({"latents": lat, "labels": lab, "positions": pos * world + rank, "skipped": skipped},
-               Path(out_dir) / f"shard{rank}.pt")
+    part.positions = part.positions * world + rank
+    torch.save(vars(part), Path(out_dir) / f"shard{rank}.pt")
 
 
 def encode_all(vavae_path: str, items: list[tuple[Path, int]], image_size: int, batch_size: int,
-               num_workers: int, devices: int, desc: str):
+               num_workers: int, devices: int, desc: str) -> Encoded:
     """Encode on one device, or split the files over `devices` GPUs (order is kept)."""
     from models.vavae import load_vavae
     n_gpu = torch.cuda.device_count()
@@ -89,15 +109,13 @@ def encode_all(vavae_path: str, items: list[tuple[Path, int]], image_size: int, 
                                         args=(devices, vavae_path, items, image_size, batch_size, num_workers, tmp))
             parts = [torch.load(Path(tmp) / f"shard{r}.pt", weights_only=True) for r in range(devices)]
         order = torch.argsort(torch.cat([p["positions"] for p in parts]))   # back to file order
-        latents = torch.cat([p["latents"] for p in parts])[order]
-        labels = torch.cat([p["labels"] for p in parts])[order]
-        return latents, labels, [s for p in parts for s in p["skipped"]]
+        joined = {key: torch.cat([p[key] for p in parts])[order] for key in ("latents", "labels", "positions", "shapes")}
+        return Encoded(**joined, skipped=[s for p in parts for s in p["skipped"]])
     if devices > 1:
         print(f"note: --devices {devices} asked for but {n_gpu} GPU(s) visible; encoding on one device")
     device = "cuda" if n_gpu else "cpu"
     vae = load_vavae(vavae_path, device=device)
-    latents, labels, _, skipped = encode_items(vae, items, image_size, batch_size, num_workers, device, desc)
-    return latents, labels, skipped
+    return encode_items(vae, items, image_size, batch_size, num_workers, device, desc)
 
 
 def latent_stats(latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,13 +165,19 @@ def check_tokenizer(vavae_path: str, users: list[User], image_size: int, num_ima
     return result
 
 
-def write_split(users: list[User], data_dir: str, path: Path) -> None:
+def relative_to(path: str | Path, root: Path) -> str:
+    """`path` relative to the resolved `root` when inside it, else absolute: how split.json and the latent
+    files name images."""
+    path = Path(path).resolve()
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
+def write_split(users: list[User], data_dir: str, path: Path, run_id: str = "") -> None:
     """split.json: which real images are train (seen by the generator) and which are val, per user."""
     root = Path(data_dir).resolve()
-    split = {u.name: {name: [str(Path(f).resolve().relative_to(root)) if Path(f).resolve().is_relative_to(root)
-                             else str(Path(f).resolve()) for f in u.files.get(name, [])]
-                      for name in ("train", "val")} for u in users}
-    write_text(path, json.dumps({"data_dir": str(root), "users": split}, indent=1))
+    split = {u.name: {name: [relative_to(f, root) for f in u.files.get(name, [])] for name in ("train", "val")}
+             for u in users}
+    write_text(path, json.dumps({"data_dir": str(root), RUN_KEY: run_id, "users": split}, indent=1))
 
 
 #################################################################################
@@ -163,45 +187,69 @@ def write_split(users: list[User], data_dir: str, path: Path) -> None:
 def extract_features(data_dir: str, vavae_path: str, output_path: str, batch_size: int = 32,
                      image_size: int = 256, num_workers: int = 2, devices: int = 1,
                      tokenizer_check_images: int = 48, log=print) -> dict[str, Any]:
-    """Encode data_dir's train/val images; write train/val latents, the train-set stats and split.json."""
+    """Encode data_dir's train/val images; write train/val latents, the train-set stats and split.json.
+
+    The four files are written to a staging folder and moved into output_path together, each carrying this
+    run's id, so a failed run leaves the previous run's files and stage 2 can tell a mixed folder. Raises
+    PipelineError for a dataset it cannot use, a user left without readable images, or non-finite latents.
+    """
     users = scan_dataset(data_dir, log=log)
     require_file(vavae_path, "tokenizer (--vavae_path)")
     from models.vavae import load_vavae
     load_vavae(vavae_path)  # fail fast, before any work, on a wrong or broken file
     tokenizer_sha = file_sha256(vavae_path)
     out = Path(output_path)
-    out.mkdir(parents=True, exist_ok=True)
+    root = Path(data_dir).resolve()
     meta = {
         "users": [u.name for u in users],
         "user_numbers": [u.number for u in users],
         "image_size": image_size,
         "tokenizer": Path(vavae_path).name,
         "tokenizer_sha256": tokenizer_sha,
-        "data_dir": str(Path(data_dir).resolve()),
+        "data_dir": str(root),
+        RUN_KEY: uuid.uuid4().hex,
     }
     log(f"{len(users)} users: " + ", ".join(f"{u.name}->class {i}" for i, u in enumerate(users)))
     if tokenizer_check_images > 0:
         device = str(resolve_device("auto"))
         meta.update(check_tokenizer(vavae_path, users, image_size, tokenizer_check_images, device, log))
-    write_split(users, data_dir, out / "split.json")
     summary: dict[str, Any] = {"users": len(users), **{k: v for k, v in meta.items() if k.startswith("tokenizer_psnr")}}
-    stats = None
-    for split in ("train", "val"):
-        items = [(f, cls) for cls, u in enumerate(users) for f in u.files.get(split, [])]
-        latents, labels, skipped = encode_all(vavae_path, items, image_size, batch_size, num_workers,
-                                              devices, f"stage 1 {split}")
-        _check_users_left(users, labels, split)
-        if split == "train":
-            stats = latent_stats(latents)
-        save_safetensors({"latents": latents, "user_ids": labels}, out / f"{split}.safetensors",
-                         {**meta, "split": split, "num_skipped": len(skipped)})
-        summary[split] = len(labels)
-        summary[f"{split}_skipped"] = len(skipped)
-    save_safetensors({"mean": stats[0], "std": stats[1]}, out / "latent_stats.safetensors", meta)
+    all_names, all_shapes = [], []
+    with replaced_together(out, STAGE1_FILES) as staging:
+        write_split(users, data_dir, staging / "split.json", meta[RUN_KEY])
+        for split in ("train", "val"):
+            items = [(f, cls) for cls, u in enumerate(users) for f in u.files.get(split, [])]
+            encoded = encode_all(vavae_path, items, image_size, batch_size, num_workers, devices, f"stage 1 {split}")
+            _check_users_left(users, encoded.labels, split)
+            names = [relative_to(f, root) for f in encoded.files(items)]
+            check_finite(encoded.latents, names, f"the tokenizer's latents of {split} images in {data_dir}",
+                         "Those images hold extreme values, or the tokenizer file is broken (the tokenizer check "
+                         "above measures it). Remove or re-export those images, or use another --vavae_path; "
+                         f"nothing was written to {out}.")
+            if split == "train":
+                mean, std = latent_stats(encoded.latents)
+            save_safetensors({"latents": encoded.latents, "user_ids": encoded.labels}, staging / f"{split}.safetensors",
+                             {**meta, "split": split, "num_skipped": len(encoded.skipped), "files": names})
+            summary[split] = len(encoded.labels)
+            summary[f"{split}_skipped"] = len(encoded.skipped)
+            all_names += names
+            all_shapes += [tuple(s) for s in encoded.shapes.tolist()]
+        save_safetensors({"mean": mean, "std": std}, staging / "latent_stats.safetensors", meta)
+    note = crop_note(all_names, all_shapes, image_size)
+    if note:
+        log(note)
     log(f"stage 1 done: {summary['train']} train and {summary['val']} val latents of shape "
-        f"{tuple(latents.shape[1:]) if len(latents) else '?'} in {out}; "
+        f"{tuple(encoded.latents.shape[1:])} in {out}; "
         f"{summary['train_skipped'] + summary['val_skipped']} unreadable image(s) skipped")
     return summary
+
+
+def check_finite(latents: torch.Tensor, names: list[str], what: str, advice: str) -> None:
+    """Raise PipelineError naming the rows (by `names`, one per row) of `latents` (N, ...) holding inf or NaN."""
+    bad = (~torch.isfinite(latents.flatten(1))).any(dim=1).nonzero().flatten().tolist() if latents.numel() else []
+    if bad:
+        shown = ", ".join(names[i] for i in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise PipelineError(f"{what}: {len(bad)} of {len(latents)} hold inf/NaN values ({shown}). {advice}")
 
 
 def _check_users_left(users: list[User], labels: torch.Tensor, split: str) -> None:
@@ -216,19 +264,109 @@ def _check_users_left(users: list[User], labels: torch.Tensor, split: str) -> No
 #                                 Reading back                                  #
 #################################################################################
 
-def load_latents(latent_dir: str | Path, split: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """(latents, user_ids, metadata) of one split written by stage 1."""
-    path = Path(latent_dir) / f"{split}.safetensors"
+def load_latents(latent_dir: str | Path, split: str, log=print) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(latents (N, C, h, w) float32, user_ids (N,) int64 class indices 0..K-1, metadata) of one split.
+
+    The metadata's 'users' and 'user_numbers' name the K classes. A file without them (another tool) gets its
+    ids compacted: the ids present in train.safetensors, sorted, become classes 0..K-1 named ID_<id>, numbered
+    <id> (stage 3's --user_ids). Raises PipelineError, naming the file, for a missing or foreign file, a folder
+    mixing two stage 1 runs, no latents, inf/NaN latents (naming the images), or ids the users do not cover.
+    """
+    latent_dir = Path(latent_dir)
+    check_one_run(latent_dir)
+    latents, user_ids, meta = _read_latent_file(latent_dir, split)
+    names = meta.get("files") if len(meta.get("files") or []) == len(latents) else None
+    check_finite(latents, names or [f"row {i} (user id {u})" for i, u in enumerate(user_ids.tolist())],
+                 f"{latent_dir / f'{split}.safetensors'} holds latents that are not finite",
+                 "Stage 2 cannot learn from them (a lower --lr would not help): rerun stage 1 "
+                 f"(stage1_extract_features.py --output_path {latent_dir}), removing those images if stage 1 "
+                 "names them too.")
+    if "users" in meta:
+        _check_user_table(latent_dir, split, user_ids, meta)
+        return latents, user_ids, {**meta, "user_numbers": meta.get("user_numbers") or
+                                   list(range(1, len(meta["users"]) + 1))}
+    present = user_ids if split == "train" else _read_latent_file(latent_dir, "train")[1]
+    present = torch.unique(present)
+    unknown = sorted(set(torch.unique(user_ids).tolist()) - set(present.tolist()))
+    if unknown:
+        raise PipelineError(f"{latent_dir / f'{split}.safetensors'} has user id(s) {unknown} that train.safetensors "
+                            "has no latents of: the generator could not learn them. Remove those rows or add "
+                            "train latents of those users.")
+    numbers = present.tolist()
+    if split == "train" and numbers != list(range(len(numbers))):
+        shown = ", ".join(map(str, numbers[:10])) + (", ..." if len(numbers) > 10 else "")
+        log(f"note: {latent_dir / 'train.safetensors'} names no users; its user ids ({shown}) become classes "
+            f"0..{len(numbers) - 1}, named ID_<id> (stage 3 --user_ids takes the ids)")
+    return latents, torch.searchsorted(present, user_ids), {**meta, "users": [f"ID_{n}" for n in numbers],
+                                                             "user_numbers": numbers}
+
+
+def _read_latent_file(latent_dir: Path, split: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    path = latent_dir / f"{split}.safetensors"
     if not path.is_file():
         raise PipelineError(f"{path} not found. Run stage 1 (stage1_extract_features.py) with "
                             f"--output_path {latent_dir} first.")
     tensors, meta = load_safetensors(path)
     if "latents" not in tensors or "user_ids" not in tensors:
         raise PipelineError(f"{path} is not a stage 1 latent file (it lacks 'latents'/'user_ids').")
-    return tensors["latents"], tensors["user_ids"], meta
+    latents, user_ids = tensors["latents"], tensors["user_ids"]
+    if latents.ndim != 4 or len(latents) == 0 or user_ids.shape != (len(latents),):
+        raise PipelineError(f"{path} holds latents of shape {tuple(latents.shape)} and user_ids of shape "
+                            f"{tuple(user_ids.shape)}; stage 2 needs at least one (C, h, w) latent and one user id "
+                            "per latent. Stage 1 always writes val latents (it holds out train images when val/ "
+                            f"is empty): rerun it with --output_path {latent_dir}.")
+    if user_ids.is_floating_point() or user_ids.is_complex() or (len(user_ids) and int(user_ids.min()) < 0):
+        raise PipelineError(f"{path}: user_ids must be non-negative integers (found dtype {user_ids.dtype}, "
+                            f"minimum {user_ids.min().item()}).")
+    return latents.float(), user_ids.long(), meta
+
+
+def _check_user_table(latent_dir: Path, split: str, user_ids: torch.Tensor, meta: dict) -> None:
+    """Ids index the metadata's users; in train each user has latents (else its class is never trained)."""
+    path, users = latent_dir / f"{split}.safetensors", list(meta["users"])
+    numbers = meta.get("user_numbers")
+    if numbers is not None and len(numbers) != len(users):
+        raise PipelineError(f"{path}: its metadata names {len(users)} users but {len(numbers)} user numbers.")
+    outside = sorted(set(user_ids.tolist()) - set(range(len(users))))
+    if outside:
+        raise PipelineError(f"{path} has user id(s) {outside[:10]} but its metadata names {len(users)} users "
+                            f"({', '.join(users[:10])}), ids 0..{len(users) - 1}. The file and its metadata "
+                            "disagree: rewrite it with stage 1, or fix its 'users' metadata.")
+    if split == "train":
+        untrained = [u for c, u in enumerate(users) if not (user_ids == c).any()]
+        if untrained:
+            raise PipelineError(f"{path} has no latents of user(s) {', '.join(untrained[:10])} named in its "
+                                "metadata: their class would never be trained. Remove them from 'users' or add "
+                                "their latents.")
+
+
+def check_one_run(latent_dir: str | Path) -> None:
+    """Raise PipelineError when stage 1's files in latent_dir come from different runs (a run stopped while
+    replacing them, or files copied in from another run). Files of an older stage 1 or another tool carry
+    no run id: a folder where none has one is not checked."""
+    latent_dir = Path(latent_dir)
+    if interrupted_replace(latent_dir):
+        raise PipelineError(f"a stage 1 run stopped while replacing its files in {latent_dir}, so they may mix two "
+                            f"runs. Rerun stage 1 (stage1_extract_features.py --output_path {latent_dir}).")
+    runs = {}
+    for name in STAGE1_FILES:
+        path = latent_dir / name
+        if not path.is_file():
+            continue
+        try:
+            meta = json.loads(path.read_text()) if path.suffix == ".json" else read_safetensors_metadata(path)
+        except Exception:   # unreadable: the loader of that file names it
+            continue
+        runs[name] = meta.get(RUN_KEY) if isinstance(meta, dict) else None
+    if len(set(runs.values())) > 1:
+        listed = "; ".join(f"{name}: {run[:8] if run else 'no run id'}" for name, run in runs.items())
+        raise PipelineError(f"{latent_dir} mixes the files of different stage 1 runs ({listed}). Rerun stage 1 "
+                            f"(stage1_extract_features.py --output_path {latent_dir}) to write all of them anew.")
 
 
 def load_stats(latent_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel latent mean and std, each (1, C, 1, 1) float32, from the same stage 1 run as the latents."""
+    check_one_run(latent_dir)
     tensors, _ = load_safetensors(require_file(Path(latent_dir) / "latent_stats.safetensors",
                                                "latent statistics (latent_stats.safetensors from stage 1)"))
     return tensors["mean"], tensors["std"]

@@ -4,12 +4,16 @@ Each stage runs in its own process so that Lightning's DDP launcher (which re-ex
 script once per GPU) re-executes that stage alone, and so that each stage's memory is freed. Stages run
 in the user's working folder, so a relative path means the same file to the orchestrator and to every stage.
 
-A finished stage leaves a marker with its arguments; it is skipped only while its arguments and the
-stage before it are unchanged (a redone stage 1 redoes 2, 3 and 4).
+A finished stage leaves a marker with its arguments and a fingerprint of the files it read (the images of
+--data_dir: names, sizes, mtimes; a weight file such as --vavae_path: its sha256). It is skipped only while
+its arguments, those files and the stage before it are unchanged (a redone stage 1 redoes 2, 3 and 4).
 """
 import argparse
+import functools
+import hashlib
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -28,6 +32,8 @@ STAGE_DIRS = {1: "latent_features", 2: "trained_models", 3: "generated_images", 
 DONE_MARKER = ".stage_complete.json"
 # Flags that say how to run a stage, not what it produces: a change in them alone does not redo the stage.
 NOT_COMPARED = {"--restart"}
+# Flags naming files a stage reads: a change in those files (not only in the flag) redoes the stage.
+INPUT_FLAGS = ("--data_dir", "--vavae_path", "--init_from")
 
 
 def stage_parsers() -> dict[int, argparse.ArgumentParser]:
@@ -135,11 +141,71 @@ def changed_flags(recorded: list[str], argv: list[str]) -> list[str]:
     return changes
 
 
-def rerun_reasons(marker: dict[str, Any] | None, argv: list[str], upstream: float | None) -> list[str]:
-    """Why a stage must run: no finished record, other arguments, or the stage before it redone since."""
+def fingerprint(path: Path, previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a stage reads at `path`, cheaply: a folder's image files (count and a digest of their names,
+    sizes and mtimes; hidden ones skipped, as scan_dataset does), a file's sha256 (reused from `previous`
+    while its size and mtime are unchanged), or {'missing': True}."""
+    from data.images import IMAGE_EXTENSIONS
+    if path.is_dir():
+        digest, count = hashlib.sha256(), 0
+        for file in sorted(path.rglob("*")):
+            relative = file.relative_to(path)
+            if file.suffix.lower() in IMAGE_EXTENSIONS and not any(part.startswith(".") for part in relative.parts) \
+                    and file.is_file():
+                stat = file.stat()
+                digest.update(f"{relative}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+                count += 1
+        return {"images": count, "digest": digest.hexdigest()}
+    if path.is_file():
+        stat = path.stat()
+        stamp = [stat.st_size, stat.st_mtime_ns]
+        if previous and previous.get("stamp") == stamp and "sha256" in previous:
+            return previous
+        return {"stamp": stamp, "sha256": _sha256(str(path.resolve()), *stamp)}
+    return {"missing": True}
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    """file_sha256, once per file version in this process (stages 1, 3 and 4 all read the tokenizer)."""
+    from common.io import file_sha256
+    return file_sha256(path)
+
+
+def input_fingerprints(argv: list[str], recorded: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """fingerprint() of each file or folder an INPUT_FLAGS flag in `argv` names, keyed by the flag."""
+    values, recorded = flag_values(argv), recorded or {}
+    return {flag: fingerprint(Path(values[flag][0]), recorded.get(flag))
+            for flag in INPUT_FLAGS if values.get(flag)}
+
+
+def changed_inputs(recorded: dict[str, Any], now: dict[str, Any], argv: list[str]) -> list[str]:
+    """'--flag PATH: what changed' for every input whose fingerprint differs from the record."""
+    values, changes = flag_values(argv), []
+    for flag, print_now in now.items():
+        before = recorded.get(flag)
+        if before is None or {k: v for k, v in before.items() if k != "stamp"} == \
+                {k: v for k, v in print_now.items() if k != "stamp"}:
+            continue
+        if "images" in print_now and "images" in before:
+            what = f"its images changed ({before['images']} -> {print_now['images']} files)" \
+                if before["images"] != print_now["images"] else "its images changed (names, sizes or times)"
+        else:
+            what = "the file changed" if "sha256" in print_now else "it is gone"
+        changes.append(f"{flag} {values[flag][0]}: {what}")
+    return changes
+
+
+def rerun_reasons(marker: dict[str, Any] | None, argv: list[str], upstream: float | None,
+                  inputs: dict[str, Any] | None = None) -> list[str]:
+    """Why a stage must run: no finished record, other arguments, other input files (`inputs`, from
+    input_fingerprints), or the stage before it redone since."""
     if marker is None:
         return ["not finished"]
     reasons = changed_flags(marker.get("argv", []), argv)
+    if inputs and "inputs" not in marker:
+        reasons.append("its record has no fingerprint of the files it read (an older version wrote it)")
+    reasons += changed_inputs(marker.get("inputs", {}), inputs or {}, argv)
     if "upstream" in marker and marker["upstream"] != upstream:
         reasons.append("the stage before it was redone since")
     return reasons
@@ -165,21 +231,24 @@ def run_pipeline(args: argparse.Namespace, extra: list[str], log=print_line) -> 
             args.generate_user_ids = default_user_ids(out)
         argv = stage_arguments(args, out)[stage] + routed[stage]
         upstream = finished_at(out / STAGE_DIRS[stage - 1]) if stage > 1 else None
-        reasons = ["--force"] if args.force else rerun_reasons(read_marker(marker), argv, upstream)
+        recorded = read_marker(marker)
+        inputs = input_fingerprints(argv, (recorded or {}).get("inputs"))
+        reasons = ["--force"] if args.force else rerun_reasons(recorded, argv, upstream, inputs)
         if not reasons:
-            log(f"== stage {stage}: already complete in {folder} with these arguments, skipped (--force to redo)")
+            log(f"== stage {stage}: already complete in {folder} with these arguments and input files, "
+                "skipped (--force to redo)")
             continue
         if marker.is_file():
             log(f"== stage {stage}: redone ({'; '.join(reasons)})")
         marker.unlink(missing_ok=True)
-        log(f"== stage {stage}: {STAGE_SCRIPTS[stage]} " + " ".join(argv))
+        log(f"== stage {stage}: python {shlex.join([STAGE_SCRIPTS[stage], *argv])}")   # pastes back into a shell
         started = time.time()
         code = subprocess.call([sys.executable, str(ROOT / STAGE_SCRIPTS[stage]), *argv])
         if code != 0:
             raise PipelineError(f"stage {stage} failed (exit code {code}); its message is above. "
                                 f"Fix it and rerun: finished stages are skipped, stage 2 resumes.")
         record = {"argv": argv, "seconds": round(time.time() - started, 1), "finished": time.time(),
-                  "upstream": upstream}
+                  "upstream": upstream, "inputs": inputs}
         write_text(marker, json.dumps(record, indent=1))
     return out
 
