@@ -52,7 +52,7 @@ def tokenizer_config(width: int = 48, num_res_blocks: int = 2, image_size: int =
 
 def split_files(data_dir: str | Path, val_fraction: float, log=print) -> tuple[list[Path], list[Path]]:
     """Train files from train/; PSNR files from val/, or a held-out slice of train/ when val/ is empty."""
-    users = scan_dataset(data_dir, log=log)
+    users = scan_dataset(data_dir, log=log, hold_out_val=False)     # --val_fraction holds out its own slice below
     train = [f for u in users for f in u.files["train"]]
     val = [f for u in users for f in u.files.get("val", [])]
     if not val:
