@@ -2,11 +2,13 @@
 non-leaking time-shift augmentation, and the validation sample grids of stage 2."""
 import functools
 import shutil
+from unittest import mock
 
 import numpy as np
 import pytest
 import torch
 
+import stage2_train_dit
 import training.dit_module as dm
 from common.errors import PipelineError
 from common.io import file_sha256, load_safetensors, save_safetensors
@@ -18,6 +20,7 @@ from models.lightningdit import TIME_SHIFT_TABLE, LightningDiT, model_config
 from models.transport import guidance_switches, guided_velocity, sample_ode
 from training.augment import random_time_shifts, shift_time
 from training.early_checkpoint import early_step
+from training.sample_grid import grid_due
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 S2, S3 = "stage2_train_dit.py", "stage3_inference.py"
@@ -196,10 +199,10 @@ def run(latents_with_tokenizer, tokenizer, tmp_path_factory):
     stale.write_text("another run's")
     (out / "val_grids").mkdir()
     (out / "val_grids" / "step_000099.png").write_text("another run's")
-    import stage2_train_dit
-    stage2_train_dit.main([str(a) for a in stage2(
-        latents_with_tokenizer, out, "--max_steps", 14, "--early_checkpoint_step", 3, "--time_shift_aug", 0.5,
-        "--vavae_path", tokenizer, "--val_grid_users", 2, "--val_grid_samples", 2, "--lr", "1e-3")])
+    with mock.patch("training.sample_grid.GRID_TIME_SHARE", float("inf")):   # a grid at every validation
+        stage2_train_dit.main([str(a) for a in stage2(
+            latents_with_tokenizer, out, "--max_steps", 14, "--early_checkpoint_step", 3, "--time_shift_aug", 0.5,
+            "--vavae_path", tokenizer, "--val_grid_users", 2, "--val_grid_samples", 2, "--lr", "1e-3")])
     return out
 
 
@@ -236,6 +239,12 @@ def test_validation_grids_are_written_and_logged(run):
     assert grid.shape[0] == 2 * (128 + 4)                                 # a row per user
     events = b"".join(p.read_bytes() for p in (run / "lightning_logs" / "tensorboard").glob("events.*"))
     assert events.count(b"val_grid") >= 2                                 # one image per validation
+
+
+def test_grids_take_a_bounded_share_of_the_run():
+    assert grid_due(0.0, 0.0, 0.0, 0.05)                 # the first validation always gets its grid
+    assert not grid_due(6.0, 6.0, 200.0, 0.05)           # 12 s of grids in 200 s of training: > 5%
+    assert grid_due(6.0, 6.0, 240.0, 0.05)               # 12 s in 240 s: within
 
 
 def test_validation_grid_noise_is_fixed(run, tokenizer, latents_with_tokenizer):

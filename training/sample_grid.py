@@ -4,8 +4,14 @@ At each validation, global rank 0 samples a few users with the EMA model (the de
 no guidance, the same noise every time so that grids compare across validations), decodes them with the
 stage 1 tokenizer, writes <output_dir>/val_grids/step_NNNNNN.png and latest.png, and logs the grid to
 TensorBoard (tag val_grid).
+
+Decoding is the cost (the demo tokenizer decodes ~1 image/s on a 2-core CPU): at most GRID_TIME_SHARE of
+the run goes to grids. The first validation always gets one; a later one is skipped while the grids so far
+plus the next would exceed that share of the time trained (on a GPU, where a grid takes a fraction of a
+second, every validation gets its grid).
 """
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +27,13 @@ GRID_DIR = "val_grids"
 LATEST = "latest.png"
 GRID_STEPS = 8          # half of stage 3's 16: a preview, at half the cost
 GRID_SEED = 0
+GRID_TIME_SHARE = 0.05  # of the run's wall time, at most (see the module docstring)
+
+
+def grid_due(spent_s: float, last_cost_s: float, elapsed_s: float, share: float) -> bool:
+    """Whether a validation gets a grid: always the first (nothing spent yet), later ones while the time spent
+    on grids plus one more stays within `share` of the time since training started."""
+    return spent_s == 0 or spent_s + last_cost_s <= share * elapsed_s
 
 
 class ValidationGrid(pl.Callback):
@@ -29,14 +42,20 @@ class ValidationGrid(pl.Callback):
         self.vavae_path, self.folder = vavae_path, Path(folder)
         self.users, self.samples = users, samples
         self.vae = None   # loaded on first use, on rank 0 only
+        self.time_share = GRID_TIME_SHARE
+        self.started, self.spent, self.last_cost = time.monotonic(), 0.0, 0.0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.started = time.monotonic()
         if trainer.is_global_zero and trainer.global_step == 0 and self.folder.is_dir():
             for stale in self.folder.glob("*.png"):   # a fresh run: grids of an earlier one would mislead
                 stale.unlink()
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero or trainer.sanity_checking:
+            return
+        begin = time.monotonic()
+        if not grid_due(self.spent, self.last_cost, begin - self.started, self.time_share):
             return
         pixels, users = self.sample(pl_module)
         from generation.generate import write_grid
@@ -49,6 +68,8 @@ class ValidationGrid(pl.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image("val_grid", grid, global_step=step, dataformats="HWC")
+        self.last_cost = time.monotonic() - begin
+        self.spent += self.last_cost
 
     def jobs(self, users: list[int]) -> list[tuple[int, int]]:
         return [(u, k) for u in users for k in range(self.samples)]
