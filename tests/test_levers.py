@@ -258,14 +258,19 @@ def test_validation_grid_noise_is_fixed(run, tokenizer, latents_with_tokenizer):
     assert not module.ema.training
 
 
-def test_stage2_without_tokenizer_notes_it_and_refuses_another_tokenizer(latents_with_tokenizer, tmp_path, capsys):
+def test_stage2_without_tokenizer_notes_it_and_refuses_another_tokenizer_and_drops_a_stale_early_ckpt(latents_with_tokenizer, tmp_path, capsys):
     other = make_tokenizer(tmp_path / "other.safetensors", seed=1)
     result = run_main(capsys, S2, *stage2(latents_with_tokenizer, tmp_path / "a", "--max_steps", 1,
                                            "--vavae_path", other))
     assert_user_error(result, r"not the tokenizer that made the stage 1 latents", r"tok\.safetensors")
-    result = run_main(capsys, S2, *stage2(latents_with_tokenizer, tmp_path / "b", "--max_steps", 1))
+    stale = tmp_path / "b" / "checkpoints" / "early.ckpt"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("another run's")
+    result = run_main(capsys, S2, *stage2(latents_with_tokenizer, tmp_path / "b", "--max_steps", 1,
+                                           "--early_checkpoint_step", 0))
     assert result.returncode == 0 and "pass --vavae_path" in result.stdout
     assert not (tmp_path / "b" / "val_grids").exists()
+    assert not stale.exists()   # no early snapshot asked for: another run's must not pass for this one's
 
 
 #################################################################################

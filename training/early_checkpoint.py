@@ -28,8 +28,8 @@ class EarlyCheckpoint(pl.Callback):
     """Write a slim checkpoint (the EMA weights and the pipeline info, no optimizer state: a quarter of
     last.ckpt) once, after the optimizer step that reaches `early_step`; global rank 0 only.
 
-    A fresh run (or one resumed before that step) removes an early.ckpt already in the folder: it belongs to
-    another run. A run resumed past the step keeps the one it wrote.
+    A fresh run (or one resumed before that step) removes an early.ckpt already in the folder, with step 0
+    too: it belongs to another run. A run resumed past the step keeps the one it wrote.
     """
     def __init__(self, ckpt_dir: Path, requested_step: int | None, log=print):
         self.path = Path(ckpt_dir) / EARLY_NAME
@@ -41,7 +41,8 @@ class EarlyCheckpoint(pl.Callback):
         self.step = early_step(total, self.requested)
         if not trainer.is_global_zero:
             return
-        if trainer.global_step < self.step and self.path.is_file():
+        fresh = trainer.global_step == 0 or trainer.global_step < self.step   # this run has not written one yet
+        if fresh and self.path.is_file():
             self.path.unlink()
             self.note(f"removed {self.path}: it was another run's early snapshot")
         if self.step > total:
