@@ -20,7 +20,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_steps", type=int, default=DEFAULT_STEPS, help="integration steps")
     p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS, help="ODE integrator")
     p.add_argument("--shift", type=float, default=DEFAULT_SHIFT, help="timestep shift > 0 (<1: more steps near noise)")
-    p.add_argument("--cfg_interval_start", type=float, default=0.0, help="guide only where t >= this")
+    p.add_argument("--cfg_interval_start", type=float, default=0.0, help="guide only where t >= this (0 noise, 1 image)")
+    p.add_argument("--cfg_interval_end", type=float, default=1.0, help="guide only where t <= this")
+    p.add_argument("--guidance_checkpoint", default=None,
+                   help="autoguidance: guide with this weaker checkpoint of the same run (checkpoints/early.ckpt) "
+                        "instead of the unconditional model")
     p.add_argument("--seed", type=int, default=0, help="same seed, same images")
     p.add_argument("--batch_size", type=int, default=16, help="images sampled together")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

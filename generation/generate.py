@@ -14,8 +14,8 @@ from common.pixels import to_uint8
 from common.progress import progress_bar
 from models.checkpoint import PipelineInfo, checkpoint_info, ema_state_dict, load_checkpoint
 from models.lightningdit import LightningDiT
-from models.transport import (DEFAULT_SAMPLER, DEFAULT_SHIFT, DEFAULT_STEPS, CountedVelocity, guided_velocity,
-                              sample_ode)
+from models.transport import (DEFAULT_SAMPLER, DEFAULT_SHIFT, DEFAULT_STEPS, CountedVelocity, guidance_switches,
+                              guided_velocity, sample_ode)
 
 IMAGE_NAME = "micro_doppler_user{user:02d}_{sample:03d}.png"
 IMAGE_PATTERN = re.compile(r"micro_doppler_user(\d+)_(\d+)\.png")   # every name IMAGE_NAME makes, and only those
@@ -41,19 +41,47 @@ def class_indices(user_numbers: list[int], trained_numbers: list[int], trained_n
     return [trained_numbers.index(u) for u in user_numbers]
 
 
-def check_sampling(info: PipelineInfo, guidance_scale: float, num_steps: int, shift: float) -> None:
-    """Settings that would give NaNs, a division by zero or meaningless images: refused with the reason."""
+def check_sampling(info: PipelineInfo, guidance_scale: float, num_steps: int, shift: float,
+                   cfg_interval_start: float = 0.0, cfg_interval_end: float = 1.0, autoguidance: bool = False) -> None:
+    """Settings that would give NaNs, a division by zero or meaningless images: refused with the reason
+    (PipelineError). Autoguidance guides with another checkpoint, so it does not need the null class."""
     if shift <= 0:
         raise PipelineError(f"--shift must be > 0 (got {shift:g}): the time grid s t / (1 + (s - 1) t) "
                             "collapses at 0 and runs backwards below it. Values < 1 put more steps near the "
                             "noise end (0.3 is the default).")
     if num_steps < 1:
         raise PipelineError(f"--num_steps must be at least 1 (got {num_steps})")
-    if guidance_scale != 1.0 and info.model_config.get("class_dropout_prob", 1.0) <= 0:
+    if not 0.0 <= cfg_interval_start < cfg_interval_end <= 1.0:
+        raise PipelineError(f"the guidance interval must satisfy 0 <= --cfg_interval_start < --cfg_interval_end <= 1 "
+                            f"(got {cfg_interval_start:g} and {cfg_interval_end:g}; t = 0 is noise, 1 the image)")
+    if guidance_scale != 1.0 and not autoguidance and info.model_config.get("class_dropout_prob", 1.0) <= 0:
         raise PipelineError(
             f"--guidance_scale {guidance_scale:g} needs the model's null class, but this checkpoint was trained "
             "with --class_dropout_prob 0, so that class was never trained and guided samples would be "
-            "meaningless. Pass --guidance_scale 1 (no guidance), or retrain stage 2 with --class_dropout_prob 0.1.")
+            "meaningless. Pass --guidance_scale 1 (no guidance), --guidance_checkpoint <stage 2 output>/checkpoints/"
+            "early.ckpt (autoguidance needs no null class), or retrain stage 2 with --class_dropout_prob 0.1.")
+
+
+GUIDE_GEOMETRY = ("input_size", "in_channels", "num_classes")
+
+
+def check_guide(info: PipelineInfo, guide: PipelineInfo, guide_path: str) -> None:
+    """Autoguidance needs a guide that speaks the same language: the same users in the same class order, the
+    same latent space (tokenizer, normalisation, latent shape). Its size may differ (Karras et al. guide with a
+    smaller model too). Raises PipelineError naming what differs."""
+    diff = [f"{k}: {guide.model_config.get(k)} vs {info.model_config.get(k)}" for k in GUIDE_GEOMETRY
+            if guide.model_config.get(k) != info.model_config.get(k)]
+    if guide.users != info.users or guide.user_numbers != info.user_numbers:
+        diff.append(f"users: {guide.users} vs {info.users}")
+    if guide.tokenizer_sha256 != info.tokenizer_sha256:
+        diff.append(f"tokenizer sha256: {guide.tokenizer_sha256[:12] or '?'}... vs {info.tokenizer_sha256[:12] or '?'}...")
+    if not (torch.equal(guide.latent_mean.cpu(), info.latent_mean.cpu())
+            and torch.equal(guide.latent_std.cpu(), info.latent_std.cpu())):
+        diff.append("latent statistics differ")
+    if diff:
+        raise PipelineError(f"--guidance_checkpoint {guide_path} was not trained on the same stage 1 latents and "
+                            f"users as --dit_checkpoint ({'; '.join(diff)}; guide vs model). Pass the early.ckpt "
+                            "that the same stage 2 run wrote beside best.ckpt (checkpoints/early.ckpt).")
 
 
 def check_tokenizer(info: PipelineInfo, vavae_path: str) -> None:
@@ -92,28 +120,31 @@ def sampling_dtype(device: str) -> torch.dtype | None:
 @torch.inference_mode()
 def sample_images(model: LightningDiT, vae, info: PipelineInfo, jobs: list[tuple[int, int]], guidance_scale: float = 4.0,
                   num_steps: int = DEFAULT_STEPS, sampler: str = DEFAULT_SAMPLER, shift: float = DEFAULT_SHIFT,
-                  cfg_interval_start: float = 0.0,
+                  cfg_interval_start: float = 0.0, cfg_interval_end: float = 1.0,
+                  guide_model: LightningDiT | None = None,
                   seed: int = 0, batch_size: int = 16, device: str = "cpu",
                   progress: bool = True) -> tuple[np.ndarray, int]:
     """(N, H, W, 3) uint8 images for (user number, sample index) jobs, and the model evaluations per sample.
 
     The noise of a job comes from its own seed: the same image whatever the batch it lands in. With a guidance
-    interval, the AB2 multistep restarts where guidance switches on (its velocity field changes there).
+    interval, the AB2 multistep restarts where guidance switches on or off (its velocity field changes there).
+    guide_model: autoguidance (guided_velocity) instead of classifier-free guidance.
     """
     classes = class_indices([u for u, _ in jobs], info.user_numbers, info.users)   # checks the ids too
     mean, std = info.latent_mean.to(device), info.latent_std.to(device)
     side = int(round(model.pos_embed.shape[1] ** 0.5)) * model.patch_size
     half = sampling_dtype(device)
     images, evaluations = [], 0
-    switch = cfg_interval_start if guidance_scale != 1.0 and cfg_interval_start > 0 else None
+    switches = guidance_switches(guidance_scale, cfg_interval_start, cfg_interval_end)
     batches = range(0, len(jobs), batch_size)
     for start in progress_bar(batches, desc="stage 3 sampling", unit="batch", disable=not progress):
         batch = jobs[start:start + batch_size]
         noise = torch.stack([job_noise(seed, u, k, (model.in_channels, side, side)) for u, k in batch]).to(device)
         y = torch.tensor(classes[start:start + batch_size], device=device)
-        velocity = CountedVelocity(guided_velocity(model, y, model.num_classes, guidance_scale, cfg_interval_start))
+        velocity = CountedVelocity(guided_velocity(model, y, model.num_classes, guidance_scale, cfg_interval_start,
+                                                   cfg_interval_end, guide_model))
         with torch.autocast(torch.device(device).type, dtype=half, enabled=half is not None):
-            z = sample_ode(velocity, noise, num_steps=num_steps, sampler=sampler, shift=shift, restart_at=switch)
+            z = sample_ode(velocity, noise, num_steps=num_steps, sampler=sampler, shift=shift, restart_at=switches)
         evaluations = max(evaluations, velocity.calls)
         images.append(to_uint8(vae.decode(z.float() * std + mean)).permute(0, 2, 3, 1).cpu().numpy())   # HWC for PIL
     return np.concatenate(images), evaluations
@@ -121,9 +152,13 @@ def sample_images(model: LightningDiT, vae, info: PipelineInfo, jobs: list[tuple
 
 def generate(dit_checkpoint: str, vavae_path: str, output_dir: str, user_ids: list[int],
              num_samples_per_user: int = 4, guidance_scale: float = 4.0, num_steps: int = DEFAULT_STEPS,
-             sampler: str = DEFAULT_SAMPLER, shift: float = DEFAULT_SHIFT, cfg_interval_start: float = 0.0, seed: int = 0,
+             sampler: str = DEFAULT_SAMPLER, shift: float = DEFAULT_SHIFT, cfg_interval_start: float = 0.0,
+             cfg_interval_end: float = 1.0, guidance_checkpoint: str | None = None, seed: int = 0,
              batch_size: int = 16, device: str = "auto", log=print) -> list[Path]:
     """Write micro_doppler_userNN_KKK.png per sample and micro_doppler_grid.png; return the sample paths.
+
+    guidance_checkpoint: a weaker stage 2 checkpoint of the same users and latents (the run's early.ckpt) to
+    guide with instead of the unconditional model (autoguidance); PipelineError if it does not fit.
 
     The folder then holds this run's samples only: those of an earlier run (other users, more samples,
     another checkpoint) are removed once the new ones are written, so stage 4 never scores a mix.
@@ -132,13 +167,18 @@ def generate(dit_checkpoint: str, vavae_path: str, output_dir: str, user_ids: li
     jobs = [(u, k) for u in user_ids for k in range(num_samples_per_user)]
     with out_of_memory_advice("stage 3", f"a smaller --batch_size (now {batch_size}; e.g. 4), or --device cpu"):
         model, info = load_generator(dit_checkpoint, device)
-        check_sampling(info, guidance_scale, num_steps, shift)
+        check_sampling(info, guidance_scale, num_steps, shift, cfg_interval_start, cfg_interval_end,
+                       autoguidance=guidance_checkpoint is not None)
+        guide_model = None
+        if guidance_checkpoint is not None:
+            guide_model, guide_info = load_generator(guidance_checkpoint, device)
+            check_guide(info, guide_info, guidance_checkpoint)
         from models.vavae import load_vavae
         vae = load_vavae(vavae_path, device=device)
         check_tokenizer(info, vavae_path)
         pixels, nfe = sample_images(model, vae, info, jobs, guidance_scale=guidance_scale, num_steps=num_steps,
                                     sampler=sampler, shift=shift, cfg_interval_start=cfg_interval_start,
-                                    seed=seed, batch_size=batch_size, device=device)
+                                    cfg_interval_end=cfg_interval_end, guide_model=guide_model, seed=seed, batch_size=batch_size, device=device)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -291,6 +291,7 @@ class LightningDiT(nn.Module):
         use_rmsnorm: bool = True,
         wo_shift: bool = False,
         use_checkpoint: bool = False,
+        time_shift_cond: bool = False,
     ):
         super().__init__()
         self.in_channels = in_channels
@@ -304,6 +305,10 @@ class LightningDiT(nn.Module):
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        # Augmentation conditioning (EDM/ADA style, training with --time_shift_aug): one row per circular shift of
+        # the latents along their last (time) axis, in latent columns; row 0 = unshifted, what sampling asks for.
+        # Absent when off, so the published key layout is unchanged.
+        self.time_shift_embedder = nn.Embedding(input_size, hidden_size) if time_shift_cond else None
         # Fixed sin-cos table; a Parameter (not a buffer) because published checkpoints store it.
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, hidden_size), requires_grad=False)
         self.feat_rope = VisionRotaryEmbedding(hidden_size // num_heads, grid) if use_rope else None
@@ -329,6 +334,8 @@ class LightningDiT(nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        if self.time_shift_embedder is not None:
+            nn.init.zeros_(self.time_shift_embedder.weight)   # starts as a no-op: the model trains as without it
         # adaLN-Zero: every block starts as the identity, the output as zero.
         for layer in [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1],
                                                                        self.final_layer.linear]:
@@ -341,7 +348,8 @@ class LightningDiT(nn.Module):
         x = x.reshape(x.shape[0], h, w, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                time_shift: torch.Tensor | None = None) -> torch.Tensor:
         """Forward pass of LightningDiT: the velocity at (x_t, t) for class y.
 
         x: (N, C, H, W) float latents on the flow path, C = in_channels, H = W = input_size (a multiple of
@@ -350,12 +358,19 @@ class LightningDiT(nn.Module):
         t: (N,) float flow time in [0, 1]: 0 is pure noise, 1 is data (models/transport.py).
         y: (N,) int64 class indices in [0, num_classes]; num_classes is the null class (guidance). In training
            mode a share class_dropout_prob of the labels is replaced by the null class.
+        time_shift: (N,) int64 in [0, W): the circular shift of x along its last (time) axis that training
+           applied (models built with time_shift_cond only); None means unshifted (0), as at sampling.
         Returns (N, C, H, W) velocity (x1 - x0 at the optimum), float32 (the autocast dtype under autocast);
         with learn_sigma only the first C of the 2C output channels. Raises IndexError for a label outside
         [0, num_classes] and RuntimeError for a spatial size other than input_size (the token grid is fixed).
         """
         x = self.x_embedder(x) + self.pos_embed.to(x.dtype)
         c = self.t_embedder(t) + self.y_embedder(y, self.training)
+        if self.time_shift_embedder is not None:
+            shift = torch.zeros_like(y) if time_shift is None else time_shift
+            c = c + self.time_shift_embedder(shift).to(c.dtype)
+        elif time_shift is not None:
+            raise ValueError("time_shift given to a LightningDiT built without time_shift_cond")
         for block in self.blocks:
             if self.use_checkpoint and self.training:
                 x = checkpoint(block, x, c, self.feat_rope, use_reentrant=False)
@@ -385,6 +400,8 @@ def _sincos_1d(embed_dim: int, pos: np.ndarray) -> np.ndarray:
 #################################################################################
 #                                 LightningDiT Configs                          #
 #################################################################################
+
+TIME_SHIFT_TABLE = "time_shift_embedder.weight"   # the only key time_shift_cond adds
 
 # (depth, hidden_size, num_heads); S is DiT's S, the reference has no S.
 MODEL_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}

@@ -3,7 +3,7 @@
 Convention (the reference's): t = 0 is noise, t = 1 is data, x_t = t * x1 + (1 - t) * x0, and the
 model predicts the velocity u = x1 - x0. Sampling integrates dx/dt = v from t = 0 to t = 1.
 """
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -53,24 +53,40 @@ def flow_matching_loss(model: Callable, x1: torch.Tensor, y: torch.Tensor, t: to
 #################################################################################
 
 def guided_velocity(model: Callable, y: torch.Tensor, null_class: int, scale: float = 1.0,
-                    interval_start: float = 0.0) -> VelocityFn:
-    """v = v_u + w (v_c - v_u) on all channels, cond and uncond in one batched forward.
+                    interval_start: float = 0.0, interval_end: float = 1.0,
+                    guide_model: Callable | None = None) -> VelocityFn:
+    """v = v_bad + w (v_good - v_bad), the one guided velocity of every sampler.
 
-    Guidance is applied only where t >= interval_start; before that the conditional model alone runs
-    (half the cost), as in the reference's guidance interval. y: (N,) int64 labels; null_class: the
-    unconditional label (the model's num_classes); scale w: 1 is no guidance. Returns a VelocityFn taking
-    x (N, C, H, W) and t (a 0-d or (N,) float in [0, 1]) and giving a float32 velocity of x's shape.
+    v_good is the model's conditional velocity. v_bad is, by default, its unconditional one (classifier-free
+    guidance; both in one batched forward), or, with guide_model, that model's *conditional* velocity for the
+    same y (autoguidance, Karras et al. 2024: an earlier, weaker checkpoint of the same model; two forwards).
+    Guidance acts only where interval_start <= t <= interval_end (t = 0 noise, 1 data; a limited interval,
+    Kynkaanniemi et al. 2024); elsewhere the conditional model alone runs (half the cost).
+    y: (N,) int64 labels; null_class: the unconditional label (the model's num_classes); scale w: 1 is no
+    guidance. Returns a VelocityFn taking x (N, C, H, W) and t (a 0-d or (N,) float in [0, 1]) and giving a
+    float32 velocity of x's shape.
     """
     null = torch.full_like(y, null_class)
     both = torch.cat([y, null])
 
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         tb = t.expand(x.shape[0]) if t.dim() == 0 else t
-        if scale == 1.0 or float(tb[0]) < interval_start:
+        if scale == 1.0 or not interval_start <= float(tb[0]) <= interval_end:
             return model(x, tb, y).float()
-        v_c, v_u = model(torch.cat([x, x]), torch.cat([tb, tb]), both).float().chunk(2)
-        return v_u + scale * (v_c - v_u)
+        if guide_model is not None:
+            v_good, v_bad = model(x, tb, y).float(), guide_model(x, tb, y).float()
+        else:
+            v_good, v_bad = model(torch.cat([x, x]), torch.cat([tb, tb]), both).float().chunk(2)
+        return v_bad + scale * (v_good - v_bad)
     return velocity
+
+
+def guidance_switches(scale: float, interval_start: float, interval_end: float) -> tuple[float, ...]:
+    """The times where guided_velocity's field changes abruptly (sample_ode's restart_at): the ends of a
+    guidance interval strictly inside (0, 1); none without guidance."""
+    if scale == 1.0:
+        return ()
+    return tuple(t for t in (interval_start, interval_end) if 0.0 < t < 1.0)
 
 
 #################################################################################
@@ -89,7 +105,8 @@ def time_grid(num_steps: int, shift: float = 1.0, device: torch.device | str = "
 
 class CountedVelocity:
     """A velocity function that counts its calls: the model evaluations (NFE) of a sampler run, the adaptive
-    dopri5's included (under guidance each is one batched cond+uncond forward)."""
+    dopri5's included (under classifier-free guidance each is one batched cond+uncond forward, under
+    autoguidance two forwards: the model's and the guide's)."""
 
     def __init__(self, velocity: VelocityFn):
         self.velocity, self.calls = velocity, 0
@@ -101,7 +118,8 @@ class CountedVelocity:
 
 @torch.inference_mode()
 def sample_ode(velocity: VelocityFn, x0: torch.Tensor, num_steps: int, sampler: str, shift: float,
-               atol: float = 1e-6, rtol: float = 1e-3, restart_at: float | None = None) -> torch.Tensor:
+               atol: float = 1e-6, rtol: float = 1e-3,
+               restart_at: float | Sequence[float] = ()) -> torch.Tensor:
     """Integrate dx/dt = v(x, t) from noise x0 at t=0 to data at t=1 (the CLI defaults are DEFAULT_*).
 
     velocity: (x, t) -> v, t a 0-d float tensor in [0, 1] (guided_velocity). x0: (N, C, H, W) standard normal
@@ -110,9 +128,11 @@ def sample_ode(velocity: VelocityFn, x0: torch.Tensor, num_steps: int, sampler: 
     float32 latents at t = 1, in the normalised latent space the model was trained in.
     Raises ValueError for an unknown sampler or shift <= 0, RuntimeError for dopri5 without torchdiffeq.
 
-    restart_at: a time where v changes abruptly (the start of a guidance interval). AB2 starts afresh at
-    the first step with t >= restart_at instead of extrapolating across it from the other field's velocity.
+    restart_at: time(s) where v changes abruptly (the ends of a guidance interval, guidance_switches). AB2
+    starts afresh at the first step at or past each instead of extrapolating across it from the other field's
+    velocity; the ends are compared as the velocity function sees t (float32), so a restart lands on the switch.
     """
+    switches = (restart_at,) if isinstance(restart_at, (int, float)) else tuple(restart_at)
     if sampler == "dopri5":
         return _dopri5(velocity, x0, atol, rtol)
     if sampler not in SAMPLERS:
@@ -137,14 +157,19 @@ def sample_ode(velocity: VelocityFn, x0: torch.Tensor, num_steps: int, sampler: 
         else:
             # Adams-Bashforth 2 on a non-uniform grid: second order, one evaluation per step,
             # reuses the previous velocity (flow-matching paths are smooth in t).
-            # Compared in float32, as the velocity function sees t: the restart lands on its switch.
-            if v_prev is None or (restart_at is not None and float(ts[i - 1].float()) < restart_at <= float(t.float())):
+            if v_prev is None or any(_crossed(float(ts[i - 1].float()), float(t.float()), s) for s in switches):
                 x = x + h * v
             else:
                 r = h / h_prev
                 x = x + h * ((1 + 0.5 * r) * v - 0.5 * r * v_prev)
             v_prev, h_prev = v, h
     return x
+
+
+def _crossed(t_prev: float, t: float, switch: float) -> bool:
+    """Whether the field switched between the steps at t_prev and t: guidance on from the step with t >= start
+    (start in (t_prev, t]), off from the first step with t > end (end in [t_prev, t))."""
+    return t_prev < switch <= t or t_prev <= switch < t
 
 
 def _dopri5(velocity: VelocityFn, x0: torch.Tensor, atol: float, rtol: float) -> torch.Tensor:

@@ -39,6 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad_clip", type=float, default=1.0, help="0 disables")
     p.add_argument("--timestep_sampling", default="uniform", choices=["uniform", "logit_normal"], help="training t distribution")
     p.add_argument("--cosine_loss_weight", type=float, default=0.0, help="weight of the velocity cosine term")
+    p.add_argument("--time_shift_aug", type=float, default=0.0,
+                   help="probability of shifting a training latent circularly along time, the shift given to the "
+                        "DiT as a condition that is 0 at sampling (non-leaking augmentation; 0 = off)")
+    p.add_argument("--early_checkpoint_step", type=int, default=None,
+                   help="step at which checkpoints/early.ckpt (EMA weights, the guide of stage 3's "
+                        "--guidance_checkpoint) is kept (default: 1/8 of the run; 0 = none)")
+    p.add_argument("--vavae_path", default=None,
+                   help="the stage 1 tokenizer: lets each validation decode a grid of samples (val_grids/)")
+    p.add_argument("--val_grid_users", type=int, default=4, help="users in the validation sample grid (0 = no grid)")
+    p.add_argument("--val_grid_samples", type=int, default=2, help="samples per user in the validation grid (0 = no grid)")
     p.add_argument("--checkpoint_every_n_steps", type=int, default=500, help="last.ckpt cadence")
     p.add_argument("--log_every_n_steps", type=int, default=10, help="metrics.csv cadence")
     p.add_argument("--val_every_n_epochs", type=int, default=1, help="EMA validation (and best.ckpt) cadence")
@@ -88,6 +98,11 @@ class TrainOptions:
     grad_clip: float
     timestep_sampling: str
     cosine_loss_weight: float
+    time_shift_aug: float
+    early_checkpoint_step: int | None
+    vavae_path: str | None
+    val_grid_users: int
+    val_grid_samples: int
     checkpoint_every_n_steps: int
     log_every_n_steps: int
     val_every_n_epochs: int

@@ -5,6 +5,7 @@ The latents live on the training device for the whole run; the batch for a step 
 host-to-device copies.
 """
 import copy
+import functools
 import math
 
 import pytorch_lightning as pl
@@ -14,6 +15,7 @@ from common.errors import PipelineError
 from models.checkpoint import PipelineInfo
 from models.lightningdit import LightningDiT
 from models.transport import flow_matching_loss, sample_timesteps
+from training.augment import check_probability, random_time_shifts, shift_time
 
 NONFINITE_CHECK_EVERY = 50   # steps between looks at the device-side NaN flag (a host-device sync)
 
@@ -25,7 +27,8 @@ class DiTTrainingModule(pl.LightningModule):
                  lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0,
                  batch_size: int = 32, ema_decay: float = 0.9995, seed: int = 0,
                  timestep_sampling: str = "uniform", cosine_loss_weight: float = 0.0,
-                 compile_model: bool = False, backbone_lr_scale: float = 1.0, warmup_steps: int = 0):
+                 compile_model: bool = False, backbone_lr_scale: float = 1.0, warmup_steps: int = 0,
+                 time_shift_aug: float = 0.0):
         super().__init__()
         self.model = LightningDiT(**info.model_config)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
@@ -34,6 +37,9 @@ class DiTTrainingModule(pl.LightningModule):
         self.batch_size, self.ema_decay, self.seed = batch_size, ema_decay, seed
         self.timestep_sampling, self.cosine_loss_weight = timestep_sampling, cosine_loss_weight
         self.backbone_lr_scale, self.warmup_steps = backbone_lr_scale, warmup_steps
+        self.time_shift_aug = check_probability(time_shift_aug)
+        if time_shift_aug > 0 and not info.model_config.get("time_shift_cond"):
+            raise ValueError("time_shift_aug > 0 needs a model built with time_shift_cond (train_dit.build_module)")
         # Kept out of the registered submodules: as one it would put a second copy of the weights in every
         # checkpoint (under forward_fn._orig_mod.* when compiled, so --compile runs could not resume without).
         self.__dict__["forward_fn"] = torch.compile(self.model) if compile_model else self.model
@@ -97,10 +103,19 @@ class DiTTrainingModule(pl.LightningModule):
         x1, y = self.train_x[idx], self.train_y[idx]
         t = sample_timesteps(len(idx), self.timestep_sampling, device=self.device)
         noise = torch.randn_like(x1)
-        loss = flow_matching_loss(self.forward_fn, x1, y, t, noise, self.cosine_loss_weight).mean()
+        x1, model = self.augment(x1)
+        loss = flow_matching_loss(model, x1, y, t, noise, self.cosine_loss_weight).mean()
         self.nonfinite_step.masked_fill_(~torch.isfinite(loss.detach()) & (self.nonfinite_step < 0), step)
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(idx))
         return loss
+
+    def augment(self, x1: torch.Tensor):
+        """(x1, the velocity model to train): with --time_shift_aug, latents rolled along time and the model
+        told each shift. Drawn after t and the noise, so those stay the draws of a run without it."""
+        if self.time_shift_aug <= 0:
+            return x1, self.forward_fn
+        shifts = random_time_shifts(len(x1), x1.shape[-1], self.time_shift_aug, device=x1.device)
+        return shift_time(x1, shifts), functools.partial(self.forward_fn, time_shift=shifts)
 
     def optimizer_step(self, epoch, batch_idx, optimizer, *args, **kwargs):
         # Linear lr warm-up as a function of the global step (no scheduler state: a checkpoint written in

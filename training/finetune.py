@@ -35,7 +35,7 @@ MODES = ("full", "partial", "lora")
 # --init_from when the grid differs. Key -> token axis.
 GRID_TABLES = {"pos_embed": 1, "feat_rope.freqs_cos": 0, "feat_rope.freqs_sin": 0}
 # What `--finetune partial` trains: conditioning and input/output layers; the blocks' attention/MLP stay frozen.
-PARTIAL_TRAINABLE_PREFIXES = ("x_embedder.", "t_embedder.", "y_embedder.", "final_layer.")
+PARTIAL_TRAINABLE_PREFIXES = ("x_embedder.", "t_embedder.", "y_embedder.", "time_shift_embedder.", "final_layer.")
 # The nn.Linear layers that get adapters: attention qkv/proj and the MLP (SwiGLU w12/w3, or GELU fc1/fc2).
 TARGET_PATTERN = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(w12|w3|fc1|fc2))"
 DEFAULT_RANK = 16

@@ -25,7 +25,7 @@ import torch
 from common.errors import PipelineError
 from common.io import load_safetensors, require_file, torch_load_weights
 from models.checkpoint import merge_lora_state
-from models.lightningdit import LightningDiT, LightningDiT_models
+from models.lightningdit import TIME_SHIFT_TABLE, LightningDiT, LightningDiT_models
 from training.finetune import GRID_TABLES, apply_finetune, apply_lora
 
 WHAT = "LightningDiT weights (--init_from): a published checkpoint, a state dict or a stage 2 checkpoint"
@@ -173,11 +173,13 @@ def check_compatible(weights: PretrainedWeights, model: LightningDiT, path: str 
                     and _without(state[k].shape, axis) == _without(target[k].shape, axis)]
     for k in grid_differs:
         state_grid[k] = target[k]
+    if TIME_SHIFT_TABLE in target and TIME_SHIFT_TABLE not in state:
+        state_grid[TIME_SHIFT_TABLE] = target[TIME_SHIFT_TABLE]   # --time_shift_aug on a file without: starts at 0
     mismatched = [(k, tuple(v.shape), tuple(target[k].shape)) for k, v in state_grid.items()
                   if k in target and k != CLASS_TABLE and v.shape != target[k].shape]
     if CLASS_TABLE in target and state[CLASS_TABLE].shape[1] != target[CLASS_TABLE].shape[1]:
         mismatched.insert(0, (CLASS_TABLE, tuple(state[CLASS_TABLE].shape), tuple(target[CLASS_TABLE].shape)))
-    missing = sorted(set(target) - set(state))
+    missing = sorted(set(target) - set(state_grid))
     unexpected = sorted(set(state) - set(target))
     if mismatched or missing or unexpected:
         lines = [f"{k}: file {a} vs model {b}" for k, a, b in mismatched[:4]] + (

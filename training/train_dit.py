@@ -23,6 +23,8 @@ from training.cli import TrainOptions
 from models.checkpoint import PipelineInfo, checkpoint_info, load_checkpoint
 from models.lightningdit import model_config
 from training.dit_module import DiTTrainingModule, NonFiniteLoss
+from training.early_checkpoint import EarlyCheckpoint
+from training.sample_grid import sample_grid_callbacks
 
 
 OOM_FLAGS = ("a smaller --batch_size (per GPU), --grad_checkpointing, a smaller --model (on 16 GB T4s: "
@@ -61,7 +63,8 @@ def build_module(args: TrainOptions, log=print) -> DiTTrainingModule:
                           in_channels=train_x.shape[1], depth=args.depth, hidden_size=args.hidden_size,
                           num_heads=args.num_heads, use_qknorm=args.use_qknorm or None,
                           class_dropout_prob=args.class_dropout_prob,
-                          use_checkpoint=bool(args.grad_checkpointing))
+                          use_checkpoint=bool(args.grad_checkpointing),
+                          time_shift_cond=True if args.time_shift_aug > 0 else None)   # off: no key, as published
     info = PipelineInfo(model_config=config, users=users, user_numbers=numbers, latent_mean=mean, latent_std=std,
                         tokenizer=meta.get("tokenizer", ""), tokenizer_sha256=meta.get("tokenizer_sha256", ""),
                         image_size=meta.get("image_size", 256))
@@ -69,7 +72,8 @@ def build_module(args: TrainOptions, log=print) -> DiTTrainingModule:
         info, train_x, train_y, val_x, val_y, lr=args.lr, betas=(0.9, args.beta2),
         weight_decay=args.weight_decay, batch_size=args.batch_size, ema_decay=args.ema_decay, seed=args.seed,
         timestep_sampling=args.timestep_sampling, cosine_loss_weight=args.cosine_loss_weight,
-        compile_model=args.compile, backbone_lr_scale=args.backbone_lr_scale, warmup_steps=args.warmup_steps)
+        compile_model=args.compile, backbone_lr_scale=args.backbone_lr_scale, warmup_steps=args.warmup_steps,
+        time_shift_aug=args.time_shift_aug)
     n_params = sum(p.numel() for p in module.model.parameters())
     log(f"{args.model} ({n_params / 1e6:.1f}M parameters), {len(users)} users, "
         f"{len(train_x)} train / {len(val_x)} val latents")
@@ -122,6 +126,8 @@ def train(args: TrainOptions, log=print, callbacks: Sequence[pl.Callback] = ()) 
     csv_logger = CSVLogger(out, name="lightning_logs", version="csv")
     loggers = [csv_logger, TensorBoardLogger(out, name="lightning_logs", version="tensorboard")]
     callbacks = [every, best, progress_callback(), KeepMetricsHistory(csv_logger), *callbacks]
+    callbacks += [EarlyCheckpoint(ckpt_dir, args.early_checkpoint_step, log), *sample_grid_callbacks(
+        args.vavae_path, args.val_grid_users, args.val_grid_samples, module.info, out, log)]
     if args.finetune == "lora":
         from training.callbacks import HalfPrecisionBase
         callbacks.append(HalfPrecisionBase())

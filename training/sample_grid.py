@@ -1,0 +1,113 @@
+"""Validation sample grids: watch identity emerge while stage 2 trains.
+
+At each validation, global rank 0 samples a few users with the EMA model (the default sampler at few steps,
+no guidance, the same noise every time so that grids compare across validations), decodes them with the
+stage 1 tokenizer, writes <output_dir>/val_grids/step_NNNNNN.png and latest.png, and logs the grid to
+TensorBoard (tag val_grid).
+
+Decoding is the cost (the demo tokenizer decodes ~1 image/s on a 2-core CPU): at most GRID_TIME_SHARE of
+the run goes to grids. The first validation always gets one; a later one is skipped while the grids so far
+plus the next would exceed that share of the time trained (on a GPU, where a grid takes a fraction of a
+second, every validation gets its grid).
+"""
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+from PIL import Image
+from pytorch_lightning.loggers import TensorBoardLogger
+
+from common.errors import PipelineError
+from common.io import atomic_path, file_sha256, require_file
+from models.checkpoint import PipelineInfo
+
+GRID_DIR = "val_grids"
+LATEST = "latest.png"
+GRID_STEPS = 8          # half of stage 3's 16: a preview, at half the cost
+GRID_SEED = 0
+GRID_TIME_SHARE = 0.05  # of the run's wall time, at most (see the module docstring)
+
+
+def grid_due(spent_s: float, last_cost_s: float, elapsed_s: float, share: float) -> bool:
+    """Whether a validation gets a grid: always the first (nothing spent yet), later ones while the time spent
+    on grids plus one more stays within `share` of the time since training started."""
+    return spent_s == 0 or spent_s + last_cost_s <= share * elapsed_s
+
+
+class ValidationGrid(pl.Callback):
+    """The grid of `users` x `samples` EMA samples after every validation (see the module docstring)."""
+    def __init__(self, vavae_path: str, folder: Path, users: int, samples: int):
+        self.vavae_path, self.folder = vavae_path, Path(folder)
+        self.users, self.samples = users, samples
+        self.vae = None   # loaded on first use, on rank 0 only
+        self.time_share = GRID_TIME_SHARE
+        self.started, self.spent, self.last_cost = time.monotonic(), 0.0, 0.0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.started = time.monotonic()
+        if trainer.is_global_zero and trainer.global_step == 0 and self.folder.is_dir():
+            for stale in self.folder.glob("*.png"):   # a fresh run: grids of an earlier one would mislead
+                stale.unlink()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero or trainer.sanity_checking:
+            return
+        begin = time.monotonic()
+        if not grid_due(self.spent, self.last_cost, begin - self.started, self.time_share):
+            return
+        pixels, users = self.sample(pl_module)
+        from generation.generate import write_grid
+        step = trainer.global_step
+        path = self.folder / f"step_{step:06d}.png"
+        write_grid(dict(zip(self.jobs(users), pixels)), users, self.samples, path)
+        with atomic_path(self.folder / LATEST) as tmp:
+            shutil.copyfile(path, tmp)
+        grid = np.asarray(Image.open(path).convert("RGB"))
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image("val_grid", grid, global_step=step, dataformats="HWC")
+        self.last_cost = time.monotonic() - begin
+        self.spent += self.last_cost
+
+    def jobs(self, users: list[int]) -> list[tuple[int, int]]:
+        return [(u, k) for u in users for k in range(self.samples)]
+
+    def sample(self, pl_module: pl.LightningModule) -> tuple[np.ndarray, list[int]]:
+        """(N, H, W, 3) uint8 decoded EMA samples of the first users, and those users' numbers."""
+        from generation.generate import sample_images
+        from models.vavae import load_vavae
+        device = str(pl_module.device)
+        if self.vae is None:
+            self.vae = load_vavae(self.vavae_path, device=device)
+        info: PipelineInfo = pl_module.info
+        users = info.user_numbers[: self.users]
+        ema = pl_module.ema
+        was_training = ema.training
+        ema.eval()   # no label dropout, whatever mode Lightning left the module in
+        try:
+            pixels, _ = sample_images(ema, self.vae, info, self.jobs(users), guidance_scale=1.0,
+                                      num_steps=GRID_STEPS, seed=GRID_SEED, batch_size=len(users) * self.samples,
+                                      device=device, progress=False)
+        finally:
+            ema.train(was_training)
+        return pixels, users
+
+
+def sample_grid_callbacks(vavae_path: str | None, users: int, samples: int, info: PipelineInfo, output_dir: Path,
+                          log=print) -> list[pl.Callback]:
+    """[ValidationGrid] when asked for (users and samples > 0) and a tokenizer is given, else [] (with one note
+    when only the tokenizer is missing). PipelineError if the tokenizer is not the one of the latents."""
+    if users <= 0 or samples <= 0:
+        return []
+    if not vavae_path:
+        log("note: no validation sample grids: pass --vavae_path (the stage 1 tokenizer) to watch samples emerge "
+            f"in {Path(output_dir) / GRID_DIR} and TensorBoard, or --val_grid_users 0 to silence this")
+        return []
+    require_file(vavae_path, "--vavae_path (the stage 1 tokenizer)")
+    if info.tokenizer_sha256 and file_sha256(vavae_path) != info.tokenizer_sha256:
+        raise PipelineError(f"--vavae_path {vavae_path} is not the tokenizer that made the stage 1 latents "
+                            f"({info.tokenizer or '?'}, sha256 {info.tokenizer_sha256[:12]}...): its grids would "
+                            "decode to noise. Pass the tokenizer used in stage 1, or leave --vavae_path out.")
+    return [ValidationGrid(vavae_path, Path(output_dir) / GRID_DIR, users, samples)]
