@@ -200,6 +200,14 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     started = time.time()
+    default = Path(tempfile.gettempdir()) / "gpu_check_cpu_smoke.json" if smoke else RESULTS / "gpu_check.json"
+    path = Path(args.json_out) if args.json_out else default
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:   # after every part: a run cut short keeps what finished
+        result["seconds"] = round(time.time() - started, 1)
+        path.write_text(json.dumps(result, indent=1, default=str) + "\n")
+
     result: dict[str, Any] = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke sizes)",
         "torch": torch.__version__, "lightning": pl.__version__, "cpu_smoke": smoke}
@@ -211,6 +219,7 @@ def main() -> None:
         tokenizer = make_tokenizer(work / "vavae", smoke)
         print("== stage 1", flush=True)
         result["stage1"] = attempt(lambda: check_stage1(work / "data", tokenizer, work, sizes))
+        save()
         latents = work / "latents_warm"
         print("== stage 2", flush=True)
         result["stage2"] = []
@@ -224,15 +233,12 @@ def main() -> None:
                                      "batch_size": sizes["batch_size"], "grad_checkpointing": ckpt,
                                      "steps": sizes["steps"], "latents_per_s": None, "peak_mem_gb": None,
                                      "mfu": None, **row})
+            save()
         print("== stage 3", flush=True)
         checkpoint = work / "dit_1" / "checkpoints" / "last.ckpt"
         model_name = sizes["stage2"][1][0]
         result["stage3"] = attempt(lambda: {"runs": check_stage3(checkpoint, model_name, tokenizer, sizes, device)})
-    result["seconds"] = round(time.time() - started, 1)
-    default = Path(tempfile.gettempdir()) / "gpu_check_cpu_smoke.json" if smoke else RESULTS / "gpu_check.json"
-    path = Path(args.json_out) if args.json_out else default
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    save()
     print(json.dumps(result, indent=1, default=str))
     print(f"wrote {path} ({result['seconds']} s)")
 
