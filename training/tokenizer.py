@@ -150,7 +150,9 @@ def psnr_db(model: VAVAE, images: torch.Tensor, batch_size: int = 32, autocast=n
     """Mean held-out PSNR (dB); the model is left in the mode it was in."""
     was_training = model.training
     model.eval()
-    value = reconstruction_psnr(model, images, batch_size, autocast).mean().item()
+    # reconstruct() hands back CPU images: the bank goes there too (on a GPU the banks live on the GPU, and the
+    # comparison of a CUDA bank with CPU reconstructions failed the first PSNR of every GPU run)
+    value = reconstruction_psnr(model, images.cpu(), batch_size, autocast).mean().item()
     model.train(was_training)
     return value
 
@@ -399,11 +401,20 @@ def run_training(model: VAVAE, proj: nn.Module | None, fm: nn.Module | None, tra
             p = psnr_db(model, eval_bank, autocast=recipe.autocast)
             evals.append((step, p))
             bar.write(f"step {step}: loss {history[-1]['loss']:.4f} (l1 {history[-1]['l1']:.4f} "
-                      f"mse {history[-1]['mse']:.5f}) lr {opt.param_groups[0]['lr']:.2e} val PSNR {p:.2f} dB")
+                      f"mse {history[-1]['mse']:.5f}) lr {opt.param_groups[0]['lr']:.2e} val PSNR {p:.2f} dB"
+                      + gan_summary(history[-1]))
     bar.close()
     seconds = time.time() - start
     log(f"trained {done} steps x {batch_size} in {seconds:.0f}s ({done * batch_size / max(seconds, 1e-9):.1f} images/s)")
     return TrainingRun(history, evals, done, seconds)
+
+
+def gan_summary(logged: dict) -> str:
+    """The GAN's state in a progress line: discriminator accuracy, and the decoder's term once it is on."""
+    if "d_acc" not in logged:
+        return ""
+    on = f", g_loss {logged['g_loss']:.3f} x {logged['d_weight']:.3g}" if "g_loss" in logged else ", G term not yet on"
+    return f"; D acc {logged['d_acc']:.2f}{on}"
 
 
 def tokenizer_metadata(*, val_psnr: float, psnr_before: float | None, num_train: int, num_val: int,
