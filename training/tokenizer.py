@@ -459,6 +459,8 @@ def train_tokenizer(data_dir: str | Path, output_path: str | Path, width: int = 
     recipe = resolve_recipe(init_from, image_size, lr, warmup, crop_size, batch_size, device, precision, decoder_only)
     torch.manual_seed(seed)
     model = build_tokenizer(init_from, width, num_res_blocks, image_size, log).to(recipe.device).train()
+    # before the images load: a missing VGG-16 or a too-small crop fails at once
+    texture = texture_terms(init_from, recipe, perceptual_weight, lpips_vgg, disc_weight, disc_start, disc_lr, log)
     train_bank, val_bank = load_banks(data_dir, val_fraction, image_size, recipe.device, log)
     psnr_before = None
     if init_from is not None:
@@ -467,7 +469,6 @@ def train_tokenizer(data_dir: str | Path, output_path: str | Path, width: int = 
     n_params = set_trainable(model, decoder_only, image_size, recipe.crop_size, log)
     fm, proj = alignment_term(foundation, align_weights, align_weight, model.config["embed_dim"], image_size,
                               recipe.device, log)
-    texture = texture_terms(init_from, recipe, perceptual_weight, lpips_vgg, disc_weight, disc_start, disc_lr, log)
 
     run = run_training(model, proj, fm, train_bank, val_bank[:max_val_images], recipe, steps=steps,
                        l1_weight=l1_weight, align_weight=align_weight, eval_every=eval_every,
