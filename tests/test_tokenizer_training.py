@@ -160,3 +160,76 @@ def test_output_path_is_required(tmp_path, capsys, monkeypatch):
                               "--batch_size", "2", "--eval_every", "0", "--device", "cpu"])
     assert exit_info.value.code == 2 and "--output_path" in capsys.readouterr().err
     assert not list(tmp_path.rglob("*.safetensors"))
+
+
+def test_gan_fine_tune_keeps_the_encoder_and_switches_the_gan_on_after_the_warm_up(tmp_path):
+    data = make_dataset(tmp_path / "data", **ONE_USER)
+    start = tmp_path / "start.safetensors"
+    train_tokenizer(data, start, steps=1, **TINY)
+    out = tmp_path / "tuned.safetensors"
+    summary = train_tokenizer(data, out, steps=5, lr=2e-3, warmup=1, init_from=start, decoder_only=True,
+                              disc_weight=0.5, disc_start=2, disc_lr=1e-3, log_every=1, **TINY)
+    history = summary["history"]
+    assert [h["step"] for h in history] == [1, 2, 3, 4, 5]
+    assert all("d_loss" in h and "d_acc" in h for h in history)           # the discriminator trains from step 1
+    assert not any("g_loss" in h for h in history[:2])                      # the decoder's GAN term after step 2
+    assert all(h["d_weight"] > 0 and math.isfinite(h["g_loss"]) for h in history[2:])
+    before, after = load_vavae(start).state_dict(), load_vavae(out).state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("encoder.", "quant_conv.")))
+    meta = read_safetensors_metadata(out)
+    assert meta["disc_weight"] == 0.5 and meta["disc_start"] == 2 and meta["disc_lr"] == 1e-3
+    assert meta["disc"] == "fresh" and meta["loss"].endswith("+ 0.5 adaptive hinge-gan after step 2")
+    assert "perceptual_weight" not in meta and "lpips" not in meta["loss"]
+
+
+def test_fine_tune_reuses_lpips_and_discriminator_kept_under_loss_in_the_starting_file(tmp_path):
+    """As the published VA-VAE keeps them: `loss.perceptual_loss.*` and `loss.discriminator.*` beside the
+    tokenizer's weights; the fine-tune uses both and downloads nothing."""
+    from common.io import load_safetensors, save_safetensors
+    from test_tokenizer_losses import fake_lpips_state_dict
+    from training.tokenizer_losses import PatchDiscriminator
+    data = make_dataset(tmp_path / "data", **ONE_USER)
+    start = tmp_path / "start.safetensors"
+    train_tokenizer(data, start, steps=1, **TINY)
+    tensors, meta = load_safetensors(start)
+    tensors |= {f"loss.perceptual_loss.{k}": v for k, v in fake_lpips_state_dict().items()}
+    tensors |= {f"loss.discriminator.{k}": v for k, v in PatchDiscriminator(ndf=8).state_dict().items()}
+    save_safetensors(tensors, start, meta)
+    lines = []
+    summary = train_tokenizer(data, tmp_path / "tuned.safetensors", steps=2, init_from=start, decoder_only=True,
+                              perceptual_weight=1.0, disc_weight=0.5, disc_start=0, log_every=1,
+                              **{**TINY, "log": lines.append})
+    assert all(h["lpips"] > 0 and "g_loss" in h for h in summary["history"])
+    meta = read_safetensors_metadata(tmp_path / "tuned.safetensors")
+    assert meta["lpips"] == "start.safetensors:loss.perceptual_loss" and meta["perceptual_weight"] == 1.0
+    assert meta["disc"] == "start.safetensors:loss.discriminator"
+    assert " + 1.0 lpips + 0.5 adaptive hinge-gan" in meta["loss"]
+    assert any("reused from" in line for line in lines)
+
+
+def test_texture_term_errors(tmp_path):
+    data = make_dataset(tmp_path / "data", **ONE_USER)
+    start = tmp_path / "start.safetensors"
+    train_tokenizer(data, start, steps=1, **TINY)
+    with pytest.raises(PipelineError, match="--lpips_vgg"):         # the demo tokenizer holds no VGG-16
+        train_tokenizer(data, tmp_path / "t.safetensors", steps=1, init_from=start, perceptual_weight=1.0, **TINY)
+    with pytest.raises(PipelineError, match="at least 32 px"):
+        train_tokenizer(data, tmp_path / "t.safetensors", steps=1, crop_size=16, disc_weight=0.5, **TINY)
+    with pytest.raises(PipelineError, match=">= 0"):
+        train_tokenizer(data, tmp_path / "t.safetensors", steps=1, disc_weight=-1.0, **TINY)
+    assert not (tmp_path / "t.safetensors").exists()
+
+
+def test_gan_flags_run_a_decoder_only_fine_tune_end_to_end(tmp_path):
+    import train_tokenizer as script
+    data = make_dataset(tmp_path / "data", **ONE_USER)
+    start = tmp_path / "start.safetensors"
+    train_tokenizer(data, start, steps=1, **TINY)
+    out = tmp_path / "tuned.safetensors"
+    script.main(["--data_dir", str(data), "--output_path", str(out), "--init_from", str(start), "--decoder_only",
+                 "--steps", "3", "--batch_size", "4", "--image_size", "32", "--eval_every", "0", "--device", "cpu",
+                 "--disc_weight", "0.25", "--disc_start", "1", "--disc_lr", "2e-4"])
+    meta = read_safetensors_metadata(out)
+    assert meta["steps"] == 3 and meta["decoder_only"] is True
+    assert (meta["disc_weight"], meta["disc_start"], meta["disc_lr"]) == (0.25, 1, 2e-4)
+    assert math.isfinite(meta["val_psnr_db"])

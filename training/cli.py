@@ -173,6 +173,18 @@ def build_tokenizer_parser() -> argparse.ArgumentParser:
                    help="local torchvision ResNet/ViT state dict for the VA-VAE alignment term (off if absent)")
     p.add_argument("--align_weight", type=float, default=0.1, help="weight of the alignment term")
     p.add_argument("--l1_weight", type=float, default=0.1, help="weight of the L1 term (beside MSE)")
+    p.add_argument("--perceptual_weight", type=float, default=0.0,
+                   help="weight of the LPIPS term (0: off); its VGG-16 comes from --lpips_vgg or from the published "
+                        "VA-VAE given as --init_from (its loss.perceptual_loss.*); nothing is downloaded")
+    p.add_argument("--lpips_vgg", default=None,
+                   help="local VGG-16 weights for LPIPS: a torchvision vgg16 state dict, an LPIPS state dict, or the "
+                        "published VA-VAE .pt")
+    p.add_argument("--disc_weight", type=float, default=0.0,
+                   help="weight of the PatchGAN term on top of LDM's adaptive weight (0: off; LDM uses 0.5). Reuses "
+                        "the discriminator of the published VA-VAE given as --init_from, else starts a fresh one")
+    p.add_argument("--disc_start", type=int, default=100,
+                   help="steps before the GAN term reaches the tokenizer; the discriminator trains from step 1")
+    p.add_argument("--disc_lr", type=float, default=None, help="discriminator Adam lr, constant (default: --lr)")
     p.add_argument("--seed", type=int, default=0, help="initial weights, split and batches")
     return p
 

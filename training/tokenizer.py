@@ -1,7 +1,8 @@
 """Train a narrow VA-VAE tokenizer (the f16d32 architecture family) on spectrogram images.
 
 Used when the user has no published tokenizer, or wants a small one that ships with the project.
-Loss: reconstruction + a tiny KL (as in LDM) + optionally the VA-VAE foundation-alignment term.
+Loss: reconstruction + a tiny KL (as in LDM) + optionally the VA-VAE foundation-alignment term, LPIPS and a
+PatchGAN adversarial term with LDM's adaptive weight (training/tokenizer_losses.py).
 """
 import math
 import time
@@ -22,6 +23,8 @@ from common.device import bf16_supported
 from common.io import file_sha256
 from common.pixels import to_float
 from models.vavae import VAVAE, load_vavae, reconstruction_psnr, save_vavae
+from training.tokenizer_losses import (LPIPS, Adversary, build_discriminator, build_lpips,
+                                       training_loss_weights)
 
 KL_WEIGHT = 1e-6            # LDM's weight on the KL of the summed per-image losses
 COS_MARGIN, DISTMAT_MARGIN = 0.5, 0.25    # VA-VAE's margins for the alignment term
@@ -147,7 +150,9 @@ def psnr_db(model: VAVAE, images: torch.Tensor, batch_size: int = 32, autocast=n
     """Mean held-out PSNR (dB); the model is left in the mode it was in."""
     was_training = model.training
     model.eval()
-    value = reconstruction_psnr(model, images, batch_size, autocast).mean().item()
+    # reconstruct() hands back CPU images: the bank goes there too (on a GPU the banks live on the GPU, and the
+    # comparison of a CUDA bank with CPU reconstructions failed the first PSNR of every GPU run)
+    value = reconstruction_psnr(model, images.cpu(), batch_size, autocast).mean().item()
     model.train(was_training)
     return value
 
@@ -164,6 +169,7 @@ def psnr_db(model: VAVAE, images: torch.Tensor, batch_size: int = 32, autocast=n
 # scratch beat 2e-4 by 1 dB in a 90 s H200 run.
 FROM_SCRATCH = dict(lr=6e-4, warmup=200, batch_size=32)
 FINETUNE = dict(lr=5e-4, warmup=20, batch_size=8)
+DISC_START = 100     # tokenizer steps before the GAN term reaches the decoder (the discriminator trains meanwhile)
 
 
 def build_tokenizer(init_from: str | Path | None, width: int, num_res_blocks: int, image_size: int,
@@ -278,6 +284,45 @@ def alignment_term(foundation: Callable[[], nn.Module] | None, align_weights: st
     return fm, proj
 
 
+@dataclass
+class TextureTerms:
+    """The optional LPIPS and GAN terms of a run, and where their networks came from (for the metadata)."""
+    lpips: LPIPS | None = None
+    perceptual_weight: float = 0.0
+    lpips_source: str = "off"
+    adversary: Adversary | None = None
+    disc_source: str = "off"
+
+
+def texture_terms(init_from: str | Path | None, recipe: Recipe, perceptual_weight: float,
+                  lpips_vgg: str | Path | None, disc_weight: float, disc_start: int, disc_lr: float | None,
+                  log=print) -> TextureTerms:
+    """LPIPS (--perceptual_weight > 0) and the PatchGAN (--disc_weight > 0), from local weights only: --lpips_vgg
+    or the starting tokenizer's `loss.*` (the published VA-VAE keeps both networks there); a fresh discriminator
+    otherwise. Raises PipelineError for negative weights, missing VGG weights, or crops too small for the GAN."""
+    if perceptual_weight < 0 or disc_weight < 0 or disc_start < 0:
+        raise PipelineError("--perceptual_weight, --disc_weight and --disc_start must be >= 0 "
+                            f"(got {perceptual_weight}, {disc_weight}, {disc_start}).")
+    terms = TextureTerms()
+    if perceptual_weight == 0 and disc_weight == 0:
+        return terms
+    init_weights = training_loss_weights(init_from) if init_from is not None else {}
+    if perceptual_weight > 0:
+        lpips, source = build_lpips(lpips_vgg, init_weights, init_from, log)
+        terms.lpips, terms.perceptual_weight, terms.lpips_source = lpips.to(recipe.device), perceptual_weight, source
+        log(f"LPIPS term on: weight {perceptual_weight}, VGG-16 from {source}")
+    if disc_weight > 0:
+        disc, terms.disc_source = build_discriminator(init_weights, init_from, log)
+        if recipe.crop_size < disc.min_size():
+            raise PipelineError(f"the PatchGAN needs images of at least {disc.min_size()} px; "
+                                f"--crop_size is {recipe.crop_size}. Raise --crop_size or set --disc_weight 0.")
+        terms.adversary = Adversary(disc.to(recipe.device).train(), disc_weight, disc_start, disc_lr or recipe.lr,
+                                    recipe.autocast)
+        log(f"GAN term on: adaptive weight x {disc_weight} after {disc_start} warm-up steps, "
+            f"discriminator lr {disc_lr or recipe.lr:g}")
+    return terms
+
+
 def learning_rate(lr: float, warmup: int, step: int, frac: float) -> float:
     """Linear warm-up, then cosine to zero over whichever runs out first (`frac` done): steps or minutes."""
     return lr * min(1.0, step / max(1, warmup)) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
@@ -305,8 +350,11 @@ def batch_sampler(bank: torch.Tensor, batch_size: int, crop_size: int,
 def run_training(model: VAVAE, proj: nn.Module | None, fm: nn.Module | None, train_bank: torch.Tensor,
                  eval_bank: torch.Tensor, recipe: Recipe, *, steps: int, l1_weight: float,
                  align_weight: float, eval_every: int, max_minutes: float | None, compile_model: bool, seed: int,
-                 log_every: int, progress: bool, log=print) -> TrainingRun:
-    """The optimisation loop: AdamW, the warm-up + cosine schedule, gradient clipping, held-out PSNR as it goes."""
+                 log_every: int, progress: bool, texture: TextureTerms | None = None, log=print) -> TrainingRun:
+    """The optimisation loop: AdamW, the warm-up + cosine schedule, gradient clipping, held-out PSNR as it goes;
+    with a GAN, one discriminator step after each tokenizer step."""
+    texture = texture or TextureTerms()
+    adversary = texture.adversary
     device = recipe.device
     channels_last = device.type == "cuda"        # NHWC convs are the fast path for cuDNN in bf16
     torch.backends.cudnn.benchmark = device.type == "cuda"
@@ -314,7 +362,7 @@ def run_training(model: VAVAE, proj: nn.Module | None, fm: nn.Module | None, tra
         model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad] + (list(proj.parameters()) if proj is not None else [])
     opt = torch.optim.AdamW(params, lr=recipe.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    step_fn = _make_step(model, proj, fm, recipe.autocast, l1_weight, align_weight, channels_last)
+    step_fn = _make_step(model, proj, fm, recipe.autocast, l1_weight, align_weight, channels_last, texture)
     if compile_model:
         step_fn = torch.compile(step_fn)
 
@@ -335,11 +383,14 @@ def run_training(model: VAVAE, proj: nn.Module | None, fm: nn.Module | None, tra
             group["lr"] = learning_rate(recipe.lr, recipe.warmup, step, frac)
         x = to_float(next_batch().to(device, non_blocking=True))
         noise = torch.randn(x.shape[0], model.config["embed_dim"], latent, latent, device=device)
-        loss, parts = step_fn(x, noise)
+        gan_on = adversary is not None and adversary.active(step)
+        loss, parts, out = step_fn(x, noise, gan_on)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        if adversary is not None:
+            parts.update(adversary.discriminator_step(x, out))
         done = step
         if step % log_every == 0 or step == 1 or step == steps:
             vals = {k: v.item() for k, v in parts.items()}
@@ -350,17 +401,27 @@ def run_training(model: VAVAE, proj: nn.Module | None, fm: nn.Module | None, tra
             p = psnr_db(model, eval_bank, autocast=recipe.autocast)
             evals.append((step, p))
             bar.write(f"step {step}: loss {history[-1]['loss']:.4f} (l1 {history[-1]['l1']:.4f} "
-                      f"mse {history[-1]['mse']:.5f}) lr {opt.param_groups[0]['lr']:.2e} val PSNR {p:.2f} dB")
+                      f"mse {history[-1]['mse']:.5f}) lr {opt.param_groups[0]['lr']:.2e} val PSNR {p:.2f} dB"
+                      + gan_summary(history[-1]))
     bar.close()
     seconds = time.time() - start
     log(f"trained {done} steps x {batch_size} in {seconds:.0f}s ({done * batch_size / max(seconds, 1e-9):.1f} images/s)")
     return TrainingRun(history, evals, done, seconds)
 
 
+def gan_summary(logged: dict) -> str:
+    """The GAN's state in a progress line: discriminator accuracy, and the decoder's term once it is on."""
+    if "d_acc" not in logged:
+        return ""
+    on = f", g_loss {logged['g_loss']:.3f} x {logged['d_weight']:.3g}" if "g_loss" in logged else ", G term not yet on"
+    return f"; D acc {logged['d_acc']:.2f}{on}"
+
+
 def tokenizer_metadata(*, val_psnr: float, psnr_before: float | None, num_train: int, num_val: int,
                        run: TrainingRun, recipe: Recipe, seed: int, image_size: int, params: int,
                        align_weights: str | Path | None, custom_foundation: bool, aligned: bool, l1_weight: float,
-                       align_weight: float, init_from: str | Path | None, decoder_only: bool) -> dict:
+                       align_weight: float, init_from: str | Path | None, decoder_only: bool,
+                       texture: TextureTerms | None = None) -> dict:
     """The safetensors metadata of the written tokenizer: how it was trained and how well it reconstructs."""
     meta = {"val_psnr_db": round(val_psnr, 3), "num_train_images": num_train, "num_val_images": num_val,
             "steps": run.steps, "batch_size": recipe.batch_size, "lr": recipe.lr, "seconds": round(run.seconds, 1),
@@ -369,6 +430,15 @@ def tokenizer_metadata(*, val_psnr: float, psnr_before: float | None, num_train:
             "align": str(Path(align_weights).name) if align_weights else ("custom" if custom_foundation else "off"),
             "loss": f"mse + {l1_weight} l1 + {KL_WEIGHT} kl" + (f" + {align_weight} vf" if aligned else ""),
             "written_by": "train_tokenizer.py"}
+    texture = texture or TextureTerms()
+    if texture.lpips is not None:
+        meta["loss"] += f" + {texture.perceptual_weight} lpips"
+        meta.update(perceptual_weight=texture.perceptual_weight, lpips=texture.lpips_source)
+    if texture.adversary is not None:
+        adv = texture.adversary
+        meta["loss"] += f" + {adv.weight} adaptive hinge-gan after step {adv.start}"
+        meta.update(disc_weight=adv.weight, disc_start=adv.start, disc_lr=adv.opt.param_groups[0]["lr"],
+                    disc=texture.disc_source)
     if init_from is not None:
         meta.update(init_from=Path(init_from).name, init_sha256=file_sha256(init_from), decoder_only=decoder_only,
                     val_psnr_before_db=round(psnr_before, 3))
@@ -382,12 +452,15 @@ def train_tokenizer(data_dir: str | Path, output_path: str | Path, width: int = 
                     foundation: Callable[[], nn.Module] | None = None, l1_weight: float = 0.1,
                     eval_every: int = 1000, max_val_images: int = 256, max_minutes: float | None = None,
                     init_from: str | Path | None = None, decoder_only: bool = False, crop_size: int | None = None,
-                    compile_model: bool = False, seed: int = 0, log_every: int = 25, progress: bool = True,
-                    log=print) -> dict:
+                    compile_model: bool = False, perceptual_weight: float = 0.0, lpips_vgg: str | Path | None = None,
+                    disc_weight: float = 0.0, disc_start: int = DISC_START, disc_lr: float | None = None,
+                    seed: int = 0, log_every: int = 25, progress: bool = True, log=print) -> dict:
     """Train (or fine-tune), report held-out PSNR before and after, write fp16 safetensors; returns a summary."""
     recipe = resolve_recipe(init_from, image_size, lr, warmup, crop_size, batch_size, device, precision, decoder_only)
     torch.manual_seed(seed)
     model = build_tokenizer(init_from, width, num_res_blocks, image_size, log).to(recipe.device).train()
+    # before the images load: a missing VGG-16 or a too-small crop fails at once
+    texture = texture_terms(init_from, recipe, perceptual_weight, lpips_vgg, disc_weight, disc_start, disc_lr, log)
     train_bank, val_bank = load_banks(data_dir, val_fraction, image_size, recipe.device, log)
     psnr_before = None
     if init_from is not None:
@@ -400,7 +473,7 @@ def train_tokenizer(data_dir: str | Path, output_path: str | Path, width: int = 
     run = run_training(model, proj, fm, train_bank, val_bank[:max_val_images], recipe, steps=steps,
                        l1_weight=l1_weight, align_weight=align_weight, eval_every=eval_every,
                        max_minutes=max_minutes, compile_model=compile_model, seed=seed, log_every=log_every,
-                       progress=progress, log=log)
+                       progress=progress, texture=texture, log=log)
 
     # The file stores fp16 weights: measure the model the file holds, so that the PSNR in its metadata is the
     # PSNR anyone reloading it measures (fp32 weights scored ~0.002 dB apart from their fp16 rounding).
@@ -412,7 +485,8 @@ def train_tokenizer(data_dir: str | Path, output_path: str | Path, width: int = 
                               num_val=len(val_bank), run=run, recipe=recipe, seed=seed,
                               image_size=image_size, params=n_params, align_weights=align_weights,
                               custom_foundation=foundation is not None, aligned=fm is not None, l1_weight=l1_weight,
-                              align_weight=align_weight, init_from=init_from, decoder_only=decoder_only)
+                              align_weight=align_weight, init_from=init_from, decoder_only=decoder_only,
+                              texture=texture)
     save_vavae(model.cpu(), output_path, meta, half=True)
     size = Path(output_path).stat().st_size
     log(f"wrote {output_path} ({size / 2**20:.2f} MiB, fp16 weights)")
@@ -430,9 +504,9 @@ def round_to_fp16_storage(model: VAVAE) -> None:
                 tensor.copy_(tensor.half())
 
 
-def _make_step(model, proj, fm, autocast, l1_weight, align_weight, channels_last):
-    """The forward of one training step -> (loss, detached parts)."""
-    def step(x: torch.Tensor, noise: torch.Tensor):
+def _make_step(model, proj, fm, autocast, l1_weight, align_weight, channels_last, texture: TextureTerms):
+    """The forward of one training step -> (loss, detached parts, reconstruction)."""
+    def step(x: torch.Tensor, noise: torch.Tensor, gan_on: bool = False):
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast():
@@ -442,13 +516,21 @@ def _make_step(model, proj, fm, autocast, l1_weight, align_weight, channels_last
         err = out - x
         # PSNR is an MSE metric, so MSE carries the objective; the small L1 term keeps a steady gradient on
         # the many near-correct pixels (its gradient does not fade with the error) and sharpens edges.
-        # No LPIPS/GAN: their networks cannot be downloaded here, and the target is a pixel metric.
+        # Pixel losses alone blur speckle (the mean of plausible textures is smooth): LPIPS and the GAN, when
+        # on, pay for texture.
         mse, l1 = err.pow(2).mean(), err.abs().mean()
+        rec = mse + l1_weight * l1
+        parts = {"mse": mse, "l1": l1}
+        if texture.lpips is not None:
+            with autocast():
+                lpips = texture.lpips(out, x).mean()
+            rec = rec + texture.perceptual_weight * lpips
+            parts["lpips"] = lpips
         # KL summed per image, then divided by the pixel count: the same ratio to the reconstruction
         # term as LDM's kl_weight on per-image *summed* losses.
         kl = 0.5 * (mean.float().pow(2) + logvar.float().exp() - 1 - logvar.float()).flatten(1).sum(1).mean()
-        loss = mse + l1_weight * l1 + KL_WEIGHT * kl / x[0].numel()
-        parts = {"loss": loss, "mse": mse, "l1": l1, "kl": kl}
+        loss = rec + KL_WEIGHT * kl / x[0].numel()
+        parts.update(loss=loss, kl=kl)
         if fm is not None:
             with torch.no_grad(), autocast():
                 feats = fm(x)
@@ -460,5 +542,9 @@ def _make_step(model, proj, fm, autocast, l1_weight, align_weight, channels_last
             adaptive = (rec_grad.norm() / vf_grad.norm().clamp_min(1e-8)).clamp(max=1e4).detach()
             loss = loss + align_weight * adaptive * (mcos + mdms)
             parts.update(loss=loss, vf_cos=mcos, vf_dist=mdms, vf_scale=adaptive)
-        return loss, {k: v.detach() for k, v in parts.items()}
+        if gan_on:
+            gan, gan_parts = texture.adversary.generator_term(out, rec, model.decoder.conv_out.weight)
+            loss = loss + gan
+            parts.update(loss=loss, **gan_parts)
+        return loss, {k: v.detach() for k, v in parts.items()}, out.detach()
     return step
