@@ -251,8 +251,10 @@ def reconstruct(model: VAVAE, images: torch.Tensor, batch_size: int = 16,
 
 def reconstruction_psnr(model: VAVAE, images: torch.Tensor, batch_size: int = 16,
                         autocast=contextlib.nullcontext) -> torch.Tensor:
-    """Per-image PSNR (dB) of encode-mean -> decode for uint8 images (N, 3, H, W), both sides as uint8."""
-    return psnr_db(reconstruct(model, images, batch_size, autocast), images)
+    """Per-image PSNR (dB), (N,) float, of encode-mean -> decode for uint8 images (N, 3, H, W), both sides as uint8.
+
+    The images may live on any device: reconstruct() hands back CPU images, so the comparison is on the CPU."""
+    return psnr_db(reconstruct(model, images, batch_size, autocast), images.cpu())
 
 
 #################################################################################

@@ -150,9 +150,7 @@ def psnr_db(model: VAVAE, images: torch.Tensor, batch_size: int = 32, autocast=n
     """Mean held-out PSNR (dB); the model is left in the mode it was in."""
     was_training = model.training
     model.eval()
-    # reconstruct() hands back CPU images: the bank goes there too (on a GPU the banks live on the GPU, and the
-    # comparison of a CUDA bank with CPU reconstructions failed the first PSNR of every GPU run)
-    value = reconstruction_psnr(model, images.cpu(), batch_size, autocast).mean().item()
+    value = reconstruction_psnr(model, images, batch_size, autocast).mean().item()
     model.train(was_training)
     return value
 
