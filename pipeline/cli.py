@@ -16,7 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = new_parser(DESCRIPTION)
     p.add_argument("--config", default=None, help="YAML whose keys are flags of this script or of any stage")
     p.add_argument("--data_dir", help="stage 1 and 4: train/ and val/ with a folder per user")
-    p.add_argument("--vavae_path", help="stage 1, 3 and 4: the tokenizer")
+    p.add_argument("--vavae_path", help="stages 1-4: the tokenizer (stage 2 decodes its validation grids with it)")
     p.add_argument("--output_dir", default=None, help="each stage writes a folder here")
     p.add_argument("--batch_size", type=int, default=32, help="stage 1 and 2 (per device)")
     p.add_argument("--max_epochs", type=int, default=50, help="stage 2 (its own default is 100)")

@@ -95,7 +95,8 @@ def stage_arguments(args: argparse.Namespace, out: Path) -> dict[int, list[str]]
         1: ["--data_dir", data_dir, "--vavae_path", vavae_path, "--output_path", str(d[1]),
             "--batch_size", str(args.batch_size), "--devices", str(args.devices)],
         2: ["--latent_dir", str(d[1]), "--output_dir", str(d[2]), "--batch_size", str(args.batch_size),
-            "--max_epochs", str(args.max_epochs), "--devices", str(args.devices)],
+            "--max_epochs", str(args.max_epochs), "--devices", str(args.devices),
+            "--vavae_path", vavae_path],    # decodes the validation sample grids
         3: ["--dit_checkpoint", str(d[2] / "checkpoints" / "best.ckpt"), "--vavae_path", vavae_path,
             "--output_dir", str(d[3]), "--num_samples_per_user", str(args.num_samples_per_user),
             "--user_ids", *users],
