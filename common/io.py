@@ -1,9 +1,12 @@
 """File I/O shared by every stage: atomic writes, safe loading, fingerprints."""
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import pickle
+import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,26 +25,81 @@ _UMASK = os.umask(0)   # read once, at import (setting it is process-wide, so no
 os.umask(_UMASK)
 
 
+OUT_OF_SPACE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}   # disk full, file-size limit, quota
+# The same failures as torch.save's C++ writer and safetensors report them (the errno is lost on the way).
+OUT_OF_SPACE_MESSAGES = re.compile(r"basic_ios::clear|PytorchStreamWriter failed writing file|unexpected pos \d+ vs \d+"
+                                   r"|file write failed|No space left on device|File too large|Disk quota exceeded"
+                                   r"|os error (28|27|122)\b")
+
+
+def is_out_of_space(err: BaseException) -> bool:
+    """Whether a write failed for want of space (ENOSPC, EFBIG under `ulimit -f`, EDQUOT), as any writer says it."""
+    if isinstance(err, OSError) and err.errno in OUT_OF_SPACE_ERRNOS:
+        return True
+    return isinstance(err, Exception) and bool(OUT_OF_SPACE_MESSAGES.search(str(err)))
+
+
+@contextlib.contextmanager
+def out_of_space_as_error(folder: Path, unchanged: str) -> Iterator[None]:
+    """Writes into `folder` inside: an out-of-space failure becomes a PipelineError naming the folder, saying
+    what was kept (`unchanged`) and to free space. Other errors pass through."""
+    try:
+        yield
+    except PipelineError:
+        raise
+    except Exception as err:
+        if not is_out_of_space(err):
+            raise
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise PipelineError(f"could not write to {folder}: no space left (the disk is full, or a file-size or "
+                            f"quota limit was reached: {reason}). {unchanged} Free space there (or choose another "
+                            f"output folder) and rerun.") from err
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds.
 
     A stage killed mid-write leaves at most a hidden temporary file, never a file a later
-    stage (or the orchestrator's skip logic) would take for finished work.
+    stage (or the orchestrator's skip logic) would take for finished work. Raises PipelineError
+    (naming the folder, `path` unchanged) when the disk is full.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        yield tmp
-        # After the writer (some write a file of their own over tmp): mkstemp's 0600 becomes the usual mode.
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with out_of_space_as_error(path.parent, f"{path.name} there is as it was before."):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(tmp)
+        try:
+            yield tmp
+            # After the writer (some write a file of their own over tmp): mkstemp's 0600 becomes the usual mode.
+            os.chmod(tmp, 0o666 & ~_UMASK)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+
+@contextlib.contextmanager
+def staged_files(folder: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty hidden folder beside `folder` to write a set of files into; when the block succeeds, move
+    them all into `folder` (replacing files of the same names; other files there are left alone).
+
+    The moves are renames within one file system: they need no space, so a disk that fills up fails the block,
+    while `folder` still holds the previous set, complete. Raises PipelineError (naming `folder`) then. The
+    staging folder is removed in every case.
+    """
+    folder = Path(folder)
+    with out_of_space_as_error(folder, f"{folder} was left as it was."):
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".staging", dir=folder.parent))
+        try:
+            yield staging
+            folder.mkdir(exist_ok=True)
+            for path in sorted(staging.iterdir()):
+                os.replace(path, folder / path.name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
