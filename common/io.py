@@ -1,11 +1,9 @@
 """File I/O shared by every stage: atomic writes, safe loading, fingerprints."""
 import contextlib
-import errno
 import hashlib
 import json
 import os
 import pickle
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -14,7 +12,7 @@ from typing import Any, Iterator
 import torch
 from safetensors.torch import load_file, safe_open, save_file
 
-from common.errors import PipelineError
+from common.errors import PipelineError, is_out_of_space
 
 
 #################################################################################
@@ -23,20 +21,6 @@ from common.errors import PipelineError
 
 _UMASK = os.umask(0)   # read once, at import (setting it is process-wide, so not while threads run)
 os.umask(_UMASK)
-
-
-OUT_OF_SPACE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}   # disk full, file-size limit, quota
-# The same failures as torch.save's C++ writer and safetensors report them (the errno is lost on the way).
-OUT_OF_SPACE_MESSAGES = re.compile(r"basic_ios::clear|PytorchStreamWriter failed writing file|unexpected pos \d+ vs \d+"
-                                   r"|file write failed|No space left on device|File too large|Disk quota exceeded"
-                                   r"|os error (28|27|122)\b")
-
-
-def is_out_of_space(err: BaseException) -> bool:
-    """Whether a write failed for want of space (ENOSPC, EFBIG under `ulimit -f`, EDQUOT), as any writer says it."""
-    if isinstance(err, OSError) and err.errno in OUT_OF_SPACE_ERRNOS:
-        return True
-    return isinstance(err, Exception) and bool(OUT_OF_SPACE_MESSAGES.search(str(err)))
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import generation.generate as gen
-from common.errors import PipelineError
+from common.errors import PipelineError, cli_entry, is_out_of_space
 from common.io import save_safetensors, save_torch, write_text
 from helpers import PYTHON, ROOT, TINY_DIT, assert_user_error, make_tokenizer, tiny_dit
 from models.checkpoint import PipelineInfo
@@ -81,7 +81,7 @@ def test_stage3_on_a_full_disk_keeps_the_previous_run(tmp_path, files):
 
 CHILD = """
 import resource, signal, sys, torch
-from common.errors import PipelineError
+from common.errors import PipelineError, cli_entry, is_out_of_space
 from common.io import save_safetensors, save_torch, write_text
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
@@ -115,13 +115,24 @@ def test_every_save_function_names_the_folder_when_the_disk_is_full(tmp_path):
 
 
 def test_the_out_of_space_forms_are_recognised():
-    from common.io import is_out_of_space
     assert is_out_of_space(OSError(28, "No space left on device"))
     assert is_out_of_space(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"))
     assert is_out_of_space(RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"))
     assert is_out_of_space(RuntimeError("basic_ios::clear: iostream error"))
     assert not is_out_of_space(OSError(13, "Permission denied"))
     assert not is_out_of_space(RuntimeError("shape mismatch"))
+
+
+def test_a_full_disk_outside_the_atomic_writers_is_a_message(capsys):
+    """e.g. Lightning's metrics.csv: no traceback, the file named, exit code 2."""
+    @cli_entry
+    def main():
+        raise OSError(28, "No space left on device", "/runs/x/lightning_logs/metrics.csv")
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error: no space left to write /runs/x/lightning_logs/metrics.csv")
+    assert "Free space" in err
 
 
 def nan_under_autocast(real):
