@@ -2,7 +2,7 @@
 The flags are in training/cli.py."""
 import sys
 
-from common.config import parse_args
+from common.config import parse_args, require_flags
 from common.errors import cli_entry
 from training.cli import REQUIRED, TrainOptions, build_parser
 
@@ -16,7 +16,7 @@ def main(argv=None) -> None:
         fits, text, _ = memory_report(TrainOptions.from_args(args), args.check_memory * GB)
         print(text)
         sys.exit(0 if fits else 1)
-    args = parse_args(parser, argv, required=REQUIRED)
+    require_flags(parser, args, REQUIRED)
     from training.train_dit import train
     train(TrainOptions.from_args(args))
 

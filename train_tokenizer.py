@@ -2,7 +2,7 @@
 The flags are in training/cli.py.
 
     python train_tokenizer.py --data_dir D --output_path tok.safetensors --steps 6000
-    python train_tokenizer.py --data_dir D --output_path tok.safetensors \
+    python train_tokenizer.py --data_dir D --output_path tok.safetensors \\
         --init_from assets/demo_vavae.safetensors --max_minutes 10
 """
 from common.errors import cli_entry

@@ -1,11 +1,27 @@
-"""One config mechanism: YAML files whose keys are flag names; flags on the command line override."""
+"""One config mechanism: YAML files whose keys are flag names; flags on the command line override.
+
+Every numeric flag is checked when it is parsed (the argparse `type=` checkers below), on the command line
+and in a config file alike, so that a value no stage could honour (0 images, a NaN guidance scale, an EMA
+decay of 1.5) stops with exit code 2 and the flag's name before any model is loaded.
+"""
 import argparse
+import importlib
+import math
+import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import yaml
 
 from common.errors import PipelineError
+
+# The modules whose build_parser() makes a command line that reads --config. A shipped config holds keys of
+# several of them (the orchestrator routes each key to the stages that take it); a stage script given the same
+# config passes over the keys of the others. Imported by name, and only when a config holds a key the running
+# command lacks: the stage parsers import torch (model and sampler names), and this module sits below them.
+CONFIG_COMMANDS = {"data.cli": "stage1_extract_features.py", "training.cli": "stage2_train_dit.py",
+                   "generation.cli": "stage3_inference.py", "evaluation.cli": "stage4_evaluate.py",
+                   "pipeline.cli": "run_complete_pipeline.py"}
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -21,13 +37,147 @@ def new_parser(description: str | None) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
 
 
+#################################################################################
+#                        Numeric flags, checked at parse time                   #
+#################################################################################
+
+class Number:
+    """An argparse `type=`: text -> a finite int or float within [low, high] (an end excluded when open).
+
+    Raises argparse.ArgumentTypeError (argparse prints it after the flag's name and exits with code 2).
+    `invalid` lists values it refuses, `valid` values at its bounds it accepts (for tests over all parsers).
+    """
+    def __init__(self, kind: type, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False, name: str = "number"):
+        self.kind, self.low, self.high, self.low_open, self.high_open = kind, low, high, low_open, high_open
+        self.__name__ = name   # argparse names the type by it
+
+    def describe(self) -> str:
+        what = "an integer" if self.kind is int else "a finite number"
+        bounds = []
+        if self.low is not None:
+            bounds.append(f"{'>' if self.low_open else '>='} {self.low:g}")
+        if self.high is not None:
+            bounds.append(f"{'<' if self.high_open else '<='} {self.high:g}")
+        return what + (" " + " and ".join(bounds) if bounds else "")
+
+    def __call__(self, text: str) -> int | float:
+        try:
+            value = self.kind(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"must be {self.describe()} (got {text!r})") from None
+        too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        if not math.isfinite(value) or too_low or too_high:
+            raise argparse.ArgumentTypeError(f"must be {self.describe()} (got {text})")
+        return value
+
+    @property
+    def invalid(self) -> list[str]:
+        bad = ["x"] + (["1.5", "nan"] if self.kind is int else ["nan", "inf", "-inf"])
+        if self.low is not None:
+            bad.append(repr(self.kind(self.low if self.low_open else self.low - 1)))
+        if self.high is not None:
+            bad.append(repr(self.kind(self.high if self.high_open else self.high + 1)))
+        return bad
+
+    @property
+    def valid(self) -> list[str]:
+        step = 1 if self.kind is int else 1e-3
+        good = [] if self.low is None else [self.low + step if self.low_open else self.low]
+        good += [] if self.high is None else [self.high - step if self.high_open else self.high]
+        return [repr(self.kind(v)) for v in good]
+
+
+positive_int = Number(int, low=1, name="positive_int")
+non_negative_int = Number(int, low=0, name="non_negative_int")
+positive_float = Number(float, low=0, low_open=True, name="positive_float")
+non_negative_float = Number(float, low=0, name="non_negative_float")
+finite_float = Number(float, name="finite_float")
+probability = Number(float, low=0, high=1, name="probability")                     # [0, 1]
+below_one = Number(float, low=0, high=1, high_open=True, name="below_one")          # [0, 1): a decay, a beta
+open_fraction = Number(float, low=0, high=1, low_open=True, high_open=True, name="open_fraction")   # (0, 1)
+percentile = Number(float, low=0, high=100, name="percentile")
+seed = Number(int, low=0, high=2 ** 32 - 1, name="seed")   # Lightning's seed_everything range (outside: random)
+
+
+class DistinctValues(argparse.Action):
+    """nargs="+" list whose values must differ (`--user_ids 1 1` would say 2 images and write one)."""
+    def __call__(self, parser, namespace, values, option_string=None):
+        repeated = repeated_values(values)
+        if repeated:
+            raise argparse.ArgumentError(self, distinct_message(repeated, self.dest))
+        setattr(namespace, self.dest, values)
+
+
+def repeated_values(values: Sequence[Any]) -> list[Any]:
+    return list(dict.fromkeys(v for i, v in enumerate(values) if v in values[:i]))
+
+
+def distinct_message(repeated: list[Any], dest: str) -> str:
+    hint = " (more images per user: --num_samples_per_user)" if "user" in dest else ""
+    return f"lists {', '.join(map(str, repeated))} more than once; give each value once{hint}"
+
+
+#################################################################################
+#                                  Config files                                 #
+#################################################################################
+
 def add_config_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=str, default=None,
-                        help="YAML file whose keys are flag names (without --); flags given here win")
+                        help="YAML file whose keys are flag names (without --); flags given here win. Keys of "
+                             "other stages are passed over with a note")
 
 
-def load_config(path: str | Path, parser: argparse.ArgumentParser) -> dict:
-    """Read a YAML config and check every key is a flag of `parser`."""
+def flag_key(key: str) -> str:
+    return str(key).lstrip("-").replace("-", "_")
+
+
+def commands_taking(keys: set[str]) -> dict[str, list[str]]:
+    """key -> the project's commands that have that flag (keys no command has are left out)."""
+    owners: dict[str, list[str]] = {}
+    for module, script in CONFIG_COMMANDS.items():
+        dests = {a.dest for a in importlib.import_module(module).build_parser()._actions}
+        for key in keys & dests:
+            owners.setdefault(key, []).append(script)
+    return owners
+
+
+def config_value(action: argparse.Action, value: Any, where: str) -> Any:
+    """A config value checked as the flag's own parsing would check it (type, bounds, choices, distinct)."""
+    def refuse(reason: str) -> PipelineError:
+        return PipelineError(f"{where}: {reason}")
+    if action.nargs == 0:   # a switch
+        if not isinstance(value, bool):
+            raise refuse(f"must be true or false (got {value!r})")
+        return value
+    listed = action.nargs in ("+", "*")
+    if isinstance(value, (list, tuple)) != listed:
+        raise refuse(f"must be {'a list' if listed else 'a single value'} (got {value!r})")
+    items = list(value) if listed else [value]
+    checked = []
+    for item in items:
+        if isinstance(item, (dict, list, tuple)) or (isinstance(item, bool) and action.type is not None):
+            raise refuse(f"{item!r} is not a valid value")
+        try:
+            item = action.type(str(item)) if action.type is not None else item
+        except (argparse.ArgumentTypeError, TypeError, ValueError) as err:
+            raise refuse(str(err)) from None
+        if action.choices is not None and item not in action.choices:
+            raise refuse(f"{item!r} is not one of {', '.join(map(str, action.choices))}")
+        checked.append(item)
+    if isinstance(action, DistinctValues) and repeated_values(checked):
+        raise refuse(distinct_message(repeated_values(checked), action.dest))
+    return checked if listed else checked[0]
+
+
+def load_config(path: str | Path, parser: argparse.ArgumentParser,
+                note: Callable[[str], None] | None = None) -> dict:
+    """Read a YAML config: its keys that are flags of `parser`, checked as on the command line.
+
+    Keys that are flags of another command of the project (stage or orchestrator) are passed over with a
+    one-line note; any other key is an error (PipelineError), as is a value the flag would refuse.
+    """
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"config file not found: {path}")
@@ -37,12 +187,41 @@ def load_config(path: str | Path, parser: argparse.ArgumentParser) -> dict:
         raise PipelineError(f"config file {path} is not valid YAML: {err}") from err
     if not isinstance(values, dict):
         raise PipelineError(f"config file {path} must be a mapping of flag names to values")
-    known = {a.dest for a in parser._actions}
-    unknown = sorted(k for k in values if k.lstrip("-").replace("-", "_") not in known)
+    actions = {a.dest: a for a in parser._actions if a.option_strings}
+    values = {flag_key(k): v for k, v in values.items()}
+    foreign = set(values) - set(actions)
+    owners = commands_taking(foreign) if foreign else {}
+    unknown = sorted(foreign - set(owners))
     if unknown:
-        raise PipelineError(f"config file {path} has keys that are not flags of this stage: "
-                            f"{', '.join(unknown)}. Valid keys: {', '.join(sorted(known - {'help', 'config'}))}")
-    return {k.lstrip("-").replace("-", "_"): v for k, v in values.items()}
+        raise PipelineError(f"config file {path} has keys that are flags of no command of this project: "
+                            f"{', '.join(unknown)}. Valid keys here: "
+                            f"{', '.join(sorted(set(actions) - {'help', 'config'}))}")
+    if owners:
+        (note or (lambda m: print(m, file=sys.stderr)))(
+            f"note: {path}: passed over {len(owners)} key(s) that are flags of other commands only: "
+            + ", ".join(sorted(owners)))
+    # `key:` with no value leaves the flag at its default.
+    return {k: config_value(actions[k], v, f"config file {path}, key {k}") for k, v in values.items()
+            if k in actions and v is not None}
+
+
+def load_project_config(path: str | Path) -> dict:
+    """A config whose keys may be flags of any command of the project (the orchestrator's --config), each
+    value checked by the first command (in CONFIG_COMMANDS order) that has the flag."""
+    merged = argparse.ArgumentParser(add_help=False)
+    for module in CONFIG_COMMANDS:
+        for action in importlib.import_module(module).build_parser()._actions:
+            if action.option_strings and action.dest not in {a.dest for a in merged._actions}:
+                merged._add_action(action)
+    return load_config(path, merged)
+
+
+def require_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, required: Sequence[str]) -> None:
+    """Exit 2 naming the flags in `required` that neither the command line nor --config set."""
+    missing = [name for name in required if getattr(args, name, None) in (None, [], "")]
+    if missing:
+        parser.error("missing required flag(s): " + " ".join(f"--{m}" for m in missing)
+                     + " (on the command line or in --config)")
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None,
@@ -52,8 +231,5 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
     if getattr(pre, "config", None):
         parser.set_defaults(**load_config(pre.config, parser))
     args = parser.parse_args(argv)
-    missing = [name for name in required if getattr(args, name, None) in (None, [], "")]
-    if missing:
-        parser.error("missing required flag(s): " + " ".join(f"--{m}" for m in missing)
-                     + " (on the command line or in --config)")
+    require_flags(parser, args, required)
     return args

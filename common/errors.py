@@ -1,5 +1,7 @@
 """User-facing errors: a clear message and a non-zero exit, no traceback."""
+import errno
 import functools
+import re
 import sys
 from contextlib import contextmanager
 from typing import Callable, Iterator
@@ -10,6 +12,19 @@ class PipelineError(Exception):
 
 
 EXIT_USER_ERROR = 2
+OUT_OF_SPACE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}   # disk full, file-size limit, quota
+# The same failures as torch.save's C++ writer and safetensors report them (the errno is lost on the way).
+OUT_OF_SPACE_MESSAGES = re.compile(r"basic_ios::clear|PytorchStreamWriter failed writing file|unexpected pos \d+ vs \d+"
+                                   r"|file write failed|No space left on device|File too large|Disk quota exceeded"
+                                   r"|os error (28|27|122)\b")
+
+
+def is_out_of_space(err: BaseException) -> bool:
+    """Whether a write failed for want of space (ENOSPC, EFBIG under `ulimit -f`, EDQUOT), as any writer says it.
+    common.io's writers turn such failures into a PipelineError naming the folder; cli_entry catches the rest."""
+    if isinstance(err, OSError) and err.errno in OUT_OF_SPACE_ERRNOS:
+        return True
+    return isinstance(err, Exception) and bool(OUT_OF_SPACE_MESSAGES.search(str(err)))
 
 
 @contextmanager
@@ -35,6 +50,14 @@ def cli_entry(main: Callable[..., int | None]) -> Callable[..., int | None]:
             return main(*args, **kwargs)
         except PipelineError as err:
             print(f"error: {err}", file=sys.stderr)
+            sys.exit(EXIT_USER_ERROR)
+        except Exception as err:
+            if not is_out_of_space(err):
+                raise
+            # A write outside common.io's writers (e.g. a library's log file) found the disk full.
+            where = f" {err.filename}" if getattr(err, "filename", None) else ""
+            print(f"error: no space left to write{where} ({str(err).strip().splitlines()[0][:200]}). Free space "
+                  f"there (or choose another output folder) and rerun.", file=sys.stderr)
             sys.exit(EXIT_USER_ERROR)
         except KeyboardInterrupt:
             print("interrupted; finished outputs are kept, partial ones were not written", file=sys.stderr)

@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import pickle
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -11,7 +12,7 @@ from typing import Any, Iterator
 import torch
 from safetensors.torch import load_file, safe_open, save_file
 
-from common.errors import PipelineError
+from common.errors import PipelineError, is_out_of_space
 
 
 #################################################################################
@@ -23,25 +24,66 @@ os.umask(_UMASK)
 
 
 @contextlib.contextmanager
+def out_of_space_as_error(folder: Path, unchanged: str) -> Iterator[None]:
+    """Writes into `folder` inside: an out-of-space failure becomes a PipelineError naming the folder, saying
+    what was kept (`unchanged`) and to free space. Other errors pass through."""
+    try:
+        yield
+    except PipelineError:
+        raise
+    except Exception as err:
+        if not is_out_of_space(err):
+            raise
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise PipelineError(f"could not write to {folder}: no space left (the disk is full, or a file-size or "
+                            f"quota limit was reached: {reason}). {unchanged} Free space there (or choose another "
+                            f"output folder) and rerun.") from err
+
+
+@contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds.
 
     A stage killed mid-write leaves at most a hidden temporary file, never a file a later
-    stage (or the orchestrator's skip logic) would take for finished work.
+    stage (or the orchestrator's skip logic) would take for finished work. Raises PipelineError
+    (naming the folder, `path` unchanged) when the disk is full.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        yield tmp
-        # After the writer (some write a file of their own over tmp): mkstemp's 0600 becomes the usual mode.
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with out_of_space_as_error(path.parent, f"{path.name} there is as it was before."):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(tmp)
+        try:
+            yield tmp
+            # After the writer (some write a file of their own over tmp): mkstemp's 0600 becomes the usual mode.
+            os.chmod(tmp, 0o666 & ~_UMASK)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+
+@contextlib.contextmanager
+def staged_files(folder: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty hidden folder beside `folder` to write a set of files into; when the block succeeds, move
+    them all into `folder` (replacing files of the same names; other files there are left alone).
+
+    The moves are renames within one file system: they need no space, so a disk that fills up fails the block,
+    while `folder` still holds the previous set, complete. Raises PipelineError (naming `folder`) then. The
+    staging folder is removed in every case.
+    """
+    folder = Path(folder)
+    with out_of_space_as_error(folder, f"{folder} was left as it was."):
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".staging", dir=folder.parent))
+        try:
+            yield staging
+            folder.mkdir(exist_ok=True)
+            for path in sorted(staging.iterdir()):
+                os.replace(path, folder / path.name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,

@@ -1,7 +1,7 @@
 """Stage 1's command line (stage1_extract_features.py): encode every image once with the frozen VA-VAE."""
 import argparse
 
-from common.config import add_config_flag, new_parser
+from common.config import add_config_flag, new_parser, non_negative_int, positive_int
 
 DESCRIPTION = "Stage 1: encode every image once with the frozen VA-VAE; write train/val latents and their stats."
 REQUIRED = ["data_dir", "vavae_path", "output_path"]
@@ -13,11 +13,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data_dir", help="train/ and val/ with one folder per user (ID_1, ID_2, ...), or the user folders")
     p.add_argument("--vavae_path", help="vavae-imagenet256-f16d32-dinov2.pt or a project .safetensors tokenizer")
     p.add_argument("--output_path", help="folder for train.safetensors, val.safetensors, latent_stats.safetensors")
-    p.add_argument("--batch_size", type=int, default=32, help="images per encoder batch")
-    p.add_argument("--image_size", type=int, default=256, help="centre-crop size (ADM preprocessing; a non-square image keeps the centre of its long side)")
-    p.add_argument("--num_workers", type=int, default=2, help="image decoding processes")
-    p.add_argument("--devices", type=int, default=1, help="GPUs to split the images over")
-    p.add_argument("--tokenizer_check_images", type=int, default=48,
+    p.add_argument("--batch_size", type=positive_int, default=32, help="images per encoder batch")
+    p.add_argument("--image_size", type=positive_int, default=256, help="centre-crop size (ADM preprocessing; a non-square image keeps the centre of its long side)")
+    p.add_argument("--num_workers", type=non_negative_int, default=2, help="image decoding processes")
+    p.add_argument("--devices", type=positive_int, default=1, help="GPUs to split the images over")
+    p.add_argument("--tokenizer_check_images", type=non_negative_int, default=48,
                    help="train images (spread over users) reconstructed to check the tokenizer knows your data; 0: skip")
     return p
 

@@ -1,7 +1,8 @@
 """Stage 4's command line (stage4_evaluate.py)."""
 import argparse
 
-from common.config import add_config_flag, new_parser
+from common.config import (add_config_flag, new_parser, non_negative_int, percentile, positive_float, positive_int,
+                           probability, seed)
 
 DESCRIPTION = """Stage 4: evaluate generated spectrograms (identity, fidelity, diversity, memorisation, TSTR, augmentation gain).
 
@@ -16,13 +17,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data_dir", type=str, default=None, help="stage 1 layout: train/ID_n/*.png and val/ID_n/*.png")
     parser.add_argument("--generated_dir", type=str, default=None, help="folder of micro_doppler_userNN_KKK.png files")
     parser.add_argument("--output_dir", type=str, default=None, help="report.json, report.md and plots go here")
-    parser.add_argument("--image_size", type=int, default=256, help="size images are decoded at (the generator's)")
-    parser.add_argument("--classifier_size", type=int, default=128,
+    parser.add_argument("--image_size", type=positive_int, default=256, help="size images are decoded at (the generator's)")
+    parser.add_argument("--classifier_size", type=positive_int, default=128,
                         help="resolution the user classifier works at (128: 4x cheaper than 256 on CPU)")
-    parser.add_argument("--batch_size", type=int, default=64, help="images per classifier/feature batch")
+    parser.add_argument("--batch_size", type=positive_int, default=64, help="images per classifier/feature batch")
     parser.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--classifier_epochs", type=int, default=10, help="epochs of the user classifier")
-    parser.add_argument("--seed", type=int, default=0, help="classifier, TSTR and sampling seeds")
+    parser.add_argument("--classifier_epochs", type=positive_int, default=10, help="epochs of the user classifier")
+    parser.add_argument("--seed", type=seed, default=0, help="classifier, TSTR and sampling seeds")
     parser.add_argument("--inception_weights", type=str, default=None,
                         help="local torchvision Inception-v3 state dict for standard FID/KID; skipped when absent")
     parser.add_argument("--vavae_path", type=str, default=None,
@@ -30,14 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
                              "images, the most a generator decoding with it can reach")
     parser.add_argument("--export_dir", type=str, default=None,
                         help="write a ready dataset here: train/ID_n/ = real train + accepted samples, val/ID_n/ = real val")
-    parser.add_argument("--min_confidence", type=float, default=0.5, help="export: least top-1 probability")
-    parser.add_argument("--min_margin", type=float, default=0.1, help="export: least top-1 minus top-2 probability")
-    parser.add_argument("--num_workers", type=int, default=0, help="image decoding worker processes")
-    parser.add_argument("--nearest_k", type=int, default=3, help="k of the k-NN manifolds (precision/recall, density/coverage)")
-    parser.add_argument("--min_user_samples", type=int, default=10, help="least samples per user for per-user FD/KID/PR")
-    parser.add_argument("--copy_percentile", type=float, default=1.0,
+    parser.add_argument("--min_confidence", type=probability, default=0.5, help="export: least top-1 probability")
+    parser.add_argument("--min_margin", type=probability, default=0.1, help="export: least top-1 minus top-2 probability")
+    parser.add_argument("--num_workers", type=non_negative_int, default=0, help="image decoding worker processes")
+    parser.add_argument("--nearest_k", type=positive_int, default=3, help="k of the k-NN manifolds (precision/recall, density/coverage)")
+    parser.add_argument("--min_user_samples", type=positive_int, default=10, help="least samples per user for per-user FD/KID/PR")
+    parser.add_argument("--copy_percentile", type=percentile, default=1.0,
                         help="memorisation: percentile of real-val NN distances that sets the copy threshold")
-    parser.add_argument("--copy_factor", type=float, default=0.5, help="memorisation: threshold = factor x that percentile")
+    parser.add_argument("--copy_factor", type=positive_float, default=0.5, help="memorisation: threshold = factor x that percentile")
     parser.add_argument("--compare_to", type=str, default=None,
                         help="another run's report.json: print both runs' headline numbers with their 95%% intervals "
                              "and whether they differ beyond noise")

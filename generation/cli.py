@@ -1,7 +1,8 @@
 """Stage 3's command line (stage3_inference.py)."""
 import argparse
 
-from common.config import add_config_flag, new_parser
+from common.config import (DistinctValues, add_config_flag, new_parser, non_negative_float, non_negative_int,
+                           positive_float, positive_int, probability, seed)
 from models.transport import DEFAULT_SAMPLER, DEFAULT_SHIFT, DEFAULT_STEPS, SAMPLERS
 
 DESCRIPTION = "Stage 3: generate micro-Doppler images for chosen users from a stage 2 checkpoint."
@@ -14,19 +15,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dit_checkpoint", help="stage 2 checkpoint, e.g. trained_models/checkpoints/best.ckpt")
     p.add_argument("--vavae_path", help="the tokenizer used in stage 1")
     p.add_argument("--output_dir", help="micro_doppler_userNN_KKK.png and micro_doppler_grid.png go here")
-    p.add_argument("--user_ids", type=int, nargs="+", help="numbers in the user folder names (ID_3 -> 3)")
-    p.add_argument("--num_samples_per_user", type=int, default=4, help="images per user")
-    p.add_argument("--guidance_scale", type=float, default=4.0, help="classifier-free guidance; 1 = no guidance")
-    p.add_argument("--num_steps", type=int, default=DEFAULT_STEPS, help="integration steps")
+    p.add_argument("--user_ids", type=non_negative_int, nargs="+", action=DistinctValues, help="numbers in the user folder names (ID_3 -> 3)")
+    p.add_argument("--num_samples_per_user", type=positive_int, default=4, help="images per user")
+    p.add_argument("--guidance_scale", type=non_negative_float, default=4.0, help="classifier-free guidance; 1 = no guidance, 0 = unconditional")
+    p.add_argument("--num_steps", type=positive_int, default=DEFAULT_STEPS, help="integration steps")
     p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS, help="ODE integrator")
-    p.add_argument("--shift", type=float, default=DEFAULT_SHIFT, help="timestep shift > 0 (<1: more steps near noise)")
-    p.add_argument("--cfg_interval_start", type=float, default=0.0, help="guide only where t >= this (0 noise, 1 image)")
-    p.add_argument("--cfg_interval_end", type=float, default=1.0, help="guide only where t <= this")
+    p.add_argument("--shift", type=positive_float, default=DEFAULT_SHIFT, help="timestep shift > 0 (<1: more steps near noise)")
+    p.add_argument("--cfg_interval_start", type=probability, default=0.0, help="guide only where t >= this (0 noise, 1 image)")
+    p.add_argument("--cfg_interval_end", type=probability, default=1.0, help="guide only where t <= this")
     p.add_argument("--guidance_checkpoint", default=None,
                    help="autoguidance: guide with this weaker checkpoint of the same run (checkpoints/early.ckpt) "
                         "instead of the unconditional model")
-    p.add_argument("--seed", type=int, default=0, help="same seed, same images")
-    p.add_argument("--batch_size", type=int, default=16, help="images sampled together")
+    p.add_argument("--seed", type=seed, default=0, help="same seed, same images")
+    p.add_argument("--batch_size", type=positive_int, default=16, help="images sampled together")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     return p
 

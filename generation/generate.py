@@ -1,5 +1,4 @@
 """Stage 3 logic: sample latents per user with guidance, decode with the VA-VAE, write PNGs and a grid."""
-import re
 import warnings
 from pathlib import Path
 
@@ -9,18 +8,14 @@ from PIL import Image, ImageDraw
 
 from common.device import bf16_supported, resolve_device
 from common.errors import PipelineError, out_of_memory_advice
-from common.io import atomic_path, file_sha256
+from common.io import file_sha256, staged_files
 from common.pixels import to_uint8
 from common.progress import progress_bar
+from data.samples import GRID_NAME, remove_stale_samples, sample_name
 from models.checkpoint import PipelineInfo, checkpoint_info, ema_state_dict, load_checkpoint
 from models.lightningdit import LightningDiT
 from models.transport import (DEFAULT_SAMPLER, DEFAULT_SHIFT, DEFAULT_STEPS, CountedVelocity, guidance_switches,
                               guided_velocity, sample_ode)
-
-IMAGE_NAME = "micro_doppler_user{user:02d}_{sample:03d}.png"
-IMAGE_PATTERN = re.compile(r"micro_doppler_user(\d+)_(\d+)\.png")   # every name IMAGE_NAME makes, and only those
-GRID_NAME = "micro_doppler_grid.png"
-
 
 def load_generator(checkpoint_path: str, device: str) -> tuple[LightningDiT, PipelineInfo]:
     """EMA LightningDiT of a stage 2 checkpoint and the pipeline info it carries (users, latent stats)."""
@@ -101,14 +96,6 @@ def job_noise(seed: int, user: int, sample: int, shape: tuple[int, ...]) -> torc
     return torch.randn(shape, generator=generator)
 
 
-def remove_stale_samples(folder: Path, keep: set[str] = frozenset()) -> int:
-    """Delete a folder's micro_doppler_userNN_KKK.png files not named in `keep`; other files are left alone."""
-    stale = [p for p in folder.iterdir() if IMAGE_PATTERN.fullmatch(p.name) and p.name not in keep and p.is_file()]
-    for path in stale:
-        path.unlink()
-    return len(stale)
-
-
 def sampling_dtype(device: str) -> torch.dtype | None:
     """Autocast dtype of the sampler: bf16 on GPUs that run it natively, fp16 on older ones (a T4, where bf16
     is emulated), none (fp32) on the CPU."""
@@ -129,6 +116,8 @@ def sample_images(model: LightningDiT, vae, info: PipelineInfo, jobs: list[tuple
     The noise of a job comes from its own seed: the same image whatever the batch it lands in. With a guidance
     interval, the AB2 multistep restarts where guidance switches on or off (its velocity field changes there).
     guide_model: autoguidance (guided_velocity) instead of classifier-free guidance.
+    A batch whose half-precision (autocast) latents are not finite (fp16 overflows on a T4) is sampled again in
+    fp32, with a warning; PipelineError if the fp32 latents or the decoded images are not finite either.
     """
     classes = class_indices([u for u, _ in jobs], info.user_numbers, info.users)   # checks the ids too
     mean, std = info.latent_mean.to(device), info.latent_std.to(device)
@@ -145,9 +134,33 @@ def sample_images(model: LightningDiT, vae, info: PipelineInfo, jobs: list[tuple
                                                    cfg_interval_end, guide_model))
         with torch.autocast(torch.device(device).type, dtype=half, enabled=half is not None):
             z = sample_ode(velocity, noise, num_steps=num_steps, sampler=sampler, shift=shift, restart_at=switches)
+        if half is not None and not torch.isfinite(z).all():   # NaN would become black PNGs
+            warnings.warn(f"stage 3: sampling in {str(half).removeprefix('torch.')} gave NaN/inf latents for "
+                          f"user(s) {users_of(batch)}; this batch is sampled again in fp32 (slower)")
+            velocity.calls = 0
+            z = sample_ode(velocity, noise, num_steps=num_steps, sampler=sampler, shift=shift, restart_at=switches)
         evaluations = max(evaluations, velocity.calls)
-        images.append(to_uint8(vae.decode(z.float() * std + mean)).permute(0, 2, 3, 1).cpu().numpy())   # HWC for PIL
+        decoded = vae.decode(z.float() * std + mean)
+        check_finite_samples(z, decoded, batch)
+        images.append(to_uint8(decoded).permute(0, 2, 3, 1).cpu().numpy())   # HWC for PIL
     return np.concatenate(images), evaluations
+
+
+def users_of(batch: list[tuple[int, int]]) -> str:
+    return ", ".join(str(u) for u in dict.fromkeys(u for u, _ in batch))
+
+
+def check_finite_samples(latents: torch.Tensor, decoded: torch.Tensor, batch: list[tuple[int, int]]) -> None:
+    """PipelineError when fp32 latents or decoded images hold NaN/inf (they would be written as black PNGs)."""
+    if not torch.isfinite(latents).all():
+        raise PipelineError(
+            f"stage 3: the sampled latents of user(s) {users_of(batch)} are NaN/inf even in fp32: the checkpoint's "
+            "weights are likely not finite (did stage 2 diverge? sample from an earlier checkpoint, or retrain with "
+            "a lower --lr), or the guidance is too strong (try a lower --guidance_scale). Nothing was written.")
+    if not torch.isfinite(decoded).all():
+        raise PipelineError(
+            f"stage 3: the tokenizer decoded the latents of user(s) {users_of(batch)} to NaN/inf: pass the "
+            "tokenizer used in stage 1 as --vavae_path (this file may be damaged). Nothing was written.")
 
 
 def generate(dit_checkpoint: str, vavae_path: str, output_dir: str, user_ids: list[int],
@@ -161,7 +174,9 @@ def generate(dit_checkpoint: str, vavae_path: str, output_dir: str, user_ids: li
     guide with instead of the unconditional model (autoguidance); PipelineError if it does not fit.
 
     The folder then holds this run's samples only: those of an earlier run (other users, more samples,
-    another checkpoint) are removed once the new ones are written, so stage 4 never scores a mix.
+    another checkpoint) are removed once the new ones are written, so stage 4 never scores a mix. The samples
+    and the grid are written into a staging folder first and moved in together: a full disk (PipelineError)
+    leaves the previous run's files as they were. Files of other names in the folder are left alone.
     """
     device = str(resolve_device(device))
     jobs = [(u, k) for u in user_ids for k in range(num_samples_per_user)]
@@ -180,23 +195,22 @@ def generate(dit_checkpoint: str, vavae_path: str, output_dir: str, user_ids: li
                                     sampler=sampler, shift=shift, cfg_interval_start=cfg_interval_start,
                                     cfg_interval_end=cfg_interval_end, guide_model=guide_model, seed=seed, batch_size=batch_size, device=device)
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for (u, k), arr in zip(jobs, pixels):
-        path = out / IMAGE_NAME.format(user=u, sample=k + 1)
-        with atomic_path(path) as tmp:
-            Image.fromarray(arr).save(tmp, format="PNG")
-        paths.append(path)
-    write_grid(dict(zip(jobs, pixels)), user_ids, num_samples_per_user, out / GRID_NAME)
-    removed = remove_stale_samples(out, keep={p.name for p in paths})
+    names = [sample_name(u, k + 1) for u, k in jobs]
+    with staged_files(out) as staging:
+        for name, arr in zip(names, pixels):
+            Image.fromarray(arr).save(staging / name, format="PNG")
+        grid_image(dict(zip(jobs, pixels)), user_ids, num_samples_per_user).save(staging / GRID_NAME, format="PNG")
+    removed = remove_stale_samples(out, keep=set(names))
+    paths = [out / name for name in names]
     log(f"stage 3 done: {len(paths)} images ({sampler}, {nfe} model evaluations each) and {GRID_NAME} in {out}"
         + (f"; removed {removed} sample(s) of an earlier run" if removed else ""))
     return paths
 
 
-def write_grid(images: dict[tuple[int, int], np.ndarray], user_ids: list[int], per_user: int, path: Path,
-               max_cols: int = 8, thumb: int = 128) -> None:
-    """A row per user, labelled with its number on the left."""
+def grid_image(images: dict[tuple[int, int], np.ndarray], user_ids: list[int], per_user: int,
+               max_cols: int = 8, thumb: int = 128) -> Image.Image:
+    """The overview grid: a row per user (its first `max_cols` samples as `thumb`-px tiles), labelled with its
+    number on the left. `images` maps (user number, sample index from 0) to an (H, W, 3) uint8 array."""
     cols, label_w, pad = min(per_user, max_cols), 72, 4
     canvas = Image.new("RGB", (label_w + cols * (thumb + pad), len(user_ids) * (thumb + pad)), "white")
     draw = ImageDraw.Draw(canvas)
@@ -206,5 +220,4 @@ def write_grid(images: dict[tuple[int, int], np.ndarray], user_ids: list[int], p
         for col in range(cols):
             tile = Image.fromarray(images[(u, col)]).resize((thumb, thumb), Image.BILINEAR)
             canvas.paste(tile, (label_w + col * (thumb + pad), y0))
-    with atomic_path(path) as tmp:
-        canvas.save(tmp, format="PNG")
+    return canvas

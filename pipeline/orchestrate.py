@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common.config import load_config
+from common.config import load_project_config
 from common.errors import PipelineError
 from common.io import write_text
 from common.progress import print_line
@@ -279,15 +279,5 @@ def apply_config(args: argparse.Namespace, parser: argparse.ArgumentParser, argv
 
 
 def load_config_any(path: str) -> dict[str, Any]:
-    """A config whose keys may belong to any stage: validate against the union of all stage flags."""
-    union = argparse.ArgumentParser(add_help=False)
-    seen = set()
-    for parser in stage_parsers().values():
-        for action in parser._actions:
-            if action.dest not in seen and action.option_strings and action.dest != "help":
-                seen.add(action.dest)
-                union.add_argument(*action.option_strings, dest=action.dest)
-    for name in ("stages", "force", "generate_user_ids", "demo"):
-        if name not in seen:
-            union.add_argument(f"--{name}")
-    return load_config(path, union)
+    """A config whose keys may belong to any stage or to this script, each value checked as its flag would be."""
+    return load_project_config(path)

@@ -352,8 +352,8 @@ def _checkpoint_without_null_class(trained: Path, tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("flags, patterns", [
-    (["--shift", 0], [r"--shift must be > 0 \(got 0\)"]),
-    (["--shift", -1, "--sampler", "euler"], [r"--shift must be > 0 \(got -1\)"]),
+    (["--shift", 0], [r"--shift: must be a finite number > 0 \(got 0\)"]),
+    (["--shift", -1, "--sampler", "euler"], [r"--shift: must be a finite number > 0 \(got -1\)"]),
     (["--device", "cuda"], [r"--device cuda asked for CUDA but none is available here", r"--device cpu"]),
     (["--no_null_class"], [r"--guidance_scale 4 needs the model's null class", r"--class_dropout_prob 0",
                            r"--guidance_scale 1"]),

@@ -4,11 +4,37 @@ import argparse
 from dataclasses import dataclass, fields
 from typing import Sequence
 
-from common.config import add_config_flag, new_parser, parse_args
+from common.config import (add_config_flag, below_one, new_parser, non_negative_float, non_negative_int, open_fraction,
+                           parse_args, positive_float, positive_int, probability, seed)
 from models.lightningdit import DEFAULT_MODEL, LightningDiT_models
 
 DESCRIPTION = "Stage 2: train a user-conditioned LightningDiT on the stage 1 latents (PyTorch Lightning, DDP)."
 REQUIRED = ["latent_dir", "output_dir"]
+# --precision values that train correctly, and the aliases Lightning also takes for them.
+PRECISIONS = {"32-true": ("32",), "16-mixed": ("16",), "bf16-mixed": ("bf16",)}
+HALF_WEIGHTS = ("bf16-true", "16-true", "transformer-engine", "transformer-engine-float16")
+
+
+def precision(text: str) -> str:
+    """--precision's type: a name of PRECISIONS (an alias becomes its name); argparse.ArgumentTypeError otherwise.
+
+    The "-true" half precisions cast the weights, the EMA and the latents to half: the EMA's step of
+    (1 - ema_decay) = 5e-4 of the gap is below bf16's resolution (2^-8 of a value), so the EMA (validation,
+    best.ckpt, stage 3) would never move. 64-bit gains nothing over 32-true here and doubles the memory.
+    """
+    for name, aliases in PRECISIONS.items():
+        if text == name or text in aliases:
+            return name
+    choices = "choose 32-true, 16-mixed (fp16 with loss scaling, e.g. a T4) or bf16-mixed (aliases 32, 16, bf16)"
+    if text in HALF_WEIGHTS:
+        raise argparse.ArgumentTypeError(
+            f"{text} is not supported: it casts the weights, the EMA and the latents to half precision, where the "
+            f"EMA's small steps (5e-4 of the gap at --ema_decay 0.9995) round to nothing, so the EMA used for "
+            f"validation and sampling would freeze; {choices}")
+    if text in ("64", "64-true"):
+        raise argparse.ArgumentTypeError(f"{text} is not supported (float64 doubles memory and time for no gain "
+                                         f"in training); {choices}")
+    raise argparse.ArgumentTypeError(f"{text!r} is not a precision; {choices}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,53 +42,56 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flag(p)
     p.add_argument("--latent_dir", help="stage 1 output (train/val.safetensors, latent_stats.safetensors)")
     p.add_argument("--output_dir", help="writes checkpoints/, lightning_logs/, loss_curve.png")
-    p.add_argument("--batch_size", type=int, default=32, help="per device")
-    p.add_argument("--max_epochs", type=int, default=100, help="passes over the train latents")
-    p.add_argument("--max_steps", type=int, default=None, help="stop after this many steps (overrides epochs)")
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
-    p.add_argument("--warmup_steps", type=int, default=0, help="linear lr warm-up over this many steps (0: none)")
-    p.add_argument("--devices", type=int, default=1, help="processes (GPUs) per node; DDP when more than one")
-    p.add_argument("--num_nodes", type=int, default=1, help="machines")
+    p.add_argument("--batch_size", type=positive_int, default=32, help="per device")
+    p.add_argument("--max_epochs", type=positive_int, default=100, help="passes over the train latents")
+    p.add_argument("--max_steps", type=positive_int, default=None, help="stop after this many steps (overrides epochs)")
+    p.add_argument("--lr", type=positive_float, default=1e-4, help="AdamW learning rate")
+    p.add_argument("--warmup_steps", type=non_negative_int, default=0, help="linear lr warm-up over this many steps (0: none)")
+    p.add_argument("--devices", type=positive_int, default=1, help="processes (GPUs) per node; DDP when more than one")
+    p.add_argument("--num_nodes", type=positive_int, default=1, help="machines")
     p.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu", "cuda"], help="auto: CUDA when present")
-    p.add_argument("--precision", default="bf16-mixed", help="32-true, 16-mixed (T4), bf16-mixed (Ampere+)")
+    p.add_argument("--precision", default="bf16-mixed", type=precision, metavar="{" + ",".join(PRECISIONS) + "}",
+                   help="32-true; 16-mixed (fp16 with loss scaling, e.g. a T4); bf16-mixed where bf16 is native (GPUs "
+                        "of compute capability >= 8.0, CPUs with AVX512-BF16/AMX), else 16-mixed on a GPU and 32-true "
+                        "on a CPU, with a warning. Aliases: 32, 16, bf16")
     p.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(LightningDiT_models), help="LightningDiT size/patch")
-    p.add_argument("--depth", type=int, default=None, help="override the named size's depth")
-    p.add_argument("--hidden_size", type=int, default=None, help="override the named size's width")
-    p.add_argument("--num_heads", type=int, default=None, help="override the named size's heads")
+    p.add_argument("--depth", type=positive_int, default=None, help="override the named size's depth")
+    p.add_argument("--hidden_size", type=positive_int, default=None, help="override the named size's width")
+    p.add_argument("--num_heads", type=positive_int, default=None, help="override the named size's heads")
     p.add_argument("--use_qknorm", action="store_true", help="RMS-normalise q and k (stabler at high lr)")
-    p.add_argument("--class_dropout_prob", type=float, default=0.1, help="label dropout for guidance")
+    p.add_argument("--class_dropout_prob", type=below_one, default=0.1, help="label dropout for guidance")
     p.add_argument("--grad_checkpointing", action="store_true", help="recompute activations: less memory")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--ema_decay", type=float, default=0.9995, help="EMA of the weights (validation and sampling use it)")
-    p.add_argument("--beta2", type=float, default=0.999, help="AdamW beta2")
-    p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (not on norms, biases, class table)")
-    p.add_argument("--grad_clip", type=float, default=1.0, help="0 disables")
+    p.add_argument("--ema_decay", type=below_one, default=0.9995, help="EMA of the weights (validation and sampling use it)")
+    p.add_argument("--beta2", type=below_one, default=0.999, help="AdamW beta2")
+    p.add_argument("--weight_decay", type=non_negative_float, default=0.0, help="AdamW weight decay (not on norms, biases, class table)")
+    p.add_argument("--grad_clip", type=non_negative_float, default=1.0, help="0 disables")
     p.add_argument("--timestep_sampling", default="uniform", choices=["uniform", "logit_normal"], help="training t distribution")
-    p.add_argument("--cosine_loss_weight", type=float, default=0.0, help="weight of the velocity cosine term")
-    p.add_argument("--time_shift_aug", type=float, default=0.0,
+    p.add_argument("--cosine_loss_weight", type=non_negative_float, default=0.0, help="weight of the velocity cosine term")
+    p.add_argument("--time_shift_aug", type=probability, default=0.0,
                    help="probability of shifting a training latent circularly along time, the shift given to the "
                         "DiT as a condition that is 0 at sampling (non-leaking augmentation; 0 = off)")
-    p.add_argument("--early_checkpoint_step", type=int, default=None,
+    p.add_argument("--early_checkpoint_step", type=non_negative_int, default=None,
                    help="step at which checkpoints/early.ckpt (EMA weights, the guide of stage 3's "
                         "--guidance_checkpoint) is kept (default: 1/8 of the run; 0 = none)")
     p.add_argument("--vavae_path", default=None,
                    help="the stage 1 tokenizer: lets each validation decode a grid of samples (val_grids/)")
-    p.add_argument("--val_grid_users", type=int, default=4, help="users in the validation sample grid (0 = no grid)")
-    p.add_argument("--val_grid_samples", type=int, default=2, help="samples per user in the validation grid (0 = no grid)")
-    p.add_argument("--checkpoint_every_n_steps", type=int, default=500, help="last.ckpt cadence")
-    p.add_argument("--log_every_n_steps", type=int, default=10, help="metrics.csv cadence")
-    p.add_argument("--val_every_n_epochs", type=int, default=1, help="EMA validation (and best.ckpt) cadence")
+    p.add_argument("--val_grid_users", type=non_negative_int, default=4, help="users in the validation sample grid (0 = no grid)")
+    p.add_argument("--val_grid_samples", type=non_negative_int, default=2, help="samples per user in the validation grid (0 = no grid)")
+    p.add_argument("--checkpoint_every_n_steps", type=positive_int, default=500, help="last.ckpt cadence")
+    p.add_argument("--log_every_n_steps", type=positive_int, default=10, help="metrics.csv cadence")
+    p.add_argument("--val_every_n_epochs", type=positive_int, default=1, help="EMA validation (and best.ckpt) cadence")
     p.add_argument("--restart", action="store_true",
                    help="start over: remove the previous run's last.ckpt and best.ckpt")
     p.add_argument("--init_from", default=None, help="published LightningDiT weights to start from")
     p.add_argument("--finetune", default="full", choices=["full", "partial", "lora"],
                    help="with --init_from: train everything, only adaLN/embeddings/final layer, or those "
                         "plus low-rank adapters on attention/MLP (frozen base)")
-    p.add_argument("--lora_rank", type=int, default=16, help="--finetune lora: rank of the adapters")
-    p.add_argument("--lora_alpha", type=float, default=None, help="--finetune lora: scale alpha/rank (default rank)")
-    p.add_argument("--backbone_lr_scale", type=float, default=1.0, help="lr factor for the transformer blocks")
-    p.add_argument("--seed", type=int, default=0, help="initial weights and every batch")
-    p.add_argument("--check_memory", type=float, default=None, metavar="GB",
+    p.add_argument("--lora_rank", type=positive_int, default=16, help="--finetune lora: rank of the adapters")
+    p.add_argument("--lora_alpha", type=positive_float, default=None, help="--finetune lora: scale alpha/rank (default rank)")
+    p.add_argument("--backbone_lr_scale", type=non_negative_float, default=1.0, help="lr factor for the transformer blocks")
+    p.add_argument("--seed", type=seed, default=0, help="initial weights and every batch")
+    p.add_argument("--check_memory", type=positive_float, default=None, metavar="GB",
                    help="only estimate the peak memory per device for these flags; exit 0 if it fits in GB")
     p.add_argument("--skip_memory_check", action="store_true",
                    help="train on CUDA even if the estimate exceeds the free memory")
@@ -133,7 +162,7 @@ def training_options(argv: Sequence[str], required: Sequence[str] = REQUIRED) ->
 TOKENIZER_DESCRIPTION = """Train a VA-VAE tokenizer on a folder of spectrogram images, or fine-tune one on your own images.
 
     python train_tokenizer.py --data_dir D --output_path tok.safetensors --steps 6000
-    python train_tokenizer.py --data_dir D --output_path tok.safetensors \
+    python train_tokenizer.py --data_dir D --output_path tok.safetensors \\
         --init_from assets/demo_vavae.safetensors --max_minutes 10
 """
 
@@ -147,45 +176,45 @@ def build_tokenizer_parser() -> argparse.ArgumentParser:
                         "fine-tune it on --data_dir; --width and --num_res_blocks then come from the file")
     p.add_argument("--decoder_only", action="store_true",
                    help="with --init_from: train the decoder only, so latents (and any DiT trained on them) stay valid")
-    p.add_argument("--crop_size", type=int, default=None,
+    p.add_argument("--crop_size", type=positive_int, default=None,
                    help="train on random crops of this size (multiple of 16; default: the full image). Crops are "
                         "cheaper but teach another regime (GroupNorm statistics): 64-px crops cost the demo tokenizer "
                         "7 dB on full images; PSNR is always measured on full images")
-    p.add_argument("--width", type=int, default=48, help="base channels (the official tokenizer has 128)")
-    p.add_argument("--num_res_blocks", type=int, default=2, help="residual blocks per resolution")
-    p.add_argument("--image_size", type=int, default=256, help="centre-crop size of the images")
-    p.add_argument("--steps", type=int, default=6000, help="optimizer steps (unless --max_minutes ends first)")
-    p.add_argument("--batch_size", type=int, default=None,
+    p.add_argument("--width", type=positive_int, default=48, help="base channels (the official tokenizer has 128)")
+    p.add_argument("--num_res_blocks", type=positive_int, default=2, help="residual blocks per resolution")
+    p.add_argument("--image_size", type=positive_int, default=256, help="centre-crop size of the images")
+    p.add_argument("--steps", type=positive_int, default=6000, help="optimizer steps (unless --max_minutes ends first)")
+    p.add_argument("--batch_size", type=positive_int, default=None,
                    help="images (or crops) per step (default: 32 from scratch, 8 with --init_from: more steps in a "
                         "short fine-tune)")
-    p.add_argument("--lr", type=float, default=None, help="AdamW lr (default: 6e-4 from scratch, 5e-4 with --init_from)")
-    p.add_argument("--warmup", type=int, default=None,
+    p.add_argument("--lr", type=positive_float, default=None, help="AdamW lr (default: 6e-4 from scratch, 5e-4 with --init_from)")
+    p.add_argument("--warmup", type=non_negative_int, default=None,
                    help="linear warmup steps before the cosine decay (default: 200 from scratch, 20 with --init_from)")
-    p.add_argument("--max_minutes", type=float, default=None,
+    p.add_argument("--max_minutes", type=positive_float, default=None,
                    help="stop after this many minutes; the cosine schedule then follows the clock")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--precision", default=None, choices=["bf16", "fp32"], help="default bf16 where it is native (GPUs of compute capability >= 8.0, CPUs with AVX512-BF16/AMX), else fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step (GPU)")
-    p.add_argument("--val_fraction", type=float, default=0.1,
+    p.add_argument("--val_fraction", type=open_fraction, default=0.1,
                    help="fraction of train images held out for PSNR when the folder has no val images")
-    p.add_argument("--eval_every", type=int, default=1000, help="val PSNR every this many steps (0: only at the end)")
+    p.add_argument("--eval_every", type=non_negative_int, default=1000, help="val PSNR every this many steps (0: only at the end)")
     p.add_argument("--align_weights", default=None,
                    help="local torchvision ResNet/ViT state dict for the VA-VAE alignment term (off if absent)")
-    p.add_argument("--align_weight", type=float, default=0.1, help="weight of the alignment term")
-    p.add_argument("--l1_weight", type=float, default=0.1, help="weight of the L1 term (beside MSE)")
-    p.add_argument("--perceptual_weight", type=float, default=0.0,
+    p.add_argument("--align_weight", type=non_negative_float, default=0.1, help="weight of the alignment term")
+    p.add_argument("--l1_weight", type=non_negative_float, default=0.1, help="weight of the L1 term (beside MSE)")
+    p.add_argument("--perceptual_weight", type=non_negative_float, default=0.0,
                    help="weight of the LPIPS term (0: off); its VGG-16 comes from --lpips_vgg or from the published "
                         "VA-VAE given as --init_from (its loss.perceptual_loss.*); nothing is downloaded")
     p.add_argument("--lpips_vgg", default=None,
                    help="local VGG-16 weights for LPIPS: a torchvision vgg16 state dict, an LPIPS state dict, or the "
                         "published VA-VAE .pt")
-    p.add_argument("--disc_weight", type=float, default=0.0,
+    p.add_argument("--disc_weight", type=non_negative_float, default=0.0,
                    help="weight of the PatchGAN term on top of LDM's adaptive weight (0: off; LDM uses 0.5). Reuses "
                         "the discriminator of the published VA-VAE given as --init_from, else starts a fresh one")
-    p.add_argument("--disc_start", type=int, default=100,
+    p.add_argument("--disc_start", type=non_negative_int, default=100,
                    help="steps before the GAN term reaches the tokenizer; the discriminator trains from step 1")
-    p.add_argument("--disc_lr", type=float, default=None, help="discriminator Adam lr, constant (default: --lr)")
-    p.add_argument("--seed", type=int, default=0, help="initial weights, split and batches")
+    p.add_argument("--disc_lr", type=positive_float, default=None, help="discriminator Adam lr, constant (default: --lr)")
+    p.add_argument("--seed", type=seed, default=0, help="initial weights, split and batches")
     return p
 
 

@@ -1,0 +1,166 @@
+"""Outputs are replaced together or not at all: a disk that fills up (here a file-size limit, `ulimit -f`) ends
+with a message naming the folder and leaves the previous result; stage 3 never writes NaN samples."""
+import os
+import resource
+import signal
+import subprocess
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import generation.generate as gen
+from common.errors import PipelineError, cli_entry, is_out_of_space
+from common.io import save_safetensors, save_torch, write_text
+from helpers import PYTHON, ROOT, TINY_DIT, assert_user_error, make_tokenizer, tiny_dit
+from models.checkpoint import PipelineInfo
+from models.lightningdit import model_config
+
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
+USERS, NUMBERS = ["ID_1", "ID_2", "ID_3"], [1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> tuple[Path, Path]:
+    """(stage 2 checkpoint of a tiny random LightningDiT for users 1-3, tiny tokenizer): latents (32, 4, 4)."""
+    root = tmp_path_factory.mktemp("outputs")
+    config = model_config("LightningDiT-S/2", num_classes=len(USERS), input_size=4, **TINY_DIT)
+    info = PipelineInfo(model_config=config, users=USERS, user_numbers=NUMBERS,
+                        latent_mean=torch.zeros(1, 32, 1, 1), latent_std=torch.ones(1, 32, 1, 1), image_size=64)
+    ema = tiny_dit(num_classes=len(USERS)).state_dict()
+    ckpt = root / "tiny.ckpt"
+    torch.save({"state_dict": {f"ema.{k}": v for k, v in ema.items()}, "pipeline": info.to_dict()}, ckpt)
+    return ckpt, make_tokenizer(root / "tok.safetensors")
+
+
+def run_generate(files, out: Path, user_ids: list[int], **kwargs) -> list[Path]:
+    ckpt, tok = files
+    return gen.generate(str(ckpt), str(tok), str(out), user_ids=user_ids, num_samples_per_user=2, num_steps=2,
+                        device="cpu", log=lambda m: None, **kwargs)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def file_size_limit(limit: int):
+    """preexec_fn of a child whose files may not grow past `limit` bytes: writes past it fail with EFBIG,
+    as on a full disk (SIGXFSZ, which would kill the child instead, is ignored)."""
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_stage3_on_a_full_disk_keeps_the_previous_run(tmp_path, files):
+    """The rerun used to leave its new samples beside the old run's samples of another user and the old grid,
+    and end with a raw OSError traceback."""
+    out = tmp_path / "gen"
+    run_generate(files, out, [1, 2])
+    (out / "notes.txt").write_text("the user's own file")
+    before = snapshot(out)
+    # The file-size limit: above every new sample, below the new grid (measured by a run without a limit).
+    run_generate(files, tmp_path / "measure", [3])
+    sizes = {p.name: p.stat().st_size for p in (tmp_path / "measure").iterdir()}
+    grid = sizes.pop(gen.GRID_NAME)
+    assert max(sizes.values()) < grid
+    limit = (max(sizes.values()) + grid) // 2
+    ckpt, tok = files
+    proc = subprocess.run([PYTHON, "stage3_inference.py", "--dit_checkpoint", ckpt, "--vavae_path", tok,
+                           "--output_dir", out, "--user_ids", "3", "--num_samples_per_user", "2", "--num_steps", "2",
+                           "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          preexec_fn=file_size_limit(limit), env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert_user_error(proc, f"could not write to {out}: no space left", "Free space there", "left as it was")
+    assert snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gen", "measure"]   # no staging folder left
+    run_generate(files, out, [3])   # with space again: this run's files only (and the user's own)
+    assert sorted(snapshot(out)) == sorted([gen.GRID_NAME, "micro_doppler_user03_001.png",
+                                            "micro_doppler_user03_002.png", "notes.txt"])
+
+
+CHILD = """
+import resource, signal, sys, torch
+from common.errors import PipelineError, cli_entry, is_out_of_space
+from common.io import save_safetensors, save_torch, write_text
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+big = torch.zeros(100_000)
+for name, save in [("a.ckpt", lambda p: save_torch({"w": big}, p)),
+                   ("b.safetensors", lambda p: save_safetensors({"w": big}, p)),
+                   ("c.json", lambda p: write_text(p, "x" * 200_000))]:
+    try:
+        save(sys.argv[1] + "/" + name)
+        print("written", name)
+    except PipelineError as err:
+        print("error:", err)
+"""
+
+
+def test_every_save_function_names_the_folder_when_the_disk_is_full(tmp_path):
+    """torch.save on a full disk raised 'RuntimeError: basic_ios::clear' / 'unexpected pos' with no word of
+    space (stage 2's checkpoints); safetensors and text writes raised raw OSErrors."""
+    save_torch({"w": torch.ones(3)}, tmp_path / "a.ckpt")
+    save_safetensors({"w": torch.ones(3)}, tmp_path / "b.safetensors")
+    write_text(tmp_path / "c.json", "{}")
+    before = snapshot(tmp_path)
+    proc = subprocess.run([PYTHON, "-c", CHILD, str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 3, proc.stdout
+    for line, name in zip(lines, ["a.ckpt", "b.safetensors", "c.json"]):
+        assert line.startswith(f"error: could not write to {tmp_path}: no space left"), line
+        assert f"{name} there is as it was before" in line and "Free space there" in line, line
+    assert snapshot(tmp_path) == before        # the previous files, and no temporary left
+
+
+def test_the_out_of_space_forms_are_recognised():
+    assert is_out_of_space(OSError(28, "No space left on device"))
+    assert is_out_of_space(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"))
+    assert is_out_of_space(RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"))
+    assert is_out_of_space(RuntimeError("basic_ios::clear: iostream error"))
+    assert not is_out_of_space(OSError(13, "Permission denied"))
+    assert not is_out_of_space(RuntimeError("shape mismatch"))
+
+
+def test_a_full_disk_outside_the_atomic_writers_is_a_message(capsys):
+    """e.g. Lightning's metrics.csv: no traceback, the file named, exit code 2."""
+    @cli_entry
+    def main():
+        raise OSError(28, "No space left on device", "/runs/x/lightning_logs/metrics.csv")
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error: no space left to write /runs/x/lightning_logs/metrics.csv")
+    assert "Free space" in err
+
+
+def nan_under_autocast(real):
+    """sample_ode whose result is NaN when run under CPU autocast (as fp16 overflows on a T4)."""
+    def sample(*args, **kwargs):
+        z = real(*args, **kwargs)
+        return torch.full_like(z, float("nan")) if torch.is_autocast_enabled("cpu") else z
+    return sample
+
+
+def test_stage3_resamples_a_nonfinite_half_precision_batch_in_fp32(tmp_path, files, monkeypatch):
+    """fp16 autocast on a T4 can overflow to NaN, which was written as black PNGs with exit code 0."""
+    run_generate(files, tmp_path / "fp32", [1, 2])
+    monkeypatch.setattr(gen, "sampling_dtype", lambda device: torch.bfloat16)   # autocast on this CPU
+    monkeypatch.setattr(gen, "sample_ode", nan_under_autocast(gen.sample_ode))
+    with pytest.warns(UserWarning, match=r"gave NaN/inf latents for user\(s\) 1, 2; this batch is sampled again "
+                                         r"in fp32"):
+        run_generate(files, tmp_path / "half", [1, 2])
+    assert snapshot(tmp_path / "half") == snapshot(tmp_path / "fp32")
+
+
+def test_stage3_refuses_to_write_nonfinite_samples(tmp_path, files, monkeypatch):
+    real = gen.sample_ode
+    monkeypatch.setattr(gen, "sample_ode", lambda *a, **k: real(*a, **k) * float("nan"))
+    with pytest.raises(PipelineError, match=r"latents of user\(s\) 2 are NaN/inf even in fp32.*Nothing was written"):
+        run_generate(files, tmp_path / "gen", [2])
+    assert not (tmp_path / "gen").exists()
+    monkeypatch.setattr(gen, "sample_ode", real)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # a finite run warns of nothing
+        run_generate(files, tmp_path / "gen", [2])
