@@ -168,8 +168,11 @@ def divergence_message(err: NonFiniteLoss, args: TrainOptions, precision: str, c
         what = f"the weights became NaN/inf by step {err.step} (precision {precision}, lr {args.lr:g})"
     last = ckpt_dir / "last.ckpt"
     if last.is_file():
-        step = load_checkpoint(last, mmap=True)["global_step"]
-        kept = (f"The last good checkpoint, {last} (step {step}), is kept: rerun with changed flags to continue "
+        try:
+            step = f" (step {load_checkpoint(last, mmap=True)['global_step']})"
+        except PipelineError:   # the divergence is the news, not an unreadable file
+            step = ""
+        kept = (f"The last good checkpoint, {last}{step}, is kept: rerun with changed flags to continue "
                 "from it (the same flags would diverge the same way: the batches are a function of the step), "
                 "or add --restart to start over.")
     else:
