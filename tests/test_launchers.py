@@ -272,3 +272,17 @@ def test_cpu_runs_stay_allowed_without_cuda(monkeypatch):
     no_cuda(monkeypatch, "13.0", SMI_12_4)
     check_cuda_usable("cpu", 2, 1)     # DDP on CPU processes, asked for explicitly (the tests use it)
     check_cuda_usable("auto", 1, 1)    # one process: auto means the CPU
+
+
+def test_sbatch_example_passes_stage2_flags_that_match_its_tasks():
+    """examples/slurm_stage2.sbatch: its srun line parses as stage 2 flags (its --config included), and
+    --devices/--num_nodes come from the job's tasks per node and nodes."""
+    import shlex
+    from common.config import parse_args
+    from training.cli import REQUIRED, build_parser
+    text = (ROOT / "examples" / "slurm_stage2.sbatch").read_text()
+    header = dict(re.findall(r"^#SBATCH --([\w-]+)=(\S+)", text, re.M))
+    command = shlex.split(text[text.index("srun python stage2_train_dit.py"):].replace("\\\n", " "))[3:]
+    values = {"$SLURM_NTASKS_PER_NODE": header["ntasks-per-node"], "$SLURM_NNODES": header["nodes"]}
+    args = parse_args(build_parser(), [values.get(a, a) for a in command], required=REQUIRED)
+    assert (args.devices, args.num_nodes) == (int(header["ntasks-per-node"]), int(header["nodes"]))
