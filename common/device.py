@@ -23,7 +23,8 @@ def resolve_device(name: str) -> torch.device:
     except RuntimeError as err:
         raise PipelineError(f"--device {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from err
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise PipelineError(f"--device {name} asked for CUDA but none is available here; use --device cpu or auto")
+        raise PipelineError(f"--device {name} asked for CUDA but none is available here ({cuda_unusable_reason()}); "
+                            "use --device cpu or auto")
     return device
 
 
@@ -42,6 +43,11 @@ def bf16_supported(device: str | torch.device) -> bool:
         return any(getattr(cpu, check, lambda: False)()
                    for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
     return False
+
+
+def uses_cuda(accelerator: str) -> bool:
+    """Whether Lightning trains on CUDA with this --accelerator (auto: when CUDA is usable)."""
+    return accelerator != "cpu" and torch.cuda.is_available()
 
 
 def check_cuda_usable(accelerator: str, devices: int, num_nodes: int = 1) -> None:

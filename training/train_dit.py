@@ -14,7 +14,7 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.plugins import TorchCheckpointIO
 from pytorch_lightning.strategies import DDPStrategy
 
-from common.device import bf16_supported, check_cuda_usable
+from common.device import bf16_supported, check_cuda_usable, uses_cuda
 from common.errors import PipelineError, out_of_memory_advice
 from common.io import atomic_path, save_torch
 from common.progress import due, is_terminal, progress_line
@@ -37,7 +37,7 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     without AVX512-BF16/AMX gets 32-true. fp16 on a CPU is slow and needs loss scaling for nothing: a CPU asked
     for 16-mixed gets bf16-mixed where it has bf16, else 32-true.
     """
-    on_cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    on_cuda = uses_cuda(accelerator)   # --accelerator gpu without CUDA was refused before (check_devices)
     device = "cuda" if on_cuda else "cpu"
     if precision in ("bf16-mixed", "bf16") and not bf16_supported(device):
         instead = "16-mixed" if on_cuda else "32-true"
@@ -179,12 +179,11 @@ def divergence_message(err: NonFiniteLoss, args: TrainOptions, precision: str, c
         kept = ("No checkpoint was written before it (the first comes after "
                 f"--checkpoint_every_n_steps {args.checkpoint_every_n_steps} steps or the first validation): "
                 "rerun with changed flags.")
-    on_cuda = args.accelerator != "cpu" and torch.cuda.is_available()
     advice = [f"a lower --lr (e.g. {args.lr / 4:g})"]
     if not args.grad_clip or args.grad_clip > 1.0:
         advice.append("--grad_clip 1.0")
     if precision in ("16-mixed", "16"):
-        native_bf16 = bf16_supported("cuda" if on_cuda else "cpu")
+        native_bf16 = bf16_supported("cuda" if uses_cuda(args.accelerator) else "cpu")
         advice.append("--precision bf16-mixed (same speed, no fp16 overflow)" if native_bf16 else
                       "--precision 32-true (this device has no native bf16; fp32 is slower but does not overflow)")
     elif precision in ("bf16-mixed", "bf16"):
@@ -355,8 +354,7 @@ def check_devices(args: TrainOptions) -> None:
 def prepare_output_dir(args: TrainOptions, ckpt_dir: Path, log=print) -> None:
     """The output folder's once-per-run work, done by global rank 0 before any rank decides whether to resume
     (under torchrun and srun every rank starts at once; LOCAL_RANK is 0 once per node, and unset under srun)."""
-    use_cuda = args.accelerator != "cpu" and torch.cuda.is_available()
-    with rank_zero_first(args.devices, args.num_nodes, use_cuda) as is_rank_zero:
+    with rank_zero_first(args.devices, args.num_nodes, uses_cuda(args.accelerator)) as is_rank_zero:
         if is_rank_zero and args.restart:
             remove_previous_run(ckpt_dir, log)
 
