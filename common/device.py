@@ -23,8 +23,8 @@ def resolve_device(name: str) -> torch.device:
     except RuntimeError as err:
         raise PipelineError(f"--device {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from err
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise PipelineError(f"--device {name} asked for CUDA but none is available here ({cuda_unusable_reason()}); "
-                            "use --device cpu or auto")
+        raise PipelineError(f"--device {name} asked for CUDA but none is available here: {cuda_unusable_reason()}. "
+                            "Or use --device cpu or auto")
     return device
 
 

@@ -192,7 +192,7 @@ def test_srun_with_other_task_count_than_the_flags_says_which(monkeypatch):
     ({"TORCHELASTIC_RUN_ID": "x", "RANK": "1", "LOCAL_RANK": "0", "GROUP_RANK": "1", "WORLD_SIZE": "2",
       "LOCAL_WORLD_SIZE": "1"}, 1, 1, 0),                                    # torchrun, node 1 of 2
     ({"SLURM_NTASKS": "4", "SLURM_NTASKS_PER_NODE": "2", "SLURM_PROCID": "3", "SLURM_LOCALID": "1",
-      "SLURM_NODEID": "1", "SLURM_JOB_NAME": "stage2"}, 2, 3, 1),                                # srun, task 3 of 2 x 2
+      "SLURM_NODEID": "1", "SLURM_JOB_NAME": "stage2"}, 2, 3, 1),            # srun, task 3 of 2 x 2
     ({"SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
       "SLURM_JOB_NAME": "interactive", "LOCAL_RANK": "1"}, 2, 1, 1),         # salloc shell: Lightning launches
 ])
