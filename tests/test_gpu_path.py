@@ -1,6 +1,7 @@
 """The configuration a GPU runs, run on the CPU: mixed precision (bf16 and fp16 with loss scaling), fused AdamW
 and gradient clipping through the Lightning Trainer; real bf16 support (T4s have none); DDP keeping each
 rank's NaN flag; CUDA out-of-memory as a user error; progress and logs readable outside a terminal."""
+import csv
 import os
 import re
 import subprocess
@@ -293,3 +294,93 @@ def test_lr_warmup_ramps_then_holds_and_resumes(tmp_path, latents, monkeypatch):
     assert {step for step, _ in seen} == set(range(1, 7))
     for step, lr in seen:
         assert lr == pytest.approx(1e-3 * min(1.0, step / 4))
+
+
+#################################################################################
+#          Non-finite steps: skipped under loss scaling, advice per device      #
+#################################################################################
+
+def nan_loss_at(monkeypatch, steps) -> None:
+    """The training loss (and so every gradient) is NaN at these steps, as an fp16 overflow makes it."""
+    real = dm.flow_matching_loss
+
+    def loss(module_or_fn, *args, **kwargs):
+        value = real(module_or_fn, *args, **kwargs)
+        return value * float("nan") if torch.is_grad_enabled() and current_step[0] in steps else value
+
+    current_step = [0]
+    real_step = dm.DiTTrainingModule.training_step
+
+    def training_step(self, batch, batch_idx):
+        current_step[0] = self.global_step
+        return real_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(dm, "flow_matching_loss", loss)
+    monkeypatch.setattr(dm.DiTTrainingModule, "training_step", training_step)
+
+
+def test_fp16_overflow_is_skipped_counted_and_logged(tmp_path, latents, monkeypatch):
+    """As AMP does: a step with a NaN loss is skipped, the scale halved and training goes on. Before the fix the
+    run stopped at the first one."""
+    fp16_like_a_t4(monkeypatch)
+    nan_loss_at(monkeypatch, {2})
+    out = tmp_path / "fp16"
+    train_in_process(latents, out, "--precision", "16-mixed", "--max_steps", 6, "--checkpoint_every_n_steps", 3,
+                     "--log_every_n_steps", 1)
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 6 and ckpt["skipped_steps"] == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+    with open(out / "lightning_logs" / "csv" / "metrics.csv") as f:
+        logged = {int(r["step"]): float(r["skipped_steps"]) for r in csv.DictReader(f) if r.get("skipped_steps")}
+    assert logged[1] == 0 and logged[max(logged)] == 1 and min(s for s, n in logged.items() if n == 1) == 2
+
+
+def test_fp16_persistent_nan_stops_with_advice_for_a_t4(tmp_path, latents, monkeypatch):
+    """NaN from step 3 on: skipped until MAX_SKIPPED_IN_A_ROW in a row (step 22), stopped at the next check
+    (the checkpoint of step 25, which is not written); the kept checkpoint is named with its step, and the advice
+    fits a device without native bf16 (no bf16-mixed, which it would turn back into 16-mixed)."""
+    fp16_like_a_t4(monkeypatch)
+    monkeypatch.setattr(td, "bf16_supported", lambda device: False)
+    nan_loss_at(monkeypatch, set(range(3, 1000)))
+    out = tmp_path / "fp16"
+    with pytest.raises(PipelineError) as err:
+        train_in_process(latents, out, "--precision", "16-mixed", "--max_steps", 60, "--checkpoint_every_n_steps", 5,
+                         "--val_every_n_epochs", 1000)
+    message = str(err.value)
+    assert re.search(rf"stayed NaN/inf for {dm.MAX_SKIPPED_IN_A_ROW} steps in a row up to step 22 "
+                     r"\(precision 16-mixed, .* 22 skipped in all", message), message
+    assert re.search(r"last good checkpoint, \S*last\.ckpt \(step 20\), is kept", message), message
+    assert "--precision 32-true" in message and "bf16-mixed" not in message and "--use_qknorm" in message
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 20 and all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+
+
+def divergence_args(tmp_path, *flags):
+    from training.cli import training_options
+    return training_options(["--latent_dir", str(tmp_path), "--output_dir", str(tmp_path), "--accelerator", "gpu",
+                             *flags])
+
+
+@pytest.mark.parametrize("capability, init_from, expected, absent", [
+    ((7, 5), False, ["--precision 32-true", "--use_qknorm"], ["bf16-mixed"]),                 # T4
+    ((7, 5), True, ["--precision 32-true"], ["bf16-mixed", "--use_qknorm"]),                  # T4, published weights
+    ((8, 0), False, ["--precision bf16-mixed", "--use_qknorm"], ["32-true"]),           # A100
+])
+def test_divergence_advice_fits_the_device_and_the_weights(tmp_path, monkeypatch, capability, init_from,
+                                                            expected, absent):
+    fake_gpu(monkeypatch, capability)
+    args = divergence_args(tmp_path, *(["--init_from", str(tmp_path / "published.pt")] if init_from else []))
+    message = td.divergence_message(dm.NonFiniteLoss(30, "skipped", 25), args, "16-mixed", tmp_path / "checkpoints")
+    assert all(flag in message for flag in expected) and not any(flag in message for flag in absent), message
+    assert "No checkpoint was written before it" in message and "is kept" not in message
+    assert "--grad_clip" not in message   # already 1.0 by default
+
+
+def test_divergence_message_names_the_checkpoint_kept(tmp_path):
+    from common.io import save_torch
+    from models.checkpoint import CHECKPOINT_KIND
+    save_torch({"global_step": 40, "pipeline": {"kind": CHECKPOINT_KIND}}, tmp_path / "checkpoints" / "last.ckpt")
+    message = td.divergence_message(dm.NonFiniteLoss(45), divergence_args(tmp_path, "--grad_clip", "0"), "32-true",
+                                    tmp_path / "checkpoints")
+    assert f"last good checkpoint, {tmp_path / 'checkpoints' / 'last.ckpt'} (step 40), is kept" in message
+    assert "--grad_clip 1.0" in message and "--precision" not in message   # nothing below fp32

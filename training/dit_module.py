@@ -18,6 +18,10 @@ from models.transport import flow_matching_loss, sample_timesteps
 from training.augment import check_probability, random_time_shifts, shift_time
 
 NONFINITE_CHECK_EVERY = 50   # steps between looks at the device-side NaN flag (a host-device sync)
+# Under fp16 loss scaling a step with NaN/inf gradients is skipped and the scale halved, as AMP does; only this
+# many skipped steps in a row stop the run (from GradScaler's 65536 that is a scale of 2**-4: no overflow left
+# to remove, the loss itself is NaN/inf).
+MAX_SKIPPED_IN_A_ROW = 20
 
 
 class DiTTrainingModule(pl.LightningModule):
@@ -56,6 +60,11 @@ class DiTTrainingModule(pl.LightningModule):
         self.register_buffer("val_t", (torch.arange(n_val) + 0.5) / max(n_val, 1), persistent=False)
         # First step whose loss was NaN/inf (-1: none), kept on the device: no sync in the step itself.
         self.register_buffer("nonfinite_step", torch.full((), -1, dtype=torch.int64), persistent=False)
+        # Under loss scaling (16-mixed): steps GradScaler skipped, in all and in a row, and the step at which
+        # MAX_SKIPPED_IN_A_ROW was reached (-1: never). Device tensors, updated without a sync.
+        self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.int64), persistent=False)
+        self.register_buffer("skipped_in_a_row", torch.zeros((), dtype=torch.int64), persistent=False)
+        self.register_buffer("persistent_skip_step", torch.full((), -1, dtype=torch.int64), persistent=False)
         self._perm: torch.Tensor | None = None   # this epoch's permutation, on the device
         self._perm_epoch = -1
 
@@ -105,7 +114,8 @@ class DiTTrainingModule(pl.LightningModule):
         noise = torch.randn_like(x1)
         x1, model = self.augment(x1)
         loss = flow_matching_loss(model, x1, y, t, noise, self.cosine_loss_weight).mean()
-        self.nonfinite_step.masked_fill_(~torch.isfinite(loss.detach()) & (self.nonfinite_step < 0), step)
+        if self.loss_scaler() is None:   # with a scaler, GradScaler skips the step (counted in optimizer_step)
+            self.nonfinite_step.masked_fill_(~torch.isfinite(loss.detach()) & (self.nonfinite_step < 0), step)
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(idx))
         return loss
 
@@ -125,25 +135,54 @@ class DiTTrainingModule(pl.LightningModule):
             group["lr"] = group.get("base_lr", self.lr) * ramp
         # The EMA follows each optimizer step here, not in on_train_batch_end: ModelCheckpoint saves in
         # its own on_train_batch_end, which runs before the module's, and would miss this step's update.
+        scaler = self.loss_scaler()
+        scale_before = scaler_scale(scaler) if scaler is not None else None
         super().optimizer_step(epoch, batch_idx, optimizer, *args, **kwargs)
+        if scaler is not None:
+            self.count_skipped_step(scale_before, scaler_scale(scaler))
         self.update_ema(self.global_step + 1)   # global_step counts this step only after this hook
 
+    def loss_scaler(self) -> "torch.amp.GradScaler | None":
+        """The GradScaler of 16-mixed precision; None under bf16-mixed/32-true (and outside a Trainer)."""
+        if self._trainer is None:
+            return None
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        return scaler if scaler is not None and scaler.is_enabled() else None
+
+    @torch.no_grad()
+    def count_skipped_step(self, scale_before: torch.Tensor, scale_after: torch.Tensor) -> None:
+        """GradScaler lowers its scale exactly when it skipped the step (NaN/inf gradients); it only grows
+        otherwise. Counted on the device; the run stops at MAX_SKIPPED_IN_A_ROW (check_finite)."""
+        skipped = (scale_after < scale_before).long()
+        self.skipped_steps += skipped
+        self.skipped_in_a_row.mul_(skipped).add_(skipped)
+        reached = (self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW) & (self.persistent_skip_step < 0)
+        self.persistent_skip_step.masked_fill_(reached, self.global_step)
+
     def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.loss_scaler() is not None:   # logged as a device tensor: the logger syncs when it writes
+            self.log("skipped_steps", self.skipped_steps.float(), on_step=True, on_epoch=False)
         if (self.global_step % NONFINITE_CHECK_EVERY == 0 or self.global_step < 10):
             self.check_finite()
 
     def check_finite(self) -> None:
-        """Raise NonFiniteLoss if any rank's loss was NaN/inf since the start (one device sync).
+        """Raise NonFiniteLoss if any rank's loss was NaN/inf since the start (without loss scaling), if loss
+        scaling skipped MAX_SKIPPED_IN_A_ROW steps in a row, or if the weights or the EMA are no longer finite
+        (one device sync).
 
-        Every rank raises with the first bad step over all ranks, so each prints the same message. The flag is
+        Every rank raises with the first bad step over all ranks, so each prints the same message. The flags are
         rank-local: DDP must not broadcast buffers (train_dit builds it with broadcast_buffers=False), or rank
-        0's flag would overwrite the others' before each forward.
+        0's flags would overwrite the others' before each forward.
         """
         none = torch.iinfo(torch.int64).max
-        first = torch.where(self.nonfinite_step >= 0, self.nonfinite_step, none)
-        first = int(self.trainer.strategy.reduce(first, reduce_op="min"))
-        if first != none:
-            raise NonFiniteLoss(first)
+        weights = [p for m in (self.model, self.ema) for p in m.parameters()]
+        weights_finite = torch.stack([torch.isfinite(p).all() for p in weights]).all()
+        steps = torch.stack([self.nonfinite_step, self.persistent_skip_step,
+                             torch.where(weights_finite, -1, self.global_step)])
+        first = self.trainer.strategy.reduce(torch.where(steps >= 0, steps, none), reduce_op="min").tolist()
+        for kind, step in zip(("loss", "skipped", "weights"), first):
+            if step != none:
+                raise NonFiniteLoss(step, kind, skipped=int(self.skipped_steps))
 
     @torch.no_grad()
     def update_ema(self, step: int):
@@ -213,9 +252,11 @@ class DiTTrainingModule(pl.LightningModule):
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.check_finite()   # a checkpoint is only written while the loss and the weights are finite
-        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
-            raise NonFiniteLoss(int(self.global_step))
         checkpoint["pipeline"] = self.info.to_dict()
+        checkpoint["skipped_steps"] = int(self.skipped_steps)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.skipped_steps.fill_(checkpoint.get("skipped_steps", 0))   # the count goes on over a resume
 
 
 class Batches:
@@ -230,7 +271,21 @@ class Batches:
         return len(self.items)
 
 
+def scaler_scale(scaler: torch.amp.GradScaler) -> torch.Tensor:
+    """GradScaler's current scale as a device tensor (reading get_scale() would sync every step); before its
+    first step, the initial scale."""
+    scale = scaler._get_scale_async()
+    return scale.clone() if scale is not None else torch.tensor(scaler.get_scale())
+
+
 class NonFiniteLoss(PipelineError):
-    def __init__(self, step: int):
-        self.step = step
-        super().__init__(f"the training loss became NaN or infinite by step {step}")
+    """Training diverged. kind: 'loss' (a NaN/inf loss without loss scaling), 'skipped' (loss scaling skipped
+    MAX_SKIPPED_IN_A_ROW steps in a row, the last one `step`) or 'weights' (the weights or the EMA hold NaN/inf);
+    skipped: steps that loss scaling skipped in the run so far."""
+    def __init__(self, step: int, kind: str = "loss", skipped: int = 0):
+        self.step, self.kind, self.skipped = step, kind, skipped
+        what = {"loss": f"the training loss became NaN or infinite by step {step}",
+                "skipped": f"loss scaling skipped {MAX_SKIPPED_IN_A_ROW} steps in a row up to step {step} "
+                           "(NaN/inf loss or gradients)",
+                "weights": f"the weights or their EMA hold NaN/inf values at step {step}"}[kind]
+        super().__init__(what)

@@ -342,9 +342,11 @@ def memory_report(args: argparse.Namespace, budget: float, cuda: bool = True) ->
 
 def check_cuda_memory(args: argparse.Namespace, log=print) -> None:
     """Before a CUDA training: refuse (with advice) a run whose estimate exceeds this device's free memory."""
-    import os
     from common.errors import PipelineError
-    device = int(os.environ.get("LOCAL_RANK", 0)) % max(1, torch.cuda.device_count())   # this rank's GPU
+    from training.launch import local_rank
+    # This rank's GPU, as Lightning assigns them (srun sets SLURM_LOCALID, not LOCAL_RANK); modulo for a task
+    # that sees only its own GPU (srun --gpus-per-task, CUDA_VISIBLE_DEVICES per rank).
+    device = local_rank() % max(1, torch.cuda.device_count())
     free, total = torch.cuda.mem_get_info(device)
     fits, text, estimate = memory_report(args, free)
     if not fits:

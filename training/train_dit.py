@@ -14,7 +14,7 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.plugins import TorchCheckpointIO
 from pytorch_lightning.strategies import DDPStrategy
 
-from common.device import bf16_supported
+from common.device import bf16_supported, check_cuda_usable, uses_cuda
 from common.errors import PipelineError, out_of_memory_advice
 from common.io import atomic_path, save_torch
 from common.progress import due, is_terminal, progress_line
@@ -22,8 +22,9 @@ from data.latents import load_latents, load_stats
 from training.cli import TrainOptions
 from models.checkpoint import PipelineInfo, checkpoint_info, load_checkpoint
 from models.lightningdit import model_config
-from training.dit_module import DiTTrainingModule, NonFiniteLoss
+from training.dit_module import MAX_SKIPPED_IN_A_ROW, DiTTrainingModule, NonFiniteLoss
 from training.early_checkpoint import EarlyCheckpoint
+from training.launch import check_world_size, rank_zero_first
 from training.sample_grid import sample_grid_callbacks
 
 
@@ -38,7 +39,7 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     without AVX512-BF16/AMX gets 32-true. fp16 on a CPU is slow and needs loss scaling for nothing: a CPU asked
     for 16-mixed gets bf16-mixed where it has bf16, else 32-true.
     """
-    on_cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    on_cuda = uses_cuda(accelerator)   # --accelerator gpu without CUDA was refused before (check_devices)
     device = "cuda" if on_cuda else "cpu"
     if precision in ("bf16-mixed", "bf16") and not bf16_supported(device):
         instead = "16-mixed" if on_cuda else "32-true"
@@ -86,6 +87,7 @@ def train(args: TrainOptions, log=print, callbacks: Sequence[pl.Callback] = ()) 
     torch.manual_seed(args.seed)   # the initial weights; the module seeds each step from (seed, step, rank)
     out = Path(args.output_dir)
     ckpt_dir = out / "checkpoints"
+    check_devices(args)
     precision = resolve_precision(args.precision, args.accelerator)
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True   # TF32 on Ampere+: same results class, much faster
@@ -103,8 +105,7 @@ def train(args: TrainOptions, log=print, callbacks: Sequence[pl.Callback] = ()) 
     elif args.finetune != "full":
         warnings.warn(f"--finetune {args.finetune} only applies with --init_from; training every weight")
     last = ckpt_dir / "last.ckpt"
-    if args.restart:
-        remove_previous_run(ckpt_dir, log)
+    prepare_output_dir(args, ckpt_dir, log)
     resume = str(last) if last.is_file() else None
     if resume:
         previous = load_checkpoint(last, mmap=True)
@@ -136,8 +137,8 @@ def train(args: TrainOptions, log=print, callbacks: Sequence[pl.Callback] = ()) 
     # The latents, the fixed validation noise and the NaN flag are buffers: by default DDP would broadcast
     # them from rank 0 before every forward (the whole dataset each step) and overwrite the other ranks' flag.
     strategy = DDPStrategy(broadcast_buffers=False) if distributed else "auto"
-    if distributed and args.accelerator == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) // devices))
+    if distributed and args.accelerator == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // devices))   # devices: processes on this node
     quiet_lightning_warnings()
     trainer = pl.Trainer(
         accelerator=args.accelerator, devices=devices, num_nodes=args.num_nodes, strategy=strategy,
@@ -152,15 +153,51 @@ def train(args: TrainOptions, log=print, callbacks: Sequence[pl.Callback] = ()) 
         with out_of_memory_advice("stage 2", OOM_FLAGS):
             trainer.fit(module, ckpt_path=resume)   # AtomicCheckpointIO reads it with weights_only=True
     except NonFiniteLoss as err:
-        raise PipelineError(
-            f"training stopped: the loss became NaN/inf by step {err.step} (precision {precision}, lr {args.lr}). "
-            f"The last good checkpoint is kept in {ckpt_dir}. Try a lower --lr (e.g. {args.lr / 2:g}), "
-            "--precision bf16-mixed or 32-true, --grad_clip 1.0, or --use_qknorm; then rerun the same command "
-            "with --restart, or without it to continue from the last good checkpoint.") from None
+        raise PipelineError(divergence_message(err, args, precision, ckpt_dir)) from None
     if trainer.global_rank == 0:
         plot_loss_curve(out / "lightning_logs" / "csv" / "metrics.csv", out / "loss_curve.png")
         log(f"stage 2 done: checkpoints in {ckpt_dir}, logs in {out / 'lightning_logs'}, curve {out / 'loss_curve.png'}")
     return ckpt_dir / "best.ckpt" if (ckpt_dir / "best.ckpt").is_file() else last
+
+
+def divergence_message(err: NonFiniteLoss, args: TrainOptions, precision: str, ckpt_dir: Path) -> str:
+    """What diverged, the checkpoint that is kept (only one that exists), and flag changes that can help on this
+    device: bf16-mixed only where bf16 is native (a T4 would turn it back into 16-mixed), --use_qknorm only
+    without --init_from (the published weights have no q/k norms)."""
+    if err.kind == "loss":
+        what = f"the loss became NaN/inf by step {err.step} (precision {precision}, lr {args.lr:g})"
+    elif err.kind == "skipped":
+        what = (f"the loss or its gradients stayed NaN/inf for {MAX_SKIPPED_IN_A_ROW} steps in a row up to step "
+                f"{err.step} (precision {precision}, lr {args.lr:g}; loss scaling skipped them, {err.skipped} "
+                "skipped in all, and lowering the scale did not help)")
+    else:
+        what = f"the weights became NaN/inf by step {err.step} (precision {precision}, lr {args.lr:g})"
+    last = ckpt_dir / "last.ckpt"
+    if last.is_file():
+        try:
+            step = f" (step {load_checkpoint(last, mmap=True)['global_step']})"
+        except PipelineError:   # the divergence is the news, not an unreadable file
+            step = ""
+        kept = (f"The last good checkpoint, {last}{step}, is kept: rerun with changed flags to continue "
+                "from it (the same flags would diverge the same way: the batches are a function of the step), "
+                "or add --restart to start over.")
+    else:
+        kept = ("No checkpoint was written before it (the first comes after "
+                f"--checkpoint_every_n_steps {args.checkpoint_every_n_steps} steps or the first validation): "
+                "rerun with changed flags.")
+    advice = [f"a lower --lr (e.g. {args.lr / 4:g})"]
+    if not args.grad_clip or args.grad_clip > 1.0:
+        advice.append("--grad_clip 1.0")
+    if precision in ("16-mixed", "16"):
+        native_bf16 = bf16_supported("cuda" if uses_cuda(args.accelerator) else "cpu")
+        advice.append("--precision bf16-mixed (same speed, no fp16 overflow)" if native_bf16 else
+                      "--precision 32-true (this device has no native bf16; fp32 is slower but does not overflow)")
+    elif precision in ("bf16-mixed", "bf16"):
+        advice.append("--precision 32-true")
+    if not args.use_qknorm and not args.init_from:   # published weights have no q/k norms to load
+        advice.append("--use_qknorm (needs --restart: it changes the model)")
+    tries = f"{', '.join(advice[:-1])} or {advice[-1]}" if len(advice) > 1 else advice[0]
+    return f"training stopped: {what}. {kept} Try {tries}."
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -313,11 +350,25 @@ def check_same_data(saved: PipelineInfo, current: PipelineInfo, path: Path) -> N
                             "--output_dir to keep the old run).")
 
 
+def check_devices(args: TrainOptions) -> None:
+    """GPUs asked for where CUDA is not usable, or a launcher (torchrun, srun) that started another number of
+    processes than --devices x --num_nodes: a PipelineError saying what to do, before anything is loaded."""
+    check_cuda_usable(args.accelerator, args.devices, args.num_nodes)
+    check_world_size(args.devices, args.num_nodes)
+
+
+def prepare_output_dir(args: TrainOptions, ckpt_dir: Path, log=print) -> None:
+    """The output folder's once-per-run work, done by global rank 0 before any rank decides whether to resume
+    (under torchrun and srun every rank starts at once; LOCAL_RANK is 0 once per node, and unset under srun)."""
+    with rank_zero_first(args.devices, args.num_nodes, uses_cuda(args.accelerator)) as is_rank_zero:
+        if is_rank_zero and args.restart:
+            remove_previous_run(ckpt_dir, log)
+
+
 def remove_previous_run(ckpt_dir: Path, log=print) -> None:
     """--restart: the old run's checkpoints go first, so that neither a stale best.ckpt (before the new
-    run's first validation) nor a stale last.ckpt (resumed after an interruption) is ever picked up."""
-    if os.environ.get("LOCAL_RANK", "0") != "0":
-        return     # a DDP worker re-running this script: rank 0 removed them before it started the workers
+    run's first validation) nor a stale last.ckpt (resumed after an interruption) is ever picked up.
+    Global rank 0 only (prepare_output_dir)."""
     for name in ("best.ckpt", "last.ckpt"):
         if (ckpt_dir / name).is_file():
             (ckpt_dir / name).unlink(missing_ok=True)

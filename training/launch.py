@@ -1,0 +1,118 @@
+"""Who this process is in a multi-process run, before the Trainer exists: plain `--devices N` (Lightning starts
+the other ranks itself), torchrun, or srun (SLURM), on one node or several.
+
+Lightning's cluster environments read the launcher's variables (torchrun: RANK, LOCAL_RANK, GROUP_RANK; srun:
+SLURM_PROCID, SLURM_LOCALID, SLURM_NODEID). LOCAL_RANK alone is not enough: srun does not set it, so every rank
+would act as rank 0, and with several nodes each node has a LOCAL_RANK 0.
+
+File work that must happen once (removing the previous run on --restart) goes through rank_zero_first: rank 0
+does it before any other rank looks at the folder. Lightning's own launcher starts the other ranks only inside
+trainer.fit, so there rank 0 is first by construction; torchrun and srun start every rank at once, so the ranks
+join the process group early (Lightning then reuses it) and wait for rank 0's verdict.
+"""
+import atexit
+import os
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from lightning_fabric.plugins.environments import (ClusterEnvironment, LightningEnvironment, LSFEnvironment,
+                                                   SLURMEnvironment, TorchElasticEnvironment)
+
+from common.errors import PipelineError
+
+
+def cluster_environment() -> ClusterEnvironment:
+    """The environment Lightning's Trainer will pick (the same order: torchrun first, it also runs inside SLURM).
+
+    Raises PipelineError for a SLURM job that Lightning refuses (--ntasks without --ntasks-per-node).
+    """
+    for env_type in (TorchElasticEnvironment, SLURMEnvironment, LSFEnvironment):
+        if env_type.detect():
+            try:
+                return env_type()
+            except RuntimeError as err:   # SLURMEnvironment refuses a job of --ntasks without --ntasks-per-node
+                raise PipelineError(f"this {env_type.__name__} job cannot run stage 2: {err}") from None
+    return LightningEnvironment()
+
+
+def started_by_launcher(env: ClusterEnvironment | None = None) -> bool:
+    """True under torchrun, srun or LSF: every rank runs this script from the start."""
+    env = env or cluster_environment()
+    return not isinstance(env, LightningEnvironment) and env.creates_processes_externally
+
+
+def global_rank(devices_per_node: int = 1) -> int:
+    """This process's rank over all nodes (0: the one that writes files). Under Lightning's own launcher the
+    process that the user started has no LOCAL_RANK and is local rank 0 of its NODE_RANK."""
+    env = cluster_environment()
+    if started_by_launcher(env):
+        return env.global_rank()
+    return env.node_rank() * devices_per_node + env.local_rank()
+
+
+def local_rank() -> int:
+    """This process's index on its node: the GPU it trains on (cuda:local_rank, as Lightning assigns them)."""
+    return cluster_environment().local_rank()
+
+
+def check_world_size(devices: int, num_nodes: int) -> None:
+    """A launcher that started another number of processes than --devices x --num_nodes would hang or fail in
+    Lightning with a ValueError; say which flags to set instead.
+
+    Raises PipelineError.
+    """
+    env = cluster_environment()
+    if not started_by_launcher(env):
+        return
+    world = env.world_size()
+    if world != devices * num_nodes:
+        launcher = "srun" if isinstance(env, SLURMEnvironment) else "the launcher (torchrun?)"
+        raise PipelineError(f"{launcher} started {world} processes, but --devices {devices} x --num_nodes "
+                            f"{num_nodes} = {devices * num_nodes}: pass --devices <processes per node> and "
+                            "--num_nodes <nodes> as given to the launcher (torchrun --nproc_per_node/--nnodes, "
+                            "sbatch --ntasks-per-node/--nodes)")
+
+
+@contextmanager
+def rank_zero_first(devices: int, num_nodes: int, use_cuda: bool) -> Iterator[bool]:
+    """`with rank_zero_first(...) as is_rank_zero:` the body's file work (when is_rank_zero) is finished before
+    any rank goes past the block. If rank 0's body raises, every rank stops (rank 0 with its own error).
+
+    Under torchrun/srun with several processes this joins the default process group (backend as Lightning would
+    choose: nccl on CUDA, else gloo), which Lightning's DDP strategy then uses as it finds it.
+    """
+    env = cluster_environment()
+    is_zero = global_rank(devices) == 0
+    if not (started_by_launcher(env) and devices * num_nodes > 1):
+        yield is_zero
+        return
+    device = join_process_group(env, use_cuda)
+    failed = torch.zeros((), device=device)
+    try:
+        yield is_zero
+    except BaseException:
+        failed.fill_(1)
+        raise
+    finally:
+        # Every rank reaches this point; the others learn whether rank 0's work succeeded.
+        torch.distributed.all_reduce(failed, op=torch.distributed.ReduceOp.MAX)
+    if failed.item() and not is_zero:
+        raise PipelineError("rank 0 stopped before training (its message says why); this rank stops with it")
+
+
+def join_process_group(env: ClusterEnvironment, use_cuda: bool) -> torch.device:
+    """Initialise torch.distributed the way Lightning's DDPStrategy does (MASTER_ADDR/PORT from the
+    environment, env:// rendezvous); returns the device for collectives."""
+    device = torch.device("cuda", env.local_rank()) if use_cuda else torch.device("cpu")
+    if torch.distributed.is_initialized():
+        return device
+    os.environ["MASTER_ADDR"] = env.main_address
+    os.environ["MASTER_PORT"] = str(env.main_port)
+    if use_cuda:
+        torch.cuda.set_device(device)
+    backend = "nccl" if use_cuda else "gloo"
+    torch.distributed.init_process_group(backend, rank=env.global_rank(), world_size=env.world_size())
+    if backend == "nccl":   # PyTorch warns about an NCCL group left undestroyed at exit (Lightning does the same)
+        atexit.register(lambda: torch.distributed.is_initialized() and torch.distributed.destroy_process_group())
+    return device
