@@ -1,5 +1,6 @@
 """Stage 2 logic: build the Trainer (DDP, precision, checkpoints, logs), resume, train, plot."""
 import csv
+import math
 import os
 import time
 import warnings
@@ -9,7 +10,7 @@ from typing import Any, Sequence
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.plugins import TorchCheckpointIO
 from pytorch_lightning.strategies import DDPStrategy
@@ -19,6 +20,8 @@ from common.errors import PipelineError, out_of_memory_advice
 from common.io import atomic_path, save_torch
 from common.progress import due, is_terminal, progress_line
 from data.latents import load_latents, load_stats
+from training.checkpoints import (BestCheckpoint, LastCheckpoint, RunFlags, check_length, check_optimizer_layout,
+                                  resume_message, run_lock)
 from training.cli import TrainOptions
 from models.checkpoint import PipelineInfo, checkpoint_info, load_checkpoint
 from models.lightningdit import model_config
@@ -98,30 +101,36 @@ def train(args: TrainOptions, log=print, callbacks: Sequence[pl.Callback] = ()) 
         initialise_from(module, args.init_from, args.finetune, log, args.lora_rank, args.lora_alpha)
     elif args.finetune != "full":
         warnings.warn(f"--finetune {args.finetune} only applies with --init_from; training every weight")
-    last = ckpt_dir / "last.ckpt"
-    if args.restart:
-        remove_previous_run(ckpt_dir, log)
-    resume = str(last) if last.is_file() else None
-    if resume:
-        previous = load_checkpoint(last, mmap=True)
-        saved = checkpoint_info(previous)
-        check_same_model(saved.model_config, module.info.model_config, last)
-        check_same_data(saved, module.info, last)
-        from training.lora import check_same_lora
-        check_same_lora(saved.lora, module.info.lora, last)
-        log(f"resuming from {last} at step {previous['global_step']} (same command as before; "
-            "pass --restart to start over)")
-        # Batches are a function of the global step, so a mid-epoch resume is exact (Lightning can't know).
-        warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch")
+    trainer = build_trainer(args, precision, out, callbacks)
+    with run_lock(out, hold=trainer.global_rank == 0, log=log):
+        if args.restart:
+            remove_previous_run(ckpt_dir, log)
+        resume = resume_point(args, module, ckpt_dir, trainer.global_rank == 0, log)
+        try:
+            with out_of_memory_advice("stage 2", OOM_FLAGS):
+                trainer.fit(module, ckpt_path=resume)   # AtomicCheckpointIO reads it with weights_only=True
+                validate_final_weights(trainer, module)
+        except NonFiniteLoss as err:
+            raise PipelineError(
+                f"training stopped: the loss became NaN/inf by step {err.step} (precision {precision}, lr {args.lr}). "
+                f"The last good checkpoint is kept in {ckpt_dir}. Try a lower --lr (e.g. {args.lr / 2:g}), "
+                "--precision bf16-mixed or 32-true, --grad_clip 1.0, or --use_qknorm; then rerun the same command "
+                "with --restart, or without it to continue from the last good checkpoint.") from None
+        if trainer.global_rank == 0:
+            plot_loss_curve(out / "lightning_logs" / "csv" / "metrics.csv", out / "loss_curve.png")
+            log(f"stage 2 done: checkpoints in {ckpt_dir}, logs in {out / 'lightning_logs'}, curve {out / 'loss_curve.png'}")
+    best, last = ckpt_dir / "best.ckpt", ckpt_dir / "last.ckpt"
+    return best if best.is_file() else last
 
-    # last.ckpt: every N steps (preemption loses little) and after every validation (save_last).
-    every = ModelCheckpoint(dirpath=ckpt_dir, filename="last", every_n_train_steps=args.checkpoint_every_n_steps,
-                            save_top_k=1, enable_version_counter=False)
-    best = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min", save_top_k=1,
-                           save_last=True, enable_version_counter=False)
+
+def build_trainer(args: TrainOptions, precision: str, out: Path, callbacks: Sequence[pl.Callback]) -> pl.Trainer:
+    """The Trainer with stage 2's checkpoints (training/checkpoints.py), logs, progress and DDP settings."""
+    ckpt_dir = out / "checkpoints"
     csv_logger = CSVLogger(out, name="lightning_logs", version="csv")
     loggers = [csv_logger, TensorBoardLogger(out, name="lightning_logs", version="tensorboard")]
-    callbacks = [every, best, progress_callback(), KeepMetricsHistory(csv_logger), *callbacks]
+    callbacks = [LastCheckpoint(ckpt_dir / "last.ckpt", args.checkpoint_every_n_steps),
+                 BestCheckpoint(ckpt_dir / "best.ckpt"), RunFlags(args), progress_callback(),
+                 KeepMetricsHistory(csv_logger), *callbacks]
     if args.finetune == "lora":
         from training.lora import HalfPrecisionBase
         callbacks.append(HalfPrecisionBase())
@@ -133,28 +142,54 @@ def train(args: TrainOptions, log=print, callbacks: Sequence[pl.Callback] = ()) 
     if distributed and args.accelerator == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // devices))
     quiet_lightning_warnings()
-    trainer = pl.Trainer(
+    return pl.Trainer(
         accelerator=args.accelerator, devices=devices, num_nodes=args.num_nodes, strategy=strategy,
         precision=precision, max_epochs=args.max_epochs, max_steps=args.max_steps or -1,
         gradient_clip_val=args.grad_clip or None,   # applied by DiTTrainingModule.configure_gradient_clipping
-        callbacks=callbacks,
+        callbacks=callbacks, enable_checkpointing=False,   # LastCheckpoint and BestCheckpoint write them
         plugins=[AtomicCheckpointIO()],
         logger=loggers, log_every_n_steps=args.log_every_n_steps, num_sanity_val_steps=0,
         use_distributed_sampler=False, enable_model_summary=False, deterministic=False,
         check_val_every_n_epoch=args.val_every_n_epochs, default_root_dir=out)
-    try:
-        with out_of_memory_advice("stage 2", OOM_FLAGS):
-            trainer.fit(module, ckpt_path=resume)   # AtomicCheckpointIO reads it with weights_only=True
-    except NonFiniteLoss as err:
-        raise PipelineError(
-            f"training stopped: the loss became NaN/inf by step {err.step} (precision {precision}, lr {args.lr}). "
-            f"The last good checkpoint is kept in {ckpt_dir}. Try a lower --lr (e.g. {args.lr / 2:g}), "
-            "--precision bf16-mixed or 32-true, --grad_clip 1.0, or --use_qknorm; then rerun the same command "
-            "with --restart, or without it to continue from the last good checkpoint.") from None
-    if trainer.global_rank == 0:
-        plot_loss_curve(out / "lightning_logs" / "csv" / "metrics.csv", out / "loss_curve.png")
-        log(f"stage 2 done: checkpoints in {ckpt_dir}, logs in {out / 'lightning_logs'}, curve {out / 'loss_curve.png'}")
-    return ckpt_dir / "best.ckpt" if (ckpt_dir / "best.ckpt").is_file() else last
+
+
+def resume_point(args: TrainOptions, module: DiTTrainingModule, ckpt_dir: Path, launcher: bool,
+                 log=print) -> str | None:
+    """last.ckpt's path if this run resumes from it (after checking that it fits this command), else None.
+    A fresh run's launching process (`launcher`: global rank 0) first removes a best.ckpt whose last.ckpt is
+    gone: it is an earlier run's."""
+    last, best = ckpt_dir / "last.ckpt", ckpt_dir / "best.ckpt"
+    if not last.is_file():
+        if launcher and best.is_file():
+            best.unlink(missing_ok=True)
+            log(f"removed {best}: its run's last.ckpt is gone, so it is an earlier run's")
+        return None
+    previous = load_checkpoint(last, mmap=True)
+    saved = checkpoint_info(previous)
+    check_same_model(saved.model_config, module.info.model_config, last)
+    check_same_data(saved, module.info, last)
+    from training.lora import check_same_lora
+    check_same_lora(saved.lora, module.info.lora, last)
+    message = resume_message(previous, args, last)   # refuses the flags a resume cannot honour
+    check_optimizer_layout(previous, module.param_groups(), last)
+    world = args.devices * args.num_nodes
+    steps_per_epoch = max(1, len(module.train_x) // (args.batch_size * world))
+    check_length(previous, min(args.max_steps or math.inf, args.max_epochs * steps_per_epoch), last)
+    log(message)
+    # Batches are a function of the global step, so a mid-epoch resume is exact, which Lightning cannot know
+    # (its warning, checked on Lightning 2.3.3, 2.4.0, 2.5.0 and 2.6.6, says the dataloader is not resumable).
+    warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch")
+    return str(last)
+
+
+def validate_final_weights(trainer: pl.Trainer, module: DiTTrainingModule) -> None:
+    """Validate the final weights when the cadence skipped them (--val_every_n_epochs, a --max_steps that ends
+    mid-epoch), so that best.ckpt can be them. Only after this process trained: a rerun of a finished run
+    trains and validates nothing."""
+    best = next(c for c in trainer.callbacks if isinstance(c, BestCheckpoint))
+    last = next(c for c in trainer.callbacks if isinstance(c, LastCheckpoint))
+    if last.trained_here(trainer) and len(module.val_x) and best.validated_step != trainer.global_step:
+        trainer.validate(module, verbose=False)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
