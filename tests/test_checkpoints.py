@@ -143,3 +143,36 @@ def test_a_second_run_into_the_same_folder_is_refused(tmp_path, latent_dir, caps
     run(latent_dir, tmp_path, "--max_steps", 2, log=lines.append)
     assert any(f"left by stage 2 process {sleeper.pid}" in m for m in lines), lines
     assert not lock.exists() and load(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 2
+
+
+#################################################################################
+#                            benchmarks/gpu_check.py                            #
+#################################################################################
+
+def test_gpu_check_keeps_finished_parts_and_frees_checkpoints_as_it_goes(tmp_path, monkeypatch):
+    """A run stopped in its second training part (a time limit) leaves a JSON with stage 1, the first
+    part and the versions; each part's checkpoints are gone before the next part starts."""
+    import sys
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_check
+    monkeypatch.setattr("data.simulate.write_dataset", lambda *a, **k: None)
+    monkeypatch.setattr(gpu_check, "make_tokenizer", lambda path, smoke: path)
+    monkeypatch.setattr(gpu_check, "check_stage1", lambda *a: {"images_per_s": 1.0})
+    seen = []
+
+    def fake_stage2(latents, out, model, precision, grad_checkpointing, sizes, smoke):
+        seen.append(sorted(p.name for p in out.parent.glob("dit_*")))
+        if len(seen) == 2:
+            raise KeyboardInterrupt   # the time limit
+        (out / "checkpoints").mkdir(parents=True)
+        (out / "checkpoints" / "last.ckpt").write_bytes(b"x" * 100)
+        return {"latents_per_s": 2.0}
+    monkeypatch.setattr(gpu_check, "check_stage2", fake_stage2)
+    out = tmp_path / "check.json"
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--cpu_smoke", "--json_out", str(out)])
+    with pytest.raises(KeyboardInterrupt):
+        gpu_check.main()
+    assert seen == [[], []]   # dit_0 was deleted before the second part began
+    result = json.loads(out.read_text())
+    assert result["stage1"]["ok"] and result["stage2"][0]["latents_per_s"] == 2.0 and len(result["stage2"]) == 1
+    assert result["lightning"] and "cuda_driver" in result and "cuda_runtime" in result
