@@ -2,14 +2,12 @@
 weights, a resume honours or refuses every changed flag, and one run per --output_dir."""
 import csv
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from common.errors import PipelineError
 from helpers import PYTHON, ROOT, TINY_DIT_FLAGS, assert_user_error, run_main
 from training.cli import training_options
 from training.train_dit import train

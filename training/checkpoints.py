@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.trainer.states import TrainerFn
 
 from common.errors import PipelineError
@@ -134,7 +133,12 @@ REFUSED = {"init_from": "the resumed weights started from the previous --init_fr
 
 
 def comparable_flags(args: TrainOptions) -> dict[str, Any]:
-    return {k: v for k, v in vars(args).items() if k not in NOT_COMPARED}
+    """The flags a resume compares, by name; --init_from as a real path (another spelling of the same file,
+    e.g. from another working folder, is no change)."""
+    flags = {k: v for k, v in vars(args).items() if k not in NOT_COMPARED}
+    if flags.get("init_from"):
+        flags["init_from"] = os.path.realpath(flags["init_from"])
+    return flags
 
 
 def resume_message(checkpoint: dict[str, Any], args: TrainOptions, path: Path) -> str:
