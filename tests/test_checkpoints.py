@@ -2,10 +2,12 @@
 weights, a resume honours or refuses every changed flag, and one run per --output_dir."""
 import csv
 import json
+import socket
 import subprocess
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from helpers import PYTHON, ROOT, TINY_DIT_FLAGS, assert_user_error, run_main
@@ -83,7 +85,7 @@ def test_resume_applies_changed_optimizer_flags_and_says_so(tmp_path, latent_dir
     run(latent_dir, tmp_path, "--max_steps", 4, "--lr", 1e-3, "--val_every_n_epochs", 1000)
     seen = {}
 
-    class Groups(__import__("pytorch_lightning").Callback):
+    class Groups(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             seen.setdefault("groups", [dict(g) for g in trainer.optimizers[0].param_groups])
 
@@ -128,7 +130,6 @@ def test_a_second_run_into_the_same_folder_is_refused(tmp_path, latent_dir, caps
     lock = tmp_path / "stage2.lock"
     sleeper = subprocess.Popen([PYTHON, "-c", "import time; time.sleep(60)"])
     try:
-        import socket
         lock.write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname(), "started": "then"}))
         proc = run_main(capsys, "stage2_train_dit.py", *stage2_flags(latent_dir, tmp_path, "--max_steps", 2))
         assert_user_error(proc, rf"another stage 2 run \(pid {sleeper.pid} on ", r"another --output_dir")
