@@ -13,13 +13,17 @@
   images/s at the default sampler and at the seed's 250 Euler steps.
 
 Writes benchmarks/results/gpu_check.json (--cpu_smoke: /tmp/gpu_check_cpu_smoke.json): device, torch, lightning,
-stage1, stage2 (model, precision, grad_clip, batch_size, grad_checkpointing, steps, ok, latents_per_s,
-peak_mem_gb, mfu, error), stage3. A part that fails is recorded with its error and the others still run.
+cuda_runtime, cuda_driver, stage1, stage2 (model, precision, grad_clip, batch_size, grad_checkpointing, steps, ok,
+latents_per_s, peak_mem_gb, mfu, last_ckpt_gb, best_ckpt_gb, error), stage3. The file is rewritten after each
+part, so a run stopped by a time limit keeps what finished; a part that fails is recorded with its error and
+the others still run. Each run's checkpoints are deleted as soon as they are no longer needed (XL/1's
+last.ckpt is ~11 GB).
 """
 import argparse
 import gc
 import json
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -66,6 +70,27 @@ def reset_memory() -> None:
 
 def peak_memory_gb() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
+def cuda_driver_version() -> str | None:
+    """The NVIDIA driver's version (nvidia-smi), or None without one."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+
+
+def write_result(result: dict[str, Any], path: Path) -> None:
+    """The JSON as it stands (atomic: an interrupted write keeps the previous one)."""
+    from common.io import write_text
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text(path, json.dumps(result, indent=1, default=str) + "\n")
+
+
+def size_gb(path: Path) -> float | None:
+    return round(path.stat().st_size / 2**30, 4) if path.is_file() else None
 
 
 def attempt(part: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -148,6 +173,8 @@ def check_stage2(latents: Path, out: Path, model: str, precision: str, grad_chec
     timer = StepTimer(sizes["warmup"])
     reset_memory()
     train(args, log=print, callbacks=[timer])
+    ckpt_dir = Path(out) / "checkpoints"
+    row["last_ckpt_gb"], row["best_ckpt_gb"] = size_gb(ckpt_dir / "last.ckpt"), size_gb(ckpt_dir / "best.ckpt")
     latents_per_s = batch * (steps - sizes["warmup"]) / timer.seconds(steps)
     mfu = None
     if torch.cuda.is_available():
@@ -202,15 +229,16 @@ def main() -> None:
     started = time.time()
     default = Path(tempfile.gettempdir()) / "gpu_check_cpu_smoke.json" if smoke else RESULTS / "gpu_check.json"
     path = Path(args.json_out) if args.json_out else default
-    path.parent.mkdir(parents=True, exist_ok=True)
-
-    def save() -> None:   # after every part: a run cut short keeps what finished
-        result["seconds"] = round(time.time() - started, 1)
-        path.write_text(json.dumps(result, indent=1, default=str) + "\n")
-
     result: dict[str, Any] = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke sizes)",
-        "torch": torch.__version__, "lightning": pl.__version__, "cpu_smoke": smoke}
+        "torch": torch.__version__, "lightning": pl.__version__, "cuda_runtime": torch.version.cuda,
+        "cuda_driver": cuda_driver_version(), "cpu_smoke": smoke}
+
+    def record(key: str, value: Any) -> None:
+        result[key] = value
+        result["seconds"] = round(time.time() - started, 1)
+        write_result(result, path)
+
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         work = Path(tmp)
         from data.simulate import write_dataset
@@ -218,29 +246,31 @@ def main() -> None:
                       image_size=sizes["image_size"], progress=False)
         tokenizer = make_tokenizer(work / "vavae", smoke)
         print("== stage 1", flush=True)
-        result["stage1"] = attempt(lambda: check_stage1(work / "data", tokenizer, work, sizes))
-        save()
+        record("stage1", attempt(lambda: check_stage1(work / "data", tokenizer, work, sizes)))
+        shutil.rmtree(work / "latents_cold", ignore_errors=True)
         latents = work / "latents_warm"
         print("== stage 2", flush=True)
-        result["stage2"] = []
+        rows: list[dict[str, Any]] = []
         for i, (model, precision, ckpt) in enumerate(sizes["stage2"]):
-            keep = i == 1   # B/1 bf16-mixed: the model stage 3 samples
             print(f"-- {model} {precision}{' --grad_checkpointing' if ckpt else ''}", flush=True)
             row = attempt(lambda: check_stage2(latents, work / f"dit_{i}", model, precision, ckpt, sizes, smoke))
-            if not keep:   # Lightning writes last.ckpt at the end whatever the cadence: free the disk
+            if i == 1:   # B/1 bf16-mixed: stage 3 samples its best.ckpt (EMA weights only); last.ckpt can go
+                (work / f"dit_{i}" / "checkpoints" / "last.ckpt").unlink(missing_ok=True)
+            else:
                 shutil.rmtree(work / f"dit_{i}", ignore_errors=True)
-            result["stage2"].append({"model": model, "precision": precision, "grad_clip": 1.0,
-                                     "batch_size": sizes["batch_size"], "grad_checkpointing": ckpt,
-                                     "steps": sizes["steps"], "latents_per_s": None, "peak_mem_gb": None,
-                                     "mfu": None, **row})
-            save()
+            rows.append({"model": model, "precision": precision, "grad_clip": 1.0, "batch_size": sizes["batch_size"],
+                         "grad_checkpointing": ckpt, "steps": sizes["steps"], "latents_per_s": None,
+                         "peak_mem_gb": None, "mfu": None, **row})
+            record("stage2", rows)
         print("== stage 3", flush=True)
-        checkpoint = work / "dit_1" / "checkpoints" / "last.ckpt"
+        checkpoint = work / "dit_1" / "checkpoints" / "best.ckpt"
         model_name = sizes["stage2"][1][0]
-        result["stage3"] = attempt(lambda: {"runs": check_stage3(checkpoint, model_name, tokenizer, sizes, device)})
-    save()
+        record("stage3", attempt(lambda: {"runs": check_stage3(checkpoint, model_name, tokenizer, sizes, device)}))
     print(json.dumps(result, indent=1, default=str))
     print(f"wrote {path} ({result['seconds']} s)")
+    failed = [part for part in (result["stage1"], *result["stage2"], result["stage3"]) if not part["ok"]]
+    if smoke and failed:   # the smoke run checks the check: any failure is its failure (CI runs it)
+        sys.exit(f"--cpu_smoke: {len(failed)} part(s) failed: {[part['error'] for part in failed]}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,13 @@
 """The stage 2 checkpoint format, in one place: what a checkpoint carries besides the weights, and reading it.
 
-A checkpoint is Lightning's dict (`state_dict` with `model.*` and `ema.*`, optimizer state, loops) plus a
-`pipeline` entry: everything stage 3 needs to sample without the training code or the latents (model
-config, users, latent statistics, the tokenizer's sha256, LoRA adapter settings). Training writes it
-(training/dit_module.py), stage 3 and `--init_from` read it; neither reader imports PyTorch Lightning.
+Both files carry a `pipeline` entry: everything stage 3 needs to sample without the training code or the
+latents (model config, users, latent statistics, the tokenizer's sha256, LoRA adapter settings).
+- last.ckpt is Lightning's dict for resuming (`state_dict` with `model.*` and `ema.*`, optimizer state, loops,
+  the run's flags); training/dit_module.py adds the pipeline entry.
+- best.ckpt is for sampling only (sampling_checkpoint): `state_dict` with the `ema.*` weights, the pipeline
+  entry, `global_step`, `epoch` and `val_loss`; about a quarter of last.ckpt (no training weights, no
+  AdamW moments).
+Stage 3 and `--init_from` read either (the EMA weights); neither reader imports PyTorch Lightning.
 """
 import os
 import zipfile
@@ -47,6 +51,14 @@ class PipelineInfo:
     def from_dict(cls, values: dict[str, Any]) -> "PipelineInfo":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def sampling_checkpoint(ema_state: dict[str, torch.Tensor], info: PipelineInfo, global_step: int, epoch: int,
+                        val_loss: float) -> dict[str, Any]:
+    """best.ckpt's contents: the EMA weights (LightningDiT key names, stored as `ema.*` like last.ckpt's) and
+    what stage 3 needs; `val_loss` is the EMA validation loss these weights scored."""
+    return {"state_dict": {f"ema.{k}": v for k, v in ema_state.items()}, "pipeline": info.to_dict(),
+            "global_step": int(global_step), "epoch": int(epoch), "val_loss": float(val_loss)}
 
 
 #################################################################################

@@ -10,13 +10,11 @@ the run goes to grids. The first validation always gets one; a later one is skip
 plus the next would exceed that share of the time trained (on a GPU, where a grid takes a fraction of a
 second, every validation gets its grid).
 """
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
-from PIL import Image
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from common.errors import PipelineError
@@ -58,13 +56,13 @@ class ValidationGrid(pl.Callback):
         if not grid_due(self.spent, self.last_cost, begin - self.started, self.time_share):
             return
         pixels, users = self.sample(pl_module)
-        from generation.generate import write_grid
+        from generation.generate import grid_image
         step = trainer.global_step
-        path = self.folder / f"step_{step:06d}.png"
-        write_grid(dict(zip(self.jobs(users), pixels)), users, self.samples, path)
-        with atomic_path(self.folder / LATEST) as tmp:
-            shutil.copyfile(path, tmp)
-        grid = np.asarray(Image.open(path).convert("RGB"))
+        image = grid_image(dict(zip(self.jobs(users), pixels)), users, self.samples)
+        for path in (self.folder / f"step_{step:06d}.png", self.folder / LATEST):
+            with atomic_path(path) as tmp:
+                image.save(tmp, format="PNG")
+        grid = np.asarray(image.convert("RGB"))
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image("val_grid", grid, global_step=step, dataformats="HWC")

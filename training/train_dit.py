@@ -1,5 +1,6 @@
 """Stage 2 logic: build the Trainer (DDP, precision, checkpoints, logs), resume, train, plot."""
 import csv
+import math
 import os
 import time
 import warnings
@@ -9,7 +10,7 @@ from typing import Any, Sequence
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.plugins import TorchCheckpointIO
 from pytorch_lightning.strategies import DDPStrategy
@@ -19,6 +20,8 @@ from common.errors import PipelineError, out_of_memory_advice
 from common.io import atomic_path, save_torch
 from common.progress import due, is_terminal, progress_line
 from data.latents import load_latents, load_stats
+from training.checkpoints import (BestCheckpoint, LastCheckpoint, RunFlags, check_length, check_optimizer_layout,
+                                  resume_message, run_lock)
 from training.cli import TrainOptions
 from models.checkpoint import PipelineInfo, checkpoint_info, load_checkpoint
 from models.lightningdit import model_config
@@ -104,31 +107,33 @@ def train(args: TrainOptions, log=print, callbacks: Sequence[pl.Callback] = ()) 
         initialise_from(module, args.init_from, args.finetune, log, args.lora_rank, args.lora_alpha)
     elif args.finetune != "full":
         warnings.warn(f"--finetune {args.finetune} only applies with --init_from; training every weight")
-    last = ckpt_dir / "last.ckpt"
-    prepare_output_dir(args, ckpt_dir, log)
-    resume = str(last) if last.is_file() else None
-    if resume:
-        previous = load_checkpoint(last, mmap=True)
-        saved = checkpoint_info(previous)
-        check_same_model(saved.model_config, module.info.model_config, last)
-        check_same_data(saved, module.info, last)
-        from training.finetune import check_same_lora
-        check_same_lora(saved.lora, module.info.lora, last)
-        log(f"resuming from {last} at step {previous['global_step']} (same command as before; "
-            "pass --restart to start over)")
-        # Batches are a function of the global step, so a mid-epoch resume is exact (Lightning can't know).
-        warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch")
+    callbacks = [*callbacks, EarlyCheckpoint(ckpt_dir, args.early_checkpoint_step, log),
+                 *sample_grid_callbacks(args.vavae_path, args.val_grid_users, args.val_grid_samples, module.info, out, log)]
+    trainer = build_trainer(args, precision, out, callbacks)
+    with run_lock(out, hold=trainer.global_rank == 0, log=log):
+        prepare_output_dir(args, ckpt_dir, log)   # --restart's removal, before any rank decides to resume
+        resume = resume_point(args, module, ckpt_dir, trainer.global_rank == 0, log)
+        try:
+            with out_of_memory_advice("stage 2", OOM_FLAGS):
+                trainer.fit(module, ckpt_path=resume)   # AtomicCheckpointIO reads it with weights_only=True
+                validate_final_weights(trainer, module)
+        except NonFiniteLoss as err:
+            raise PipelineError(divergence_message(err, args, precision, ckpt_dir)) from None
+        if trainer.global_rank == 0:
+            plot_loss_curve(out / "lightning_logs" / "csv" / "metrics.csv", out / "loss_curve.png")
+            log(f"stage 2 done: checkpoints in {ckpt_dir}, logs in {out / 'lightning_logs'}, curve {out / 'loss_curve.png'}")
+    best, last = ckpt_dir / "best.ckpt", ckpt_dir / "last.ckpt"
+    return best if best.is_file() else last
 
-    # last.ckpt: every N steps (preemption loses little) and after every validation (save_last).
-    every = ModelCheckpoint(dirpath=ckpt_dir, filename="last", every_n_train_steps=args.checkpoint_every_n_steps,
-                            save_top_k=1, enable_version_counter=False)
-    best = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min", save_top_k=1,
-                           save_last=True, enable_version_counter=False)
+
+def build_trainer(args: TrainOptions, precision: str, out: Path, callbacks: Sequence[pl.Callback]) -> pl.Trainer:
+    """The Trainer with stage 2's checkpoints (training/checkpoints.py), logs, progress and DDP settings."""
+    ckpt_dir = out / "checkpoints"
     csv_logger = CSVLogger(out, name="lightning_logs", version="csv")
     loggers = [csv_logger, TensorBoardLogger(out, name="lightning_logs", version="tensorboard")]
-    callbacks = [every, best, progress_callback(), KeepMetricsHistory(csv_logger), *callbacks]
-    callbacks += [EarlyCheckpoint(ckpt_dir, args.early_checkpoint_step, log), *sample_grid_callbacks(
-        args.vavae_path, args.val_grid_users, args.val_grid_samples, module.info, out, log)]
+    callbacks = [LastCheckpoint(ckpt_dir / "last.ckpt", args.checkpoint_every_n_steps),
+                 BestCheckpoint(ckpt_dir / "best.ckpt"), RunFlags(args), progress_callback(),
+                 KeepMetricsHistory(csv_logger), *callbacks]
     if args.finetune == "lora":
         from training.callbacks import HalfPrecisionBase
         callbacks.append(HalfPrecisionBase())
@@ -140,24 +145,54 @@ def train(args: TrainOptions, log=print, callbacks: Sequence[pl.Callback] = ()) 
     if distributed and args.accelerator == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // devices))   # devices: processes on this node
     quiet_lightning_warnings()
-    trainer = pl.Trainer(
+    return pl.Trainer(
         accelerator=args.accelerator, devices=devices, num_nodes=args.num_nodes, strategy=strategy,
         precision=precision, max_epochs=args.max_epochs, max_steps=args.max_steps or -1,
         gradient_clip_val=args.grad_clip or None,   # applied by DiTTrainingModule.configure_gradient_clipping
-        callbacks=callbacks,
+        callbacks=callbacks, enable_checkpointing=False,   # LastCheckpoint and BestCheckpoint write them
         plugins=[AtomicCheckpointIO()],
         logger=loggers, log_every_n_steps=args.log_every_n_steps, num_sanity_val_steps=0,
         use_distributed_sampler=False, enable_model_summary=False, deterministic=False,
         check_val_every_n_epoch=args.val_every_n_epochs, default_root_dir=out)
-    try:
-        with out_of_memory_advice("stage 2", OOM_FLAGS):
-            trainer.fit(module, ckpt_path=resume)   # AtomicCheckpointIO reads it with weights_only=True
-    except NonFiniteLoss as err:
-        raise PipelineError(divergence_message(err, args, precision, ckpt_dir)) from None
-    if trainer.global_rank == 0:
-        plot_loss_curve(out / "lightning_logs" / "csv" / "metrics.csv", out / "loss_curve.png")
-        log(f"stage 2 done: checkpoints in {ckpt_dir}, logs in {out / 'lightning_logs'}, curve {out / 'loss_curve.png'}")
-    return ckpt_dir / "best.ckpt" if (ckpt_dir / "best.ckpt").is_file() else last
+
+
+def resume_point(args: TrainOptions, module: DiTTrainingModule, ckpt_dir: Path, launcher: bool,
+                 log=print) -> str | None:
+    """last.ckpt's path if this run resumes from it (after checking that it fits this command), else None.
+    A fresh run's launching process (`launcher`: global rank 0) first removes a best.ckpt whose last.ckpt is
+    gone: it is an earlier run's."""
+    last, best = ckpt_dir / "last.ckpt", ckpt_dir / "best.ckpt"
+    if not last.is_file():
+        if launcher and best.is_file():
+            best.unlink(missing_ok=True)
+            log(f"removed {best}: its run's last.ckpt is gone, so it is an earlier run's")
+        return None
+    previous = load_checkpoint(last, mmap=True)
+    saved = checkpoint_info(previous)
+    check_same_model(saved.model_config, module.info.model_config, last)
+    check_same_data(saved, module.info, last)
+    from training.finetune import check_same_lora
+    check_same_lora(saved.lora, module.info.lora, last)
+    message = resume_message(previous, args, last)   # refuses the flags a resume cannot honour
+    check_optimizer_layout(previous, module.param_groups(), last)
+    world = args.devices * args.num_nodes
+    steps_per_epoch = max(1, len(module.train_x) // (args.batch_size * world))
+    check_length(previous, min(args.max_steps or math.inf, args.max_epochs * steps_per_epoch), last)
+    log(message)
+    # Batches are a function of the global step, so a mid-epoch resume is exact, which Lightning cannot know
+    # (its warning, the same text on Lightning 2.2.1, 2.3.3, 2.4.0, 2.5.0 and 2.6.6, says it is not resumable).
+    warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch")
+    return str(last)
+
+
+def validate_final_weights(trainer: pl.Trainer, module: DiTTrainingModule) -> None:
+    """Validate the final weights when the cadence skipped them (--val_every_n_epochs, a --max_steps that ends
+    mid-epoch), so that best.ckpt can be them. Only after this process trained: a rerun of a finished run
+    trains and validates nothing."""
+    best = next(c for c in trainer.callbacks if isinstance(c, BestCheckpoint))
+    last = next(c for c in trainer.callbacks if isinstance(c, LastCheckpoint))
+    if last.trained_here(trainer) and len(module.val_x) and best.validated_step != trainer.global_step:
+        trainer.validate(module, verbose=False)
 
 
 def divergence_message(err: NonFiniteLoss, args: TrainOptions, precision: str, ckpt_dir: Path) -> str:
@@ -265,7 +300,8 @@ class LineProgress(pl.callbacks.ProgressBar):
 
 def quiet_lightning_warnings() -> None:
     """Lightning messages that mislead here: the CSV history is kept on resume (KeepMetricsHistory), and the
-    EMA copy is in eval mode on purpose."""
+    EMA copy is in eval mode on purpose. Message texts checked on Lightning 2.2.1, 2.3.3, 2.4.0, 2.5.0 and
+    2.6.6 (the eval-mode one exists from 2.6 only); the minimum-version CI run (.ci/run) covers them."""
     warnings.filterwarnings("ignore", message=".*Previous log files in this directory will be deleted")
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
 
@@ -289,7 +325,10 @@ class KeepMetricsHistory(pl.Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx) -> None:
         # Lightning's logging step is one ahead after resuming from a checkpoint saved at an epoch end;
-        # without gradient accumulation it is the global step, as in an uninterrupted run.
+        # without gradient accumulation it is the global step, as in an uninterrupted run. A private attribute
+        # (no public setter; logging a "step" metric would drop the step column's meaning for epoch-end rows):
+        # checked on Lightning 2.2.1, 2.3.3, 2.4.0, 2.5.0 and 2.6.6; test_robustness's kill -9 test, which the
+        # minimum-version CI run (.ci/run) includes, compares metrics.csv with an uninterrupted run's.
         trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
 
 

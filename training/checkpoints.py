@@ -1,0 +1,274 @@
+"""Stage 2's checkpoints, resume and run lock: the same on every Lightning version from 2.3.3 on.
+
+- last.ckpt: everything a resume needs (weights, EMA, optimizer, loops, this run's flags); written every
+  --checkpoint_every_n_steps, after every validation and at the last step, whatever the cadence.
+- best.ckpt: for sampling only: the EMA weights with the lowest EMA validation loss and the pipeline info
+  (models/checkpoint.sampling_checkpoint); no optimizer state, no training weights. The final weights are
+  always validated (train_dit.validate_final_weights), so best.ckpt can pick them.
+
+Lightning's ModelCheckpoint is not used: which of its hooks write last.ckpt after the last step changed
+between versions (only 2.5.3+ saves in on_train_end: on 2.3.3 `--max_steps 7 --checkpoint_every_n_steps 5`
+left step 5 in last.ckpt), and it cannot leave the training weights out of best.ckpt. These callbacks only
+use the Trainer's public API (save_checkpoint, global_step, max_steps, callback_metrics, strategy.barrier).
+"""
+import json
+import math
+import os
+import socket
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytorch_lightning as pl
+from pytorch_lightning.trainer.states import TrainerFn
+
+from common.errors import PipelineError
+from common.io import save_torch
+from models.checkpoint import load_checkpoint, sampling_checkpoint
+from training.cli import TrainOptions
+
+FLAGS_KEY = "stage2_flags"   # the flags of the run that wrote a last.ckpt (a dict of TrainOptions)
+LOCK_NAME = "stage2.lock"
+
+
+#################################################################################
+#                                  Callbacks                                    #
+#################################################################################
+
+class LastCheckpoint(pl.Callback):
+    """last.ckpt every `every_n_steps` optimizer steps, after each validation and at the last step.
+
+    The last step reached by --max_steps is saved in on_train_batch_end, like the periodic saves (a resume
+    with a larger --max_steps then continues mid-epoch exactly); a run that ends at an epoch end is saved
+    in on_train_end, after that epoch's validation. Every rank calls Trainer.save_checkpoint (rank 0 writes).
+    """
+    def __init__(self, path: Path, every_n_steps: int):
+        self.path, self.every_n_steps = Path(path), every_n_steps
+        self.saved_step = self.start_step = -1
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.saved_step = self.start_step = trainer.global_step   # 0, or the step last.ckpt was resumed from
+
+    def trained_here(self, trainer: pl.Trainer) -> bool:
+        """Whether this process trained steps (a rerun of a finished run trains none)."""
+        return 0 <= self.start_step < trainer.global_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx) -> None:
+        if trainer.global_step % self.every_n_steps == 0 or trainer.global_step == trainer.max_steps:
+            self.save(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self.save(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.save(trainer)
+
+    def save(self, trainer: pl.Trainer) -> None:
+        if trainer.global_step != self.saved_step:
+            trainer.save_checkpoint(self.path)
+            self.saved_step = trainer.global_step
+
+
+class BestCheckpoint(pl.Callback):
+    """best.ckpt (sampling only, see the module docstring) whenever the EMA validation loss is the lowest so far.
+
+    The score to beat is read from best.ckpt itself when resuming (it may come from the final validation,
+    which happens after the last last.ckpt); a fresh run's first validation always writes it.
+    """
+    def __init__(self, path: Path, monitor: str = "val_loss"):
+        self.path, self.monitor = Path(path), monitor
+        self.best_score: float | None = None
+        self.validated_step = -1   # the global step of the weights validated last
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.ckpt_path and self.path.is_file():
+            self.best_score = load_checkpoint(self.path, mmap=True).get(self.monitor)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        score = trainer.callback_metrics.get(self.monitor)
+        if trainer.sanity_checking or score is None:
+            return
+        score, self.validated_step = float(score), trainer.global_step   # synchronised: the same on every rank
+        if math.isfinite(score) and (self.best_score is None or score < self.best_score):
+            if trainer.is_global_zero:
+                save_torch(sampling_checkpoint(pl_module.ema.state_dict(), pl_module.info, trainer.global_step,
+                                               trainer.current_epoch, score), self.path)
+            trainer.strategy.barrier("best.ckpt")
+            self.best_score = score
+
+
+class RunFlags(pl.Callback):
+    """Stores this run's flags in every checkpoint, and after a resume puts this command's optimizer flags
+    (--lr, --beta2, --weight_decay, --backbone_lr_scale) back: restoring the optimizer state brought back
+    the previous run's values in its parameter groups."""
+    def __init__(self, args: TrainOptions):
+        self.flags = comparable_flags(args)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        checkpoint[FLAGS_KEY] = self.flags
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for optimizer in trainer.optimizers:
+            for group, fresh in zip(optimizer.param_groups, pl_module.param_groups()):
+                group["lr"] = group["base_lr"] = fresh["lr"]   # the warm-up ramps from base_lr
+                group["betas"] = pl_module.betas
+                group["weight_decay"] = fresh.get("weight_decay", pl_module.weight_decay)
+
+
+#################################################################################
+#                                    Resume                                     #
+#################################################################################
+
+# Flags that say nothing about how the run trains, or that other checks cover (model, data, LoRA).
+NOT_COMPARED = {"latent_dir", "output_dir", "restart", "check_memory", "skip_memory_check", "model", "depth",
+                "hidden_size", "num_heads", "use_qknorm", "lora_rank", "lora_alpha"}
+# Flags a resume cannot honour: the weights come from last.ckpt, and the trained parameters (hence the
+# optimizer state's layout) follow from them.
+REFUSED = {"init_from": "the resumed weights started from the previous --init_from",
+           "finetune": "the optimizer state belongs to the previous mode's trainable weights"}
+
+
+def comparable_flags(args: TrainOptions) -> dict[str, Any]:
+    """The flags a resume compares, by name; --init_from as a real path (another spelling of the same file,
+    e.g. from another working folder, is no change)."""
+    flags = {k: v for k, v in vars(args).items() if k not in NOT_COMPARED}
+    if flags.get("init_from"):
+        flags["init_from"] = os.path.realpath(flags["init_from"])
+    return flags
+
+
+def resume_message(checkpoint: dict[str, Any], args: TrainOptions, path: Path) -> str:
+    """What a resume from `checkpoint` does with this command's flags; PipelineError for a flag it cannot honour.
+
+    Every other flag applies from the resumed step on: the optimizer flags are set again after the optimizer
+    state is restored (RunFlags), the others are read by the module and the Trainer each step.
+    """
+    step = checkpoint["global_step"]
+    saved = checkpoint.get(FLAGS_KEY)
+    if saved is None:   # written before checkpoints carried their flags
+        return (f"resuming from {path} at step {step} (its flags were not recorded; this command's flags, "
+                f"--lr and the other optimizer flags included, apply from step {step} on; pass --restart to "
+                "start over)")
+    now = comparable_flags(args)
+    changed = {k: (saved.get(k), now[k]) for k in now if k in saved and saved[k] != now[k]}
+    refused = [k for k in changed if k in REFUSED]
+    if refused:
+        raise PipelineError(f"{path} cannot resume with " + "; ".join(
+            f"--{k} changed from {changed[k][0]} to {changed[k][1]} ({REFUSED[k]})" for k in refused)
+            + ". Pass the previous value to continue, or --restart (or another --output_dir) to train anew.")
+    if not changed:
+        return f"resuming from {path} at step {step} with the same flags as before (pass --restart to start over)"
+    listed = ", ".join(f"--{k} changed from {old} to {new}" for k, (old, new) in changed.items())
+    return (f"resuming from {path} at step {step} with {listed}: the new values apply from step {step} on "
+            "(pass --restart to start over)")
+
+
+def check_optimizer_layout(checkpoint: dict[str, Any], param_groups: list[dict], path: Path) -> None:
+    """The restored optimizer state must fit this run's parameter groups (torch would stop with a bare
+    ValueError): --weight_decay 0 and > 0 group the parameters differently."""
+    saved = [len(g["params"]) for g in checkpoint["optimizer_states"][0]["param_groups"]]
+    now = [len(g["params"]) for g in param_groups]
+    if saved != now:
+        flags = checkpoint.get(FLAGS_KEY, {})
+        hint = (f" (--weight_decay was {flags['weight_decay']})" if "weight_decay" in flags else "")
+        raise PipelineError(
+            f"{path} holds optimizer state for parameter groups of sizes {saved}, this command makes {now}: "
+            f"--weight_decay 0 and > 0 group the parameters differently{hint}. Resume with a --weight_decay "
+            "on the same side of 0, or pass --restart to train anew.")
+
+
+def check_length(checkpoint: dict[str, Any], total_steps: int, path: Path) -> None:
+    """A run already past this command's --max_steps/--max_epochs would end at once with more steps than asked."""
+    if checkpoint["global_step"] > total_steps:
+        raise PipelineError(f"{path} is at step {checkpoint['global_step']}, past the {total_steps} steps that "
+                            "--max_steps/--max_epochs ask for. Pass --restart to train anew for that long, or "
+                            "a larger --max_steps/--max_epochs to continue.")
+
+
+#################################################################################
+#                              One run per folder                               #
+#################################################################################
+
+def process_identity(pid: int) -> str | None:
+    """'boot id:start time' of a live process on this machine (Linux), '' where /proc cannot tell, None if
+    the process is gone: a pid reused by another process after a reboot or a container restart differs."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass   # alive, another user's
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        start = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        return f"{boot}:{start}"
+    except (OSError, IndexError):
+        return ""
+
+
+@contextmanager
+def run_lock(output_dir: Path, hold: bool, log=print) -> Iterator[None]:
+    """One stage 2 run per --output_dir: `output_dir/stage2.lock` names the owner (pid, host); a lock whose
+    process is gone is taken over with a note. Only the launching process holds it (`hold`: global rank 0);
+    DDP workers it starts run under it. PipelineError if a live run holds it."""
+    if not hold:
+        yield
+        return
+    path = Path(output_dir) / LOCK_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "process": process_identity(os.getpid()),
+          "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            take_over_stale_lock(path, me, log)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    else:
+        raise PipelineError(f"could not take the lock {path}: another stage 2 run keeps starting in {output_dir}")
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def take_over_stale_lock(path: Path, me: dict, log=print) -> None:
+    """Remove `path` if its owner is gone (same host, process dead or a new process under its pid); else refuse."""
+    owner = read_lock(path)
+    if owner is None:
+        return
+    pid, host = owner.get("pid"), owner.get("host")
+    if isinstance(pid, int) and host == me["host"]:
+        alive = process_identity(pid)
+        if alive is None or (alive and owner.get("process") and alive != owner["process"]):
+            log(f"note: {path} was left by stage 2 process {pid} (started {owner.get('started', '?')}), which "
+                "is gone: taking it over")
+            path.unlink(missing_ok=True)
+            return
+    who = f"pid {pid} on {host}, started {owner.get('started', '?')}" if owner else "its lock file is unreadable"
+    raise PipelineError(
+        f"another stage 2 run ({who}) is writing to {path.parent}: two runs would resume each other's "
+        f"checkpoints. Wait for it to finish, stop it, or pass another --output_dir. If no such run is "
+        f"writing there (a process of another machine that is gone), delete {path} and rerun.")
+
+
+def read_lock(path: Path) -> dict | None:
+    """The owner recorded in a lock file ({} if unreadable, None if gone); a lock just created is read again a moment later."""
+    for wait in (0.0, 1.0):
+        time.sleep(wait)
+        try:
+            owner = json.loads(path.read_text())
+            if isinstance(owner, dict):
+                return owner
+        except FileNotFoundError:
+            return None   # released meanwhile: the caller tries again
+        except (OSError, ValueError):
+            pass
+    return {}
