@@ -1,5 +1,5 @@
-"""The command lines: README flag tables = parsers, one source per default, --help shows defaults, and
-the package layout (stage 3 without Lightning, parsers in the packages)."""
+"""The command lines: flag tables (docs/flags.md, README) = parsers, links in the docs resolve, one source
+per default, --help shows defaults, and the package layout (stage 3 without Lightning, parsers in the packages)."""
 import argparse
 import inspect
 import re
@@ -22,12 +22,16 @@ PARSERS = {"stage1_extract_features.py": data.cli.build_parser, "stage2_train_di
            "train_tokenizer.py": training.cli.build_tokenizer_parser}
 
 
-def readme_tables() -> dict[str, list[tuple[list[str], str]]]:
+FLAG_TABLES = ROOT / "docs" / "flags.md"   # every flag of every command
+README = ROOT / "README.md"                 # the main flags of each stage, a subset
+
+
+def flag_tables(path: Path = FLAG_TABLES) -> dict[str, list[tuple[list[str], str]]]:
     """script -> [(flags of a row, its default cell)] from the `| flag | default | meaning |` table that
-    follows each `### ...: `script.py`` heading."""
+    follows each heading naming `script.py` in the markdown file at `path`."""
     tables: dict[str, list[tuple[list[str], str]]] = {}
     script = None
-    for line in (ROOT / "README.md").read_text().splitlines():
+    for line in path.read_text().splitlines():
         heading = re.match(r"#+ .*`(\w+\.py)`", line)
         if heading:
             script = heading.group(1)
@@ -60,22 +64,79 @@ def same_default(readme: str, action: argparse.Action) -> bool:
     return text == str(default)
 
 
-@pytest.mark.parametrize("script", sorted(PARSERS))
-def test_readme_flag_table_matches_the_parser(script):
-    tables = readme_tables()
-    assert script in tables, f"README has no flag table under a heading naming {script}"
-    parser = PARSERS[script]()
-    actions = {s: a for a in parser._actions for s in a.option_strings if s.startswith("--")}
-    documented = [flag for flags, _ in tables[script] for flag in flags]
-    assert sorted(set(documented)) == sorted(set(actions) - {"--help", "--config"}), \
-        f"{script}: README table flags differ from the parser"
-    for flags, cell in tables[script]:
+def check_defaults(script: str, rows: list[tuple[list[str], str]], actions: dict, where: str) -> None:
+    for flags, cell in rows:
         values = [v.strip() for v in cell.split(",")] if cell else [""]
         values = values if len(values) == len(flags) else values * len(flags) if len(values) == 1 else None
-        assert values is not None, f"{script}: row {flags} has {cell!r}, not one default per flag"
+        assert values is not None, f"{where} {script}: row {flags} has {cell!r}, not one default per flag"
         for flag, value in zip(flags, values):
+            assert flag in actions, f"{where} {script}: {flag} is no flag of the parser"
             assert same_default(value, actions[flag]), \
-                f"{script} {flag}: README says {value!r}, the parser {actions[flag].default!r}"
+                f"{where} {script} {flag}: says {value!r}, the parser {actions[flag].default!r}"
+
+
+def parser_flags(script: str) -> dict[str, argparse.Action]:
+    return {s: a for a in PARSERS[script]()._actions for s in a.option_strings if s.startswith("--")}
+
+
+@pytest.mark.parametrize("script", sorted(PARSERS))
+def test_flag_table_matches_the_parser(script):
+    """docs/flags.md lists every flag of every command with the parser's default."""
+    tables = flag_tables()
+    assert script in tables, f"docs/flags.md has no flag table under a heading naming {script}"
+    actions = parser_flags(script)
+    documented = [flag for flags, _ in tables[script] for flag in flags]
+    assert sorted(set(documented)) == sorted(set(actions) - {"--help", "--config"}), \
+        f"{script}: docs/flags.md table flags differ from the parser"
+    check_defaults(script, tables[script], actions, "docs/flags.md")
+
+
+@pytest.mark.parametrize("script", sorted(PARSERS))
+def test_readme_main_flags_match_the_parser(script):
+    """README's short tables name real flags with the parser's defaults (the full tables are in docs/flags.md)."""
+    rows = flag_tables(README).get(script, [])
+    assert rows, f"README has no table of {script}'s main flags under a heading naming it"
+    check_defaults(script, rows, parser_flags(script), "README.md")
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a markdown heading: lower case, punctuation other than - and _ dropped,
+    spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(path: Path) -> set[str]:
+    seen: dict[str, int] = {}
+    result = set()
+    in_code = False
+    for line in path.read_text().splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+        heading = re.match(r"#+ (.*)", line)
+        if heading and not in_code:
+            anchor = github_anchor(heading.group(1))
+            result.add(anchor if anchor not in seen else f"{anchor}-{seen[anchor]}")
+            seen[anchor] = seen.get(anchor, 0) + 1
+    return result
+
+
+def test_docs_links_and_anchors_resolve():
+    """Every relative link in README.md, docs/ and experiments/README.md names a file that exists and,
+    with #anchor, a heading of that file."""
+    pages = [README, ROOT / "experiments" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue
+            file, _, anchor = target.partition("#")
+            linked = (page.parent / file).resolve() if file else page
+            if not linked.exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such file)")
+            elif anchor and linked.suffix == ".md" and anchor not in anchors(linked):
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
+    assert not broken, "broken links:\n" + "\n".join(broken)
 
 
 def function_defaults_agree(function, parser: argparse.ArgumentParser, rename: dict[str, str] = {}) -> None:
