@@ -162,7 +162,7 @@ def test_training_step_trains_on_shifted_latents_told_their_shift(latent_dir, mo
 def test_time_shift_aug_must_be_a_probability(latent_dir, tmp_path, capsys):
     result = run_main(capsys, S2, "--latent_dir", latent_dir, "--output_dir", tmp_path / "run", *TINY_DIT_MODEL_FLAGS,
                       "--accelerator", "cpu", "--time_shift_aug", "1.5")
-    assert_user_error(result, r"--time_shift_aug is a probability")
+    assert_user_error(result, r"--time_shift_aug: must be a finite number >= 0 and <= 1")   # checked when parsed
 
 
 #################################################################################
@@ -192,7 +192,7 @@ def stage2(latents, out, *extra) -> list[str]:
 
 @pytest.fixture(scope="module")
 def run(latents_with_tokenizer, tokenizer, tmp_path_factory):
-    """14 steps (epochs of 6), validations at steps 6 and 12, early.ckpt at step 3."""
+    """14 steps (epochs of 6), validations at steps 6, 12 and of the final weights at 14, early.ckpt at step 3."""
     out = tmp_path_factory.mktemp("levers") / "run"
     stale = out / "checkpoints" / "early.ckpt"
     stale.parent.mkdir(parents=True)
@@ -232,13 +232,14 @@ def test_early_step_defaults_to_an_eighth_of_the_run():
 
 def test_validation_grids_are_written_and_logged(run):
     grids = sorted(p.name for p in (run / "val_grids").iterdir())
-    assert grids == ["latest.png", "step_000006.png", "step_000012.png"]   # the stale grid went
-    assert (run / "val_grids" / "latest.png").read_bytes() == (run / "val_grids" / "step_000012.png").read_bytes()
+    # the stale grid went; step 14 is the final weights' validation (validate_final_weights)
+    assert grids == ["latest.png", "step_000006.png", "step_000012.png", "step_000014.png"]
+    assert (run / "val_grids" / "latest.png").read_bytes() == (run / "val_grids" / "step_000014.png").read_bytes()
     from PIL import Image
     grid = np.asarray(Image.open(run / "val_grids" / "step_000012.png"))
     assert grid.shape[0] == 2 * (128 + 4)                                 # a row per user
     events = b"".join(p.read_bytes() for p in (run / "lightning_logs" / "tensorboard").glob("events.*"))
-    assert events.count(b"val_grid") >= 2                                 # one image per validation
+    assert events.count(b"val_grid") >= 3                                 # one image per validation
 
 
 def test_grids_take_a_bounded_share_of_the_run():

@@ -395,9 +395,9 @@ def test_noise_is_independent_per_seed_user_and_sample(monkeypatch):
     gen.sample_images(model, vae, info, [(1, 1000), (2, 0)], guidance_scale=4.0, cfg_interval_start=0.3,
                       progress=False)
     assert not torch.equal(seen["x0"][0], seen["x0"][1])
-    assert seen["restart_at"] == 0.3              # AB2 restarts where guidance switches on
+    assert seen["restart_at"] == (0.3,)           # AB2 restarts where guidance switches on
     gen.sample_images(model, vae, info, [(1, 0)], guidance_scale=1.0, cfg_interval_start=0.3, progress=False)
-    assert seen["restart_at"] is None             # no guidance, no switch
+    assert seen["restart_at"] == ()               # no guidance, no switch
     # Many triples, no two alike (the first values of each draw stand for the whole draw).
     firsts = {tuple(gen.job_noise(seed, u, k, (3,)).tolist()) for seed in (0, 1) for u in (1, 2, 3)
               for k in range(1500)}
