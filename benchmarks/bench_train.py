@@ -61,7 +61,7 @@ def train_flops_per_latent(model: LightningDiT) -> dict[str, float]:
 #                                Training step                                  #
 #################################################################################
 
-def build_module(name: str, args, device: torch.device) -> DiTTrainingModule:
+def build_timed_module(name: str, args, device: torch.device) -> DiTTrainingModule:
     """A DiTTrainingModule on synthetic latents (what is timed does not depend on their values)."""
     config = model_config(f"LightningDiT-{name}", num_classes=args.num_classes,
                           use_checkpoint=args.grad_checkpointing or None)
@@ -130,7 +130,7 @@ def check_same_function(ours: DiTTrainingModule, ref: DiTTrainingModule, device:
 #################################################################################
 
 def bench_size(name: str, args, device: torch.device, reference_cls, peak: float) -> dict:
-    module = build_module(name, args, device)
+    module = build_timed_module(name, args, device)
     flops = train_flops_per_latent(module.model)
     row = {"model": name, "params_M": flops["params"] / 1e6, "batch": args.batch_size, "precision": args.precision,
            "compile": args.compile, "grad_ckpt": args.grad_checkpointing, "device": device.type}

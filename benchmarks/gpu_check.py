@@ -35,8 +35,10 @@ import pytorch_lightning as pl
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # harness, bench_train
-from harness import ROOT, peak_tflops   # noqa: E402  (harness also puts the repository on sys.path)
+from harness import ROOT, peak_tflops, sync   # noqa: E402  (harness also puts the repository on sys.path)
 from bench_train import train_flops_per_latent   # noqa: E402
+
+CUDA_OR_CPU = torch.device("cuda" if torch.cuda.is_available() else "cpu")   # where stage 1 encodes
 
 RESULTS = ROOT / "benchmarks" / "results"
 FULL = dict(users=4, train_per_user=12, val_per_user=4, image_size=256, num_workers=4, batch_size=32, steps=30,
@@ -55,11 +57,6 @@ SMOKE_DIT = ["--depth", "1", "--hidden_size", "32", "--num_heads", "2"]
 #################################################################################
 #                                   Helpers                                     #
 #################################################################################
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
 
 def reset_memory() -> None:
     gc.collect()
@@ -115,7 +112,7 @@ class StepTimer(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step in (self.warmup, trainer.max_steps):
-            sync()
+            sync(pl_module.device)
             self.marks[trainer.global_step] = time.perf_counter()
 
     def seconds(self, last: int) -> float:
@@ -144,11 +141,11 @@ def check_stage1(data: Path, tokenizer: Path, work: Path, sizes: dict) -> dict[s
     n_images = sizes["users"] * (sizes["train_per_user"] + sizes["val_per_user"])
     seconds = []
     for run in ("cold", "warm"):
-        sync()
+        sync(CUDA_OR_CPU)
         start = time.perf_counter()
         extract_features(str(data), str(tokenizer), str(work / f"latents_{run}"), batch_size=sizes["batch_size"],
                          image_size=sizes["image_size"], num_workers=sizes["num_workers"], log=lambda m: None)
-        sync()
+        sync(CUDA_OR_CPU)
         seconds.append(time.perf_counter() - start)
     return {"images": n_images, "batch_size": sizes["batch_size"], "tokenizer": tokenizer.name,
             "seconds_cold": round(seconds[0], 2), "seconds_warm": round(seconds[1], 2),
@@ -197,11 +194,11 @@ def check_stage3(checkpoint: Path, model_name: str, tokenizer: Path, sizes: dict
     for sampler, steps, shift in ((DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_SHIFT),
                                   ("euler", sizes["seed_steps"], 1.0)):
         reset_memory()
-        sync()
+        sync(torch.device(device))
         start = time.perf_counter()
         _, nfe = sample_images(model, vae, info, jobs, num_steps=steps, sampler=sampler, shift=shift,
                                device=device, progress=False)
-        sync()
+        sync(torch.device(device))
         seconds = time.perf_counter() - start
         rows.append({"model": model_name, "sampler": sampler, "steps": steps, "nfe": nfe,
                      "images": len(jobs), "batch_size": 16, "guidance_scale": 4.0,

@@ -134,7 +134,7 @@ def latent_stats(latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 TOKENIZER_WARN_DB = 24.0
 
 
-def check_tokenizer(vavae_path: str, users: list[User], image_size: int, num_images: int, device: str,
+def tokenizer_psnr_check(vavae_path: str, users: list[User], image_size: int, num_images: int, device: str,
                     log=print) -> dict[str, Any]:
     """Reconstruct ~num_images train images spread over the users; PSNR overall and for the worst user."""
     from models.vavae import load_vavae, reconstruction_psnr
@@ -189,6 +189,12 @@ def extract_features(data_dir: str, vavae_path: str, output_path: str, batch_siz
                      tokenizer_check_images: int = 48, log=print) -> dict[str, Any]:
     """Encode data_dir's train/val images; write train/val latents, the train-set stats and split.json.
 
+    Each image (any size and mode; ADM centre crop to image_size, RGB, [-1, 1]) becomes the posterior mean of
+    the VA-VAE: train.safetensors / val.safetensors hold `latents` (N, 32, image_size/16, image_size/16) float32
+    and `user_ids` (N,) int64 (class index = position of the user folder in number order), and metadata (users,
+    their numbers, image paths, tokenizer sha256, tokenizer PSNR in dB); latent_stats.safetensors the
+    per-channel train mean/std (1, 32, 1, 1). Returns the metadata written.
+
     The four files are written to a staging folder and moved into output_path together, each carrying this
     run's id, so a failed run leaves the previous run's files and stage 2 can tell a mixed folder. Raises
     PipelineError for a dataset it cannot use, a user left without readable images, or non-finite latents.
@@ -212,7 +218,7 @@ def extract_features(data_dir: str, vavae_path: str, output_path: str, batch_siz
     log(f"{len(users)} users: " + ", ".join(f"{u.name}->class {i}" for i, u in enumerate(users)))
     if tokenizer_check_images > 0:
         device = str(resolve_device("auto"))
-        meta.update(check_tokenizer(vavae_path, users, image_size, tokenizer_check_images, device, log))
+        meta.update(tokenizer_psnr_check(vavae_path, users, image_size, tokenizer_check_images, device, log))
     summary: dict[str, Any] = {"users": len(users), **{k: v for k, v in meta.items() if k.startswith("tokenizer_psnr")}}
     all_names, all_shapes = [], []
     with replaced_together(out, STAGE1_FILES) as staging:

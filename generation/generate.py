@@ -79,7 +79,7 @@ def check_guide(info: PipelineInfo, guide: PipelineInfo, guide_path: str) -> Non
                             "that the same stage 2 run wrote beside best.ckpt (checkpoints/early.ckpt).")
 
 
-def check_tokenizer(info: PipelineInfo, vavae_path: str) -> None:
+def check_same_tokenizer(info: PipelineInfo, vavae_path: str) -> None:
     expected = info.tokenizer_sha256
     if expected and file_sha256(vavae_path) != expected:
         warnings.warn(f"--vavae_path {vavae_path} is not the tokenizer the model was trained with "
@@ -170,6 +170,11 @@ def generate(dit_checkpoint: str, vavae_path: str, output_dir: str, user_ids: li
              batch_size: int = 16, device: str = "auto", log=print) -> list[Path]:
     """Write micro_doppler_userNN_KKK.png per sample and micro_doppler_grid.png; return the sample paths.
 
+    Each sample: noise (32, 16, 16) seeded by (seed, user, sample) -> the EMA DiT's guided velocity integrated
+    from t=0 to 1 (sampler, num_steps, shift) -> de-normalised latent -> VA-VAE decode -> 256x256 RGB uint8 PNG.
+    user_ids are the numbers in the user folder names (ID_3 -> 3); PipelineError names the valid ones otherwise,
+    and for a checkpoint or tokenizer that does not fit, a guidance the model cannot do, or NaN samples.
+
     guidance_checkpoint: a weaker stage 2 checkpoint of the same users and latents (the run's early.ckpt) to
     guide with instead of the unconditional model (autoguidance); PipelineError if it does not fit.
 
@@ -190,7 +195,7 @@ def generate(dit_checkpoint: str, vavae_path: str, output_dir: str, user_ids: li
             check_guide(info, guide_info, guidance_checkpoint)
         from models.vavae import load_vavae
         vae = load_vavae(vavae_path, device=device)
-        check_tokenizer(info, vavae_path)
+        check_same_tokenizer(info, vavae_path)
         pixels, nfe = sample_images(model, vae, info, jobs, guidance_scale=guidance_scale, num_steps=num_steps,
                                     sampler=sampler, shift=shift, cfg_interval_start=cfg_interval_start,
                                     cfg_interval_end=cfg_interval_end, guide_model=guide_model, seed=seed, batch_size=batch_size, device=device)

@@ -70,7 +70,7 @@ def test_tokenizer_check_psnr_is_the_reconstruction_psnr(tmp_path, monkeypatch):
     users = scan_dataset(data, log=lambda *a: None)
     lines = []
     monkeypatch.setattr(latents, "TOKENIZER_WARN_DB", -100.0)
-    result = latents.check_tokenizer(str(tok), users, IMAGE_SIZE, 4, "cpu", lines.append)
+    result = latents.tokenizer_psnr_check(str(tok), users, IMAGE_SIZE, 4, "cpu", lines.append)
     images = torch.stack([load_image(f, IMAGE_SIZE) for u in users for f in u.files["train"][::2]])
     expected = reconstruction_psnr(load_vavae(tok), images.add(1).mul(127.5).round().to(torch.uint8))
     assert result["tokenizer_psnr_images"] == 4

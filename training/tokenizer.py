@@ -146,7 +146,7 @@ def alignment_loss(z: torch.Tensor, proj: nn.Module, feats: torch.Tensor) -> tup
 #                                  Evaluation                                   #
 #################################################################################
 
-def psnr_db(model: VAVAE, images: torch.Tensor, batch_size: int = 32, autocast=nullcontext) -> float:
+def mean_reconstruction_psnr(model: VAVAE, images: torch.Tensor, batch_size: int = 32, autocast=nullcontext) -> float:
     """Mean held-out PSNR (dB); the model is left in the mode it was in."""
     was_training = model.training
     model.eval()
@@ -396,7 +396,7 @@ def run_training(model: VAVAE, proj: nn.Module | None, fm: nn.Module | None, tra
             bar.set_postfix(loss=f"{vals['loss']:.4f}", img_s=f"{step * batch_size / (time.time() - start):.1f}")
         bar.update(1)
         if eval_every and step % eval_every == 0 and step != steps:
-            p = psnr_db(model, eval_bank, autocast=recipe.autocast)
+            p = mean_reconstruction_psnr(model, eval_bank, autocast=recipe.autocast)
             evals.append((step, p))
             bar.write(f"step {step}: loss {history[-1]['loss']:.4f} (l1 {history[-1]['l1']:.4f} "
                       f"mse {history[-1]['mse']:.5f}) lr {opt.param_groups[0]['lr']:.2e} val PSNR {p:.2f} dB"
@@ -462,7 +462,7 @@ def train_tokenizer(data_dir: str | Path, output_path: str | Path, width: int = 
     train_bank, val_bank = load_banks(data_dir, val_fraction, image_size, recipe.device, log)
     psnr_before = None
     if init_from is not None:
-        psnr_before = psnr_db(model, val_bank, autocast=recipe.autocast)
+        psnr_before = mean_reconstruction_psnr(model, val_bank, autocast=recipe.autocast)
         log(f"held-out PSNR before fine-tuning: {psnr_before:.2f} dB")
     n_params = set_trainable(model, decoder_only, image_size, recipe.crop_size, log)
     fm, proj = alignment_term(foundation, align_weights, align_weight, model.config["embed_dim"], image_size,
@@ -476,7 +476,7 @@ def train_tokenizer(data_dir: str | Path, output_path: str | Path, width: int = 
     # The file stores fp16 weights: measure the model the file holds, so that the PSNR in its metadata is the
     # PSNR anyone reloading it measures (fp32 weights scored ~0.002 dB apart from their fp16 rounding).
     round_to_fp16_storage(model)
-    val_psnr = psnr_db(model, val_bank, autocast=recipe.autocast)
+    val_psnr = mean_reconstruction_psnr(model, val_bank, autocast=recipe.autocast)
     change = f" (from {psnr_before:.2f} dB before fine-tuning)" if psnr_before is not None else ""
     log(f"held-out PSNR over {len(val_bank)} val images never trained on: {val_psnr:.2f} dB{change}")
     meta = tokenizer_metadata(val_psnr=val_psnr, psnr_before=psnr_before, num_train=len(train_bank),

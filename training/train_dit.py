@@ -86,7 +86,14 @@ def build_module(args: TrainOptions, log=print) -> DiTTrainingModule:
 
 def train(args: TrainOptions, log=print, callbacks: Sequence[pl.Callback] = ()) -> Path:
     """Train (or resume) and return the path of the best checkpoint; `callbacks` are added to the Trainer's
-    (benchmarks/gpu_check.py times the steps with one)."""
+    (benchmarks/gpu_check.py times the steps with one).
+
+    Reads args.latent_dir (stage 1: latents (N, 32, 16, 16) float32, normalised here by latent_stats) and writes
+    args.output_dir/checkpoints/{last,best,early}.ckpt (torch pickles read back with weights_only=True: best and
+    early hold the EMA weights and the PipelineInfo stage 3 needs, last everything a resume needs), lightning_logs/
+    and loss_curve.png. Rerunning resumes from last.ckpt, naming changed flags. Raises PipelineError for what a
+    user can fix: mixed or non-finite latents, a resume the flags cannot honour, another run holding the folder's
+    lock, no usable CUDA for a GPU run, a divergence (with the checkpoint kept), or memory that does not fit."""
     torch.manual_seed(args.seed)   # the initial weights; the module seeds each step from (seed, step, rank)
     out = Path(args.output_dir)
     ckpt_dir = out / "checkpoints"
