@@ -4,6 +4,7 @@ import csv
 import json
 import socket
 import subprocess
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,43 @@ def test_best_is_slim_and_serves_sampling_and_init_from(tmp_path, latent_dir):
     for key, value in model.state_dict().items():
         assert torch.equal(value, ema[f"ema.{key}"]), key
     assert load_pretrained(folder / "best.ckpt").picked.endswith("ema.*")
+
+
+# A model large enough that its tensors outweigh the files' per-tensor records and metadata many times over.
+SIZED = dict(depth=2, hidden_size=128)
+
+
+@pytest.mark.parametrize("finetune", ["full", "lora"])
+def test_checkpoint_sizes_follow_the_formula(tmp_path, latent_dir, finetune):
+    """training.memory.checkpoint_bytes (the README's Kaggle disk table, --check_memory's disk line) against
+    files written by a real run: the tensors it counts are all there, and nothing else of their size."""
+    from helpers import tiny_dit
+    from training.memory import checkpoint_bytes, setup_from_args
+    extra = [a for k, v in SIZED.items() for a in (f"--{k}", v)]
+    if finetune == "lora":
+        torch.save(tiny_dit(**SIZED).state_dict(), tmp_path / "published.pt")
+        extra += ["--init_from", tmp_path / "published.pt", "--finetune", "lora", "--lora_rank", 4]
+    args = training_options(stage2_flags(latent_dir, tmp_path / "run", "--max_steps", 1, *extra))
+    train(args, log=lambda m: None)
+    expected = checkpoint_bytes(setup_from_args(args, cuda=False)[0])
+    for name in ("best", "early", "last"):
+        path = tmp_path / "run" / "checkpoints" / f"{name}.ckpt"
+        with zipfile.ZipFile(path) as archive:
+            records = len(archive.namelist())
+        # Each tensor is a zip record (headers, name, 64-byte alignment: < 1 KB); the pickled training state
+        # (loops, flags, pipeline info) is tens of kilobytes.
+        assert expected[name] <= path.stat().st_size <= expected[name] + 1024 * records + 64 * 1024, name
+    assert expected["peak"] == 2 * expected["last"] + expected["best"] + expected["early"]
+
+
+@pytest.mark.parametrize("config", ["configs/kaggle_2xT4.yaml", "configs/kaggle_2xT4_xl_lora.yaml"])
+def test_kaggle_configs_checkpoints_fit_kaggle_working(config):
+    """/kaggle/working holds ~20 GB; leave 5 GB for the latents, tokenizer, samples and logs. The published
+    10.8 GB file must come from a dataset under /kaggle/input, which does not count."""
+    from training.memory import checkpoint_bytes, setup_from_args
+    args = training_options(["--config", config, "--latent_dir", "unused", "--output_dir", "unused"])
+    assert checkpoint_bytes(setup_from_args(args, cuda=True)[0])["peak"] <= 15e9
+    assert args.init_from is None or args.init_from.startswith("/kaggle/input/")
 
 
 #################################################################################

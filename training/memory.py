@@ -93,6 +93,7 @@ class ParamCounts:
     frozen_f32: int = 0
     frozen_half: int = 0        # LoRA base projections on a GPU in mixed precision
     total_base: int = 0         # the model's own parameters (before adapters)
+    buffers: int = 0            # persistent buffers (saved with the weights, e.g. the RoPE tables)
     half_copies: int = 0        # fp32 matrix weights autocast keeps a half copy of (mixed precision)
 
 
@@ -128,7 +129,14 @@ def count_parameters(setup: TrainingSetup) -> ParamCounts:
                        for n, m in model.named_modules() if n in lora_targets)
         counts.trainable += adapters
         counts.half_copies += adapters
+    params = {name for name, _ in model.named_parameters()}
+    counts.buffers = sum(t.numel() for name, t in model.state_dict().items() if name not in params)
     return counts
+
+
+def ema_bytes(setup: TrainingSetup, counts: ParamCounts) -> int:
+    """What the EMA adds to the weights: a full copy, except with LoRA, where it shares the frozen tensors."""
+    return F32 * counts.trainable if setup.finetune == "lora" else F32 * counts.total_base
 
 
 #################################################################################
@@ -208,9 +216,7 @@ def estimate_memory(setup: TrainingSetup) -> MemoryEstimate:
     half = f", {counts.frozen_half / 1e6:.0f}M frozen in half" if counts.frozen_half else ""
     est.static.append((f"weights ({n_train / 1e6:.1f}M trainable{half}, "
                        f"{counts.frozen_f32 / 1e6:.1f}M frozen fp32)", weight_bytes))
-    # The EMA is a full copy, except with LoRA, where it shares the frozen tensors.
-    ema = F32 * n_train if lora else F32 * (counts.total_base)
-    est.static.append(("EMA " + ("(trainable tensors only)" if lora else "(full copy)"), ema))
+    est.static.append(("EMA " + ("(trainable tensors only)" if lora else "(full copy)"), ema_bytes(setup, counts)))
     est.static.append(("AdamW moments (2 x trainable, fp32)", 2 * F32 * n_train))
     latent_elems = setup.model_config["in_channels"] * setup.model_config["input_size"] ** 2
     if setup.num_latents:
@@ -226,6 +232,31 @@ def estimate_memory(setup: TrainingSetup) -> MemoryEstimate:
     if not setup.fused_adam:
         est.step.append(("foreach AdamW temporaries (fused on CUDA: none)", F32 * n_train))
     return est
+
+
+#################################################################################
+#                                Checkpoint files                               #
+#################################################################################
+
+def checkpoint_bytes(setup: TrainingSetup) -> dict[str, int]:
+    """Bytes of the tensors in stage 2's checkpoint files (training/checkpoints.py), from the parameter counts.
+
+    last.ckpt holds the weights, the EMA (LoRA: only its trainable tensors; torch.save stores the shared frozen
+    ones once) and AdamW's two moments; best.ckpt and early.ckpt the EMA weights only. 'peak' is the disk in
+    use while last.ckpt is rewritten: all three plus the temporary beside last.ckpt (common/io.atomic_path).
+    The files add a few hundred bytes per tensor and kilobytes of training state to these.
+    """
+    counts = count_parameters(setup)
+    weights = F32 * (counts.trainable + counts.frozen_f32 + counts.buffers) + 2 * counts.frozen_half
+    last = weights + ema_bytes(setup, counts) + F32 * counts.buffers + 2 * F32 * counts.trainable
+    # The EMA model has the weights' layout: best/early are the size of the weights.
+    return {"best": weights, "early": weights, "last": last, "peak": 2 * last + 2 * weights}
+
+
+def checkpoint_report(setup: TrainingSetup) -> str:
+    size = {k: v / GB for k, v in checkpoint_bytes(setup).items()}
+    return (f"checkpoints on disk: last.ckpt {size['last']:.2f} GB, best.ckpt and early.ckpt {size['best']:.2f} GB "
+            f"each; {size['peak']:.1f} GB while last.ckpt is rewritten")
 
 
 #################################################################################
@@ -331,7 +362,7 @@ def memory_report(args: argparse.Namespace, budget: float, cuda: bool = True) ->
     setup, source = setup_from_args(args, cuda)
     est = estimate_memory(setup)
     text = [f"estimated peak memory per device for {args.model} ({describe(setup)}); {source}",
-            est.table(budget)]
+            est.table(budget), checkpoint_report(setup)]
     fits = est.total <= budget
     if not fits:
         found = suggestions(setup, budget, bool(args.init_from))
