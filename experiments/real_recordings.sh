@@ -3,13 +3,15 @@
 # (../shared/data/mmgait60: 7 people walking, 60 GHz) rendered in the stage 1 layout, stage 1's tokenizer check
 # with the demo tokenizer, a 10-minute tokenizer fine-tune, stage 1 again, the demo recipe (configs/demo.yaml),
 # stage 3 (SAMPLES per person) and stage 4. Numbers: OUT/eval/report.json.
-# Usage: OUT=/tmp/real SOURCE=../shared/data/mmgait60 experiments/real_recordings.sh [extra stage 2 flags]
+# Usage: OUT=/tmp/real SOURCE=../shared/data/mmgait60 [TUNE_MINUTES=10 MAX_STEPS=1400 SAMPLES=30] \
+#        experiments/real_recordings.sh [extra stage 2 flags]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/real_recordings}
 SOURCE=${SOURCE:-../shared/data/mmgait60}
 SAMPLES=${SAMPLES:-30}
 TUNE_MINUTES=${TUNE_MINUTES:-10}
+MAX_STEPS=${MAX_STEPS:-1400}     # the demo's step count (its 200 epochs are 5,600 steps on ~900 images)
 mkdir -p "$OUT"
 [ -d "$OUT/data/train" ] || python experiments/render_mmgait.py --source "$SOURCE" --output_dir "$OUT/data"
 users=$(ls "$OUT/data/train" | sed 's/ID_//' | sort -n | tr '\n' ' ')
@@ -20,7 +22,8 @@ users=$(ls "$OUT/data/train" | sed 's/ID_//' | sort -n | tr '\n' ' ')
 [ -f "$OUT/latents/train.safetensors" ] || python stage1_extract_features.py --data_dir "$OUT/data" \
     --vavae_path "$OUT/tokenizer.safetensors" --output_path "$OUT/latents" | tee "$OUT/stage1_log.txt"
 [ -f "$OUT/train/checkpoints/best.ckpt" ] || python stage2_train_dit.py --config configs/demo.yaml \
-    --latent_dir "$OUT/latents" --output_dir "$OUT/train" "$@"
+    --latent_dir "$OUT/latents" --output_dir "$OUT/train" --vavae_path "$OUT/tokenizer.safetensors" \
+    --max_steps "$MAX_STEPS" "$@"
 python stage3_inference.py --config configs/demo.yaml --dit_checkpoint "$OUT/train/checkpoints/best.ckpt" \
     --vavae_path "$OUT/tokenizer.safetensors" --output_dir "$OUT/samples" --user_ids $users --num_samples_per_user "$SAMPLES"
 python stage4_evaluate.py --config configs/demo.yaml --data_dir "$OUT/data" --generated_dir "$OUT/samples" \
