@@ -145,7 +145,7 @@ def torch_load_weights(path: str | os.PathLike, what: str, mmap: bool = False) -
         raise PipelineError(
             f"{path} was refused: it is not a plain weights file (it holds Python objects that "
             f"would run code when unpickled, or it is not a torch file at all). Nothing of it was "
-            f"executed. Expected {what}. Details: {str(err).splitlines()[0]}") from err
+            f"executed. Expected {what}.{unpickler_reason(err)}") from err
     except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError) as err:
         # Corrupt pickles fail inside the weights-only unpickler in many ways (~6% of random files give
         # IndexError or KeyError, which made test_dit_checkpoint_file_errors flaky).
@@ -160,6 +160,13 @@ def load_any_weights(path: str | os.PathLike, what: str) -> tuple[dict[str, Any]
     if not isinstance(obj, dict):
         raise PipelineError(f"{path} holds a {type(obj).__name__}, not {what}.")
     return obj, {}
+
+
+def unpickler_reason(err: pickle.UnpicklingError) -> str:
+    """The weights-only unpickler's own reason (e.g. the global it refused), without torch's generic advice to
+    retry with weights_only=False, which this project never does; '' when torch gives none."""
+    reasons = [line.strip() for line in str(err).splitlines() if line.strip().startswith("WeightsUnpickler error:")]
+    return f" ({reasons[0]})" if reasons else ""
 
 
 def require_file(path: str | os.PathLike, what: str) -> Path:
