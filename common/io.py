@@ -165,8 +165,9 @@ def load_any_weights(path: str | os.PathLike, what: str) -> tuple[dict[str, Any]
 def unpickler_reason(err: pickle.UnpicklingError) -> str:
     """The weights-only unpickler's own reason (e.g. the global it refused), without torch's generic advice to
     retry with weights_only=False, which this project never does; '' when torch gives none."""
-    reasons = [line.strip() for line in str(err).splitlines() if line.strip().startswith("WeightsUnpickler error:")]
-    return f" ({reasons[0]})" if reasons else ""
+    prefix = "WeightsUnpickler error:"
+    reasons = [line.strip()[len(prefix):].strip() for line in str(err).splitlines() if line.strip().startswith(prefix)]
+    return f" The unpickler says: {reasons[0]}" if reasons else ""
 
 
 def require_file(path: str | os.PathLike, what: str) -> Path:
