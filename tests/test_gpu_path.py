@@ -240,7 +240,8 @@ def test_other_errors_are_not_taken_for_out_of_memory():
 
 def test_stage2_log_outside_a_terminal(tmp_path, latents):
     """Output to a pipe, as on Kaggle, in CI or under nohup: whole progress lines, no \\r or escape codes;
-    resuming does not claim the history will be deleted, the EMA's eval mode raises no warning."""
+    resuming does not claim the history will be deleted, the EMA's eval mode raises no warning, and Lightning's
+    adverts and defaults notes stay out."""
     out = tmp_path / "run"
     first = run_stage("stage2_train_dit.py", *stage2_args(latents, out, "--max_steps", 4))
     resumed = run_stage("stage2_train_dit.py", *stage2_args(latents, out, "--max_steps", 8))
@@ -249,6 +250,9 @@ def test_stage2_log_outside_a_terminal(tmp_path, latents):
         text = proc.stdout + proc.stderr
         assert "\r" not in text and "\x1b" not in text
         assert "Previous log files" not in text and "in eval mode" not in text
+        # Lightning's noise that says nothing to a stage 2 user (on the Lightning and torch versions that print it)
+        for noise in ("litlogger", "smaller than the logging interval", "LeafSpec", "`weights_only` was not set"):
+            assert noise not in text, noise
     steps = [int(s) for s in re.findall(r"^stage 2: step (\d+)/(?:\d+) \(\d+%\), epoch \d+, [\d.]+ steps/s",
                                         resumed.stderr, re.M)]
     assert steps[0] == 4 and steps[-1] == 8 and steps == sorted(steps)

@@ -68,7 +68,7 @@ class LastCheckpoint(pl.Callback):
 
     def save(self, trainer: pl.Trainer) -> None:
         if trainer.global_step != self.saved_step:
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)   # said, or Lightning 2.6 logs that it defaulted
             self.saved_step = trainer.global_step
 
 

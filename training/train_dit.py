@@ -1,5 +1,6 @@
 """Stage 2 logic: build the Trainer (DDP, precision, checkpoints, logs), resume, train, plot."""
 import csv
+import logging
 import math
 import os
 import time
@@ -311,6 +312,19 @@ def quiet_lightning_warnings() -> None:
     2.6.6 (the eval-mode one exists from 2.6 only); the minimum-version CI run (.ci/run) covers them."""
     warnings.filterwarnings("ignore", message=".*Previous log files in this directory will be deleted")
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
+    # Noise for a stage 2 user: each step is logged (on_step), so a short epoch loses nothing; the pytree
+    # deprecation is Lightning's own use of torch (2.6.6 with torch >= 2.9); the cloud-logging advert (2.6).
+    warnings.filterwarnings("ignore", message=".*is smaller than the logging interval")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+    rank_zero_log = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    if not any(isinstance(f, DropAdverts) for f in rank_zero_log.filters):
+        rank_zero_log.addFilter(DropAdverts())
+
+
+class DropAdverts(logging.Filter):
+    """Drops Lightning's 'Tip: ... install litlogger' line (an advert for a cloud service, printed every run)."""
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
 
 
 class KeepMetricsHistory(pl.Callback):
