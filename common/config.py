@@ -97,6 +97,7 @@ finite_float = Number(float, name="finite_float")
 probability = Number(float, low=0, high=1, name="probability")                     # [0, 1]
 below_one = Number(float, low=0, high=1, high_open=True, name="below_one")          # [0, 1): a decay, a beta
 open_fraction = Number(float, low=0, high=1, low_open=True, high_open=True, name="open_fraction")   # (0, 1)
+ema_width = Number(float, low=0, high=0.28, low_open=True, high_open=True, name="ema_width")   # EDM2's sigma_rel
 percentile = Number(float, low=0, high=100, name="percentile")
 seed = Number(int, low=0, high=2 ** 32 - 1, name="seed")   # Lightning's seed_everything range (outside: random)
 

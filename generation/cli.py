@@ -2,7 +2,7 @@
 import argparse
 
 from common.config import (DistinctValues, add_config_flag, new_parser, non_negative_float, non_negative_int,
-                           positive_float, positive_int, probability, seed)
+                           open_fraction, positive_float, positive_int, probability, seed)
 from models.transport import DEFAULT_SAMPLER, DEFAULT_SHIFT, DEFAULT_STEPS, SAMPLERS
 
 DESCRIPTION = "Stage 3: generate micro-Doppler images for chosen users from a stage 2 checkpoint."
@@ -26,6 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance_checkpoint", default=None,
                    help="autoguidance: guide with this weaker checkpoint of the same run (checkpoints/early.ckpt) "
                         "instead of the unconditional model")
+    p.add_argument("--classifier_scale", type=non_negative_float, default=0.0,
+                   help="classifier guidance with stage 2's noisy-latent user classifier (0 = off)")
+    p.add_argument("--classifier_interval_start", type=open_fraction, default=0.1,
+                   help="classifier guidance only where t >= this (> 0: its weight (1 - t) / t grows towards noise)")
+    p.add_argument("--classifier_interval_end", type=probability, default=1.0, help="classifier guidance only where t <= this")
     p.add_argument("--seed", type=seed, default=0, help="same seed, same images")
     p.add_argument("--batch_size", type=positive_int, default=16, help="images sampled together")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

@@ -1,4 +1,5 @@
 """Stage 3 logic: sample latents per user with guidance, decode with the VA-VAE, write PNGs and a grid."""
+import functools
 import warnings
 from pathlib import Path
 
@@ -14,8 +15,9 @@ from common.progress import progress_bar
 from data.samples import GRID_NAME, remove_stale_samples, sample_name
 from models.checkpoint import PipelineInfo, checkpoint_info, ema_state_dict, load_checkpoint
 from models.lightningdit import LightningDiT
-from models.transport import (DEFAULT_SAMPLER, DEFAULT_SHIFT, DEFAULT_STEPS, CountedVelocity, guidance_switches,
-                              guided_velocity, sample_ode)
+from models.latent_classifier import NoisyLatentClassifier, classifier_log_prob_gradient
+from models.transport import (DEFAULT_SAMPLER, DEFAULT_SHIFT, DEFAULT_STEPS, CountedVelocity,
+                              classifier_guided_velocity, guidance_switches, guided_velocity, sample_ode)
 
 def load_generator(checkpoint_path: str, device: str) -> tuple[LightningDiT, PipelineInfo]:
     """EMA LightningDiT of a stage 2 checkpoint and the pipeline info it carries (users, latent stats)."""
@@ -79,6 +81,23 @@ def check_guide(info: PipelineInfo, guide: PipelineInfo, guide_path: str) -> Non
                             "that the same stage 2 run wrote beside best.ckpt (checkpoints/early.ckpt).")
 
 
+def guidance_classifier(info: PipelineInfo, scale: float, interval_start: float, interval_end: float,
+                        checkpoint_path: str, device: str) -> NoisyLatentClassifier | None:
+    """The checkpoint's noisy-latent user classifier when classifier guidance is asked for (scale > 0), else None.
+    PipelineError for an empty interval or a checkpoint trained without a classifier."""
+    if scale == 0:
+        return None
+    if not 0.0 < interval_start < interval_end <= 1.0:
+        raise PipelineError(f"the classifier guidance interval must satisfy 0 < --classifier_interval_start < "
+                            f"--classifier_interval_end <= 1 (got {interval_start:g} and {interval_end:g})")
+    if info.latent_classifier is None:
+        raise PipelineError(f"--classifier_scale {scale:g} needs the noisy-latent user classifier that stage 2 trains "
+                            f"beside the DiT, and {checkpoint_path} has none (trained with --classifier_steps 0, or "
+                            "by an older version). Pass --classifier_scale 0, or train stage 2 again.")
+    from models.latent_classifier import classifier_from_entry
+    return classifier_from_entry(info.latent_classifier, device)
+
+
 def check_same_tokenizer(info: PipelineInfo, vavae_path: str) -> None:
     expected = info.tokenizer_sha256
     if expected and file_sha256(vavae_path) != expected:
@@ -104,18 +123,21 @@ def sampling_dtype(device: str) -> torch.dtype | None:
     return torch.bfloat16 if bf16_supported(device) else torch.float16
 
 
-@torch.inference_mode()
+@torch.no_grad()   # not inference_mode: classifier guidance takes a gradient of the classifier
 def sample_images(model: LightningDiT, vae, info: PipelineInfo, jobs: list[tuple[int, int]], guidance_scale: float = 4.0,
                   num_steps: int = DEFAULT_STEPS, sampler: str = DEFAULT_SAMPLER, shift: float = DEFAULT_SHIFT,
                   cfg_interval_start: float = 0.0, cfg_interval_end: float = 1.0,
-                  guide_model: LightningDiT | None = None,
+                  guide_model: LightningDiT | None = None, classifier: NoisyLatentClassifier | None = None,
+                  classifier_scale: float = 0.0, classifier_interval: tuple[float, float] = (0.1, 1.0),
                   seed: int = 0, batch_size: int = 16, device: str = "cpu",
                   progress: bool = True) -> tuple[np.ndarray, int]:
     """(N, H, W, 3) uint8 images for (user number, sample index) jobs, and the model evaluations per sample.
 
     The noise of a job comes from its own seed: the same image whatever the batch it lands in. With a guidance
     interval, the AB2 multistep restarts where guidance switches on or off (its velocity field changes there).
-    guide_model: autoguidance (guided_velocity) instead of classifier-free guidance.
+    guide_model: autoguidance (guided_velocity) instead of classifier-free guidance. classifier with
+    classifier_scale > 0: classifier guidance (models/transport.classifier_guided_velocity) on top, where t lies in
+    classifier_interval.
     A batch whose half-precision (autocast) latents are not finite (fp16 overflows on a T4) is sampled again in
     fp32, with a warning; PipelineError if the fp32 latents or the decoded images are not finite either.
     """
@@ -125,13 +147,19 @@ def sample_images(model: LightningDiT, vae, info: PipelineInfo, jobs: list[tuple
     half = sampling_dtype(device)
     images, evaluations = [], 0
     switches = guidance_switches(guidance_scale, cfg_interval_start, cfg_interval_end)
+    if classifier is not None and classifier_scale > 0:
+        switches += guidance_switches(classifier_scale, *classifier_interval)
+    gradient = functools.partial(classifier_log_prob_gradient, classifier) if classifier is not None else None
     batches = range(0, len(jobs), batch_size)
     for start in progress_bar(batches, desc="stage 3 sampling", unit="batch", disable=not progress):
         batch = jobs[start:start + batch_size]
         noise = torch.stack([job_noise(seed, u, k, (model.in_channels, side, side)) for u, k in batch]).to(device)
         y = torch.tensor(classes[start:start + batch_size], device=device)
-        velocity = CountedVelocity(guided_velocity(model, y, model.num_classes, guidance_scale, cfg_interval_start,
-                                                   cfg_interval_end, guide_model))
+        velocity = guided_velocity(model, y, model.num_classes, guidance_scale, cfg_interval_start, cfg_interval_end,
+                                   guide_model)
+        if gradient is not None:
+            velocity = classifier_guided_velocity(velocity, gradient, y, classifier_scale, *classifier_interval)
+        velocity = CountedVelocity(velocity)
         with torch.autocast(torch.device(device).type, dtype=half, enabled=half is not None):
             z = sample_ode(velocity, noise, num_steps=num_steps, sampler=sampler, shift=shift, restart_at=switches)
         if half is not None and not torch.isfinite(z).all():   # NaN would become black PNGs
@@ -166,7 +194,8 @@ def check_finite_samples(latents: torch.Tensor, decoded: torch.Tensor, batch: li
 def generate(dit_checkpoint: str, vavae_path: str, output_dir: str, user_ids: list[int],
              num_samples_per_user: int = 4, guidance_scale: float = 4.0, num_steps: int = DEFAULT_STEPS,
              sampler: str = DEFAULT_SAMPLER, shift: float = DEFAULT_SHIFT, cfg_interval_start: float = 0.0,
-             cfg_interval_end: float = 1.0, guidance_checkpoint: str | None = None, seed: int = 0,
+             cfg_interval_end: float = 1.0, guidance_checkpoint: str | None = None, classifier_scale: float = 0.0,
+             classifier_interval_start: float = 0.1, classifier_interval_end: float = 1.0, seed: int = 0,
              batch_size: int = 16, device: str = "auto", log=print) -> list[Path]:
     """Write micro_doppler_userNN_KKK.png per sample and micro_doppler_grid.png; return the sample paths.
 
@@ -177,6 +206,8 @@ def generate(dit_checkpoint: str, vavae_path: str, output_dir: str, user_ids: li
 
     guidance_checkpoint: a weaker stage 2 checkpoint of the same users and latents (the run's early.ckpt) to
     guide with instead of the unconditional model (autoguidance); PipelineError if it does not fit.
+    classifier_scale > 0: classifier guidance with the checkpoint's noisy-latent user classifier (stage 2 trains it)
+    where classifier_interval_start <= t <= classifier_interval_end; PipelineError for a checkpoint without one.
 
     The folder then holds this run's samples only: those of an earlier run (other users, more samples,
     another checkpoint) are removed once the new ones are written, so stage 4 never scores a mix. The samples
@@ -193,12 +224,17 @@ def generate(dit_checkpoint: str, vavae_path: str, output_dir: str, user_ids: li
         if guidance_checkpoint is not None:
             guide_model, guide_info = load_generator(guidance_checkpoint, device)
             check_guide(info, guide_info, guidance_checkpoint)
+        classifier = guidance_classifier(info, classifier_scale, classifier_interval_start, classifier_interval_end,
+                                         dit_checkpoint, device)
         from models.vavae import load_vavae
         vae = load_vavae(vavae_path, device=device)
         check_same_tokenizer(info, vavae_path)
         pixels, nfe = sample_images(model, vae, info, jobs, guidance_scale=guidance_scale, num_steps=num_steps,
                                     sampler=sampler, shift=shift, cfg_interval_start=cfg_interval_start,
-                                    cfg_interval_end=cfg_interval_end, guide_model=guide_model, seed=seed, batch_size=batch_size, device=device)
+                                    cfg_interval_end=cfg_interval_end, guide_model=guide_model, classifier=classifier,
+                                    classifier_scale=classifier_scale,
+                                    classifier_interval=(classifier_interval_start, classifier_interval_end),
+                                    seed=seed, batch_size=batch_size, device=device)
     out = Path(output_dir)
     names = [sample_name(u, k + 1) for u, k in jobs]
     with staged_files(out) as staging:

@@ -39,12 +39,16 @@ class PipelineInfo:
     tokenizer_sha256: str = ""
     image_size: int = 256
     lora: dict[str, Any] | None = None   # {"rank", "alpha"} of a `--finetune lora` run: adapters to merge
+    # {"config", "state_dict"} of the noisy-latent user classifier trained in stage 2 (training/latent_classifier.py):
+    # stage 3's classifier guidance; absent in checkpoints written before it existed
+    latent_classifier: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The plain dict stored under checkpoint["pipeline"] (weights_only-loadable)."""
         values = {f.name: getattr(self, f.name) for f in fields(self)}
-        if values["lora"] is None:
-            del values["lora"]   # the format of checkpoints written before LoRA existed
+        for optional in ("lora", "latent_classifier"):
+            if values[optional] is None:
+                del values[optional]   # the format of checkpoints written before these existed
         return {"kind": CHECKPOINT_KIND, **values}
 
     @classmethod

@@ -30,18 +30,29 @@ def sample_timesteps(n: int, kind: str = "uniform", device: torch.device | str =
 
 
 def flow_matching_loss(model: Callable, x1: torch.Tensor, y: torch.Tensor, t: torch.Tensor,
-                       noise: torch.Tensor, cosine_weight: float = 0.0) -> torch.Tensor:
-    """Per-sample loss: MSE between predicted and true velocity (+ optional 1 - cos over channels).
+                       noise: torch.Tensor, cosine_weight: float = 0.0, negatives: torch.Tensor | None = None,
+                       contrastive_weight: float = 0.0) -> torch.Tensor:
+    """Per-sample loss: MSE between predicted and true velocity (+ optional 1 - cos over channels, and the
+    contrastive term).
 
     model: (x_t, t, y) -> velocity, e.g. LightningDiT.forward. x1: (N, C, H, W) data latents (normalised);
     noise: x0, same shape, standard normal; t: (N,) float in [0, 1] (sample_timesteps); y: (N,) int64 labels.
-    Returns (N,) float32 losses, >= 0 (the cosine term adds at most 2 * cosine_weight); the caller averages.
+    Contrastive flow matching (Delta-FM, Stoica et al., ICCV 2025, eq. 6): with negatives (N,) int64, the index
+    of another sample of another class (-1: none), the loss subtracts contrastive_weight * ||v - (x1_j - x0_j)||^2,
+    pushing each class's flow away from the others'. The paper's weight is 0.05.
+    Returns (N,) float32 losses (>= 0 without the contrastive term; the cosine term adds at most
+    2 * cosine_weight); the caller averages.
     """
     t_ = t.view(-1, *([1] * (x1.dim() - 1)))
     x_t = t_ * x1 + (1 - t_) * noise
     target = x1 - noise
     pred = model(x_t, t, y).float()
-    loss = (pred - target).pow(2).mean(dim=tuple(range(1, x1.dim())))
+    dims = tuple(range(1, x1.dim()))
+    loss = (pred - target).pow(2).mean(dim=dims)
+    if negatives is not None and contrastive_weight > 0:
+        has_negative = negatives >= 0
+        negative_target = target[negatives.clamp(min=0)]
+        loss = loss - contrastive_weight * has_negative * (pred - negative_target).pow(2).mean(dim=dims)
     if cosine_weight > 0:
         cos = F.cosine_similarity(pred, target, dim=1)      # across channels, per position
         loss = loss + cosine_weight * (1 - cos).flatten(1).mean(dim=1)
@@ -81,6 +92,30 @@ def guided_velocity(model: Callable, y: torch.Tensor, null_class: int, scale: fl
     return velocity
 
 
+def classifier_guided_velocity(velocity: VelocityFn, log_prob_gradient: Callable, y: torch.Tensor, scale: float,
+                               interval_start: float = 0.1, interval_end: float = 1.0) -> VelocityFn:
+    """v + scale * (1 - t) / t * grad_x log p(y | x_t, t): classifier guidance on a flow-matching velocity.
+
+    For the linear path x_t = t x1 + (1 - t) x0 with x0 ~ N(0, I), the score is s = (t v - x_t) / (1 - t), so
+    v = (x_t + (1 - t) s) / t; conditioning adds grad log p(y | x_t) to s (Dhariwal & Nichol 2021, eq. 10-12),
+    hence the term. Its (1 - t) / t grows without bound towards the noise end, where a classifier knows least:
+    it acts only where interval_start <= t <= interval_end (interval_start > 0 keeps it finite).
+    log_prob_gradient: (x, t (N,), y) -> grad_x log p(y | x, t) (models/latent_classifier.py). y: (N,) int64
+    classes; scale 0 is none. Returns a VelocityFn like guided_velocity's.
+    """
+    if scale == 0.0:
+        return velocity
+
+    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        v = velocity(x, t)
+        tb = t.expand(x.shape[0]) if t.dim() == 0 else t
+        t0 = float(tb[0])
+        if not interval_start <= t0 <= interval_end or t0 <= 0.0:
+            return v
+        return v + scale * (1 - t0) / t0 * log_prob_gradient(x, tb, y)
+    return guided
+
+
 def guidance_switches(scale: float, interval_start: float, interval_end: float) -> tuple[float, ...]:
     """The times where guided_velocity's field changes abruptly (sample_ode's restart_at): the ends of a
     guidance interval strictly inside (0, 1); none without guidance."""
@@ -116,7 +151,7 @@ class CountedVelocity:
         return self.velocity(x, t)
 
 
-@torch.inference_mode()
+@torch.no_grad()   # not inference_mode: classifier guidance takes a gradient inside the velocity
 def sample_ode(velocity: VelocityFn, x0: torch.Tensor, num_steps: int, sampler: str, shift: float,
                atol: float = 1e-6, rtol: float = 1e-3,
                restart_at: float | Sequence[float] = ()) -> torch.Tensor:

@@ -49,3 +49,21 @@ def latent_dir(tmp_path_factory):
     """Stage 1 output for 3 users with (N, 32, 4, 4) latents (helpers.write_latent_dir)."""
     from helpers import write_latent_dir
     return write_latent_dir(tmp_path_factory.mktemp("latents"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from helpers import make_tokenizer
+    return make_tokenizer(tmp_path_factory.mktemp("tok") / "tok.safetensors")
+
+
+@pytest.fixture(scope="module")
+def latents_with_tokenizer(latent_dir, tokenizer, tmp_path_factory):
+    """The shared tiny latents, their metadata naming `tokenizer` as stage 1 would."""
+    from common.io import file_sha256, load_safetensors, save_safetensors
+    out = tmp_path_factory.mktemp("latents_tok")
+    for name in ("train", "val", "latent_stats"):
+        tensors, meta = load_safetensors(latent_dir / f"{name}.safetensors")
+        save_safetensors(tensors, out / f"{name}.safetensors",
+                         {**meta, "tokenizer": tokenizer.name, "tokenizer_sha256": file_sha256(tokenizer)})
+    return out

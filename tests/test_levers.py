@@ -169,22 +169,6 @@ def test_time_shift_aug_must_be_a_probability(latent_dir, tmp_path, capsys):
 #                A run with all three: early.ckpt, grids, time shifts           #
 #################################################################################
 
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return make_tokenizer(tmp_path_factory.mktemp("tok") / "tok.safetensors")
-
-
-@pytest.fixture(scope="module")
-def latents_with_tokenizer(latent_dir, tokenizer, tmp_path_factory):
-    """The shared tiny latents, their metadata naming `tokenizer` as stage 1 would."""
-    out = tmp_path_factory.mktemp("latents_tok")
-    for name in ("train", "val", "latent_stats"):
-        tensors, meta = load_safetensors(latent_dir / f"{name}.safetensors")
-        save_safetensors(tensors, out / f"{name}.safetensors",
-                         {**meta, "tokenizer": tokenizer.name, "tokenizer_sha256": file_sha256(tokenizer)})
-    return out
-
-
 def stage2(latents, out, *extra) -> list[str]:
     return ["--latent_dir", latents, "--output_dir", out, *TINY_DIT_MODEL_FLAGS, "--precision", "32-true",
             "--accelerator", "cpu", "--batch_size", "4", *extra]

@@ -4,7 +4,7 @@ import argparse
 from dataclasses import dataclass, fields
 from typing import Sequence
 
-from common.config import (add_config_flag, below_one, new_parser, non_negative_float, non_negative_int, open_fraction,
+from common.config import (add_config_flag, below_one, ema_width, new_parser, non_negative_float, non_negative_int, open_fraction,
                            parse_args, positive_float, positive_int, probability, seed)
 from models.lightningdit import DEFAULT_MODEL, LightningDiT_models
 
@@ -63,6 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad_checkpointing", action="store_true", help="recompute activations: less memory")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--ema_decay", type=below_one, default=0.9995, help="EMA of the weights (validation and sampling use it)")
+    p.add_argument("--ema_std", type=ema_width, default=None, metavar="SIGMA_REL",
+                   help="power-function EMA of this relative width (EDM2; e.g. 0.05-0.15) instead of --ema_decay: "
+                        "averages a fixed fraction of the run so far, so short runs are not held back")
+    p.add_argument("--contrastive_weight", type=non_negative_float, default=0.0,
+                   help="contrastive flow matching (Delta-FM): push each user's flow away from other users' "
+                        "targets with this weight (0 = off; the paper uses 0.05)")
+    p.add_argument("--classifier_steps", type=non_negative_int, default=600,
+                   help="steps of the noisy-latent user classifier trained on the train latents before the DiT "
+                        "(stage 3's --classifier_scale and val_identity use it; 0 = none)")
+    p.add_argument("--val_identity_samples", type=non_negative_int, default=8,
+                   help="unguided EMA samples per user scored by that classifier at each validation: the "
+                        "val_identity metric (0 = off)")
     p.add_argument("--beta2", type=below_one, default=0.999, help="AdamW beta2")
     p.add_argument("--weight_decay", type=non_negative_float, default=0.0, help="AdamW weight decay (not on norms, biases, class table)")
     p.add_argument("--grad_clip", type=non_negative_float, default=1.0, help="0 disables")
@@ -122,6 +134,10 @@ class TrainOptions:
     grad_checkpointing: bool
     compile: bool
     ema_decay: float
+    ema_std: float | None
+    contrastive_weight: float
+    classifier_steps: int
+    val_identity_samples: int
     beta2: float
     weight_decay: float
     grad_clip: float

@@ -7,6 +7,7 @@ host-to-device copies.
 import copy
 import functools
 import math
+import time
 
 import pytorch_lightning as pl
 import torch
@@ -32,7 +33,8 @@ class DiTTrainingModule(pl.LightningModule):
                  batch_size: int = 32, ema_decay: float = 0.9995, seed: int = 0,
                  timestep_sampling: str = "uniform", cosine_loss_weight: float = 0.0,
                  compile_model: bool = False, backbone_lr_scale: float = 1.0, warmup_steps: int = 0,
-                 time_shift_aug: float = 0.0):
+                 time_shift_aug: float = 0.0, ema_std: float | None = None, contrastive_weight: float = 0.0,
+                 classifier_steps: int = 600, val_identity_samples: int = 8):
         super().__init__()
         self.model = LightningDiT(**info.model_config)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
@@ -42,6 +44,10 @@ class DiTTrainingModule(pl.LightningModule):
         self.timestep_sampling, self.cosine_loss_weight = timestep_sampling, cosine_loss_weight
         self.backbone_lr_scale, self.warmup_steps = backbone_lr_scale, warmup_steps
         self.time_shift_aug = check_probability(time_shift_aug)
+        self.ema_gamma = power_ema_gamma(ema_std) if ema_std else None
+        self.contrastive_weight, self.val_identity_samples = contrastive_weight, val_identity_samples
+        self.classifier_steps = classifier_steps
+        self.__dict__["scorer"] = None   # the classifier of info.latent_classifier on this device, once validated
         if time_shift_aug > 0 and not info.model_config.get("time_shift_cond"):
             raise ValueError("time_shift_aug > 0 needs a model built with time_shift_cond (train_dit.build_module)")
         # Kept out of the registered submodules: as one it would put a second copy of the weights in every
@@ -113,7 +119,9 @@ class DiTTrainingModule(pl.LightningModule):
         t = sample_timesteps(len(idx), self.timestep_sampling, device=self.device)
         noise = torch.randn_like(x1)
         x1, model = self.augment(x1)
-        loss = flow_matching_loss(model, x1, y, t, noise, self.cosine_loss_weight).mean()
+        negatives = other_class_pairs(y) if self.contrastive_weight > 0 else None
+        loss = flow_matching_loss(model, x1, y, t, noise, self.cosine_loss_weight,
+                                  negatives, self.contrastive_weight).mean()
         if self.loss_scaler() is None:   # with a scaler, GradScaler skips the step (counted in optimizer_step)
             self.nonfinite_step.masked_fill_(~torch.isfinite(loss.detach()) & (self.nonfinite_step < 0), step)
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(idx))
@@ -184,10 +192,22 @@ class DiTTrainingModule(pl.LightningModule):
             if step != none:
                 raise NonFiniteLoss(step, kind, skipped=int(self.skipped_steps))
 
+    def ema_decay_at(self, step: int) -> float:
+        """The EMA decay after optimizer step `step` (from 1).
+
+        With --ema_std, EDM2's power-function EMA (Karras et al. 2024, eq. 3 with sec. 3.1's
+        gamma(sigma_rel)): beta = (1 - 1/step)^(gamma + 1), an average over a fixed *fraction* of the run so far,
+        so an early checkpoint is not held back by old weights and a long run still averages widely. Otherwise
+        a constant decay with a warm-up, (1 + step) / (10 + step) until it reaches --ema_decay (itself a power
+        function with gamma = 8, sigma_rel ~0.09, until then).
+        """
+        if self.ema_gamma is not None:
+            return (1 - 1 / step) ** (self.ema_gamma + 1)
+        return min(self.ema_decay, (1 + step) / (10 + step))
+
     @torch.no_grad()
     def update_ema(self, step: int):
-        # Warm-up: early on the EMA follows the weights closely, otherwise short runs stay near init.
-        decay = min(self.ema_decay, (1 + step) / (10 + step))
+        decay = self.ema_decay_at(step)
         # One fused multi-tensor lerp over the trained parameters (frozen ones equal their EMA already; with
         # LoRA they are the same tensors); the decay is a Python float (no device sync).
         pairs = [(e, p.detach()) for e, p in zip(self.ema.parameters(), self.model.parameters()) if p.requires_grad]
@@ -249,6 +269,43 @@ class DiTTrainingModule(pl.LightningModule):
                  **({"weight_decay": 0.0} if no_decay else {})}
                 for (is_backbone, no_decay), params in sorted(groups.items())]
 
+    # ---------------------------------------------------------------- identity
+    def on_fit_start(self) -> None:
+        """Train the noisy-latent user classifier on the train latents before the first step (a resume brings it
+        in the checkpoint: train_dit.resume_point), on this device, the same on every rank (seeded)."""
+        if self.info.latent_classifier is not None or self.classifier_steps == 0:
+            return
+        from models.latent_classifier import classifier_entry
+        from training.latent_classifier import classifier_accuracy, train_latent_classifier
+        started = time.monotonic()
+        classifier = train_latent_classifier(self.train_x, self.train_y, self.model.num_classes, seed=self.seed,
+                                             steps=self.classifier_steps)
+        self.info.latent_classifier = classifier_entry(classifier)
+        if self.global_rank == 0:
+            accuracy = classifier_accuracy(classifier, self.val_x, self.val_y, seed=self.seed)
+            print(f"noisy-latent user classifier ({time.monotonic() - started:.0f} s): val accuracy "
+                  + ", ".join(f"{a:.2f} at t={t:g}" for t, a in accuracy.items())
+                  + f" (chance {1 / self.model.num_classes:.2f}; t = 1 clean)", flush=True)
+
+    def on_validation_epoch_end(self) -> None:
+        """val_identity: how many of the EMA model's samples the classifier gives to their own user (0-1)."""
+        if self.val_identity_samples == 0 or self.info.latent_classifier is None:
+            return
+        from models.latent_classifier import classifier_from_entry
+        from training.latent_classifier import sample_identity
+        if self.scorer is None or next(self.scorer.parameters()).device != self.device:
+            # Outside the registered submodules: its weights travel in info, not in the DiT's state_dict.
+            self.__dict__["scorer"] = classifier_from_entry(self.info.latent_classifier, self.device)
+        was_training = self.ema.training
+        self.ema.eval()   # no label dropout
+        try:
+            identity = sample_identity(self.ema, self.scorer, self.model.num_classes, self.val_identity_samples,
+                                       tuple(self.train_x.shape[1:]), seed=self.seed, device=self.device)
+        finally:
+            self.ema.train(was_training)
+        # The same samples on every rank (fixed noise, the same EMA): nothing to reduce.
+        self.log("val_identity", identity, prog_bar=True, on_epoch=True, sync_dist=False, rank_zero_only=True)
+
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.check_finite()   # a checkpoint is only written while the loss and the weights are finite
@@ -257,6 +314,31 @@ class DiTTrainingModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.skipped_steps.fill_(checkpoint.get("skipped_steps", 0))   # the count goes on over a resume
+
+
+def power_ema_gamma(sigma_rel: float) -> float:
+    """EDM2's exponent gamma of a power-function EMA of relative standard deviation sigma_rel (the width of the
+    averaging window as a fraction of training so far): the root of sigma_rel^2 = (g+1) / ((g+2)^2 (g+3))
+    (Karras et al. 2024, eq. 2-3; edm2 training/phema.py solves the same cubic). sigma_rel in (0, 0.28)."""
+    if not 0 < sigma_rel < 0.28:
+        raise ValueError(f"sigma_rel must be in (0, 0.28) (got {sigma_rel}); 0.05-0.15 are EDM2's useful range")
+    # The right side falls monotonically in g on [0, inf): bisection, no root-finder needed.
+    low, high = 0.0, 1e6
+    for _ in range(200):
+        mid = (low + high) / 2
+        if (mid + 1) / ((mid + 2) ** 2 * (mid + 3)) > sigma_rel ** 2:
+            low = mid
+        else:
+            high = mid
+    return (low + high) / 2
+
+
+def other_class_pairs(y: torch.Tensor) -> torch.Tensor:
+    """For each sample i of a batch, the index j of a random sample of another class (y[j] != y[i]), or -1
+    where the batch holds no other class: the negatives of contrastive flow matching. y: (N,) int64."""
+    scores = torch.rand(len(y), len(y), device=y.device).masked_fill(y[:, None] == y[None, :], -1.0)
+    best, index = scores.max(dim=1)
+    return torch.where(best >= 0, index, -1)
 
 
 class Batches:

@@ -78,7 +78,8 @@ def build_module(args: TrainOptions, log=print) -> DiTTrainingModule:
         weight_decay=args.weight_decay, batch_size=args.batch_size, ema_decay=args.ema_decay, seed=args.seed,
         timestep_sampling=args.timestep_sampling, cosine_loss_weight=args.cosine_loss_weight,
         compile_model=args.compile, backbone_lr_scale=args.backbone_lr_scale, warmup_steps=args.warmup_steps,
-        time_shift_aug=args.time_shift_aug)
+        time_shift_aug=args.time_shift_aug, ema_std=args.ema_std, contrastive_weight=args.contrastive_weight,
+        classifier_steps=args.classifier_steps, val_identity_samples=args.val_identity_samples)
     n_params = sum(p.numel() for p in module.model.parameters())
     log(f"{args.model} ({n_params / 1e6:.1f}M parameters), {len(users)} users, "
         f"{len(train_x)} train / {len(val_x)} val latents")
@@ -181,6 +182,7 @@ def resume_point(args: TrainOptions, module: DiTTrainingModule, ckpt_dir: Path, 
     check_same_data(saved, module.info, last)
     from training.finetune import check_same_lora
     check_same_lora(saved.lora, module.info.lora, last)
+    module.info.latent_classifier = saved.latent_classifier   # trained on these latents: not trained again
     message = resume_message(previous, args, last)   # refuses the flags a resume cannot honour
     check_optimizer_layout(previous, module.param_groups(), last)
     world = args.devices * args.num_nodes

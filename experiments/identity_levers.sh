@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Question: which stage 2 / stage 3 lever makes the demo's people recognisable sooner, beyond seed-to-seed spread?
+# One run = the demo recipe (configs/demo.yaml's stage 2 keys) for STEPS_X times the demo's 1,400 steps with one
+# SEED, then stage 3 (SAMPLES per person, the same seed) and stage 4. Every run shares one simulated data set and
+# one stage 1 folder, so runs differ only by their flags and seed. Stage 2's wall time goes to
+# OUT/NAME_sSEED_STEPS_Xx/stage2_seconds.txt (compare levers at equal CPU time, on an otherwise idle machine).
+# A stage-3-only lever reuses another run's stage 2: TRAIN_NAME=baseline NAME=cg2 STAGE3="--classifier_scale 2".
+# Usage: OUT=/tmp/levers NAME=baseline SEED=0 STEPS_X=1 STAGE2="--ema_std 0.05" STAGE3="--classifier_scale 2" \
+#            experiments/identity_levers.sh
+# Summary of every run in OUT: python experiments/summarise_levers.py OUT
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/identity_levers}
+NAME=${NAME:-baseline}
+SEED=${SEED:-0}
+STEPS_X=${STEPS_X:-1}
+SAMPLES=${SAMPLES:-30}
+STAGE2=${STAGE2:-}
+STAGE3=${STAGE3:-}
+TOKENIZER=assets/demo_vavae.safetensors
+DEMO_EPOCHS=200                                   # configs/demo.yaml: 200 epochs = 1,400 steps
+DEMO_STAGE2="--batch_size 32 --val_every_n_epochs 5 --model LightningDiT-S/2 --depth 4 --hidden_size 192 --num_heads 3
+ --lr 0.0005 --precision bf16-mixed --ema_decay 0.998 --checkpoint_every_n_steps 200"
+TRAIN_NAME=${TRAIN_NAME:-$NAME}
+RUN="$OUT/${NAME}_s${SEED}_${STEPS_X}x"
+TRAINED="$OUT/${TRAIN_NAME}_s${SEED}_${STEPS_X}x"
+mkdir -p "$OUT"
+[ -f "$OUT/data/.done" ] || { python -m data.simulate --output_dir "$OUT/data" --num_users 6 --train_per_user 40 \
+    --val_per_user 10 --seed 0 && touch "$OUT/data/.done"; }
+[ -f "$OUT/latents/train.safetensors" ] || python stage1_extract_features.py --data_dir "$OUT/data" \
+    --vavae_path "$TOKENIZER" --output_path "$OUT/latents"
+mkdir -p "$RUN"
+if [ ! -f "$TRAINED/stage2_seconds.txt" ]; then
+    [ "$TRAINED" = "$RUN" ] || { echo "train $TRAINED first"; exit 1; }
+    start=$(date +%s)
+    # shellcheck disable=SC2086
+    python stage2_train_dit.py $DEMO_STAGE2 $STAGE2 --seed "$SEED" --latent_dir "$OUT/latents" \
+        --output_dir "$RUN/train" --vavae_path "$TOKENIZER" --max_epochs $((DEMO_EPOCHS * STEPS_X))
+    echo $(( $(date +%s) - start )) > "$RUN/stage2_seconds.txt"
+fi
+if [ ! -f "$RUN/eval/report.json" ]; then
+    # shellcheck disable=SC2086
+    python stage3_inference.py --guidance_scale 2.0 $STAGE3 --seed "$SEED" \
+        --dit_checkpoint "$TRAINED/train/checkpoints/last.ckpt" --vavae_path "$TOKENIZER" --output_dir "$RUN/samples" \
+        --user_ids 1 2 3 4 5 6 --num_samples_per_user "$SAMPLES"
+    python stage4_evaluate.py --classifier_epochs 8 --seed "$SEED" --data_dir "$OUT/data" \
+        --generated_dir "$RUN/samples" --output_dir "$RUN/eval" --vavae_path "$TOKENIZER"
+fi
+printf '{"name": "%s", "trained_as": "%s", "seed": %s, "steps_x": %s, "stage2": "%s", "stage3": "%s"}\n' \
+    "$NAME" "$TRAIN_NAME" "$SEED" "$STEPS_X" "$STAGE2" "$STAGE3" > "$RUN/setup.json"
+echo "done: $RUN"
