@@ -30,8 +30,7 @@ def run_row(folder: Path) -> dict | None:
             "identity": identity["generated_top1"], "identity_ci": identity.get("generated_top1_ci"),
             "ceiling": identity["real_val_top1"], "relative_to_ceiling": identity.get("relative_to_ceiling"),
             "tstr": tstr.get("top1"), "tstr_ci": tstr.get("top1_ci"),
-            "fd_classifier": report.get("distribution", {}).get("fd_classifier"),
-            "copy_rate": report.get("memorization", {}).get("copy_rate"),
+            "fd_classifier": report["fd"]["classifier"], "copy_rate": report["memorization"]["copy_rate"],
             "augmentation_gain": report.get("augmentation", {}).get("gain"),
             "stage2_seconds": int(seconds.read_text()) if seconds.is_file() else None}
 
