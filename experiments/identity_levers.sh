@@ -30,9 +30,15 @@ mkdir -p "$OUT"
 [ -f "$OUT/latents/train.safetensors" ] || python stage1_extract_features.py --data_dir "$OUT/data" \
     --vavae_path "$TOKENIZER" --output_path "$OUT/latents"
 mkdir -p "$RUN"
+ONE_X="$OUT/${NAME}_s${SEED}_1x"
 if [ ! -f "$TRAINED/stage2_seconds.txt" ]; then
     [ "$TRAINED" = "$RUN" ] || { echo "train $TRAINED first"; exit 1; }
     start=$(date +%s)
+    # A longer run continues the 1x run of the same lever and seed (stage 2 resumes exactly), counting its time.
+    if [ "$STEPS_X" != 1 ] && [ -f "$ONE_X/stage2_seconds.txt" ] && [ ! -d "$RUN/train" ]; then
+        cp -r "$ONE_X/train" "$RUN/train"
+        start=$(( start - $(cat "$ONE_X/stage2_seconds.txt") ))
+    fi
     # shellcheck disable=SC2086
     python stage2_train_dit.py $DEMO_STAGE2 $STAGE2 --seed "$SEED" --latent_dir "$OUT/latents" \
         --output_dir "$RUN/train" --vavae_path "$TOKENIZER" --max_epochs $((DEMO_EPOCHS * STEPS_X))

@@ -183,7 +183,8 @@ def test_stage2_logs_val_identity_and_ships_the_classifier_to_stage3(latents_wit
     assert first.stdout.count("noisy-latent user classifier") == 1
     with open(out / "lightning_logs" / "csv" / "metrics.csv") as f:
         identity = [float(r["val_identity"]) for r in csv.DictReader(f) if r.get("val_identity")]
-    assert len(identity) == 2 and all(0.0 <= v <= 1.0 for v in identity)   # one per validation (each epoch)
+    # The first validation always scores; later ones within the time share (training/sample_grid.py).
+    assert 1 <= len(identity) <= 2 and all(0.0 <= v <= 1.0 for v in identity)
     entry = checkpoint_info(load_checkpoint(out / "checkpoints" / "last.ckpt")).latent_classifier
     assert entry is not None and entry["config"]["num_classes"] == 3
     # A longer run resumes with the classifier it has instead of training another.
@@ -211,3 +212,23 @@ def test_classifier_guidance_without_a_classifier_is_refused(latent_dir, tmp_pat
     result = run_main(capsys, S3, "--dit_checkpoint", ckpt, "--vavae_path", tmp_path / "unused.safetensors",
                       "--output_dir", tmp_path / "gen", "--user_ids", "1", "--classifier_scale", "2")
     assert_user_error(result, r"--classifier_scale 2 needs the noisy-latent user classifier", r"--classifier_steps 0")
+
+
+def test_sample_identity_is_one_for_a_person_specific_model_and_chance_for_one_that_ignores_the_user():
+    """Data = a point mass per user: the exact conditional velocity carries noise to the user's own point, the
+    label-blind one to a common point; a nearest-mean classifier scores the samples."""
+    from training.latent_classifier import sample_identity
+    torch.manual_seed(0)
+    means = torch.randn(4, 2, 2, 2) * 3
+
+    class NearestMean(torch.nn.Module):
+        def forward(self, x, t):
+            return -((x[:, None] - means[None]) ** 2).flatten(2).sum(-1)
+
+    def person_specific(x, t, y):
+        return (means[y] - x) / (1 - t.view(-1, 1, 1, 1))
+
+    def label_blind(x, t, y):
+        return (means[0] - x) / (1 - t.view(-1, 1, 1, 1))
+    assert sample_identity(person_specific, NearestMean(), 4, 5, (2, 2, 2)) == 1.0
+    assert sample_identity(label_blind, NearestMean(), 4, 5, (2, 2, 2)) == 0.25   # every sample is user 0's

@@ -34,7 +34,7 @@ class DiTTrainingModule(pl.LightningModule):
                  timestep_sampling: str = "uniform", cosine_loss_weight: float = 0.0,
                  compile_model: bool = False, backbone_lr_scale: float = 1.0, warmup_steps: int = 0,
                  time_shift_aug: float = 0.0, ema_std: float | None = None, contrastive_weight: float = 0.0,
-                 classifier_steps: int = 600, val_identity_samples: int = 8):
+                 classifier_steps: int = 600):
         super().__init__()
         self.model = LightningDiT(**info.model_config)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
@@ -45,9 +45,8 @@ class DiTTrainingModule(pl.LightningModule):
         self.backbone_lr_scale, self.warmup_steps = backbone_lr_scale, warmup_steps
         self.time_shift_aug = check_probability(time_shift_aug)
         self.ema_gamma = power_ema_gamma(ema_std) if ema_std else None
-        self.contrastive_weight, self.val_identity_samples = contrastive_weight, val_identity_samples
+        self.contrastive_weight = contrastive_weight
         self.classifier_steps = classifier_steps
-        self.__dict__["scorer"] = None   # the classifier of info.latent_classifier on this device, once validated
         if time_shift_aug > 0 and not info.model_config.get("time_shift_cond"):
             raise ValueError("time_shift_aug > 0 needs a model built with time_shift_cond (train_dit.build_module)")
         # Kept out of the registered submodules: as one it would put a second copy of the weights in every
@@ -286,25 +285,6 @@ class DiTTrainingModule(pl.LightningModule):
             print(f"noisy-latent user classifier ({time.monotonic() - started:.0f} s): val accuracy "
                   + ", ".join(f"{a:.2f} at t={t:g}" for t, a in accuracy.items())
                   + f" (chance {1 / self.model.num_classes:.2f}; t = 1 clean)", flush=True)
-
-    def on_validation_epoch_end(self) -> None:
-        """val_identity: how many of the EMA model's samples the classifier gives to their own user (0-1)."""
-        if self.val_identity_samples == 0 or self.info.latent_classifier is None:
-            return
-        from models.latent_classifier import classifier_from_entry
-        from training.latent_classifier import sample_identity
-        if self.scorer is None or next(self.scorer.parameters()).device != self.device:
-            # Outside the registered submodules: its weights travel in info, not in the DiT's state_dict.
-            self.__dict__["scorer"] = classifier_from_entry(self.info.latent_classifier, self.device)
-        was_training = self.ema.training
-        self.ema.eval()   # no label dropout
-        try:
-            identity = sample_identity(self.ema, self.scorer, self.model.num_classes, self.val_identity_samples,
-                                       tuple(self.train_x.shape[1:]), seed=self.seed, device=self.device)
-        finally:
-            self.ema.train(was_training)
-        # The same samples on every rank (fixed noise, the same EMA): nothing to reduce.
-        self.log("val_identity", identity, prog_bar=True, on_epoch=True, sync_dist=False, rank_zero_only=True)
 
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:

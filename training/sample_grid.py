@@ -1,12 +1,16 @@
-"""Validation sample grids: watch identity emerge while stage 2 trains.
+"""Validation previews: watch identity emerge while stage 2 trains, as sample grids and as a score.
 
 At each validation, global rank 0 samples a few users with the EMA model (the default sampler at few steps,
 no guidance, the same noise every time so that grids compare across validations), decodes them with the
 stage 1 tokenizer, writes <output_dir>/val_grids/step_NNNNNN.png and latest.png, and logs the grid to
 TensorBoard (tag val_grid).
 
-Decoding is the cost (the demo tokenizer decodes ~1 image/s on a 2-core CPU): at most GRID_TIME_SHARE of
-the run goes to grids. The first validation always gets one; a later one is skipped while the grids so far
+The score, val_identity, needs no decoding: the noisy-latent user classifier (training/latent_classifier.py)
+says which user each of a few unguided EMA samples per user looks like; the share given to their own user is
+logged beside val_loss (metrics.csv, TensorBoard, the progress bar).
+
+Decoding is the cost of a grid (the demo tokenizer decodes ~1 image/s on a 2-core CPU): at most GRID_TIME_SHARE of
+the run goes to grids, and as much again to the score. The first validation always gets one; a later one is skipped while the grids so far
 plus the next would exceed that share of the time trained (on a GPU, where a grid takes a fraction of a
 second, every validation gets its grid).
 """
@@ -25,7 +29,7 @@ GRID_DIR = "val_grids"
 LATEST = "latest.png"
 GRID_STEPS = 8          # half of stage 3's 16: a preview, at half the cost
 GRID_SEED = 0
-GRID_TIME_SHARE = 0.05  # of the run's wall time, at most (see the module docstring)
+GRID_TIME_SHARE = 0.05  # of the run's wall time, at most (see the module docstring), for grids and for the score each
 
 
 def grid_due(spent_s: float, last_cost_s: float, elapsed_s: float, share: float) -> bool:
@@ -91,6 +95,47 @@ class ValidationGrid(pl.Callback):
         finally:
             ema.train(was_training)
         return pixels, users
+
+
+class ValidationIdentity(pl.Callback):
+    """val_identity after a validation, on global rank 0, within GRID_TIME_SHARE of the run (see the module
+    docstring); the first validation always gets one."""
+    def __init__(self, samples_per_user: int):
+        self.samples_per_user = samples_per_user
+        self.scorer = None   # the classifier of info.latent_classifier, on the module's device
+        self.started, self.spent, self.last_cost = time.monotonic(), 0.0, 0.0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.started = time.monotonic()
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        info: PipelineInfo = pl_module.info
+        if not trainer.is_global_zero or trainer.sanity_checking or info.latent_classifier is None:
+            return
+        begin = time.monotonic()
+        if not grid_due(self.spent, self.last_cost, begin - self.started, GRID_TIME_SHARE):
+            return
+        from models.latent_classifier import classifier_from_entry
+        from training.latent_classifier import sample_identity
+        if self.scorer is None or next(self.scorer.parameters()).device != pl_module.device:
+            self.scorer = classifier_from_entry(info.latent_classifier, pl_module.device)
+        ema = pl_module.ema
+        was_training = ema.training
+        ema.eval()   # no label dropout
+        try:
+            identity = sample_identity(ema, self.scorer, ema.num_classes, self.samples_per_user,
+                                       tuple(pl_module.train_x.shape[1:]), seed=GRID_SEED, device=pl_module.device)
+        finally:
+            ema.train(was_training)
+        pl_module.log("val_identity", identity, prog_bar=True, rank_zero_only=True)
+        self.last_cost = time.monotonic() - begin
+        self.spent += self.last_cost
+
+
+def identity_callbacks(samples_per_user: int, classifier_steps: int) -> list[pl.Callback]:
+    """[ValidationIdentity] when asked for (samples_per_user > 0) and stage 2 has a classifier (classifier_steps > 0),
+    else []."""
+    return [ValidationIdentity(samples_per_user)] if samples_per_user > 0 and classifier_steps > 0 else []
 
 
 def sample_grid_callbacks(vavae_path: str | None, users: int, samples: int, info: PipelineInfo, output_dir: Path,

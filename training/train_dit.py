@@ -29,7 +29,7 @@ from models.lightningdit import model_config
 from training.dit_module import MAX_SKIPPED_IN_A_ROW, DiTTrainingModule, NonFiniteLoss
 from training.early_checkpoint import EarlyCheckpoint
 from training.launch import check_world_size, rank_zero_first
-from training.sample_grid import sample_grid_callbacks
+from training.sample_grid import identity_callbacks, sample_grid_callbacks
 
 
 OOM_FLAGS = ("a smaller --batch_size (per GPU), --grad_checkpointing, a smaller --model (on 16 GB T4s: "
@@ -79,7 +79,7 @@ def build_module(args: TrainOptions, log=print) -> DiTTrainingModule:
         timestep_sampling=args.timestep_sampling, cosine_loss_weight=args.cosine_loss_weight,
         compile_model=args.compile, backbone_lr_scale=args.backbone_lr_scale, warmup_steps=args.warmup_steps,
         time_shift_aug=args.time_shift_aug, ema_std=args.ema_std, contrastive_weight=args.contrastive_weight,
-        classifier_steps=args.classifier_steps, val_identity_samples=args.val_identity_samples)
+        classifier_steps=args.classifier_steps)
     n_params = sum(p.numel() for p in module.model.parameters())
     log(f"{args.model} ({n_params / 1e6:.1f}M parameters), {len(users)} users, "
         f"{len(train_x)} train / {len(val_x)} val latents")
@@ -117,7 +117,8 @@ def train(args: TrainOptions, log=print, callbacks: Sequence[pl.Callback] = ()) 
     elif args.finetune != "full":
         warnings.warn(f"--finetune {args.finetune} only applies with --init_from; training every weight")
     callbacks = [*callbacks, EarlyCheckpoint(ckpt_dir, args.early_checkpoint_step, log),
-                 *sample_grid_callbacks(args.vavae_path, args.val_grid_users, args.val_grid_samples, module.info, out, log)]
+                 *sample_grid_callbacks(args.vavae_path, args.val_grid_users, args.val_grid_samples, module.info, out, log),
+                 *identity_callbacks(args.val_identity_samples, args.classifier_steps)]
     trainer = build_trainer(args, precision, out, callbacks)
     with run_lock(out, hold=trainer.global_rank == 0, log=log):
         prepare_output_dir(args, ckpt_dir, log)   # --restart's removal, before any rank decides to resume
