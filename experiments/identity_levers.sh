@@ -5,6 +5,7 @@
 # one stage 1 folder, so runs differ only by their flags and seed. Stage 2's wall time goes to
 # OUT/NAME_sSEED_STEPS_Xx/stage2_seconds.txt (compare levers at equal CPU time, on an otherwise idle machine).
 # A stage-3-only lever reuses another run's stage 2: TRAIN_NAME=baseline NAME=cg2 STAGE3="--classifier_scale 2".
+# STAGE2 comes last, so it may also set --max_epochs (e.g. fewer epochs of smaller batches, at equal CPU time).
 # Usage: OUT=/tmp/levers NAME=baseline SEED=0 STEPS_X=1 STAGE2="--ema_std 0.05" STAGE3="--classifier_scale 2" \
 #            experiments/identity_levers.sh
 # Summary of every run in OUT: python experiments/summarise_levers.py OUT
@@ -40,8 +41,8 @@ if [ ! -f "$TRAINED/stage2_seconds.txt" ]; then
         start=$(( start - $(cat "$ONE_X/stage2_seconds.txt") ))
     fi
     # shellcheck disable=SC2086
-    python stage2_train_dit.py $DEMO_STAGE2 $STAGE2 --seed "$SEED" --latent_dir "$OUT/latents" \
-        --output_dir "$RUN/train" --vavae_path "$TOKENIZER" --max_epochs $((DEMO_EPOCHS * STEPS_X))
+    python stage2_train_dit.py $DEMO_STAGE2 --max_epochs $((DEMO_EPOCHS * STEPS_X)) $STAGE2 --seed "$SEED" \
+        --latent_dir "$OUT/latents" --output_dir "$RUN/train" --vavae_path "$TOKENIZER"
     echo $(( $(date +%s) - start )) > "$RUN/stage2_seconds.txt"
 fi
 if [ ! -f "$RUN/eval/report.json" ]; then
