@@ -381,8 +381,41 @@ def test_kid_and_inception_score():
     same = M.kernel_distance(_gaussian(300, 8, 0), _gaussian(300, 8, 1))[0]
     shifted = M.kernel_distance(_gaussian(300, 8, 0), _gaussian(300, 8, 1, shift=1.0))[0]
     assert abs(same) < 0.05 < shifted
-    assert M.inception_score(torch.eye(5).repeat(4, 1))[0] == pytest.approx(5.0, rel=1e-6)
-    assert M.inception_score(torch.full((10, 5), 0.2))[0] == pytest.approx(1.0)
+    assert M.inception_score(50 * torch.eye(5).repeat(4, 1))[0] == pytest.approx(5.0, rel=1e-6)
+    assert M.inception_score(torch.zeros(10, 5))[0] == pytest.approx(1.0)
+
+
+def test_frechet_distance_is_exact_when_covariances_are_rank_deficient():
+    # Per-user sets have fewer images than feature dims. Tr((C1 C2)^1/2) is then exactly the sum of the
+    # singular values of A B^T / sqrt((n-1)(m-1)) (A, B the centred sets): a small, well-conditioned SVD.
+    x, y = _gaussian(20, 256, 0).relu() * 30, _gaussian(23, 256, 1, shift=1.0).relu() * 30
+    a, b = x - x.mean(0), y - y.mean(0)
+    tr_root = torch.linalg.svdvals(a @ b.T).sum() / (19 * 22) ** 0.5
+    exact = (x.mean(0) - y.mean(0)).square().sum() + a.square().sum() / 19 + b.square().sum() / 22 - 2 * tr_root
+    assert M.frechet_distance(x, y) == pytest.approx(float(exact), rel=1e-7)   # float64 eigh round-off
+
+
+def test_library_metrics_match_direct_computations():
+    """KID, Inception Score, top-k and the confusion matrix come from torchmetrics: check them against the
+    definitions written out in float64 (KID of equal-size sets uses all of them: no random subsets)."""
+    x, y = _gaussian(50, 8, 0), _gaussian(50, 8, 1, shift=0.5)
+    kxx, kyy, kxy = ((p @ q.T / 8 + 1) ** 3 for p, q in ((x, x), (y, y), (x, y)))
+    mmd = (kxx.sum() - kxx.trace() + kyy.sum() - kyy.trace()) / (50 * 49) - 2 * kxy.mean()
+    assert M.kernel_distance(x, y) == pytest.approx((float(mmd), 0.0), rel=1e-12)
+    # Subsets are seeded: the same seed gives the same number, and the std is the sample std over subsets.
+    mean, std = M.kernel_distance(x, _gaussian(70, 8, 2), num_subsets=10, seed=3)
+    assert M.kernel_distance(x, _gaussian(70, 8, 2), num_subsets=10, seed=3) == (mean, std) and std > 0
+    logits = _gaussian(30, 6, 3) * 3
+    p = logits.softmax(1)
+    assert M.inception_score(logits)[0] == pytest.approx(
+        float((p * (p.log() - p.mean(0).log())).sum(1).mean().exp()), rel=1e-12)
+    labels = torch.tensor([0, 1, 2, 2, 1])
+    scores = torch.tensor([[.9, .1, 0], [.5, .3, .2], [.1, .2, .7], [.4, .5, .1], [.1, .8, .1]])
+    assert M.topk_accuracy(scores, labels, 1) == 3 / 5 and M.topk_accuracy(scores, labels, 2) == 4 / 5
+    assert M.topk_accuracy(scores, labels, 9) == 1.0 and M.topk_accuracy(scores[:0], labels[:0], 1) is None
+    assert M.confusion_matrix(labels, scores.argmax(1), 3).tolist() == [[1, 0, 0], [1, 1, 0], [0, 1, 1]]
+    assert M.topk_accuracy(scores[:, :1], labels * 0, 1) == 1.0                 # one user
+    assert M.confusion_matrix(labels * 0, labels * 0, 1).tolist() == [[5]]
 
 
 def test_precision_recall_density_coverage():
