@@ -97,6 +97,28 @@ def test_precision_takes_the_values_that_train_and_names_why_others_fail(capsys)
         assert "choose 32-true, 16-mixed" in err
 
 
+def test_every_command_names_devices_and_precisions_with_the_same_words(capsys):
+    """One vocabulary (common.device): auto, cpu, cuda, cuda:N, gpu read as cuda; one message for anything else."""
+    def parsed(script: str, *argv: str) -> argparse.Namespace:
+        return PARSERS[script]().parse_args([*(TOKENIZER_REQUIRED if script == "train_tokenizer.py" else []), *argv])
+
+    device_flags = {"stage1_extract_features.py": "--device", "stage2_train_dit.py": "--accelerator",
+                    "stage3_inference.py": "--device", "stage4_evaluate.py": "--device", "train_tokenizer.py": "--device"}
+    for script, flag in device_flags.items():
+        for given, meant in [("auto", "auto"), ("cpu", "cpu"), ("cuda", "cuda"), ("gpu", "cuda")]:
+            assert getattr(parsed(script, flag, given), flag[2:]) == meant, (script, given)
+        assert getattr(parsed(script), flag[2:]) == "auto", script
+        code, err = parse_exit(capsys, script, flag, "tpu")
+        assert code == 2 and "'tpu' is not a device; use auto (CUDA when present), cpu, cuda or cuda:N" in err
+    assert parsed("stage1_extract_features.py", "--device", "cuda:1").device == "cuda:1"
+    code, err = parse_exit(capsys, "stage2_train_dit.py", "--accelerator", "cuda:1")
+    assert code == 2 and "--devices says how many" in err
+    for given, meant in [("bf16", "bf16-mixed"), ("fp32", "32-true"), ("32-true", "32-true")]:
+        assert parsed("train_tokenizer.py", "--precision", given).precision == meant
+    code, err = parse_exit(capsys, "train_tokenizer.py", "--precision", "16-mixed")
+    assert code == 2 and "no loss scaling" in err
+
+
 @pytest.mark.parametrize("key, value, pattern", [
     ("batch_size", 0, r"key batch_size: must be an integer >= 1 \(got 0\)"),
     ("lr", -1.0, r"key lr: must be a finite number > 0"),

@@ -13,7 +13,8 @@ import torch
 
 import training.dit_module as dm
 import training.train_dit as td
-from common.device import bf16_supported
+import common.device as device_mod
+from common.device import bf16_supported, resolve_precision
 from common.errors import PipelineError
 from helpers import (PYTHON, ROOT, assert_user_error, make_dataset, make_tokenizer, run_main, run_stage,
                      stage1_args, stage2_args, write_malicious)
@@ -61,7 +62,7 @@ def train_in_process(latents, out, *extra):
 def test_stage2_mixed_precision_with_clipping_and_fused_adamw(tmp_path, latents, monkeypatch, precision, dtype):
     """The GPU's configuration through the Trainer. Before the fix it failed at the first step
     ('AdamW does not allow for gradient clipping ... fused'), or, on the CPU, silently trained in fp32."""
-    monkeypatch.setattr(td, "bf16_supported", lambda device: True, raising=False)   # bf16 runs on any CPU
+    monkeypatch.setattr(device_mod, "bf16_supported", lambda device: True)   # bf16 runs on any CPU
     if precision == "16-mixed":   # the T4 path
         fp16_like_a_t4(monkeypatch)
     seen = {"autocast": set(), "fused": set(), "grad_norms": [], "scales": set()}
@@ -130,10 +131,11 @@ def test_bf16_means_native_support(monkeypatch):
     fake_gpu(monkeypatch, (7, 5))   # T4
     assert not bf16_supported("cuda") and sampling_dtype("cuda") == torch.float16
     with pytest.warns(UserWarning, match="no native bf16"):
-        assert td.resolve_precision("bf16-mixed", "gpu") == "16-mixed"
+        assert resolve_precision("bf16-mixed", "cuda") == "16-mixed"
     fake_gpu(monkeypatch, (8, 0))   # A100
     assert bf16_supported("cuda") and sampling_dtype("cuda:0") == torch.bfloat16
-    assert td.resolve_precision("bf16-mixed", "gpu") == "bf16-mixed"
+    assert resolve_precision("bf16-mixed", "cuda") == "bf16-mixed"
+    assert resolve_precision("bf16-mixed", "cuda", loss_scaling=False) == "bf16-mixed"
     assert sampling_dtype("cpu") is None   # stage 3 on the CPU samples in fp32
 
 
@@ -141,8 +143,8 @@ def test_bf16_means_native_support(monkeypatch):
     (True, "bf16-mixed", "bf16-mixed"), (False, "bf16-mixed", "32-true"),
     (True, "16-mixed", "bf16-mixed"), (False, "16-mixed", "32-true"), (False, "32-true", "32-true")])
 def test_cpu_precision(monkeypatch, recwarn, native, asked, expected):
-    monkeypatch.setattr(td, "bf16_supported", lambda device: native and device == "cpu")
-    assert td.resolve_precision(asked, "cpu") == expected
+    monkeypatch.setattr(device_mod, "bf16_supported", lambda device: native and device == "cpu")
+    assert resolve_precision(asked, "cpu") == expected
     assert bool(recwarn.list) == (asked != expected)   # a fallback is never silent
 
 

@@ -115,3 +115,16 @@ def test_memory_estimate_imports_no_lightning():
              "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pytorch_lightning', 'lightning', 'peft')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_estimate_assumes_the_precision_stage2_trains_in(monkeypatch, native):
+    """The estimate and stage 2 resolve --precision with the one resolver: bf16 on a CPU only where it is native."""
+    import common.device
+    from common.device import resolve_precision
+    monkeypatch.setattr(common.device, "bf16_supported", lambda device: native and device == "cpu")
+    for asked in ("bf16-mixed", "16-mixed", "32-true"):
+        args = training_options(["--latent_dir", "x", "--output_dir", "y", "--precision", asked, *SMALL])
+        expected = resolve_precision(asked, "cpu", warn=False)
+        assert setup_from_args(args, cuda=False)[0].precision == expected
+        assert expected == {"32-true": "32-true"}.get(asked, "bf16-mixed" if native else "32-true")

@@ -6,35 +6,19 @@ from typing import Sequence
 
 from common.config import (add_config_flag, below_one, new_parser, non_negative_float, non_negative_int, open_fraction,
                            parse_args, positive_float, positive_int, probability, seed)
+from common.device import DEVICE_WORDS, PRECISIONS, device_word, precision_word
 from models.lightningdit import DEFAULT_MODEL, LightningDiT_models
 
 DESCRIPTION = "Stage 2: train a user-conditioned LightningDiT on the stage 1 latents (PyTorch Lightning, DDP)."
 REQUIRED = ["latent_dir", "output_dir"]
-# --precision values that train correctly, and the aliases Lightning also takes for them.
-PRECISIONS = {"32-true": ("32",), "16-mixed": ("16",), "bf16-mixed": ("bf16",)}
-HALF_WEIGHTS = ("bf16-true", "16-true", "transformer-engine", "transformer-engine-float16")
 
-
-def precision(text: str) -> str:
-    """--precision's type: a name of PRECISIONS (an alias becomes its name); argparse.ArgumentTypeError otherwise.
-
-    The "-true" half precisions cast the weights, the EMA and the latents to half: the EMA's step of
-    (1 - ema_decay) = 5e-4 of the gap is below bf16's resolution (2^-8 of a value), so the EMA (validation,
-    best.ckpt, stage 3) would never move. 64-bit gains nothing over 32-true here and doubles the memory.
-    """
-    for name, aliases in PRECISIONS.items():
-        if text == name or text in aliases:
-            return name
-    choices = "choose 32-true, 16-mixed (fp16 with loss scaling, e.g. a T4) or bf16-mixed (aliases 32, 16, bf16)"
-    if text in HALF_WEIGHTS:
-        raise argparse.ArgumentTypeError(
-            f"{text} is not supported: it casts the weights, the EMA and the latents to half precision, where the "
-            f"EMA's small steps (5e-4 of the gap at --ema_decay 0.9995) round to nothing, so the EMA used for "
-            f"validation and sampling would freeze; {choices}")
-    if text in ("64", "64-true"):
-        raise argparse.ArgumentTypeError(f"{text} is not supported (float64 doubles memory and time for no gain "
-                                         f"in training); {choices}")
-    raise argparse.ArgumentTypeError(f"{text!r} is not a precision; {choices}")
+def accelerator_word(text: str) -> str:
+    """--accelerator's type: a device word (common.device.device_word) without an index; --devices counts GPUs."""
+    word = device_word(text)
+    if ":" in word:
+        raise argparse.ArgumentTypeError(f"{text!r} names one GPU; --accelerator takes auto, cpu or cuda "
+                                         "(--devices says how many)")
+    return word
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,8 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup_steps", type=non_negative_int, default=0, help="linear lr warm-up over this many steps (0: none)")
     p.add_argument("--devices", type=positive_int, default=1, help="processes (GPUs) per node; DDP when more than one")
     p.add_argument("--num_nodes", type=positive_int, default=1, help="machines")
-    p.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu", "cuda"], help="auto: CUDA when present")
-    p.add_argument("--precision", default="bf16-mixed", type=precision, metavar="{" + ",".join(PRECISIONS) + "}",
+    p.add_argument("--accelerator", default="auto", type=accelerator_word, metavar="{auto,cpu,cuda}",
+                   help="auto: CUDA when present (gpu: cuda); --devices says how many")
+    p.add_argument("--precision", default="bf16-mixed", type=precision_word, metavar="{" + ",".join(PRECISIONS) + "}",
                    help="32-true; 16-mixed (fp16 with loss scaling, e.g. a T4); bf16-mixed where bf16 is native (GPUs "
                         "of compute capability >= 8.0, CPUs with AVX512-BF16/AMX), else 16-mixed on a GPU and 32-true "
                         "on a CPU, with a warning. Aliases: 32, 16, bf16")
@@ -167,6 +152,16 @@ TOKENIZER_DESCRIPTION = """Train a VA-VAE tokenizer on a folder of spectrogram i
 """
 
 
+def tokenizer_precision(text: str) -> str:
+    """The tokenizer's --precision type: 32-true or bf16-mixed (common.device.precision_word's names); its loop
+    has no loss scaling, so 16-mixed would underflow gradients."""
+    name = precision_word(text)
+    if name == "16-mixed":
+        raise argparse.ArgumentTypeError(f"{text} is not supported by the tokenizer (no loss scaling); choose "
+                                         "bf16-mixed or 32-true")
+    return name
+
+
 def build_tokenizer_parser() -> argparse.ArgumentParser:
     p = new_parser(TOKENIZER_DESCRIPTION)
     p.add_argument("--data_dir", required=True, help="stage-1 layout: D/train/<user>/*.png and D/val/<user>/*.png")
@@ -192,8 +187,10 @@ def build_tokenizer_parser() -> argparse.ArgumentParser:
                    help="linear warmup steps before the cosine decay (default: 200 from scratch, 20 with --init_from)")
     p.add_argument("--max_minutes", type=positive_float, default=None,
                    help="stop after this many minutes; the cosine schedule then follows the clock")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--precision", default=None, choices=["bf16", "fp32"], help="default bf16 where it is native (GPUs of compute capability >= 8.0, CPUs with AVX512-BF16/AMX), else fp32")
+    p.add_argument("--device", default="auto", type=device_word, help=DEVICE_WORDS)
+    p.add_argument("--precision", default=None, type=tokenizer_precision, metavar="{32-true,bf16-mixed}",
+                   help="default bf16-mixed where bf16 is native (GPUs of compute capability >= 8.0, CPUs with "
+                        "AVX512-BF16/AMX), else 32-true (aliases 32, fp32, bf16)")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step (GPU)")
     p.add_argument("--val_fraction", type=open_fraction, default=0.1,
                    help="fraction of train images held out for PSNR when the folder has no val images")

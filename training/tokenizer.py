@@ -15,11 +15,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.device import resolve_device
+from common.device import resolve_device, resolve_precision
 from common.errors import PipelineError
 from common.progress import progress_bar
 from data.images import load_bank, scan_dataset
-from common.device import bf16_supported
 from common.io import file_sha256
 from common.pixels import to_float
 from models.vavae import VAVAE, load_vavae, reconstruction_psnr, save_vavae
@@ -198,7 +197,7 @@ def random_crops(images: torch.Tensor, size: int, gen: torch.Generator) -> torch
 class Recipe:
     """A run's resolved options: the flags given, the rest from FROM_SCRATCH or FINETUNE."""
     device: torch.device
-    precision: str          # bf16 or fp32
+    precision: str          # bf16-mixed or 32-true (common.device.resolve_precision without loss scaling)
     lr: float
     warmup: int
     crop_size: int
@@ -206,7 +205,7 @@ class Recipe:
 
     def autocast(self):
         """The context of a forward pass: bf16 autocast, or nothing in fp32."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.precision == "bf16" else nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.precision == "bf16-mixed" else nullcontext()
 
 
 @dataclass
@@ -219,15 +218,16 @@ class TrainingRun:
 
 
 def resolve_recipe(init_from: str | Path | None, image_size: int, lr: float | None, warmup: int | None,
-                   crop_size: int | None, batch_size: int | None, device: str | None, precision: str | None,
+                   crop_size: int | None, batch_size: int | None, device: str, precision: str | None,
                    decoder_only: bool) -> Recipe:
-    """Check the options and fill those left open: the device, bf16 where native, the recipe's lr/warm-up/batch."""
-    device = resolve_device(device or "auto")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise PipelineError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu.")
-    precision = precision or ("bf16" if bf16_supported(device) else "fp32")   # native bf16: ~2x on such CPUs
-    if precision not in ("bf16", "fp32"):
-        raise PipelineError(f"--precision must be bf16 or fp32 (got {precision}).")
+    """Check the options and fill those left open: the device, bf16 where native, the recipe's lr/warm-up/batch.
+
+    precision is a name the parser gave (32-true or bf16-mixed); None picks bf16-mixed where it is native
+    (~2x on such CPUs) without a warning. The loop has no loss scaling, so a device without native bf16 trains
+    in 32-true, never 16-mixed.
+    """
+    device = resolve_device(device)
+    precision = resolve_precision(precision or "bf16-mixed", device, warn=precision is not None, loss_scaling=False)
     if decoder_only and init_from is None:
         raise PipelineError("--decoder_only keeps an existing encoder: give the tokenizer to start from with --init_from.")
     defaults = FINETUNE if init_from is not None else FROM_SCRATCH
@@ -445,7 +445,7 @@ def tokenizer_metadata(*, val_psnr: float, psnr_before: float | None, num_train:
 
 def train_tokenizer(data_dir: str | Path, output_path: str | Path, width: int = 48, num_res_blocks: int = 2,
                     image_size: int = 256, steps: int = 6000, batch_size: int | None = None, lr: float | None = None,
-                    warmup: int | None = None, device: str | None = None, precision: str | None = None,
+                    warmup: int | None = None, device: str = "auto", precision: str | None = None,
                     val_fraction: float = 0.1, align_weights: str | Path | None = None, align_weight: float = 0.1,
                     foundation: Callable[[], nn.Module] | None = None, l1_weight: float = 0.1,
                     eval_every: int = 1000, max_val_images: int = 256, max_minutes: float | None = None,
