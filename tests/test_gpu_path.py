@@ -58,6 +58,7 @@ def train_in_process(latents, out, *extra):
 #                 Mixed precision + fused AdamW + clipping on the CPU           #
 #################################################################################
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision, dtype", [("bf16-mixed", torch.bfloat16), ("16-mixed", torch.float16)])
 def test_stage2_mixed_precision_with_clipping_and_fused_adamw(tmp_path, latents, monkeypatch, precision, dtype):
     """The GPU's configuration through the Trainer. Before the fix it failed at the first step
@@ -179,6 +180,7 @@ NAN_ON_RANK_1 = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_ddp_nan_on_one_rank_stops_the_run(tmp_path, latents):
     """No check follows step 12 at once (the next is the checkpoint after step 15): before the fix DDP's buffer
     broadcast replaced rank 1's flag with rank 0's at step 13, and the run finished as if nothing had happened."""
@@ -240,6 +242,7 @@ def test_other_errors_are_not_taken_for_out_of_memory():
 #                          Logs outside a terminal                              #
 #################################################################################
 
+@pytest.mark.slow
 def test_stage2_log_outside_a_terminal(tmp_path, latents):
     """Output to a pipe, as on Kaggle, in CI or under nohup: whole progress lines, no \\r or escape codes;
     resuming does not claim the history will be deleted, the EMA's eval mode raises no warning, and Lightning's
@@ -272,6 +275,7 @@ def test_line_progress_is_plain_and_occasional(capsys, monkeypatch):
     assert not any("\r" in line or "\x1b" in line for line in lines)
 
 
+@pytest.mark.slow
 def test_stage_headers_come_before_the_stage_output(tmp_path):
     data = make_dataset(tmp_path / "data", per_user=3)
     tokenizer = make_tokenizer(tmp_path / "tok.safetensors")
@@ -284,6 +288,7 @@ def test_stage_headers_come_before_the_stage_output(tmp_path):
     assert header < done and "\r" not in proc.stdout
 
 
+@pytest.mark.slow
 def test_lr_warmup_ramps_then_holds_and_resumes(tmp_path, latents, monkeypatch):
     """--warmup_steps: the lr of step s is lr * min(1, (s + 1) / warmup), also after a resume (no scheduler state)."""
     seen = []

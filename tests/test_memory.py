@@ -80,6 +80,7 @@ def test_check_memory_xl_on_a_t4(capsys):
     assert code == 1 and "flags that fit 15.0 GB: --grad_checkpointing" in out
 
 
+@pytest.mark.slow
 def test_orchestrator_check_memory_runs_no_stage(tmp_path, capfd):
     with pytest.raises(SystemExit) as exit_:
         run_complete_pipeline.main(["--config", "configs/kaggle_2xT4_xl_lora.yaml", "--output_dir", str(tmp_path),
@@ -103,6 +104,7 @@ def test_cuda_training_refused_before_anything_is_built(latents16, tmp_path, mon
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_memory_estimate_imports_no_lightning():
     """The estimate runs before anything is built (and from --check_memory): it must not pay for Lightning's
     import, which it used to pull in through training.lora only for a layer-name rule."""

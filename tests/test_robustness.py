@@ -25,6 +25,8 @@ from common.io import load_safetensors, read_safetensors_metadata, save_safetens
 from helpers import (PYTHON, ROOT, TINY_DIT, TINY_PRECISION, assert_user_error, make_dataset, make_tokenizer,
                      run_main, run_stage, stage1_args, stage2_args, write_malicious)
 
+pytestmark = pytest.mark.slow   # stages, kill -9 and resumes on a trained run
+
 S1, S2, S3 = "stage1_extract_features.py", "stage2_train_dit.py", "stage3_inference.py"
 STEPS, EVERY = 60, 5     # the reference run: 60 steps, last.ckpt every 5
 
