@@ -1,18 +1,19 @@
 """Train a VA-VAE tokenizer on a folder of spectrogram images, or fine-tune one on your own images.
-The flags are in training/cli.py.
+The flags are in tokenizer/cli.py.
 
     python train_tokenizer.py --data_dir D --output_path tok.safetensors --steps 6000
     python train_tokenizer.py --data_dir D --output_path tok.safetensors \\
         --init_from assets/demo_vavae.safetensors --max_minutes 10
 """
+from common.config import parse_args
 from common.errors import cli_entry
-from training.cli import build_tokenizer_parser, tokenizer_options
+from tokenizer.cli import REQUIRED, build_parser, tokenizer_options
 
 
 @cli_entry
 def main(argv: list[str] | None = None) -> None:
-    args = build_tokenizer_parser().parse_args(argv)
-    from training.tokenizer import train_tokenizer     # torch import after argument errors
+    args = parse_args(build_parser(), argv, required=REQUIRED)
+    from tokenizer.train import train_tokenizer     # torch import after argument errors
     train_tokenizer(**tokenizer_options(args))
 
 

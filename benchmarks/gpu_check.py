@@ -156,7 +156,8 @@ def check_stage1(data: Path, tokenizer: Path, work: Path, sizes: dict) -> dict[s
 def check_stage2(latents: Path, out: Path, model: str, precision: str, grad_checkpointing: bool, sizes: dict,
                  smoke: bool) -> dict[str, Any]:
     from training.cli import training_options
-    from training.train_dit import resolve_precision, train
+    from common.device import resolve_precision
+    from training.train_dit import train
     steps, batch = sizes["steps"], sizes["batch_size"]
     flags = ["--latent_dir", latents, "--output_dir", out, "--model", model, "--precision", precision,
              "--grad_clip", 1.0, "--batch_size", batch, "--max_steps", steps, "--val_every_n_epochs", 10**6,

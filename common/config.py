@@ -21,7 +21,7 @@ from common.errors import PipelineError
 # command lacks: the stage parsers import torch (model and sampler names), and this module sits below them.
 CONFIG_COMMANDS = {"data.cli": "stage1_extract_features.py", "training.cli": "stage2_train_dit.py",
                    "generation.cli": "stage3_inference.py", "evaluation.cli": "stage4_evaluate.py",
-                   "pipeline.cli": "run_complete_pipeline.py"}
+                   "pipeline.cli": "run_complete_pipeline.py", "tokenizer.cli": "train_tokenizer.py"}
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

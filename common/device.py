@@ -1,27 +1,59 @@
-"""Devices from the command line and what the hardware really runs.
+"""Devices and precisions from the command line, and what the hardware really runs: the one vocabulary of
+every command.
 
-resolve_device checks a --device name once, with a message instead of a CUDA traceback; bf16_supported says
-where bf16 is native (not emulated), for stage 2's precision and stage 3's autocast; check_cuda_usable says why a
-GPU run cannot use CUDA here instead of letting it run on the CPU.
+Devices: device_word (the flags' type: auto, cpu, cuda or cuda:N; "gpu" is cuda) and resolve_device (a word to a
+torch.device, with a message instead of a CUDA traceback). Precisions: precision_word (32-true, 16-mixed,
+bf16-mixed and their aliases) and resolve_precision (the one asked for, or the nearest this device runs
+natively). bf16_supported says where bf16 is native (not emulated); check_cuda_usable says why a GPU run cannot
+use CUDA here instead of letting it run on the CPU.
 """
+import argparse
 import os
 import re
 import shutil
 import subprocess
+import warnings
 
 import torch
 
 from common.errors import PipelineError
 
+DEVICE_WORDS = "auto (CUDA when present), cpu, cuda or cuda:N"
+# --precision values that train correctly, and the aliases Lightning also takes for them (fp32: the tokenizer's).
+PRECISIONS = {"32-true": ("32", "fp32"), "16-mixed": ("16",), "bf16-mixed": ("bf16",)}
+HALF_WEIGHTS = ("bf16-true", "16-true", "transformer-engine", "transformer-engine-float16")
+
+
+#################################################################################
+#                                   Devices                                     #
+#################################################################################
+
+def device_word(text: str) -> str:
+    """The type of every device flag (--device, stage 2's --accelerator): auto, cpu, cuda or cuda:N, with gpu
+    (Lightning's word) read as cuda; argparse.ArgumentTypeError otherwise."""
+    word = "cuda" if text == "gpu" else text
+    if word in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", word):
+        return word
+    raise argparse.ArgumentTypeError(f"{text!r} is not a device; use {DEVICE_WORDS}")
+
+
+def device_type(word: str) -> str:
+    """'cuda' or 'cpu': where a device word runs here (auto: CUDA when usable). No availability check for cuda."""
+    if word == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device_word(word)).type
+
 
 def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when present, else cpu; a CUDA device on a machine without one is a user error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """A device word -> torch.device ('auto': cuda when present, else cpu); CUDA on a machine without it, or a
+    word outside the vocabulary, is a user error."""
     try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise PipelineError(f"--device {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from err
+        name = device_word(name)
+    except argparse.ArgumentTypeError as err:
+        raise PipelineError(f"--device {err}") from None
+    if name == "auto":
+        return torch.device(device_type(name))
+    device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise PipelineError(f"--device {name} asked for CUDA but none is available here: {cuda_unusable_reason()}. "
                             "Or use --device cpu or auto")
@@ -48,6 +80,57 @@ def bf16_supported(device: str | torch.device) -> bool:
 def uses_cuda(accelerator: str) -> bool:
     """Whether Lightning trains on CUDA with this --accelerator (auto: when CUDA is usable)."""
     return accelerator != "cpu" and torch.cuda.is_available()
+
+
+#################################################################################
+#                                  Precision                                    #
+#################################################################################
+
+def precision_word(text: str) -> str:
+    """The type of every --precision flag: a name of PRECISIONS (an alias becomes its name);
+    argparse.ArgumentTypeError otherwise.
+
+    The "-true" half precisions cast the weights, the EMA and the latents to half: the EMA's step of
+    (1 - ema_decay) = 5e-4 of the gap is below bf16's resolution (2^-8 of a value), so the EMA (validation,
+    best.ckpt, stage 3) would never move. 64-bit gains nothing over 32-true here and doubles the memory.
+    """
+    for name, aliases in PRECISIONS.items():
+        if text == name or text in aliases:
+            return name
+    choices = "choose 32-true, 16-mixed (fp16 with loss scaling, e.g. a T4) or bf16-mixed (aliases 32, 16, bf16)"
+    if text in HALF_WEIGHTS:
+        raise argparse.ArgumentTypeError(
+            f"{text} is not supported: it casts the weights, the EMA and the latents to half precision, where the "
+            f"EMA's small steps (5e-4 of the gap at --ema_decay 0.9995) round to nothing, so the EMA used for "
+            f"validation and sampling would freeze; {choices}")
+    if text in ("64", "64-true"):
+        raise argparse.ArgumentTypeError(f"{text} is not supported (float64 doubles memory and time for no gain "
+                                         f"in training); {choices}")
+    raise argparse.ArgumentTypeError(f"{text!r} is not a precision; {choices}")
+
+
+def resolve_precision(precision: str, device: str | torch.device, warn: bool = True,
+                      loss_scaling: bool = True) -> str:
+    """The precision asked for (a name of PRECISIONS), or the nearest one `device` (a device word or
+    torch.device) runs natively, with a warning unless warn is False.
+
+    bf16-mixed needs native bf16 (bf16_supported): a T4 gets 16-mixed with loss scaling, a CPU without
+    AVX512-BF16/AMX gets 32-true. fp16 on a CPU is slow and needs loss scaling for nothing: a CPU asked for
+    16-mixed gets bf16-mixed where it has bf16, else 32-true. A loop without loss scaling (the tokenizer's)
+    never gets 16-mixed: 32-true instead.
+    """
+    kind = device.type if isinstance(device, torch.device) else device_type(device)
+    where = "GPU" if kind == "cuda" else "CPU"
+    instead = precision
+    if precision == "bf16-mixed" and not bf16_supported(kind):
+        instead = "16-mixed" if kind == "cuda" and loss_scaling else "32-true"
+        why = f"this {where} has no native bf16 ({'e.g. a T4' if kind == 'cuda' else 'no AVX512-BF16 or AMX'})"
+    elif precision == "16-mixed" and kind == "cpu":
+        instead = "bf16-mixed" if bf16_supported("cpu") else "32-true"
+        why = "16-mixed is for GPUs"
+    if instead != precision and warn:
+        warnings.warn(f"precision {precision}: {why}; training in {instead} instead")
+    return instead
 
 
 def check_cuda_usable(accelerator: str, devices: int, num_nodes: int = 1) -> None:

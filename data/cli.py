@@ -2,6 +2,7 @@
 import argparse
 
 from common.config import add_config_flag, new_parser, non_negative_int, positive_int
+from common.device import DEVICE_WORDS, device_word
 
 DESCRIPTION = "Stage 1: encode every image once with the frozen VA-VAE; write train/val latents and their stats."
 REQUIRED = ["data_dir", "vavae_path", "output_path"]
@@ -16,7 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=positive_int, default=32, help="images per encoder batch")
     p.add_argument("--image_size", type=positive_int, default=256, help="centre-crop size (ADM preprocessing; a non-square image keeps the centre of its long side)")
     p.add_argument("--num_workers", type=non_negative_int, default=2, help="image decoding processes")
-    p.add_argument("--devices", type=positive_int, default=1, help="GPUs to split the images over")
+    p.add_argument("--device", type=device_word, default="auto", help=DEVICE_WORDS)
+    p.add_argument("--devices", type=positive_int, default=1, help="GPUs to split the images over (with --device auto or cuda)")
     p.add_argument("--tokenizer_check_images", type=non_negative_int, default=48,
                    help="train images (spread over users) reconstructed to check the tokenizer knows your data; 0: skip")
     return p

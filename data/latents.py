@@ -98,10 +98,10 @@ def _encode_shard(rank: int, world: int, vavae_path: str, items, image_size, bat
 
 
 def encode_all(vavae_path: str, items: list[tuple[Path, int]], image_size: int, batch_size: int,
-               num_workers: int, devices: int, desc: str) -> Encoded:
-    """Encode on one device, or split the files over `devices` GPUs (order is kept)."""
+               num_workers: int, device: torch.device, devices: int, desc: str) -> Encoded:
+    """Encode on `device`, or split the files over `devices` GPUs when it is CUDA without an index (order is kept)."""
     from models.vavae import load_vavae
-    n_gpu = torch.cuda.device_count()
+    n_gpu = torch.cuda.device_count() if device.type == "cuda" and device.index is None else 0
     if devices > 1 and n_gpu >= 2:
         devices = min(devices, n_gpu)
         with tempfile.TemporaryDirectory() as tmp:
@@ -112,10 +112,9 @@ def encode_all(vavae_path: str, items: list[tuple[Path, int]], image_size: int, 
         joined = {key: torch.cat([p[key] for p in parts])[order] for key in ("latents", "labels", "positions", "shapes")}
         return Encoded(**joined, skipped=[s for p in parts for s in p["skipped"]])
     if devices > 1:
-        print(f"note: --devices {devices} asked for but {n_gpu} GPU(s) visible; encoding on one device")
-    device = "cuda" if n_gpu else "cpu"
-    vae = load_vavae(vavae_path, device=device)
-    return encode_items(vae, items, image_size, batch_size, num_workers, device, desc)
+        print(f"note: --devices {devices} asked for but {n_gpu} GPU(s) to use; encoding on {device}")
+    vae = load_vavae(vavae_path, device=str(device))
+    return encode_items(vae, items, image_size, batch_size, num_workers, str(device), desc)
 
 
 def latent_stats(latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,7 +184,7 @@ def write_split(users: list[User], data_dir: str, path: Path, run_id: str = "") 
 #################################################################################
 
 def extract_features(data_dir: str, vavae_path: str, output_path: str, batch_size: int = 32,
-                     image_size: int = 256, num_workers: int = 2, devices: int = 1,
+                     image_size: int = 256, num_workers: int = 2, device: str = "auto", devices: int = 1,
                      tokenizer_check_images: int = 48, log=print) -> dict[str, Any]:
     """Encode data_dir's train/val images; write train/val latents, the train-set stats and split.json.
 
@@ -200,6 +199,7 @@ def extract_features(data_dir: str, vavae_path: str, output_path: str, batch_siz
     PipelineError for a dataset it cannot use, a user left without readable images, or non-finite latents.
     """
     users = scan_dataset(data_dir, log=log)
+    dev = resolve_device(device)
     require_file(vavae_path, "tokenizer (--vavae_path)")
     from models.vavae import load_vavae
     load_vavae(vavae_path)  # fail fast, before any work, on a wrong or broken file
@@ -217,15 +217,15 @@ def extract_features(data_dir: str, vavae_path: str, output_path: str, batch_siz
     }
     log(f"{len(users)} users: " + ", ".join(f"{u.name}->class {i}" for i, u in enumerate(users)))
     if tokenizer_check_images > 0:
-        device = str(resolve_device("auto"))
-        meta.update(tokenizer_psnr_check(vavae_path, users, image_size, tokenizer_check_images, device, log))
+        meta.update(tokenizer_psnr_check(vavae_path, users, image_size, tokenizer_check_images, str(dev), log))
     summary: dict[str, Any] = {"users": len(users), **{k: v for k, v in meta.items() if k.startswith("tokenizer_psnr")}}
     all_names, all_shapes = [], []
     with replaced_together(out, STAGE1_FILES) as staging:
         write_split(users, data_dir, staging / "split.json", meta[RUN_KEY])
         for split in ("train", "val"):
             items = [(f, cls) for cls, u in enumerate(users) for f in u.files.get(split, [])]
-            encoded = encode_all(vavae_path, items, image_size, batch_size, num_workers, devices, f"stage 1 {split}")
+            encoded = encode_all(vavae_path, items, image_size, batch_size, num_workers, dev, devices,
+                                 f"stage 1 {split}")
             _check_users_left(users, encoded.labels, split)
             names = [relative_to(f, root) for f in encoded.files(items)]
             check_finite(encoded.latents, names, f"the tokenizer's latents of {split} images in {data_dir}",

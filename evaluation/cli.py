@@ -1,6 +1,7 @@
 """Stage 4's command line (stage4_evaluate.py)."""
 import argparse
 
+from common.device import DEVICE_WORDS, device_word
 from common.config import (add_config_flag, new_parser, non_negative_int, percentile, positive_float, positive_int,
                            probability, seed)
 
@@ -21,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--classifier_size", type=positive_int, default=128,
                         help="resolution the user classifier works at (128: 4x cheaper than 256 on CPU)")
     parser.add_argument("--batch_size", type=positive_int, default=64, help="images per classifier/feature batch")
-    parser.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--device", type=device_word, default="auto", help=DEVICE_WORDS)
     parser.add_argument("--classifier_epochs", type=positive_int, default=10, help="epochs of the user classifier")
     parser.add_argument("--seed", type=seed, default=0, help="classifier, TSTR and sampling seeds")
     parser.add_argument("--inception_weights", type=str, default=None,

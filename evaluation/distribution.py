@@ -63,8 +63,8 @@ def distribution_report(data: Inputs, train_feats: torch.Tensor, val_feats: torc
                     "real_val": r["real_val"][key] if r["real_val"] else None} for n, r in per_user.items()}
 
     manifold_keys = ("precision", "recall", "density", "coverage")
-    is_gen = M.inception_score(gen_logits.softmax(1))
-    is_val = M.inception_score(val_logits.softmax(1)) if len(val) else None
+    is_gen = M.inception_score(gen_logits)
+    is_val = M.inception_score(val_logits) if len(val) else None
     return {
         "fd": {"classifier": overall_gen["fd"], "classifier_real_val": overall_val.get("fd"), "per_user": per("fd")},
         "kid": {"classifier_feature_scale": kid_scale, "classifier": overall_gen["kid"],

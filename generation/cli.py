@@ -1,6 +1,7 @@
 """Stage 3's command line (stage3_inference.py)."""
 import argparse
 
+from common.device import DEVICE_WORDS, device_word
 from common.config import (DistinctValues, add_config_flag, new_parser, non_negative_float, non_negative_int,
                            open_fraction, positive_float, positive_int, probability, seed)
 from models.transport import DEFAULT_SAMPLER, DEFAULT_SHIFT, DEFAULT_STEPS, SAMPLERS
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classifier_interval_end", type=probability, default=1.0, help="classifier guidance only where t <= this")
     p.add_argument("--seed", type=seed, default=0, help="same seed, same images")
     p.add_argument("--batch_size", type=positive_int, default=16, help="images sampled together")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto", type=device_word, help=DEVICE_WORDS)
     return p
 
 

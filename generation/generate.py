@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from common.device import bf16_supported, resolve_device
+from common.device import resolve_device, resolve_precision
 from common.errors import PipelineError, out_of_memory_advice
 from common.io import file_sha256, staged_files
 from common.pixels import to_uint8
@@ -119,8 +119,8 @@ def sampling_dtype(device: str) -> torch.dtype | None:
     """Autocast dtype of the sampler: bf16 on GPUs that run it natively, fp16 on older ones (a T4, where bf16
     is emulated), none (fp32) on the CPU."""
     if not device.startswith("cuda"):
-        return None
-    return torch.bfloat16 if bf16_supported(device) else torch.float16
+        return None     # fp32: the CPU's samples stay exact whatever its bf16
+    return torch.bfloat16 if resolve_precision("bf16-mixed", device, warn=False) == "bf16-mixed" else torch.float16
 
 
 @torch.no_grad()   # not inference_mode: classifier guidance takes a gradient of the classifier

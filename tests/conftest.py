@@ -10,6 +10,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """The `slow` marker: `pytest -m "not slow"` is the inner loop (under a minute); CI runs everything."""
+    config.addinivalue_line("markers", "slow: runs stages, trains models or launches processes (seconds to "
+                                       "minutes each); left out by -m 'not slow'")
+
+
 @contextmanager
 def _one_torch_thread():
     """Small convs gain nothing from threads, and on a busy 2-core box thread barriers cost 10x."""

@@ -13,13 +13,14 @@ import data.cli
 import evaluation.cli
 import generation.cli
 import pipeline.cli
+import tokenizer.cli
 import training.cli
 
 ROOT = Path(__file__).resolve().parent.parent
 PARSERS = {"stage1_extract_features.py": data.cli.build_parser, "stage2_train_dit.py": training.cli.build_parser,
            "stage3_inference.py": generation.cli.build_parser, "stage4_evaluate.py": evaluation.cli.build_parser,
            "run_complete_pipeline.py": pipeline.cli.build_parser,
-           "train_tokenizer.py": training.cli.build_tokenizer_parser}
+           "train_tokenizer.py": tokenizer.cli.build_parser}
 
 
 FLAG_TABLES = ROOT / "docs" / "flags.md"   # every flag of every command
@@ -152,12 +153,12 @@ def test_entry_function_defaults_are_the_parsers():
     from data.latents import extract_features
     from evaluation.evaluate import evaluate
     from generation.generate import generate, sample_images
-    from training.tokenizer import train_tokenizer
+    from tokenizer.train import train_tokenizer
     function_defaults_agree(extract_features, data.cli.build_parser())
     function_defaults_agree(generate, generation.cli.build_parser())
     function_defaults_agree(sample_images, generation.cli.build_parser(), {"device": "resolved device"})
     function_defaults_agree(evaluate, evaluation.cli.build_parser())
-    function_defaults_agree(train_tokenizer, training.cli.build_tokenizer_parser(), {"compile_model": "compile"})
+    function_defaults_agree(train_tokenizer, tokenizer.cli.build_parser(), {"compile_model": "compile"})
 
 
 def test_train_options_name_every_stage2_flag():

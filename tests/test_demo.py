@@ -17,6 +17,7 @@ def test_shipped_demo_tokenizer_loads_and_is_small():
     assert read_safetensors_metadata(demo.DEMO_TOKENIZER)["val_psnr_db"] > 20
 
 
+@pytest.mark.slow
 def test_demo_runs_every_stage(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(demo, "DEMO_DATA", dict(num_users=2, train_per_user=6, val_per_user=2, seed=0))
     out = tmp_path / "demo"

@@ -101,6 +101,7 @@ def runs(dataset):
 #                        Good vs bad generated images                           #
 #################################################################################
 
+@pytest.mark.slow
 def test_held_out_real_scores_near_ceiling(runs):
     ident = runs["good"]["identity"]
     assert ident["real_val_top1"] >= 0.9
@@ -108,6 +109,7 @@ def test_held_out_real_scores_near_ceiling(runs):
     assert runs["good"]["tstr_top1"] > 1 / len(USERS) + 0.2
 
 
+@pytest.mark.slow
 def test_noise_scores_near_chance_with_larger_fd(runs):
     good, noise = runs["good"], runs["noise"]
     assert noise["identity"]["generated_top1"] <= 0.5
@@ -116,12 +118,14 @@ def test_noise_scores_near_chance_with_larger_fd(runs):
     assert noise["manifold"]["generated"]["precision"] < good["manifold"]["generated"]["precision"]
 
 
+@pytest.mark.slow
 def test_copies_flagged_held_out_not(runs):
     assert runs["copies"]["memorization"]["copy_rate"] >= 0.9
     assert runs["good"]["memorization"]["copy_rate"] <= 0.1
     assert all(p["same_user"] for p in runs["copies"]["memorization"]["closest"])
 
 
+@pytest.mark.slow
 def test_classifier_cached_not_retrained(runs):
     assert runs["calls_first"] == ["user classifier", "TSTR", "real + generated"]
     assert runs["calls"] == runs["calls_first"]            # later runs trained nothing
@@ -130,6 +134,7 @@ def test_classifier_cached_not_retrained(runs):
     assert runs["cache"].parent == runs["root"] / "data" / ".eval_cache"
 
 
+@pytest.mark.slow
 def test_report_files_and_keys(runs):
     out = runs["root"] / "out_good"
     report = json.loads((out / "report.json").read_text())
@@ -144,6 +149,7 @@ def test_report_files_and_keys(runs):
         assert (out / name).stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_augmentation_adds_accepted_samples_to_real_train(runs):
     """The augmented classifier trains on real train + exactly the accepted samples; real-only is the judge."""
     good = runs["good"]
@@ -158,6 +164,7 @@ def test_augmentation_adds_accepted_samples_to_real_train(runs):
     assert "augmentation gain" in md and runs["noise"]["augmentation"]["with_generated_top1"] is None
 
 
+@pytest.mark.slow
 def test_headline_numbers_carry_intervals_that_contain_them(runs):
     good = runs["good"]
     ident, tstr, aug = good["identity"], good["tstr"], good["augmentation"]
@@ -176,6 +183,7 @@ def test_headline_numbers_carry_intervals_that_contain_them(runs):
     assert f"[{ident['generated_top1_ci'][0]:.3f}, {ident['generated_top1_ci'][1]:.3f}]" in md
 
 
+@pytest.mark.slow
 def test_report_md_shows_no_empty_columns_no_top5_of_few_users_no_repeated_captions(runs):
     from evaluation.report import render_markdown
     good_md = (runs["root"] / "out_good" / "report.md").read_text()
@@ -200,6 +208,7 @@ def test_report_md_shows_no_empty_columns_no_top5_of_few_users_no_repeated_capti
     assert "| top-5 |" in render_markdown(report)
 
 
+@pytest.mark.slow
 def test_export_is_a_ready_dataset(runs):
     """export/train/<user> = real train + accepted samples; export/val/<user> = real val; stage 1 can read it."""
     export, root = runs["good"]["export"], runs["root"]
@@ -248,12 +257,14 @@ def test_export_keeps_only_confident_own_user_and_clears_the_old_selection(tmp_p
 #                                    Errors                                     #
 #################################################################################
 
+@pytest.mark.slow
 def test_unknown_user_number_lists_valid_ones(dataset):
     root, dirs = dataset
     with pytest.raises(PipelineError, match=r"user number\(s\) 9.*Valid user numbers: 1, 2, 5, 7"):
         evaluate(root / "data", dirs["unknown"], root / "out_unknown", **FAST)
 
 
+@pytest.mark.slow
 def test_no_generated_images_and_missing_folders(dataset, tmp_path):
     root, _ = dataset
     (tmp_path / "other.png").write_bytes(b"")
@@ -265,6 +276,7 @@ def test_no_generated_images_and_missing_folders(dataset, tmp_path):
         evaluate(tmp_path / "missing", tmp_path, tmp_path / "out", **FAST)
 
 
+@pytest.mark.slow
 def test_cli_forwards_every_flag_and_exits_2_on_user_error(dataset, monkeypatch, capsys):
     import stage4_evaluate
     root, dirs = dataset
@@ -285,6 +297,7 @@ def test_cli_forwards_every_flag_and_exits_2_on_user_error(dataset, monkeypatch,
 #                            Classifier and cache                               #
 #################################################################################
 
+@pytest.mark.slow
 def test_read_only_data_dir_caches_in_output_dir(dataset, tmp_path, monkeypatch):
     root, _ = dataset
     users = scan_dataset(root / "data", log=lambda *_: None)
@@ -328,6 +341,7 @@ def test_cache_key_follows_file_content_not_size_or_mtime(tmp_path):
     assert key() == changed
 
 
+@pytest.mark.slow
 def test_training_is_deterministic_and_never_flips(dataset):
     root, _ = dataset
     users = scan_dataset(root / "data", log=lambda *_: None)
@@ -343,6 +357,7 @@ def test_training_is_deterministic_and_never_flips(dataset):
     assert (shifted[0, 0, 0].diff() >= 0).all()
 
 
+@pytest.mark.slow
 def test_inception_features_from_local_weights(dataset, tmp_path):
     import torchvision
     from evaluation.inception import inception_features, load_inception
@@ -381,8 +396,41 @@ def test_kid_and_inception_score():
     same = M.kernel_distance(_gaussian(300, 8, 0), _gaussian(300, 8, 1))[0]
     shifted = M.kernel_distance(_gaussian(300, 8, 0), _gaussian(300, 8, 1, shift=1.0))[0]
     assert abs(same) < 0.05 < shifted
-    assert M.inception_score(torch.eye(5).repeat(4, 1))[0] == pytest.approx(5.0, rel=1e-6)
-    assert M.inception_score(torch.full((10, 5), 0.2))[0] == pytest.approx(1.0)
+    assert M.inception_score(50 * torch.eye(5).repeat(4, 1))[0] == pytest.approx(5.0, rel=1e-6)
+    assert M.inception_score(torch.zeros(10, 5))[0] == pytest.approx(1.0)
+
+
+def test_frechet_distance_is_exact_when_covariances_are_rank_deficient():
+    # Per-user sets have fewer images than feature dims. Tr((C1 C2)^1/2) is then exactly the sum of the
+    # singular values of A B^T / sqrt((n-1)(m-1)) (A, B the centred sets): a small, well-conditioned SVD.
+    x, y = _gaussian(20, 256, 0).relu() * 30, _gaussian(23, 256, 1, shift=1.0).relu() * 30
+    a, b = x - x.mean(0), y - y.mean(0)
+    tr_root = torch.linalg.svdvals(a @ b.T).sum() / (19 * 22) ** 0.5
+    exact = (x.mean(0) - y.mean(0)).square().sum() + a.square().sum() / 19 + b.square().sum() / 22 - 2 * tr_root
+    assert M.frechet_distance(x, y) == pytest.approx(float(exact), rel=1e-7)   # float64 eigh round-off
+
+
+def test_library_metrics_match_direct_computations():
+    """KID, Inception Score, top-k and the confusion matrix come from torchmetrics: check them against the
+    definitions written out in float64 (KID of equal-size sets uses all of them: no random subsets)."""
+    x, y = _gaussian(50, 8, 0), _gaussian(50, 8, 1, shift=0.5)
+    kxx, kyy, kxy = ((p @ q.T / 8 + 1) ** 3 for p, q in ((x, x), (y, y), (x, y)))
+    mmd = (kxx.sum() - kxx.trace() + kyy.sum() - kyy.trace()) / (50 * 49) - 2 * kxy.mean()
+    assert M.kernel_distance(x, y) == pytest.approx((float(mmd), 0.0), rel=1e-12)
+    # Subsets are seeded: the same seed gives the same number, and the std is the sample std over subsets.
+    mean, std = M.kernel_distance(x, _gaussian(70, 8, 2), num_subsets=10, seed=3)
+    assert M.kernel_distance(x, _gaussian(70, 8, 2), num_subsets=10, seed=3) == (mean, std) and std > 0
+    logits = _gaussian(30, 6, 3) * 3
+    p = logits.softmax(1)
+    assert M.inception_score(logits)[0] == pytest.approx(
+        float((p * (p.log() - p.mean(0).log())).sum(1).mean().exp()), rel=1e-12)
+    labels = torch.tensor([0, 1, 2, 2, 1])
+    scores = torch.tensor([[.9, .1, 0], [.5, .3, .2], [.1, .2, .7], [.4, .5, .1], [.1, .8, .1]])
+    assert M.topk_accuracy(scores, labels, 1) == 3 / 5 and M.topk_accuracy(scores, labels, 2) == 4 / 5
+    assert M.topk_accuracy(scores, labels, 9) == 1.0 and M.topk_accuracy(scores[:0], labels[:0], 1) is None
+    assert M.confusion_matrix(labels, scores.argmax(1), 3).tolist() == [[1, 0, 0], [1, 1, 0], [0, 1, 1]]
+    assert M.topk_accuracy(scores[:, :1], labels * 0, 1) == 1.0                 # one user
+    assert M.confusion_matrix(labels * 0, labels * 0, 1).tolist() == [[5]]
 
 
 def test_precision_recall_density_coverage():
@@ -408,6 +456,7 @@ def test_diversity_and_nearest_neighbours():
 #                 The tokenizer's ceiling (--vavae_path)                        #
 #################################################################################
 
+@pytest.mark.slow
 def test_tokenizer_reconstructions_are_scored_like_real_val(dataset, tmp_path, monkeypatch):
     from helpers import make_tokenizer
     import models.vavae
@@ -480,6 +529,7 @@ def test_compare_says_within_noise_for_overlap_and_differs_for_separated(tmp_pat
     assert exit_info.value.code == 2 and "missing.json not found" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_stage4_compare_to_prints_both_runs(runs, monkeypatch, tmp_path, capsys):
     import evaluation.evaluate
     import stage4_evaluate

@@ -10,6 +10,7 @@ import data.cli
 import evaluation.cli
 import generation.cli
 import pipeline.cli
+import tokenizer.cli
 import training.cli
 from common.config import CONFIG_COMMANDS, Number, load_project_config, parse_args
 from common.errors import PipelineError
@@ -18,10 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PARSERS = {"stage1_extract_features.py": data.cli.build_parser, "stage2_train_dit.py": training.cli.build_parser,
            "stage3_inference.py": generation.cli.build_parser, "stage4_evaluate.py": evaluation.cli.build_parser,
            "run_complete_pipeline.py": pipeline.cli.build_parser,
-           "train_tokenizer.py": training.cli.build_tokenizer_parser}
-# Flags train_tokenizer.py requires (argparse required=True): given so that only the flag under test fails.
-TOKENIZER_REQUIRED = ["--data_dir", "d", "--output_path", "t.safetensors"]
+           "train_tokenizer.py": tokenizer.cli.build_parser}
 SHIPPED_CONFIGS = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "configs" / "sizes").glob("*.yaml"))
+# The stages share the run's configs; the tokenizer has its own (its --precision has no 16-mixed).
 CONFIG_SCRIPTS = [s for s in PARSERS if s != "train_tokenizer.py" and s != "run_complete_pipeline.py"]
 
 
@@ -34,10 +34,9 @@ def numeric_actions():
 
 def parse_exit(capsys, script: str, *argv: str) -> tuple[int, str]:
     """(exit code, stderr) of parsing `argv` with the script's parser (0 when it parses)."""
-    extra = TOKENIZER_REQUIRED if script == "train_tokenizer.py" else []
     capsys.readouterr()
     try:
-        PARSERS[script]().parse_args([*extra, *argv])
+        PARSERS[script]().parse_args(argv)
         return 0, ""
     except SystemExit as exit_:
         return exit_.code, capsys.readouterr().err
@@ -97,6 +96,28 @@ def test_precision_takes_the_values_that_train_and_names_why_others_fail(capsys)
         assert "choose 32-true, 16-mixed" in err
 
 
+def test_every_command_names_devices_and_precisions_with_the_same_words(capsys):
+    """One vocabulary (common.device): auto, cpu, cuda, cuda:N, gpu read as cuda; one message for anything else."""
+    def parsed(script: str, *argv: str) -> argparse.Namespace:
+        return PARSERS[script]().parse_args(argv)
+
+    device_flags = {"stage1_extract_features.py": "--device", "stage2_train_dit.py": "--accelerator",
+                    "stage3_inference.py": "--device", "stage4_evaluate.py": "--device", "train_tokenizer.py": "--device"}
+    for script, flag in device_flags.items():
+        for given, meant in [("auto", "auto"), ("cpu", "cpu"), ("cuda", "cuda"), ("gpu", "cuda")]:
+            assert getattr(parsed(script, flag, given), flag[2:]) == meant, (script, given)
+        assert getattr(parsed(script), flag[2:]) == "auto", script
+        code, err = parse_exit(capsys, script, flag, "tpu")
+        assert code == 2 and "'tpu' is not a device; use auto (CUDA when present), cpu, cuda or cuda:N" in err
+    assert parsed("stage1_extract_features.py", "--device", "cuda:1").device == "cuda:1"
+    code, err = parse_exit(capsys, "stage2_train_dit.py", "--accelerator", "cuda:1")
+    assert code == 2 and "--devices says how many" in err
+    for given, meant in [("bf16", "bf16-mixed"), ("fp32", "32-true"), ("32-true", "32-true")]:
+        assert parsed("train_tokenizer.py", "--precision", given).precision == meant
+    code, err = parse_exit(capsys, "train_tokenizer.py", "--precision", "16-mixed")
+    assert code == 2 and "no loss scaling" in err
+
+
 @pytest.mark.parametrize("key, value, pattern", [
     ("batch_size", 0, r"key batch_size: must be an integer >= 1 \(got 0\)"),
     ("lr", -1.0, r"key lr: must be a finite number > 0"),
@@ -154,6 +175,20 @@ def test_a_key_of_no_command_stays_an_error(tmp_path):
         load_project_config(cfg)
 
 
+def test_the_tokenizer_takes_a_config_like_every_command(tmp_path, capsys):
+    """train_tokenizer.py --config: keys are flag names, flags win, other commands' keys are passed over with a
+    note, and the required flags may come from the file."""
+    cfg = tmp_path / "tok.yaml"
+    cfg.write_text("data_dir: d\noutput_path: t.safetensors\nsteps: 50\nprecision: fp32\nmax_epochs: 3\n")
+    args = parse_args(tokenizer.cli.build_parser(), ["--config", str(cfg), "--steps", "7"],
+                      required=tokenizer.cli.REQUIRED)
+    assert (args.data_dir, args.steps, args.precision) == ("d", 7, "32-true")
+    assert "passed over 1 key(s)" in capsys.readouterr().err
+    cfg.write_text("steps: 0\n")
+    with pytest.raises(PipelineError, match=r"key steps: must be an integer >= 1"):
+        parse_args(tokenizer.cli.build_parser(), ["--config", str(cfg)])
+
+
 def test_config_commands_are_the_parsers_that_read_config():
     import importlib
     for module in CONFIG_COMMANDS:
@@ -161,7 +196,7 @@ def test_config_commands_are_the_parsers_that_read_config():
 
 
 def test_help_texts(capsys):
-    tokenizer_help = training.cli.build_tokenizer_parser().format_help()
+    tokenizer_help = tokenizer.cli.build_parser().format_help()
     assert "tok.safetensors \\\n        --init_from" in tokenizer_help        # the example as one pastes it
     stage2_help = " ".join(training.cli.build_parser().format_help().split())
     assert "Ampere" not in stage2_help and "compute capability >= 8.0" in stage2_help

@@ -13,7 +13,8 @@ import torch
 
 import training.dit_module as dm
 import training.train_dit as td
-from common.device import bf16_supported
+import common.device as device_mod
+from common.device import bf16_supported, resolve_precision
 from common.errors import PipelineError
 from helpers import (PYTHON, ROOT, assert_user_error, make_dataset, make_tokenizer, run_main, run_stage,
                      stage1_args, stage2_args, write_malicious)
@@ -57,11 +58,12 @@ def train_in_process(latents, out, *extra):
 #                 Mixed precision + fused AdamW + clipping on the CPU           #
 #################################################################################
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision, dtype", [("bf16-mixed", torch.bfloat16), ("16-mixed", torch.float16)])
 def test_stage2_mixed_precision_with_clipping_and_fused_adamw(tmp_path, latents, monkeypatch, precision, dtype):
     """The GPU's configuration through the Trainer. Before the fix it failed at the first step
     ('AdamW does not allow for gradient clipping ... fused'), or, on the CPU, silently trained in fp32."""
-    monkeypatch.setattr(td, "bf16_supported", lambda device: True, raising=False)   # bf16 runs on any CPU
+    monkeypatch.setattr(device_mod, "bf16_supported", lambda device: True)   # bf16 runs on any CPU
     if precision == "16-mixed":   # the T4 path
         fp16_like_a_t4(monkeypatch)
     seen = {"autocast": set(), "fused": set(), "grad_norms": [], "scales": set()}
@@ -130,10 +132,11 @@ def test_bf16_means_native_support(monkeypatch):
     fake_gpu(monkeypatch, (7, 5))   # T4
     assert not bf16_supported("cuda") and sampling_dtype("cuda") == torch.float16
     with pytest.warns(UserWarning, match="no native bf16"):
-        assert td.resolve_precision("bf16-mixed", "gpu") == "16-mixed"
+        assert resolve_precision("bf16-mixed", "cuda") == "16-mixed"
     fake_gpu(monkeypatch, (8, 0))   # A100
     assert bf16_supported("cuda") and sampling_dtype("cuda:0") == torch.bfloat16
-    assert td.resolve_precision("bf16-mixed", "gpu") == "bf16-mixed"
+    assert resolve_precision("bf16-mixed", "cuda") == "bf16-mixed"
+    assert resolve_precision("bf16-mixed", "cuda", loss_scaling=False) == "bf16-mixed"
     assert sampling_dtype("cpu") is None   # stage 3 on the CPU samples in fp32
 
 
@@ -141,8 +144,8 @@ def test_bf16_means_native_support(monkeypatch):
     (True, "bf16-mixed", "bf16-mixed"), (False, "bf16-mixed", "32-true"),
     (True, "16-mixed", "bf16-mixed"), (False, "16-mixed", "32-true"), (False, "32-true", "32-true")])
 def test_cpu_precision(monkeypatch, recwarn, native, asked, expected):
-    monkeypatch.setattr(td, "bf16_supported", lambda device: native and device == "cpu")
-    assert td.resolve_precision(asked, "cpu") == expected
+    monkeypatch.setattr(device_mod, "bf16_supported", lambda device: native and device == "cpu")
+    assert resolve_precision(asked, "cpu") == expected
     assert bool(recwarn.list) == (asked != expected)   # a fallback is never silent
 
 
@@ -177,6 +180,7 @@ NAN_ON_RANK_1 = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_ddp_nan_on_one_rank_stops_the_run(tmp_path, latents):
     """No check follows step 12 at once (the next is the checkpoint after step 15): before the fix DDP's buffer
     broadcast replaced rank 1's flag with rank 0's at step 13, and the run finished as if nothing had happened."""
@@ -238,6 +242,7 @@ def test_other_errors_are_not_taken_for_out_of_memory():
 #                          Logs outside a terminal                              #
 #################################################################################
 
+@pytest.mark.slow
 def test_stage2_log_outside_a_terminal(tmp_path, latents):
     """Output to a pipe, as on Kaggle, in CI or under nohup: whole progress lines, no \\r or escape codes;
     resuming does not claim the history will be deleted, the EMA's eval mode raises no warning, and Lightning's
@@ -270,6 +275,7 @@ def test_line_progress_is_plain_and_occasional(capsys, monkeypatch):
     assert not any("\r" in line or "\x1b" in line for line in lines)
 
 
+@pytest.mark.slow
 def test_stage_headers_come_before_the_stage_output(tmp_path):
     data = make_dataset(tmp_path / "data", per_user=3)
     tokenizer = make_tokenizer(tmp_path / "tok.safetensors")
@@ -282,6 +288,7 @@ def test_stage_headers_come_before_the_stage_output(tmp_path):
     assert header < done and "\r" not in proc.stdout
 
 
+@pytest.mark.slow
 def test_lr_warmup_ramps_then_holds_and_resumes(tmp_path, latents, monkeypatch):
     """--warmup_steps: the lr of step s is lr * min(1, (s + 1) / warmup), also after a resume (no scheduler state)."""
     seen = []

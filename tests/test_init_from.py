@@ -156,6 +156,7 @@ def test_suggest_flags_for_named_sizes():
     assert suggest_flags(dict(depth=12, hidden_size=768, patch_size=2)) == "--model LightningDiT-B/2"
 
 
+@pytest.mark.slow
 def test_stage2_end_to_end_with_init_from(published, latent_dir, tmp_path, capsys):
     path, _, ema = published
     out = tmp_path / "run"

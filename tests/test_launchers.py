@@ -118,6 +118,7 @@ FLAGS = ("--checkpoint_every_n_steps", 2, "--val_every_n_epochs", 1000, "--preci
 #                         Launched runs (CPU, gloo)                             #
 #################################################################################
 
+@pytest.mark.slow
 def test_torchrun_two_nodes_resume_on_every_rank(tmp_path, latent_dir):
     out = tmp_path / "run"
     first_run(latent_dir, out, 4)
@@ -130,6 +131,7 @@ def test_torchrun_two_nodes_resume_on_every_rank(tmp_path, latent_dir):
     assert last_step(out) == 6
 
 
+@pytest.mark.slow
 def test_restart_under_torchrun_twice_in_a_row(tmp_path, latent_dir):
     """Before the fix, rank 1 (LOCAL_RANK 1) resumed from the last.ckpt that rank 0 was removing: exit 1 or a
     hang, depending on timing (here rank 0 is made slow, so it failed every time)."""
@@ -147,6 +149,7 @@ def test_restart_under_torchrun_twice_in_a_row(tmp_path, latent_dir):
         assert last_step(out) == 2
 
 
+@pytest.mark.slow
 def test_srun_tasks_resume_and_restart_on_global_rank_zero(tmp_path, latent_dir):
     """Two tasks on two 'nodes' as srun starts them (SLURM_LOCALID 0 on both, no LOCAL_RANK). Before the fix both
     acted as rank 0: the slower rank 0 found the files already removed by rank 1, which announced it."""
@@ -217,6 +220,8 @@ def test_memory_check_probes_this_ranks_gpu_under_srun(monkeypatch):
     probed = []
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: probed.append(device) or (80e9, 80e9))
+    # The estimate resolves --precision as stage 2 does, asking the GPU for native bf16.
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
     args = training_options(["--latent_dir", "unused", "--output_dir", "unused", "--model", "LightningDiT-S/2",
                              "--devices", "2"])
     check_cuda_memory(args, log=lambda m: None)

@@ -79,6 +79,7 @@ def test_merge_equals_the_adapted_model_and_peft_merge(published, latent_dir):
     torch.testing.assert_close(qkv, model.blocks[0].attn.qkv.base_layer.weight, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_lora_stage2_keeps_base_frozen_and_stage3_needs_no_init_file(published, latent_dir, tmp_path, capsys):
     path, _, ema = published
     out = tmp_path / "run"
@@ -128,6 +129,7 @@ class CrashAt(pl.Callback):
             raise Crash(f"killed at step {self.step}")
 
 
+@pytest.mark.slow
 def test_lora_resume_after_crash_is_exact(published, latent_dir, tmp_path, monkeypatch, capsys):
     path = published[0]
     stage2(latent_dir, tmp_path / "whole", path, "--max_steps", "6")
@@ -162,6 +164,7 @@ def test_lora_needs_init_from(latent_dir, tmp_path):
                                            *TINY_DIT_MODEL_FLAGS, "--finetune", "lora", "--accelerator", "cpu"])
 
 
+@pytest.mark.slow
 def test_half_precision_base_trains_in_mixed_precision(published, latent_dir):
     """On a GPU the frozen base is stored in the autocast dtype (here bf16 on the CPU, the same path)."""
     module = lora_module(latent_dir, published[0])

@@ -80,6 +80,7 @@ def test_check_memory_xl_on_a_t4(capsys):
     assert code == 1 and "flags that fit 15.0 GB: --grad_checkpointing" in out
 
 
+@pytest.mark.slow
 def test_orchestrator_check_memory_runs_no_stage(tmp_path, capfd):
     with pytest.raises(SystemExit) as exit_:
         run_complete_pipeline.main(["--config", "configs/kaggle_2xT4_xl_lora.yaml", "--output_dir", str(tmp_path),
@@ -103,6 +104,7 @@ def test_cuda_training_refused_before_anything_is_built(latents16, tmp_path, mon
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_memory_estimate_imports_no_lightning():
     """The estimate runs before anything is built (and from --check_memory): it must not pay for Lightning's
     import, which it used to pull in through training.lora only for a layer-name rule."""
@@ -115,3 +117,16 @@ def test_memory_estimate_imports_no_lightning():
              "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pytorch_lightning', 'lightning', 'peft')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_estimate_assumes_the_precision_stage2_trains_in(monkeypatch, native):
+    """The estimate and stage 2 resolve --precision with the one resolver: bf16 on a CPU only where it is native."""
+    import common.device
+    from common.device import resolve_precision
+    monkeypatch.setattr(common.device, "bf16_supported", lambda device: native and device == "cpu")
+    for asked in ("bf16-mixed", "16-mixed", "32-true"):
+        args = training_options(["--latent_dir", "x", "--output_dir", "y", "--precision", asked, *SMALL])
+        expected = resolve_precision(asked, "cpu", warn=False)
+        assert setup_from_args(args, cuda=False)[0].precision == expected
+        assert expected == {"32-true": "32-true"}.get(asked, "bf16-mixed" if native else "32-true")

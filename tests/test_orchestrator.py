@@ -11,6 +11,8 @@ import pipeline.orchestrate as orch
 from common.errors import PipelineError
 from helpers import make_dataset, track_image
 
+pytestmark = pytest.mark.slow   # the orchestrator runs stages as subprocesses
+
 
 def _fake_stages(monkeypatch) -> list[list[str]]:
     """Stage processes replaced by a recorder of their command lines (each 'succeeds')."""

@@ -53,6 +53,7 @@ def file_size_limit(limit: int):
     return apply
 
 
+@pytest.mark.slow
 def test_stage3_on_a_full_disk_keeps_the_previous_run(tmp_path, files):
     """The rerun used to leave its new samples beside the old run's samples of another user and the old grid,
     and end with a raw OSError traceback."""
@@ -97,6 +98,7 @@ for name, save in [("a.ckpt", lambda p: save_torch({"w": big}, p)),
 """
 
 
+@pytest.mark.slow
 def test_every_save_function_names_the_folder_when_the_disk_is_full(tmp_path):
     """torch.save on a full disk raised 'RuntimeError: basic_ios::clear' / 'unexpected pos' with no word of
     space (stage 2's checkpoints); safetensors and text writes raised raw OSErrors."""

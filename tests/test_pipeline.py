@@ -14,6 +14,8 @@ from helpers import (IMAGE_SIZE, TINY_DIT_MODEL_FLAGS, make_dataset, make_tokeni
                      stage2_args)
 from models.vavae import load_vavae
 
+pytestmark = pytest.mark.slow   # every test runs stages
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):

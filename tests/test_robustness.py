@@ -25,6 +25,8 @@ from common.io import load_safetensors, read_safetensors_metadata, save_safetens
 from helpers import (PYTHON, ROOT, TINY_DIT, TINY_PRECISION, assert_user_error, make_dataset, make_tokenizer,
                      run_main, run_stage, stage1_args, stage2_args, write_malicious)
 
+pytestmark = pytest.mark.slow   # stages, kill -9 and resumes on a trained run
+
 S1, S2, S3 = "stage1_extract_features.py", "stage2_train_dit.py", "stage3_inference.py"
 STEPS, EVERY = 60, 5     # the reference run: 60 steps, last.ckpt every 5
 
@@ -663,14 +665,14 @@ def test_nonfinite_loss_is_caught_between_checkpoints(tmp_path, latents, monkeyp
 
 def test_fp16_uses_loss_scaling(monkeypatch):
     from pytorch_lightning.plugins.precision import MixedPrecision
-    from training.train_dit import resolve_precision
+    from common.device import resolve_precision
     with pytest.warns(UserWarning):   # GradScaler disables itself without CUDA; on a GPU it scales
         plugin = MixedPrecision("16-mixed", "cuda")
     assert isinstance(plugin.scaler, torch.amp.GradScaler)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))   # a T4
     with pytest.warns(UserWarning, match="no native bf16"):
-        assert resolve_precision("bf16-mixed", "gpu") == "16-mixed"
+        assert resolve_precision("bf16-mixed", "cuda") == "16-mixed"
 
 
 #################################################################################

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from common.errors import PipelineError
-from training.tokenizer_losses import (LPIPS, Adversary, PatchDiscriminator, adaptive_weight, build_discriminator,
+from tokenizer.losses import (LPIPS, Adversary, PatchDiscriminator, adaptive_weight, build_discriminator,
                                        build_lpips, discriminator_from_state_dict, generator_loss, hinge_d_loss,
                                        training_loss_weights)
 

@@ -10,7 +10,8 @@ from common.errors import PipelineError
 from common.io import read_safetensors_metadata
 from helpers import make_dataset, track_image
 from models.vavae import load_vavae
-from training.tokenizer import alignment_loss, build_foundation, tokenizer_config, train_tokenizer
+from tokenizer.align import alignment_loss, build_foundation
+from tokenizer.train import tokenizer_config, train_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -126,7 +127,7 @@ def test_decoder_only_keeps_the_encoder_bit_identical(tmp_path):
 
 
 def test_random_crops_are_grid_aligned_windows_of_each_image():
-    from training.tokenizer import random_crops
+    from tokenizer.train import random_crops
     images = torch.arange(2 * 3 * 64 * 64, dtype=torch.int64).reshape(2, 3, 64, 64)
     crops = random_crops(images, 32, torch.Generator().manual_seed(0))
     assert crops.shape == (2, 3, 32, 32)
@@ -187,7 +188,7 @@ def test_fine_tune_reuses_lpips_and_discriminator_kept_under_loss_in_the_startin
     tokenizer's weights; the fine-tune uses both and downloads nothing."""
     from common.io import load_safetensors, save_safetensors
     from test_tokenizer_losses import fake_lpips_state_dict
-    from training.tokenizer_losses import PatchDiscriminator
+    from tokenizer.losses import PatchDiscriminator
     data = make_dataset(tmp_path / "data", **ONE_USER)
     start = tmp_path / "start.safetensors"
     train_tokenizer(data, start, steps=1, **TINY)

@@ -1,40 +1,23 @@
-"""The command lines of stage 2 (stage2_train_dit.py, with the options it hands to training/train_dit.py)
-and of train_tokenizer.py."""
+"""The command line of stage 2 (stage2_train_dit.py), with the options it hands to training/train_dit.py."""
 import argparse
 from dataclasses import dataclass, fields
 from typing import Sequence
 
-from common.config import (add_config_flag, below_one, ema_width, new_parser, non_negative_float, non_negative_int, open_fraction,
+from common.config import (add_config_flag, below_one, ema_width, new_parser, non_negative_float, non_negative_int,
                            parse_args, positive_float, positive_int, probability, seed)
+from common.device import PRECISIONS, device_word, precision_word
 from models.lightningdit import DEFAULT_MODEL, LightningDiT_models
 
 DESCRIPTION = "Stage 2: train a user-conditioned LightningDiT on the stage 1 latents (PyTorch Lightning, DDP)."
 REQUIRED = ["latent_dir", "output_dir"]
-# --precision values that train correctly, and the aliases Lightning also takes for them.
-PRECISIONS = {"32-true": ("32",), "16-mixed": ("16",), "bf16-mixed": ("bf16",)}
-HALF_WEIGHTS = ("bf16-true", "16-true", "transformer-engine", "transformer-engine-float16")
 
-
-def precision(text: str) -> str:
-    """--precision's type: a name of PRECISIONS (an alias becomes its name); argparse.ArgumentTypeError otherwise.
-
-    The "-true" half precisions cast the weights, the EMA and the latents to half: the EMA's step of
-    (1 - ema_decay) = 5e-4 of the gap is below bf16's resolution (2^-8 of a value), so the EMA (validation,
-    best.ckpt, stage 3) would never move. 64-bit gains nothing over 32-true here and doubles the memory.
-    """
-    for name, aliases in PRECISIONS.items():
-        if text == name or text in aliases:
-            return name
-    choices = "choose 32-true, 16-mixed (fp16 with loss scaling, e.g. a T4) or bf16-mixed (aliases 32, 16, bf16)"
-    if text in HALF_WEIGHTS:
-        raise argparse.ArgumentTypeError(
-            f"{text} is not supported: it casts the weights, the EMA and the latents to half precision, where the "
-            f"EMA's small steps (5e-4 of the gap at --ema_decay 0.9995) round to nothing, so the EMA used for "
-            f"validation and sampling would freeze; {choices}")
-    if text in ("64", "64-true"):
-        raise argparse.ArgumentTypeError(f"{text} is not supported (float64 doubles memory and time for no gain "
-                                         f"in training); {choices}")
-    raise argparse.ArgumentTypeError(f"{text!r} is not a precision; {choices}")
+def accelerator_word(text: str) -> str:
+    """--accelerator's type: a device word (common.device.device_word) without an index; --devices counts GPUs."""
+    word = device_word(text)
+    if ":" in word:
+        raise argparse.ArgumentTypeError(f"{text!r} names one GPU; --accelerator takes auto, cpu or cuda "
+                                         "(--devices says how many)")
+    return word
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,8 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup_steps", type=non_negative_int, default=0, help="linear lr warm-up over this many steps (0: none)")
     p.add_argument("--devices", type=positive_int, default=1, help="processes (GPUs) per node; DDP when more than one")
     p.add_argument("--num_nodes", type=positive_int, default=1, help="machines")
-    p.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu", "cuda"], help="auto: CUDA when present")
-    p.add_argument("--precision", default="bf16-mixed", type=precision, metavar="{" + ",".join(PRECISIONS) + "}",
+    p.add_argument("--accelerator", default="auto", type=accelerator_word, metavar="{auto,cpu,cuda}",
+                   help="auto: CUDA when present (gpu: cuda); --devices says how many")
+    p.add_argument("--precision", default="bf16-mixed", type=precision_word, metavar="{" + ",".join(PRECISIONS) + "}",
                    help="32-true; 16-mixed (fp16 with loss scaling, e.g. a T4); bf16-mixed where bf16 is native (GPUs "
                         "of compute capability >= 8.0, CPUs with AVX512-BF16/AMX), else 16-mixed on a GPU and 32-true "
                         "on a CPU, with a warning. Aliases: 32, 16, bf16")
@@ -169,73 +153,3 @@ class TrainOptions:
 def training_options(argv: Sequence[str], required: Sequence[str] = REQUIRED) -> TrainOptions:
     """Stage 2's options from command-line tokens (with --config), as the stage parses them."""
     return TrainOptions.from_args(parse_args(build_parser(), [str(a) for a in argv], required=required))
-
-
-#################################################################################
-#                               train_tokenizer.py                              #
-#################################################################################
-
-TOKENIZER_DESCRIPTION = """Train a VA-VAE tokenizer on a folder of spectrogram images, or fine-tune one on your own images.
-
-    python train_tokenizer.py --data_dir D --output_path tok.safetensors --steps 6000
-    python train_tokenizer.py --data_dir D --output_path tok.safetensors \\
-        --init_from assets/demo_vavae.safetensors --max_minutes 10
-"""
-
-
-def build_tokenizer_parser() -> argparse.ArgumentParser:
-    p = new_parser(TOKENIZER_DESCRIPTION)
-    p.add_argument("--data_dir", required=True, help="stage-1 layout: D/train/<user>/*.png and D/val/<user>/*.png")
-    p.add_argument("--output_path", required=True, help="the .safetensors file to write")
-    p.add_argument("--init_from", default=None,
-                   help="start from this tokenizer (project .safetensors or the published VA-VAE .pt) and "
-                        "fine-tune it on --data_dir; --width and --num_res_blocks then come from the file")
-    p.add_argument("--decoder_only", action="store_true",
-                   help="with --init_from: train the decoder only, so latents (and any DiT trained on them) stay valid")
-    p.add_argument("--crop_size", type=positive_int, default=None,
-                   help="train on random crops of this size (multiple of 16; default: the full image). Crops are "
-                        "cheaper but teach another regime (GroupNorm statistics): 64-px crops cost the demo tokenizer "
-                        "7 dB on full images; PSNR is always measured on full images")
-    p.add_argument("--width", type=positive_int, default=48, help="base channels (the official tokenizer has 128)")
-    p.add_argument("--num_res_blocks", type=positive_int, default=2, help="residual blocks per resolution")
-    p.add_argument("--image_size", type=positive_int, default=256, help="centre-crop size of the images")
-    p.add_argument("--steps", type=positive_int, default=6000, help="optimizer steps (unless --max_minutes ends first)")
-    p.add_argument("--batch_size", type=positive_int, default=None,
-                   help="images (or crops) per step (default: 32 from scratch, 8 with --init_from: more steps in a "
-                        "short fine-tune)")
-    p.add_argument("--lr", type=positive_float, default=None, help="AdamW lr (default: 6e-4 from scratch, 5e-4 with --init_from)")
-    p.add_argument("--warmup", type=non_negative_int, default=None,
-                   help="linear warmup steps before the cosine decay (default: 200 from scratch, 20 with --init_from)")
-    p.add_argument("--max_minutes", type=positive_float, default=None,
-                   help="stop after this many minutes; the cosine schedule then follows the clock")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--precision", default=None, choices=["bf16", "fp32"], help="default bf16 where it is native (GPUs of compute capability >= 8.0, CPUs with AVX512-BF16/AMX), else fp32")
-    p.add_argument("--compile", action="store_true", help="torch.compile the training step (GPU)")
-    p.add_argument("--val_fraction", type=open_fraction, default=0.1,
-                   help="fraction of train images held out for PSNR when the folder has no val images")
-    p.add_argument("--eval_every", type=non_negative_int, default=1000, help="val PSNR every this many steps (0: only at the end)")
-    p.add_argument("--align_weights", default=None,
-                   help="local torchvision ResNet/ViT state dict for the VA-VAE alignment term (off if absent)")
-    p.add_argument("--align_weight", type=non_negative_float, default=0.1, help="weight of the alignment term")
-    p.add_argument("--l1_weight", type=non_negative_float, default=0.1, help="weight of the L1 term (beside MSE)")
-    p.add_argument("--perceptual_weight", type=non_negative_float, default=0.0,
-                   help="weight of the LPIPS term (0: off); its VGG-16 comes from --lpips_vgg or from the published "
-                        "VA-VAE given as --init_from (its loss.perceptual_loss.*); nothing is downloaded")
-    p.add_argument("--lpips_vgg", default=None,
-                   help="local VGG-16 weights for LPIPS: a torchvision vgg16 state dict, an LPIPS state dict, or the "
-                        "published VA-VAE .pt")
-    p.add_argument("--disc_weight", type=non_negative_float, default=0.0,
-                   help="weight of the PatchGAN term on top of LDM's adaptive weight (0: off; LDM uses 0.5). Reuses "
-                        "the discriminator of the published VA-VAE given as --init_from, else starts a fresh one")
-    p.add_argument("--disc_start", type=non_negative_int, default=100,
-                   help="steps before the GAN term reaches the tokenizer; the discriminator trains from step 1")
-    p.add_argument("--disc_lr", type=positive_float, default=None, help="discriminator Adam lr, constant (default: --lr)")
-    p.add_argument("--seed", type=seed, default=0, help="initial weights, split and batches")
-    return p
-
-
-def tokenizer_options(args: argparse.Namespace) -> dict:
-    """The keyword arguments of training.tokenizer.train_tokenizer from parsed flags."""
-    values = dict(vars(args))
-    values["compile_model"] = values.pop("compile")
-    return values

@@ -24,12 +24,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from common.device import resolve_precision
 from models.lightningdit import LightningDiT, LightningDiT_models, model_config
 from training.finetune import GRID_TABLES, is_lora_target, partial_trainable
 
 GB = 1e9
 F32 = 4
-MIXED = ("16-mixed", "bf16-mixed", "16", "bf16")
+MIXED = ("16-mixed", "bf16-mixed")
 # Without stage 1 output: VA-VAE f16d32 latents of 256x256 images, 31 users with ~150 images each.
 DEFAULT_LATENT = dict(in_channels=32, input_size=16, users=31, latents=31 * 150)
 
@@ -282,9 +283,9 @@ def setup_from_args(args: argparse.Namespace, cuda: bool = True) -> tuple[Traini
         source = f"from {latent_dir}: {in_channels}x{input_size}x{input_size} latents, {users} users, {n} latents"
     config = model_config(args.model, num_classes=users, input_size=input_size, in_channels=in_channels,
                           depth=args.depth, hidden_size=args.hidden_size, num_heads=args.num_heads)
-    precision = args.precision
-    if precision.startswith("bf16") and not cuda:
-        precision = "32-true"
+    # What stage 2 would train in (the same resolver); on a machine without CUDA, cuda=True asks about a GPU
+    # run in general, where 16-mixed and bf16-mixed need the same memory.
+    precision = resolve_precision(args.precision, "cuda" if cuda else "cpu", warn=False)
     return TrainingSetup(config, args.batch_size, precision, bool(args.grad_checkpointing),
                          args.finetune if args.init_from or args.finetune == "lora" else "full",
                          args.lora_rank, args.devices, n, fused_adam=cuda, half_base=cuda), source

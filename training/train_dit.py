@@ -16,7 +16,7 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.plugins import TorchCheckpointIO
 from pytorch_lightning.strategies import DDPStrategy
 
-from common.device import bf16_supported, check_cuda_usable, uses_cuda
+from common.device import bf16_supported, check_cuda_usable, resolve_precision, uses_cuda
 from common.errors import PipelineError, out_of_memory_advice
 from common.io import atomic_path, save_torch
 from common.progress import due, is_terminal, progress_line
@@ -34,27 +34,6 @@ from training.sample_grid import identity_callbacks, sample_grid_callbacks
 
 OOM_FLAGS = ("a smaller --batch_size (per GPU), --grad_checkpointing, a smaller --model (on 16 GB T4s: "
              "--config configs/kaggle_2xT4.yaml, LightningDiT-B/1), --precision 16-mixed or bf16-mixed (not 32-true)")
-
-
-def resolve_precision(precision: str, accelerator: str) -> str:
-    """The precision asked for, or the nearest one this hardware runs natively (with a warning).
-
-    bf16-mixed needs native bf16 (common.device.bf16_supported): a T4 gets 16-mixed with loss scaling, a CPU
-    without AVX512-BF16/AMX gets 32-true. fp16 on a CPU is slow and needs loss scaling for nothing: a CPU asked
-    for 16-mixed gets bf16-mixed where it has bf16, else 32-true.
-    """
-    on_cuda = uses_cuda(accelerator)   # --accelerator gpu without CUDA was refused before (check_devices)
-    device = "cuda" if on_cuda else "cpu"
-    if precision in ("bf16-mixed", "bf16") and not bf16_supported(device):
-        instead = "16-mixed" if on_cuda else "32-true"
-        warnings.warn(f"precision {precision}: this {'GPU' if on_cuda else 'CPU'} has no native bf16 "
-                      f"({'e.g. a T4' if on_cuda else 'no AVX512-BF16 or AMX'}); training in {instead} instead")
-        return instead
-    if not on_cuda and precision in ("16-mixed", "16"):
-        instead = "bf16-mixed" if bf16_supported("cpu") else "32-true"
-        warnings.warn(f"precision {precision} is for GPUs; this CPU trains in {instead} instead")
-        return instead
-    return precision
 
 
 def build_module(args: TrainOptions, log=print) -> DiTTrainingModule:
@@ -100,7 +79,7 @@ def train(args: TrainOptions, log=print, callbacks: Sequence[pl.Callback] = ()) 
     out = Path(args.output_dir)
     ckpt_dir = out / "checkpoints"
     check_devices(args)
-    precision = resolve_precision(args.precision, args.accelerator)
+    precision = resolve_precision(args.precision, args.accelerator)   # after check_devices: cuda is usable
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True   # TF32 on Ampere+: same results class, much faster
         torch.backends.cudnn.allow_tf32 = True
@@ -234,11 +213,11 @@ def divergence_message(err: NonFiniteLoss, args: TrainOptions, precision: str, c
     advice = [f"a lower --lr (e.g. {args.lr / 4:g})"]
     if not args.grad_clip or args.grad_clip > 1.0:
         advice.append("--grad_clip 1.0")
-    if precision in ("16-mixed", "16"):
+    if precision == "16-mixed":
         native_bf16 = bf16_supported("cuda" if uses_cuda(args.accelerator) else "cpu")
         advice.append("--precision bf16-mixed (same speed, no fp16 overflow)" if native_bf16 else
                       "--precision 32-true (this device has no native bf16; fp32 is slower but does not overflow)")
-    elif precision in ("bf16-mixed", "bf16"):
+    elif precision == "bf16-mixed":
         advice.append("--precision 32-true")
     if not args.use_qknorm and not args.init_from:   # published weights have no q/k norms to load
         advice.append("--use_qknorm (needs --restart: it changes the model)")

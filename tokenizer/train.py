@@ -2,7 +2,7 @@
 
 Used when the user has no published tokenizer, or wants a small one that ships with the project.
 Loss: reconstruction + a tiny KL (as in LDM) + optionally the VA-VAE foundation-alignment term, LPIPS and a
-PatchGAN adversarial term with LDM's adaptive weight (training/tokenizer_losses.py).
+PatchGAN adversarial term with LDM's adaptive weight (tokenizer/losses.py).
 """
 import math
 import time
@@ -13,22 +13,18 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from common.device import resolve_device
+from common.device import resolve_device, resolve_precision
 from common.errors import PipelineError
 from common.progress import progress_bar
 from data.images import load_bank, scan_dataset
-from common.device import bf16_supported
 from common.io import file_sha256
 from common.pixels import to_float
 from models.vavae import VAVAE, load_vavae, reconstruction_psnr, save_vavae
-from training.tokenizer_losses import (LPIPS, Adversary, build_discriminator, build_lpips,
-                                       training_loss_weights)
+from tokenizer.align import alignment_loss, alignment_term
+from tokenizer.losses import LPIPS, Adversary, build_discriminator, build_lpips, training_loss_weights
 
 KL_WEIGHT = 1e-6            # LDM's weight on the KL of the summed per-image losses
-COS_MARGIN, DISTMAT_MARGIN = 0.5, 0.25    # VA-VAE's margins for the alignment term
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 #################################################################################
@@ -68,78 +64,6 @@ def split_files(data_dir: str | Path, val_fraction: float, log=print) -> tuple[l
     if not train:
         raise PipelineError(f"{data_dir} has no training images left after the hold-out. Add images.")
     return train, val
-
-
-#################################################################################
-#                          Foundation-model alignment                           #
-#################################################################################
-
-class FoundationFeatures(nn.Module):
-    """A frozen torchvision backbone: images in [-1, 1] -> (B, C, h, w) patch features."""
-    def __init__(self, backbone: nn.Module, kind: str, input_size: int | None = None):
-        super().__init__()
-        self.backbone, self.kind, self.input_size = backbone.eval().requires_grad_(False), kind, input_size
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-
-    def train(self, mode: bool = True):
-        return super().train(False)           # frozen: BatchNorm statistics never move
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = ((x + 1) / 2 - self.mean) / self.std
-        if self.input_size and x.shape[-1] != self.input_size:
-            x = F.interpolate(x, size=(self.input_size,) * 2, mode="bilinear", align_corners=False)
-        b = self.backbone
-        if self.kind == "resnet":               # layer3 is stride 16: the latent grid of an f16 tokenizer
-            x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
-            return b.layer3(b.layer2(b.layer1(x)))
-        tokens = b.encoder(torch.cat([b.class_token.expand(x.shape[0], -1, -1),
-                                      b.conv_proj(x).flatten(2).transpose(1, 2)], dim=1))[:, 1:]
-        side = int(tokens.shape[1] ** 0.5)
-        return tokens.transpose(1, 2).reshape(x.shape[0], -1, side, side)
-
-
-def build_foundation(path: str | Path) -> FoundationFeatures:
-    """A torchvision ResNet or ViT from a local state-dict file; nothing is downloaded."""
-    import torchvision.models as tvm
-    from common.io import load_any_weights
-    sd, _ = load_any_weights(path, "a torchvision ResNet or ViT state dict")
-    sd = sd.get("state_dict", sd.get("model", sd))
-    if "conv_proj.weight" in sd:
-        hidden, patch = sd["conv_proj.weight"].shape[0], sd["conv_proj.weight"].shape[-1]
-        size = int(round((sd["encoder.pos_embedding"].shape[1] - 1) ** 0.5)) * patch
-        layers = len({k.split(".")[2] for k in sd if k.startswith("encoder.layers.")})
-        mlp = next(v.shape[0] for k, v in sd.items() if k.startswith("encoder.layers.encoder_layer_0.mlp.")
-                   and v.dim() == 2)
-        heads = {768: 12, 1024: 16, 1280: 16}.get(hidden, max(1, hidden // 64))
-        net, kind = tvm.VisionTransformer(size, patch, layers, heads, hidden, mlp), "vit"
-    elif "layer1.0.conv1.weight" in sd:
-        block = tvm.resnet.Bottleneck if "layer1.0.conv3.weight" in sd else tvm.resnet.BasicBlock
-        counts = [len({k.split(".")[1] for k in sd if k.startswith(f"layer{i}.")}) for i in range(1, 5)]
-        net, kind, size = tvm.ResNet(block, counts, num_classes=sd["fc.weight"].shape[0]), "resnet", None
-    else:
-        raise PipelineError(f"{path} is neither a torchvision ResNet nor ViT state dict "
-                            f"(first keys: {', '.join(list(sd)[:4])}).")
-    try:
-        net.load_state_dict(sd, strict=True)
-    except RuntimeError as err:
-        raise PipelineError(f"{path} does not load into a torchvision {kind}: {str(err)[:300]}") from err
-    return FoundationFeatures(net, kind, size)
-
-
-def alignment_loss(z: torch.Tensor, proj: nn.Module, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """VA-VAE's VF loss: marginal cosine similarity + marginal distance-matrix similarity.
-
-    The margins leave the latent free once it is "close enough" to the foundation features, so the
-    term shapes the latent space without fighting reconstruction.
-    """
-    zp = proj(z.float())           # fp32: the margins act on cosines near 1, where bf16 is coarse
-    feats = F.interpolate(feats.float(), size=zp.shape[-2:], mode="bilinear", align_corners=False)
-    mcos = F.relu(1 - COS_MARGIN - F.cosine_similarity(zp, feats, dim=1)).mean()
-    zn, fn = F.normalize(zp.flatten(2), dim=1), F.normalize(feats.flatten(2), dim=1)
-    gram_z, gram_f = zn.transpose(1, 2) @ zn, fn.transpose(1, 2) @ fn          # (B, hw, hw) cosines
-    mdms = F.relu((gram_z - gram_f).abs() - DISTMAT_MARGIN).mean()
-    return mcos, mdms
 
 
 #################################################################################
@@ -198,7 +122,7 @@ def random_crops(images: torch.Tensor, size: int, gen: torch.Generator) -> torch
 class Recipe:
     """A run's resolved options: the flags given, the rest from FROM_SCRATCH or FINETUNE."""
     device: torch.device
-    precision: str          # bf16 or fp32
+    precision: str          # bf16-mixed or 32-true (common.device.resolve_precision without loss scaling)
     lr: float
     warmup: int
     crop_size: int
@@ -206,7 +130,7 @@ class Recipe:
 
     def autocast(self):
         """The context of a forward pass: bf16 autocast, or nothing in fp32."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.precision == "bf16" else nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.precision == "bf16-mixed" else nullcontext()
 
 
 @dataclass
@@ -219,15 +143,16 @@ class TrainingRun:
 
 
 def resolve_recipe(init_from: str | Path | None, image_size: int, lr: float | None, warmup: int | None,
-                   crop_size: int | None, batch_size: int | None, device: str | None, precision: str | None,
+                   crop_size: int | None, batch_size: int | None, device: str, precision: str | None,
                    decoder_only: bool) -> Recipe:
-    """Check the options and fill those left open: the device, bf16 where native, the recipe's lr/warm-up/batch."""
-    device = resolve_device(device or "auto")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise PipelineError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu.")
-    precision = precision or ("bf16" if bf16_supported(device) else "fp32")   # native bf16: ~2x on such CPUs
-    if precision not in ("bf16", "fp32"):
-        raise PipelineError(f"--precision must be bf16 or fp32 (got {precision}).")
+    """Check the options and fill those left open: the device, bf16 where native, the recipe's lr/warm-up/batch.
+
+    precision is a name the parser gave (32-true or bf16-mixed); None picks bf16-mixed where it is native
+    (~2x on such CPUs) without a warning. The loop has no loss scaling, so a device without native bf16 trains
+    in 32-true, never 16-mixed.
+    """
+    device = resolve_device(device)
+    precision = resolve_precision(precision or "bf16-mixed", device, warn=precision is not None, loss_scaling=False)
     if decoder_only and init_from is None:
         raise PipelineError("--decoder_only keeps an existing encoder: give the tokenizer to start from with --init_from.")
     defaults = FINETUNE if init_from is not None else FROM_SCRATCH
@@ -265,21 +190,6 @@ def set_trainable(model: VAVAE, decoder_only: bool, image_size: int, crop_size: 
         f"(~{n_params * 2 / 2**20:.1f} MiB as fp16), {n_train:,} trained, latent {config['z_channels']}x"
         f"{image_size // 16}x{image_size // 16}, training crops {crop_size}px")
     return n_params
-
-
-def alignment_term(foundation: Callable[[], nn.Module] | None, align_weights: str | Path | None,
-                   align_weight: float, embed_dim: int, image_size: int, device: torch.device,
-                   log=print) -> tuple[nn.Module | None, nn.Conv2d | None]:
-    """The optional VA-VAE alignment: the frozen foundation model and the latent's projection onto its features."""
-    if foundation is None and not align_weights:
-        log("alignment term off (no --align_weights file given): plain KL-VAE training")
-        return None, None
-    fm = (foundation() if foundation is not None else build_foundation(align_weights)).to(device)
-    with torch.no_grad():
-        dim = fm(torch.zeros(1, 3, image_size, image_size, device=device)).shape[1]
-    proj = nn.Conv2d(embed_dim, dim, 1, bias=False).to(device)   # VA-VAE's linear_proj
-    log(f"alignment term on: weight {align_weight}, foundation features {dim}-dim")
-    return fm, proj
 
 
 @dataclass
@@ -445,7 +355,7 @@ def tokenizer_metadata(*, val_psnr: float, psnr_before: float | None, num_train:
 
 def train_tokenizer(data_dir: str | Path, output_path: str | Path, width: int = 48, num_res_blocks: int = 2,
                     image_size: int = 256, steps: int = 6000, batch_size: int | None = None, lr: float | None = None,
-                    warmup: int | None = None, device: str | None = None, precision: str | None = None,
+                    warmup: int | None = None, device: str = "auto", precision: str | None = None,
                     val_fraction: float = 0.1, align_weights: str | Path | None = None, align_weight: float = 0.1,
                     foundation: Callable[[], nn.Module] | None = None, l1_weight: float = 0.1,
                     eval_every: int = 1000, max_val_images: int = 256, max_minutes: float | None = None,
