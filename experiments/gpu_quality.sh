@@ -22,7 +22,7 @@ if [ "$SIZE" = gpu ]; then
       --val_every_n_epochs 10 --checkpoint_every_n_steps 1000"
     SAMPLES=30; CLASSIFIER_EPOCHS=8; DEVICE="--device cuda"
 elif [ "$SIZE" = tiny ]; then
-    TOKENIZER_FLAGS="--steps 2 --batch_size 2 --eval_every 0 --device cpu --precision fp32 --image_size 64"
+    TOKENIZER_FLAGS="--steps 2 --batch_size 2 --eval_every 0 --device cpu --precision 32-true --image_size 64"
     IMAGE_FLAGS="--image_size 64"
     STAGE2_SIZE="--model LightningDiT-S/2 --depth 1 --hidden_size 32 --num_heads 2 --batch_size 4 --precision 32-true
       --accelerator cpu --max_steps 6 --classifier_steps 20"

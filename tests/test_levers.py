@@ -144,7 +144,7 @@ def test_training_step_trains_on_shifted_latents_told_their_shift(latent_dir, mo
     assert module.info.model_config["time_shift_cond"] is True  # recorded: stage 3 builds the same model
     seen = {}
 
-    def recording_loss(model, x1, y, t, noise, cosine_weight=0.0):
+    def recording_loss(model, x1, y, t, noise, cosine_weight=0.0, negatives=None, contrastive_weight=0.0):
         seen.update(model=model, x1=x1, t=t, noise=noise)
         return torch.zeros(len(x1), requires_grad=True)
     monkeypatch.setattr(dm, "flow_matching_loss", recording_loss)
@@ -190,14 +190,22 @@ def run(latents_with_tokenizer, tokenizer, tmp_path_factory):
     return out
 
 
+def same_entry(a, b) -> bool:
+    """Equality of checkpoint entries that nest dicts, lists and tensors."""
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_entry(a[k], b[k]) for k in a)
+    return a == b
+
+
 def test_early_checkpoint_is_a_slim_ema_snapshot_stage3_can_load(run):
     early = load_checkpoint(run / "checkpoints" / "early.ckpt")        # the stale file was replaced
     last = load_checkpoint(run / "checkpoints" / "last.ckpt")
     assert early["global_step"] == 3 and last["global_step"] > 3
     assert set(early) == {"state_dict", "pipeline", "global_step"}
     assert set(early["state_dict"]) == {k for k in last["state_dict"] if k.startswith("ema.")}
-    for key, value in early["pipeline"].items():
-        assert torch.equal(value, last["pipeline"][key]) if torch.is_tensor(value) else value == last["pipeline"][key]
+    assert same_entry(early["pipeline"], last["pipeline"])   # the same users, statistics and user classifier
     moved = [k for k, v in early["state_dict"].items() if not torch.equal(v, last["state_dict"][k])]
     assert "ema.final_layer.linear.weight" in moved                    # an earlier, different model
     model, info = load_generator(str(run / "checkpoints" / "early.ckpt"), "cpu")

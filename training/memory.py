@@ -48,6 +48,7 @@ class TrainingSetup:
     num_latents: int = 0                 # train + val latents, kept on the device
     fused_adam: bool = True              # CUDA: no foreach temporaries
     half_base: bool = True               # LoRA's frozen base in the autocast dtype (CUDA, mixed precision)
+    latent_classifier: bool = True       # the noisy-latent user classifier stored in every checkpoint
 
     @property
     def act_bytes(self) -> int:
@@ -248,10 +249,19 @@ def checkpoint_bytes(setup: TrainingSetup) -> dict[str, int]:
     The files add a few hundred bytes per tensor and kilobytes of training state to these.
     """
     counts = count_parameters(setup)
-    weights = F32 * (counts.trainable + counts.frozen_f32 + counts.buffers) + 2 * counts.frozen_half
+    # Every file carries the user classifier in its pipeline entry (a few MB: float32 weights).
+    classifier = F32 * classifier_parameters(setup.model_config) if setup.latent_classifier else 0
+    weights = F32 * (counts.trainable + counts.frozen_f32 + counts.buffers) + 2 * counts.frozen_half + classifier
     last = weights + ema_bytes(setup, counts) + F32 * counts.buffers + 2 * F32 * counts.trainable
     # The EMA model has the weights' layout: best/early are the size of the weights.
     return {"best": weights, "early": weights, "last": last, "peak": 2 * last + 2 * weights}
+
+
+def classifier_parameters(model_config: dict) -> int:
+    """Parameters in the state dict of stage 2's noisy-latent user classifier for this model's latents and users."""
+    from models.latent_classifier import NoisyLatentClassifier
+    classifier = NoisyLatentClassifier(model_config["in_channels"], model_config["num_classes"])
+    return sum(v.numel() for v in classifier.state_dict().values())
 
 
 def checkpoint_report(setup: TrainingSetup) -> str:
@@ -288,7 +298,8 @@ def setup_from_args(args: argparse.Namespace, cuda: bool = True) -> tuple[Traini
     precision = resolve_precision(args.precision, "cuda" if cuda else "cpu", warn=False)
     return TrainingSetup(config, args.batch_size, precision, bool(args.grad_checkpointing),
                          args.finetune if args.init_from or args.finetune == "lora" else "full",
-                         args.lora_rank, args.devices, n, fused_adam=cuda, half_base=cuda), source
+                         args.lora_rank, args.devices, n, fused_adam=cuda, half_base=cuda,
+                         latent_classifier=args.classifier_steps > 0), source
 
 
 def read_header(path: Path) -> dict:
