@@ -2,20 +2,19 @@
 import json
 import tempfile
 import uuid
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from common.device import resolve_device
 from common.errors import PipelineError
 from common.io import (file_sha256, interrupted_replace, load_safetensors, read_safetensors_metadata, replaced_together,
                        require_file, save_safetensors, write_text)
 from common.progress import progress_bar
-from data.images import User, crop_note, load_bank, scan_dataset, try_read_image
+from data.images import ImageFiles, User, crop_note, load_bank, scan_dataset, skip_message, skipped_count
 
 STAGE1_FILES = ("train.safetensors", "val.safetensors", "latent_stats.safetensors", "split.json")
 RUN_KEY = "stage1_run"      # the same random id in each of a run's files: a folder mixing two runs is refused
@@ -24,26 +23,6 @@ RUN_KEY = "stage1_run"      # the same random id in each of a run's files: a fol
 #################################################################################
 #                                 Extraction                                    #
 #################################################################################
-
-class ImageList(Dataset):
-    """(image and its (width, height), or None; class index; position) for a list of files; broken files give None."""
-    def __init__(self, items: list[tuple[Path, int]], image_size: int):
-        self.items, self.image_size = items, image_size
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        path, label = self.items[i]
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            read = try_read_image(path, self.image_size)
-        return read, label, i, [str(w.message) for w in caught]
-
-
-def _collate(batch):
-    return batch
-
 
 @dataclass
 class Encoded:
@@ -62,24 +41,24 @@ class Encoded:
 @torch.no_grad()
 def encode_items(vae, items: list[tuple[Path, int]], image_size: int, batch_size: int,
                  num_workers: int, device: str, desc: str, position: int = 0) -> Encoded:
-    """Encode the (file, class index) items on one device; unreadable files are skipped with a warning."""
-    loader = DataLoader(ImageList(items, image_size), batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=_collate, shuffle=False)
+    """Encode the (file, class index) items on one device; unreadable files are named as they are met and
+    listed in Encoded.skipped."""
+    loader = DataLoader(ImageFiles([path for path, _ in items], image_size), batch_size=batch_size,
+                        num_workers=num_workers, collate_fn=list, shuffle=False)
     latents, labels, positions, shapes, skipped = [], [], [], [], []
     for batch in progress_bar(loader, desc=desc, unit="batch", position=position, dynamic_ncols=True):
-        good = [(read, lab, i) for read, lab, i, msgs in batch if read is not None]
-        for read, lab, i, msgs in batch:
-            if read is None:
-                skipped.append(str(items[i][0]))
-                for m in msgs:
-                    print(f"warning: {m}")
+        for read in batch:
+            if read.image is None:
+                skipped.append(str(items[read.index][0]))
+                print(skip_message(items[read.index][0], read.problem))
+        good = [read for read in batch if read.image is not None]
         if not good:
             continue
-        x = torch.stack([read[0] for read, _, _ in good]).to(device)
+        x = torch.stack([read.image for read in good]).to(device)
         latents.append(vae.encode(x).float().cpu())
-        labels.append(torch.tensor([lab for _, lab, _ in good], dtype=torch.int64))
-        positions.append(torch.tensor([i for _, _, i in good], dtype=torch.int64))
-        shapes.append(torch.tensor([read[1] for read, _, _ in good], dtype=torch.int64))
+        labels.append(torch.tensor([items[read.index][1] for read in good], dtype=torch.int64))
+        positions.append(torch.tensor([read.index for read in good], dtype=torch.int64))
+        shapes.append(torch.tensor([read.size_px for read in good], dtype=torch.int64))
     if not latents:
         empty = torch.empty(0, dtype=torch.int64)
         return Encoded(torch.empty(0), empty, empty, torch.empty(0, 2, dtype=torch.int64), skipped)
@@ -246,7 +225,7 @@ def extract_features(data_dir: str, vavae_path: str, output_path: str, batch_siz
         log(note)
     log(f"stage 1 done: {summary['train']} train and {summary['val']} val latents of shape "
         f"{tuple(encoded.latents.shape[1:])} in {out}; "
-        f"{summary['train_skipped'] + summary['val_skipped']} unreadable image(s) skipped")
+        f"{skipped_count(summary['train_skipped'] + summary['val_skipped'])}")
     return summary
 
 

@@ -75,10 +75,10 @@ def load_inputs(data_dir: Path, generated_dir: str | Path, image_size: int, clas
 
     log(f"loading {sum(len(u.files['train']) for u in users)} train, {sum(len(u.files['val']) for u in users)} val "
         f"and {len(generated)} generated images ({len(users)} users)")
-    train = load_set(*split("train"), image_size, classifier_size, batch_size, num_workers)
-    val = load_set(*split("val"), image_size, classifier_size, batch_size, num_workers)
+    train = load_set(*split("train"), image_size, classifier_size, batch_size, num_workers, log)
+    val = load_set(*split("val"), image_size, classifier_size, batch_size, num_workers, log)
     gen = load_set([p for p, _ in generated], [index_of[n] for _, n in generated], image_size,
-                   classifier_size, batch_size, num_workers)
+                   classifier_size, batch_size, num_workers, log)
     if len(gen) == 0:
         raise PipelineError(f"none of the {len(generated)} generated images in {generated_dir} could be read.")
     notes = []

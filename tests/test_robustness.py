@@ -11,8 +11,10 @@ import os
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -162,6 +164,67 @@ def test_user_left_without_readable_images_fails(tmp_path, tokenizer, capsys):
     assert_user_error(proc, r"ID_2 have no readable images in train/", r"Add readable images or remove")
     assert "skipping unreadable image" in proc.stdout
     assert not list((tmp_path / "out").glob("*.safetensors"))
+
+
+def png_of_zeros(path: Path, width: int, height: int) -> Path:
+    """A real 1-bit black PNG of width x height: a decompression bomb (20000 x 20000 is ~60 kB on disk)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    packer, row = zlib.compressobj(9), b"\0" * (1 + (width + 7) // 8)   # filter byte + packed bits
+    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+                     + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path
+
+
+def _hostile(folder: Path, kind: str) -> tuple[Path, str]:
+    """One hostile image in `folder`, and a pattern of the reason it must be passed over with."""
+    if kind == "bomb":              # over PIL's own limit: PIL raised DecompressionBombError
+        return png_of_zeros(folder / "bomb.png", 20000, 20000), r"megapixels|larger than"
+    if kind == "over_limit":        # under PIL's limit (81 Mpx, decoded silently) but over ours: refused from its header
+        return png_of_zeros(folder / "huge.png", 9000, 9000), r"81 megapixels\) is larger than the 33.6 megapixels"
+    if kind == "truncated":
+        path = folder / "truncated.png"
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(path)
+        path.write_bytes(path.read_bytes()[:2000])
+        return path, r"\w"
+    path = folder / "noise.tif"   # not an image at all
+    path.write_bytes(np.random.default_rng(0).bytes(4000))
+    return path, r"\w"
+
+
+HOSTILE = ["bomb", "over_limit", "truncated", "not_an_image"]
+
+
+@pytest.mark.parametrize("kind", HOSTILE)
+def test_hostile_images_are_passed_over_by_every_reader(tmp_path, kind):
+    """The one reader (data.images) and each consumer: stage 1's and stage 4's datasets, the tokenizer
+    trainer's banks (load_bank) and stage 4's image sets name the file, say why and count it; none raises."""
+    from data.images import ImageFiles, load_bank
+    from evaluation.imageset import load_set
+    from training.tokenizer import load_banks
+    data = make_dataset(tmp_path / "data", users=("ID_1",), per_user=2, val_per_user=1)
+    bad, reason = _hostile(data / "train" / "ID_1", kind)
+    files = sorted((data / "train" / "ID_1").iterdir())
+    reads = [ImageFiles(files, 32)[i] for i in range(len(files))]
+    assert [r.image is None for r in reads] == [f == bad for f in files]
+    assert re.search(reason, next(r.problem for r in reads if r.image is None)), reads
+    for load in (lambda log: load_bank(files, 32, log=log), lambda log: load_set(files, [0] * 3, 32, 16, log=log).images,
+                 lambda log: load_banks(data, 0.1, 32, torch.device("cpu"), log)[0]):
+        logged: list[str] = []
+        assert len(load(logged.append)) == 2
+        assert any(f"skipping unreadable image {bad}" in m for m in logged), logged
+        assert any("1 unreadable image(s) skipped" in m for m in logged), logged
+
+
+@pytest.mark.parametrize("kind", ["bomb", "over_limit"])
+def test_stage1_passes_over_an_image_too_large(tmp_path, tokenizer, capsys, kind):
+    data = make_dataset(tmp_path / "data", users=("ID_1", "ID_2"), per_user=3, val_per_user=1)
+    bad, reason = _hostile(data / "train" / "ID_1", kind)
+    proc = run_main(capsys, S1, *stage1_args(data, tokenizer, tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(rf"skipping unreadable image {re.escape(str(bad))}: .*({reason})", proc.stdout), proc.stdout
+    assert "6 train and 2 val latents" in proc.stdout and "1 unreadable image(s) skipped" in proc.stdout
 
 
 #################################################################################
