@@ -13,10 +13,12 @@ from common.device import resolve_device
 from common.errors import PipelineError
 from common.io import (file_sha256, interrupted_replace, load_safetensors, read_safetensors_metadata, replaced_together,
                        require_file, save_safetensors, write_text)
+from common.lock import run_lock
 from common.progress import progress_bar
 from data.images import ImageFiles, User, crop_note, load_bank, scan_dataset, skip_message, skipped_count
 
 STAGE1_FILES = ("train.safetensors", "val.safetensors", "latent_stats.safetensors", "split.json")
+LOCK_NAME = "stage1.lock"   # one stage 1 run per --output_path (common/lock.py)
 RUN_KEY = "stage1_run"      # the same random id in each of a run's files: a folder mixing two runs is refused
 
 
@@ -176,57 +178,58 @@ def extract_features(data_dir: str, vavae_path: str, output_path: str, batch_siz
 
     The four files are written to a staging folder and moved into output_path together, each carrying this
     run's id, so a failed run leaves the previous run's files and stage 2 can tell a mixed folder. Raises
-    PipelineError for a dataset it cannot use, a user left without readable images, or non-finite latents.
+    PipelineError for another stage 1 run writing to output_path (output_path/stage1.lock), a dataset it cannot use, a user left without readable images, or non-finite latents.
     """
-    users = scan_dataset(data_dir, log=log)
-    require_file(vavae_path, "tokenizer (--vavae_path)")
-    from models.vavae import load_vavae
-    load_vavae(vavae_path)  # fail fast, before any work, on a wrong or broken file
-    tokenizer_sha = file_sha256(vavae_path)
-    out = Path(output_path)
-    root = Path(data_dir).resolve()
-    meta = {
-        "users": [u.name for u in users],
-        "user_numbers": [u.number for u in users],
-        "image_size": image_size,
-        "tokenizer": Path(vavae_path).name,
-        "tokenizer_sha256": tokenizer_sha,
-        "data_dir": str(root),
-        RUN_KEY: uuid.uuid4().hex,
-    }
-    log(f"{len(users)} users: " + ", ".join(f"{u.name}->class {i}" for i, u in enumerate(users)))
-    if tokenizer_check_images > 0:
-        device = str(resolve_device("auto"))
-        meta.update(tokenizer_psnr_check(vavae_path, users, image_size, tokenizer_check_images, device, log))
-    summary: dict[str, Any] = {"users": len(users), **{k: v for k, v in meta.items() if k.startswith("tokenizer_psnr")}}
-    all_names, all_shapes = [], []
-    with replaced_together(out, STAGE1_FILES) as staging:
-        write_split(users, data_dir, staging / "split.json", meta[RUN_KEY])
-        for split in ("train", "val"):
-            items = [(f, cls) for cls, u in enumerate(users) for f in u.files.get(split, [])]
-            encoded = encode_all(vavae_path, items, image_size, batch_size, num_workers, devices, f"stage 1 {split}")
-            _check_users_left(users, encoded.labels, split)
-            names = [relative_to(f, root) for f in encoded.files(items)]
-            check_finite(encoded.latents, names, f"the tokenizer's latents of {split} images in {data_dir}",
-                         "Those images hold extreme values, or the tokenizer file is broken (the tokenizer check "
-                         "above measures it). Remove or re-export those images, or use another --vavae_path; "
-                         f"nothing was written to {out}.")
-            if split == "train":
-                mean, std = latent_stats(encoded.latents)
-            save_safetensors({"latents": encoded.latents, "user_ids": encoded.labels}, staging / f"{split}.safetensors",
-                             {**meta, "split": split, "num_skipped": len(encoded.skipped), "files": names})
-            summary[split] = len(encoded.labels)
-            summary[f"{split}_skipped"] = len(encoded.skipped)
-            all_names += names
-            all_shapes += [tuple(s) for s in encoded.shapes.tolist()]
-        save_safetensors({"mean": mean, "std": std}, staging / "latent_stats.safetensors", meta)
-    note = crop_note(all_names, all_shapes, image_size)
-    if note:
-        log(note)
-    log(f"stage 1 done: {summary['train']} train and {summary['val']} val latents of shape "
-        f"{tuple(encoded.latents.shape[1:])} in {out}; "
-        f"{skipped_count(summary['train_skipped'] + summary['val_skipped'])}")
-    return summary
+    with run_lock(Path(output_path) / LOCK_NAME, "stage 1", "another --output_path", log=log):
+        users = scan_dataset(data_dir, log=log)
+        require_file(vavae_path, "tokenizer (--vavae_path)")
+        from models.vavae import load_vavae
+        load_vavae(vavae_path)  # fail fast, before any work, on a wrong or broken file
+        tokenizer_sha = file_sha256(vavae_path)
+        out = Path(output_path)
+        root = Path(data_dir).resolve()
+        meta = {
+            "users": [u.name for u in users],
+            "user_numbers": [u.number for u in users],
+            "image_size": image_size,
+            "tokenizer": Path(vavae_path).name,
+            "tokenizer_sha256": tokenizer_sha,
+            "data_dir": str(root),
+            RUN_KEY: uuid.uuid4().hex,
+        }
+        log(f"{len(users)} users: " + ", ".join(f"{u.name}->class {i}" for i, u in enumerate(users)))
+        if tokenizer_check_images > 0:
+            device = str(resolve_device("auto"))
+            meta.update(tokenizer_psnr_check(vavae_path, users, image_size, tokenizer_check_images, device, log))
+        summary: dict[str, Any] = {"users": len(users), **{k: v for k, v in meta.items() if k.startswith("tokenizer_psnr")}}
+        all_names, all_shapes = [], []
+        with replaced_together(out, STAGE1_FILES) as staging:
+            write_split(users, data_dir, staging / "split.json", meta[RUN_KEY])
+            for split in ("train", "val"):
+                items = [(f, cls) for cls, u in enumerate(users) for f in u.files.get(split, [])]
+                encoded = encode_all(vavae_path, items, image_size, batch_size, num_workers, devices, f"stage 1 {split}")
+                _check_users_left(users, encoded.labels, split)
+                names = [relative_to(f, root) for f in encoded.files(items)]
+                check_finite(encoded.latents, names, f"the tokenizer's latents of {split} images in {data_dir}",
+                             "Those images hold extreme values, or the tokenizer file is broken (the tokenizer check "
+                             "above measures it). Remove or re-export those images, or use another --vavae_path; "
+                             f"nothing was written to {out}.")
+                if split == "train":
+                    mean, std = latent_stats(encoded.latents)
+                save_safetensors({"latents": encoded.latents, "user_ids": encoded.labels}, staging / f"{split}.safetensors",
+                                 {**meta, "split": split, "num_skipped": len(encoded.skipped), "files": names})
+                summary[split] = len(encoded.labels)
+                summary[f"{split}_skipped"] = len(encoded.skipped)
+                all_names += names
+                all_shapes += [tuple(s) for s in encoded.shapes.tolist()]
+            save_safetensors({"mean": mean, "std": std}, staging / "latent_stats.safetensors", meta)
+        note = crop_note(all_names, all_shapes, image_size)
+        if note:
+            log(note)
+        log(f"stage 1 done: {summary['train']} train and {summary['val']} val latents of shape "
+            f"{tuple(encoded.latents.shape[1:])} in {out}; "
+            f"{skipped_count(summary['train_skipped'] + summary['val_skipped'])}")
+        return summary
 
 
 def check_finite(latents: torch.Tensor, names: list[str], what: str, advice: str) -> None:

@@ -21,8 +21,9 @@ from common.errors import PipelineError, out_of_memory_advice
 from common.io import atomic_path, save_torch
 from common.progress import due, is_terminal, progress_line
 from data.latents import load_latents, load_stats
-from training.checkpoints import (BestCheckpoint, LastCheckpoint, RunFlags, check_length, check_optimizer_layout,
-                                  resume_message, run_lock)
+from common.lock import run_lock
+from training.checkpoints import (LOCK_NAME, BestCheckpoint, LastCheckpoint, RunFlags, check_length,
+                                  check_optimizer_layout, resume_message)
 from training.cli import TrainOptions
 from models.checkpoint import PipelineInfo, checkpoint_info, load_checkpoint
 from models.lightningdit import model_config
@@ -118,7 +119,8 @@ def train(args: TrainOptions, log=print, callbacks: Sequence[pl.Callback] = ()) 
     callbacks = [*callbacks, EarlyCheckpoint(ckpt_dir, args.early_checkpoint_step, log),
                  *sample_grid_callbacks(args.vavae_path, args.val_grid_users, args.val_grid_samples, module.info, out, log)]
     trainer = build_trainer(args, precision, out, callbacks)
-    with run_lock(out, hold=trainer.global_rank == 0, log=log):
+    # Only the launching process holds it (global rank 0); the DDP workers it starts run under it.
+    with run_lock(out / LOCK_NAME, "stage 2", "another --output_dir", hold=trainer.global_rank == 0, log=log):
         prepare_output_dir(args, ckpt_dir, log)   # --restart's removal, before any rank decides to resume
         resume = resume_point(args, module, ckpt_dir, trainer.global_rank == 0, log)
         try:
