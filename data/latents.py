@@ -289,6 +289,25 @@ def load_latents(latent_dir: str | Path, split: str, log=print) -> tuple[torch.T
                                                              "user_numbers": numbers}
 
 
+def check_latents_agree(latent_dir: str | Path, train: torch.Tensor, val: torch.Tensor, mean: torch.Tensor,
+                        std: torch.Tensor) -> None:
+    """train and val latents (N, C, h, w) and the statistics mean/std (1, C, 1, 1) of a latent folder must be of
+    one latent space: the same C, the same square h x w. Raises PipelineError naming what disagrees (files mixed
+    from different tokenizers, e.g. an SD-VAE's 4-channel latents beside a VA-VAE's 32-channel statistics)."""
+    latent_dir = Path(latent_dir)
+    stats_shape = (1, train.shape[1], 1, 1)
+    if val.shape[1:] != train.shape[1:] or mean.shape != stats_shape or std.shape != stats_shape:
+        raise PipelineError(
+            f"the files of {latent_dir} disagree: train.safetensors holds latents (C, h, w) = {tuple(train.shape[1:])}, "
+            f"val.safetensors {tuple(val.shape[1:])}, and latent_stats.safetensors a mean {tuple(mean.shape)} and std "
+            f"{tuple(std.shape)} (expected {stats_shape}): they come from different tokenizers or tools. Rerun stage 1 "
+            f"(stage1_extract_features.py --output_path {latent_dir}) to write all of them with one tokenizer.")
+    side_h, side_w = train.shape[-2:]
+    if side_h != side_w:
+        raise PipelineError(f"{latent_dir}: the latents are {side_h}x{side_w}; the generator needs square latents "
+                            "(stage 1 makes them from square centre crops). Rerun stage 1.")
+
+
 def _read_latent_file(latent_dir: Path, split: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
     path = latent_dir / f"{split}.safetensors"
     if not path.is_file():

@@ -22,9 +22,17 @@ LOCK_NAME = "stage3.lock"   # one stage 3 run per --output_dir (common/lock.py)
 
 
 def load_generator(checkpoint_path: str, device: str) -> tuple[LightningDiT, PipelineInfo]:
-    """EMA LightningDiT of a stage 2 checkpoint and the pipeline info it carries (users, latent stats)."""
+    """EMA LightningDiT of a stage 2 checkpoint and the pipeline info it carries (users, latent stats).
+    Raises PipelineError for a checkpoint whose statistics do not fit its model's channels."""
     ckpt = load_checkpoint(checkpoint_path)
     info = checkpoint_info(ckpt)
+    stats = {"latent mean": tuple(info.latent_mean.shape), "latent std": tuple(info.latent_std.shape)}
+    expected = (1, info.model_config["in_channels"], 1, 1)
+    if any(shape != expected for shape in stats.values()):
+        raise PipelineError(f"{checkpoint_path} disagrees with itself: its model takes latents of "
+                            f"{expected[1]} channels, its latent statistics are shaped "
+                            f"{', '.join(f'{k} {v}' for k, v in stats.items())}. It was not written by stage 2 "
+                            "(or was edited): pass a checkpoint stage 2 wrote.")
     model = LightningDiT(**{**info.model_config, "use_checkpoint": False})
     model.load_state_dict(ema_state_dict(ckpt))
     return model.to(device).eval().requires_grad_(False), info
@@ -198,8 +206,11 @@ def generate(dit_checkpoint: str, vavae_path: str, output_dir: str, user_ids: li
             if guidance_checkpoint is not None:
                 guide_model, guide_info = load_generator(guidance_checkpoint, device)
                 check_guide(info, guide_info, guidance_checkpoint)
-            from models.vavae import load_vavae
+            from models.vavae import check_tokenizer_fits, load_vavae
             vae = load_vavae(vavae_path, device=device)
+            check_tokenizer_fits(vae, vavae_path, info.image_size, info.model_config["in_channels"],
+                                 info.model_config["input_size"], f"the model of {dit_checkpoint} takes latents of",
+                                 "Pass the tokenizer used in stage 1 as --vavae_path.")
             check_same_tokenizer(info, vavae_path)
             pixels, nfe = sample_images(model, vae, info, jobs, guidance_scale=guidance_scale, num_steps=num_steps,
                                         sampler=sampler, shift=shift, cfg_interval_start=cfg_interval_start,

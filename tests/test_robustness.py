@@ -450,6 +450,47 @@ def test_restart_trains_anew_and_removes_the_stale_best(tmp_path, latents, train
 #                                   Stage 3                                     #
 #################################################################################
 
+def latent_folder(out: Path, train=(32, 4, 4), val=(32, 4, 4), stats_channels: int = 32) -> Path:
+    """A stage 1 folder of another tool (no tokenizer sha256): 12 train and 3 val latents of 3 users."""
+    meta = {"users": ["ID_1", "ID_2", "ID_3"], "user_numbers": [1, 2, 3], "image_size": 64}
+    for split, n, shape in (("train", 12, train), ("val", 3, val)):
+        save_safetensors({"latents": torch.randn(n, *shape), "user_ids": torch.arange(n) % 3},
+                         out / f"{split}.safetensors", meta)
+    stats = (1, stats_channels, 1, 1)
+    save_safetensors({"mean": torch.zeros(stats), "std": torch.ones(stats)}, out / "latent_stats.safetensors", meta)
+    return out
+
+
+@pytest.mark.parametrize("shapes, patterns", [
+    (dict(train=(4, 8, 8), val=(4, 8, 8)), [r"disagree: train.safetensors holds latents \(C, h, w\) = \(4, 8, 8\)",
+                                            r"mean \(1, 32, 1, 1\)", r"Rerun stage 1"]),
+    (dict(val=(16, 4, 4)), [r"disagree", r"val.safetensors \(16, 4, 4\)"]),
+    (dict(val=(32, 8, 8)), [r"disagree", r"val.safetensors \(32, 8, 8\)"]),
+    (dict(train=(32, 4, 6), val=(32, 4, 6)), [r"latents are 4x6", r"square"]),
+    (dict(train=(32, 5, 5), val=(32, 5, 5)), [r"5x5 cannot be cut into the 2x2 patches", r"patch size 1"]),
+], ids=["sd_vae_latents_vavae_stats", "val_channels", "val_size", "not_square", "not_patchable"])
+def test_stage2_names_latent_files_that_disagree(tmp_path, capsys, shapes, patterns):
+    latents = latent_folder(tmp_path / "latents", **shapes)
+    proc = run_main(capsys, S2, *stage2_args(latents, tmp_path / "out", "--max_steps", 1))
+    assert_user_error(proc, *patterns)
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("tokenizer_config, made", [(dict(embed_dim=4, z_channels=4), "4 channels at 4x4"),
+                                                     (dict(ch_mult=(1, 2, 2, 2)), "32 channels at 8x8")],
+                         ids=["channels", "downsampling"])
+def test_a_tokenizer_that_does_not_fit_the_latents_is_named(tmp_path, trained, capsys, tokenizer_config, made):
+    other = make_tokenizer(tmp_path / "other.safetensors", **tokenizer_config)
+    proc = run_main(capsys, S3, "--dit_checkpoint", trained / "checkpoints" / "best.ckpt", "--vavae_path", other,
+                    "--output_dir", tmp_path / "gen", "--user_ids", 1, "--num_steps", 2)
+    assert_user_error(proc, rf"the tokenizer {re.escape(str(other))} makes latents of {made} from 64 px images, but "
+                            r"the model of .*best.ckpt takes latents of 32 channels at 4x4", r"Pass the tokenizer used in stage 1")
+    assert not list((tmp_path / "gen").glob("*.png"))
+    latents = latent_folder(tmp_path / "latents")     # stage 2's validation grids decode with it too
+    proc = run_main(capsys, S2, *stage2_args(latents, tmp_path / "out", "--max_steps", 1, "--vavae_path", other))
+    assert_user_error(proc, rf"makes latents of {made} .* but the stage 1 latents are of 32 channels at 4x4")
+
+
 def test_stage3_unknown_user_lists_valid_ids(tmp_path, trained, tokenizer):
     proc = run_stage(S3, "--dit_checkpoint", trained / "checkpoints" / "last.ckpt", "--vavae_path", tokenizer,
                      "--output_dir", tmp_path / "gen", "--user_ids", 1, 99, "--num_steps", 2)

@@ -20,7 +20,7 @@ from common.device import bf16_supported, check_cuda_usable, uses_cuda
 from common.errors import PipelineError, out_of_memory_advice
 from common.io import atomic_path, save_torch
 from common.progress import due, is_terminal, progress_line
-from data.latents import load_latents, load_stats
+from data.latents import check_latents_agree, load_latents, load_stats
 from common.lock import run_lock
 from training.checkpoints import (LOCK_NAME, BestCheckpoint, LastCheckpoint, RunFlags, check_length,
                                   check_optimizer_layout, resume_message)
@@ -63,6 +63,7 @@ def build_module(args: TrainOptions, log=print) -> DiTTrainingModule:
     train_x, train_y, meta = load_latents(args.latent_dir, "train")
     val_x, val_y, _ = load_latents(args.latent_dir, "val")
     mean, std = load_stats(args.latent_dir)
+    check_latents_agree(args.latent_dir, train_x, val_x, mean, std)
     users = meta.get("users") or [f"ID_{i + 1}" for i in range(int(train_y.max()) + 1)]
     numbers = meta.get("user_numbers") or list(range(1, len(users) + 1))
     config = model_config(args.model, num_classes=len(users), input_size=train_x.shape[-1],
@@ -71,6 +72,10 @@ def build_module(args: TrainOptions, log=print) -> DiTTrainingModule:
                           class_dropout_prob=args.class_dropout_prob,
                           use_checkpoint=bool(args.grad_checkpointing),
                           time_shift_cond=True if args.time_shift_aug > 0 else None)   # off: no key, as published
+    if config["input_size"] % config["patch_size"]:
+        raise PipelineError(f"{args.latent_dir}: latents of {config['input_size']}x{config['input_size']} cannot be cut "
+                            f"into the {config['patch_size']}x{config['patch_size']} patches of {args.model}: pick a "
+                            f"model with patch size 1 (e.g. LightningDiT-B/1) or a size that divides it.")
     info = PipelineInfo(model_config=config, users=users, user_numbers=numbers, latent_mean=mean, latent_std=std,
                         tokenizer=meta.get("tokenizer", ""), tokenizer_sha256=meta.get("tokenizer_sha256", ""),
                         image_size=meta.get("image_size", 256))
