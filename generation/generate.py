@@ -8,7 +8,7 @@ from PIL import Image, ImageDraw
 
 from common.device import bf16_supported, resolve_device
 from common.errors import PipelineError, out_of_memory_advice
-from common.io import file_sha256, staged_files
+from common.io import file_sha256, replaced_together
 from common.lock import run_lock
 from common.pixels import to_uint8
 from common.progress import progress_bar
@@ -217,7 +217,7 @@ def generate(dit_checkpoint: str, vavae_path: str, output_dir: str, user_ids: li
                                         cfg_interval_end=cfg_interval_end, guide_model=guide_model, seed=seed, batch_size=batch_size, device=device)
         out = Path(output_dir)
         names = [sample_name(u, k + 1) for u, k in jobs]
-        with staged_files(out) as staging:
+        with replaced_together(out) as staging:
             for name, arr in zip(names, pixels):
                 Image.fromarray(arr).save(staging / name, format="PNG")
             grid_image(dict(zip(jobs, pixels)), user_ids, num_samples_per_user).save(staging / GRID_NAME, format="PNG")

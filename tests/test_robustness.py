@@ -628,6 +628,33 @@ def test_interrupted_stage1_is_not_finished_work(tmp_path, tokenizer, monkeypatc
     assert not (tmp_path / "out" / "latent_stats.safetensors").exists()
 
 
+def test_stage3_killed_while_moving_its_samples_in_is_detected(tmp_path, trained, tokenizer, monkeypatch, capsys):
+    """Stage 3 and stage 1 share one staged write (common.io.replaced_together): a kill between two of its
+    renames leaves a marker that stage 4 refuses, naming stage 3."""
+    import common.io
+    real, moved = os.replace, []
+
+    def killed_after_the_first_sample(src, dst):
+        if Path(src).parent.name == common.io.STAGING_DIR:
+            if moved:
+                raise KeyboardInterrupt
+            moved.append(dst)
+        return real(src, dst)
+
+    monkeypatch.setattr(common.io.os, "replace", killed_after_the_first_sample)
+    gen = tmp_path / "gen"
+    with pytest.raises(KeyboardInterrupt):
+        from generation.generate import generate
+        generate(str(trained / "checkpoints" / "best.ckpt"), str(tokenizer), str(gen), [1, 2], 2, num_steps=2,
+                 log=lambda m: None)
+    monkeypatch.undo()
+    assert len(list(gen.glob("micro_doppler_*.png"))) == 1   # one of the five moved in
+    data = make_dataset(tmp_path / "data", users=("ID_1", "ID_2", "ID_10"), per_user=2, val_per_user=1)
+    proc = run_main(capsys, "stage4_evaluate.py", "--data_dir", data, "--generated_dir", gen, "--output_dir",
+                    tmp_path / "eval", "--image_size", 64)
+    assert_user_error(proc, r"a stage 3 run stopped while moving its samples", r"Rerun stage 3")
+
+
 def test_checkpoint_interrupted_mid_save_keeps_the_previous_one(tmp_path, monkeypatch):
     """Stage 2's checkpoints go through atomic_path: a kill mid-save leaves last.ckpt as it was."""
     import common.io
