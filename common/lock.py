@@ -7,6 +7,7 @@ with a note. Each command locks its own output (the orchestrator its --output_di
 stage its own folder), so the orchestrator's lock never blocks the stages it starts; a process that already
 holds a lock passes through a second `run_lock` of it (the demo and the pipeline it runs).
 """
+import contextlib
 import json
 import os
 import socket
@@ -42,7 +43,7 @@ def run_lock(path: str | os.PathLike, what: str, elsewhere: str, hold: bool = Tr
     ("another --output_path"). `hold=False` (a DDP worker started under its launcher's lock) takes nothing.
 
     Raises PipelineError, naming the owner, when a live run holds it; a lock whose process is gone is taken over
-    with a note (`log`).
+    with a note (`log`). A folder made for the lock is removed again when the run leaves it empty.
     """
     path = Path(path)
     me = {"pid": os.getpid(), "host": socket.gethostname(), "process": process_identity(os.getpid()),
@@ -50,6 +51,7 @@ def run_lock(path: str | os.PathLike, what: str, elsewhere: str, hold: bool = Tr
     if not hold or held_by_this_process(path, me):
         yield
         return
+    created = not path.parent.exists()     # removed again if the run leaves it empty (it failed early)
     path.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(3):
         try:
@@ -66,6 +68,9 @@ def run_lock(path: str | os.PathLike, what: str, elsewhere: str, hold: bool = Tr
         yield
     finally:
         path.unlink(missing_ok=True)
+        if created:
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()
 
 
 def held_by_this_process(path: Path, me: dict) -> bool:
