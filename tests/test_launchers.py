@@ -130,6 +130,58 @@ def test_torchrun_two_nodes_resume_on_every_rank(tmp_path, latent_dir):
     assert last_step(out) == 6
 
 
+def test_a_dead_ddp_process_ends_the_job_with_what_happened(tmp_path, latent_dir):
+    """One of two processes killed mid-training (a lost GPU, the OOM killer): rank 0's collective fails at once;
+    it says so, where to look and that a rerun resumes (exit 2), instead of gloo's raw 'Connection reset'."""
+    import queue
+    import signal
+    import threading
+    import psutil
+    command = [PYTHON, "stage2_train_dit.py", *map(str, stage2_args(latent_dir, tmp_path / "out", *FLAGS,
+                                                                     "--max_steps", 10 ** 6, "--max_epochs", 10 ** 6,
+                                                                     "--devices", 2))]
+    job = subprocess.Popen(command, cwd=ROOT, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in job.stderr] + [lines.put(None)], daemon=True).start()
+    try:
+        seen = []
+        while not (seen and seen[-1].startswith("stage 2: step")):   # training has begun on both ranks
+            seen.append(lines.get(timeout=TIMEOUT))
+            assert seen[-1] is not None, "".join(seen[:-1])[-3000:]
+        ranks = [p for p in psutil.Process(job.pid).children() if "stage2_train_dit.py" in " ".join(p.cmdline())]
+        assert len(ranks) == 1, ranks
+        os.kill(ranks[0].pid, signal.SIGKILL)
+        job.wait(timeout=TIMEOUT)
+    finally:
+        job.kill()
+    err = "".join(iter(lambda: lines.get(timeout=10), None))
+    assert job.returncode == 2, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert re.search(r"error: another process of this 2-process DDP job stopped .*Its own log says why.*the run "
+                     r"resumes from .*last\.ckpt", err, re.S), err[-3000:]
+
+
+def test_a_lost_peer_in_a_collective_is_a_user_error(tmp_path, latent_dir, monkeypatch, capsys):
+    """The same mapping without starting processes: each form a lost peer takes (gloo's TCP errors, NCCL's
+    watchdog timeout) raised from fit in a 2-process run."""
+    import pytorch_lightning as pl
+    from helpers import run_main
+    for text in ("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection reset by peer",
+                 "[Rank 0] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=9, OpType=ALLREDUCE)"):
+        def lost(*args, **kwargs):
+            raise RuntimeError(text)
+        monkeypatch.setattr(pl.Trainer, "fit", lost)
+        proc = run_main(capsys, "stage2_train_dit.py", *stage2_args(latent_dir, tmp_path / "out", *FLAGS,
+                                                                     "--max_steps", 2, "--devices", 2))
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert re.search(r"another process of this 2-process DDP job stopped .*resumes from", proc.stderr, re.S)
+    monkeypatch.setattr(pl.Trainer, "fit", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug of ours")))
+    with pytest.raises(RuntimeError, match="a bug of ours"):   # other errors are not disguised as a lost peer
+        run_main(capsys, "stage2_train_dit.py", *stage2_args(latent_dir, tmp_path / "out2", *FLAGS, "--max_steps", 2,
+                                                              "--devices", 2))
+
+
 def test_restart_under_torchrun_twice_in_a_row(tmp_path, latent_dir):
     """Before the fix, rank 1 (LOCAL_RANK 1) resumed from the last.ckpt that rank 0 was removing: exit 1 or a
     hang, depending on timing (here rank 0 is made slow, so it failed every time)."""

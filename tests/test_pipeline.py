@@ -159,6 +159,12 @@ def test_stage2_ddp_two_processes_on_cpu(trained, tmp_path):
     # 18 latents, batch 4 per process, 2 processes: 2 steps per epoch (1 process would take 4).
     assert ckpt["global_step"] == 4
     assert "ddp" in (r.stdout + r.stderr).lower() or "distributed" in (r.stdout + r.stderr).lower()
+    # One account of the run, from global rank 0: the header once, with the world size; no warning a user cannot
+    # act on (torch's broadcast_buffers deprecation, Lightning's advice to sync the epoch-level train loss).
+    output = r.stdout + r.stderr
+    assert output.count("parameters), 3 users") == 1 and output.count("no validation sample grids") == 1, output
+    assert output.count("stage 2: 2 processes (2 per node x 1 node), batch 4 per process, 8 in total") == 1, output
+    assert "broadcast_buffers" not in output and "sync_dist" not in output, output
 
 
 def test_orchestrator_runs_skips_and_passes_flags(trained, tmp_path):
