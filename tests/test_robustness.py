@@ -771,7 +771,10 @@ def _progress_step(log: str) -> int:
     return max((int(k) for k in re.findall(r"^stage 2: step (\d+)/", log, re.M)), default=-1)
 
 
-def test_kill9_and_rerun_resumes_exactly(tmp_path, latents, trained):
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM], ids=["kill9", "sigterm"])
+def test_kill9_and_rerun_resumes_exactly(tmp_path, latents, trained, stop):
+    """kill -9 (nothing runs after it) and SIGTERM (a scheduler's or Kaggle's stop: Lightning ends the run) mid-run:
+    the last periodic last.ckpt is whole and the rerun resumes from it bit for bit."""
     out = tmp_path / "run"
     cmd = stage2_command(latents, out)
     last = out / "checkpoints" / "last.ckpt"
@@ -786,7 +789,10 @@ def test_kill9_and_rerun_resumes_exactly(tmp_path, latents, trained):
                     break
                 time.sleep(0.02)
             assert proc.poll() is None, "stage 2 ended before it could be killed:\n" + log_path.read_text()[-2000:]
-            os.kill(proc.pid, signal.SIGKILL)
+            os.kill(proc.pid, stop)
+            if stop == signal.SIGTERM:   # it stops by itself, releasing its lock
+                proc.wait(timeout=120)
+                assert not (out / "stage2.lock").exists()
         finally:
             proc.kill()
             proc.wait()
