@@ -491,6 +491,16 @@ def test_a_tokenizer_that_does_not_fit_the_latents_is_named(tmp_path, trained, c
     assert_user_error(proc, rf"makes latents of {made} .* but the stage 1 latents are of 32 channels at 4x4")
 
 
+def test_stage3_names_a_checkpoint_whose_statistics_do_not_fit_its_model(tmp_path, trained, tokenizer, capsys):
+    ckpt = load_ckpt(trained / "checkpoints" / "best.ckpt")
+    ckpt["pipeline"]["latent_mean"] = torch.zeros(1, 4, 1, 1)     # statistics of another latent space
+    torch.save(ckpt, tmp_path / "edited.ckpt")
+    proc = run_main(capsys, S3, "--dit_checkpoint", tmp_path / "edited.ckpt", "--vavae_path", tokenizer,
+                    "--output_dir", tmp_path / "gen", "--user_ids", 1, "--num_steps", 2)
+    assert_user_error(proc, r"edited.ckpt disagrees with itself: its model takes latents of 32 channels",
+                      r"latent mean \(1, 4, 1, 1\)")
+
+
 def test_stage3_unknown_user_lists_valid_ids(tmp_path, trained, tokenizer):
     proc = run_stage(S3, "--dit_checkpoint", trained / "checkpoints" / "last.ckpt", "--vavae_path", tokenizer,
                      "--output_dir", tmp_path / "gen", "--user_ids", 1, 99, "--num_steps", 2)
