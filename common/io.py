@@ -64,28 +64,6 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
                 tmp.unlink()
 
 
-@contextlib.contextmanager
-def staged_files(folder: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty hidden folder beside `folder` to write a set of files into; when the block succeeds, move
-    them all into `folder` (replacing files of the same names; other files there are left alone).
-
-    The moves are renames within one file system: they need no space, so a disk that fills up fails the block,
-    while `folder` still holds the previous set, complete. Raises PipelineError (naming `folder`) then. The
-    staging folder is removed in every case.
-    """
-    folder = Path(folder)
-    with out_of_space_as_error(folder, f"{folder} was left as it was."):
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".staging", dir=folder.parent))
-        try:
-            yield staging
-            folder.mkdir(exist_ok=True)
-            for path in sorted(staging.iterdir()):
-                os.replace(path, folder / path.name)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-
-
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
                      metadata: dict[str, Any] | None = None) -> None:
     """Atomically write a safetensors file; metadata values that are not strings are stored as JSON."""
@@ -190,34 +168,39 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 #                        Several files replaced together                        #
 #################################################################################
 
-STAGING_DIR = ".staging"                  # hidden: scan_dataset never takes it for a user folder
+STAGING_DIR = ".staging"                  # hidden: scan_dataset and scan_generated never take it for data
 REPLACING_MARKER = ".replacing.json"      # present only while files move from staging into place
 
 
 @contextlib.contextmanager
-def replaced_together(folder: str | os.PathLike, names: tuple[str, ...]) -> Iterator[Path]:
-    """Yield an empty staging folder inside `folder`; write the files `names` there. When the block succeeds,
-    each is moved into `folder` (os.replace, same file system); when it raises, `folder` is left as it was.
+def replaced_together(folder: str | os.PathLike, names: tuple[str, ...] | None = None) -> Iterator[Path]:
+    """Yield an empty staging folder inside `folder` to write a set of files into; when the block succeeds, move
+    them all into `folder` (os.replace, same file system: no space needed; files of the same names are replaced,
+    other files left alone). `names`: the files the block must write (RuntimeError if one is missing); None:
+    whatever it wrote.
 
-    While the files move, folder/.replacing.json exists: a process killed mid-move leaves it, and
-    interrupted_replace(folder) tells a reader the files may mix two runs.
+    When the block raises, `folder` is left as it was: a disk that fills up fails the block while `folder` still
+    holds the previous set, complete (PipelineError naming the folder). While the files move, folder/.replacing.json
+    exists: a process killed mid-move leaves it, and interrupted_replace(folder) tells a reader that the files
+    may mix two runs. The staging folder is removed in every case.
     """
-    import shutil
     folder = Path(folder)
     staging = folder / STAGING_DIR
-    shutil.rmtree(staging, ignore_errors=True)     # a killed run's leftovers
-    staging.mkdir(parents=True)
-    try:
-        yield staging
-        missing = [name for name in names if not (staging / name).is_file()]
-        if missing:
-            raise RuntimeError(f"replaced_together: the block did not write {missing}")
-        write_text(folder / REPLACING_MARKER, json.dumps(list(names)))
-        for name in names:
-            os.replace(staging / name, folder / name)
-        (folder / REPLACING_MARKER).unlink()
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with out_of_space_as_error(folder, f"{folder} was left as it was."):
+        shutil.rmtree(staging, ignore_errors=True)     # a killed run's leftovers
+        staging.mkdir(parents=True)
+        try:
+            yield staging
+            written = tuple(sorted(path.name for path in staging.iterdir()))
+            missing = [name for name in names or () if name not in written]
+            if missing:
+                raise RuntimeError(f"replaced_together: the block did not write {missing}")
+            write_text(folder / REPLACING_MARKER, json.dumps(list(written)))
+            for name in written:
+                os.replace(staging / name, folder / name)
+            (folder / REPLACING_MARKER).unlink()
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def interrupted_replace(folder: str | os.PathLike) -> bool:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import Dataset
 
 from common.errors import PipelineError
 from common.pixels import to_uint8
@@ -153,51 +154,102 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
     return Image.fromarray(arr[top:top + size, left:left + size])
 
 
+# The most pixels an image may have: 32 megapixels (e.g. 4096 x 8192, or 256 rows x 131072 columns of time).
+# Decoding is checked against it before any pixel is read, so a decompression bomb (a few kB of PNG that would
+# decode to 20000 x 20000) costs nothing; at the limit one decode needs ~0.3 GB (16-bit images: ~0.8 GB).
+MAX_IMAGE_PIXELS = 4096 * 8192
+# PIL warns above its own limit (89 Mpx) before refusing at twice that; ours is lower and says more.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+class UnreadableImage(Exception):
+    """An image file no stage can use (too large, truncated, not an image, an unsupported mode); the message
+    says which file and why."""
+
+
 def open_rgb(path: Path) -> Image.Image:
-    """Any mode (grey, RGBA, palette, 16-bit) -> RGB; raises OSError/ValueError on a broken file.
+    """Any mode (grey, RGBA, palette, 16-bit) -> RGB. Raises UnreadableImage for a file over MAX_IMAGE_PIXELS
+    (checked from its header, before decoding), a truncated or broken file, or one that is not an image.
 
     16-bit and float images are stretched per image, from their own minimum to their own maximum, onto
     0..255: absolute levels (one recording louder than another) are not kept. Alpha is composited on black.
     """
-    with Image.open(path) as image:
-        image.load()
-        if image.mode in ("I;16", "I;16B", "I", "F"):
-            arr = np.asarray(image, dtype=np.float64)
-            span = arr.max() - arr.min()
-            arr = (arr - arr.min()) / (span if span > 0 else 1.0) * 255.0
-            image = Image.fromarray(arr.astype(np.uint8))
-        if image.mode in ("RGBA", "LA", "P", "PA"):
-            image = image.convert("RGBA")
-            background = Image.new("RGBA", image.size, (0, 0, 0, 255))
-            image = Image.alpha_composite(background, image)
-        return image.convert("RGB")
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise UnreadableImage(f"{width}x{height} px ({width * height / 1e6:.0f} megapixels) is larger than "
+                                      f"the {MAX_IMAGE_PIXELS / 1e6:.1f} megapixels an image may have; cut it into "
+                                      "smaller images (e.g. square windows of time) or scale it down")
+            image.load()
+            return _to_rgb(image)
+    except UnreadableImage:
+        raise
+    except Image.DecompressionBombError as err:
+        raise UnreadableImage(f"larger than any image may be ({err})") from err
+    except MemoryError as err:
+        raise UnreadableImage("not enough memory to decode it") from err
+    except Exception as err:   # PIL's decoders raise many types for malformed files (OSError, SyntaxError,
+        # ValueError, struct.error, IndexError, EOFError...): whatever opening one file raises is about that file
+        raise UnreadableImage(f"{type(err).__name__}: {err}" if str(err) else type(err).__name__) from err
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(image, dtype=np.float64)
+        span = arr.max() - arr.min()
+        arr = (arr - arr.min()) / (span if span > 0 else 1.0) * 255.0
+        image = Image.fromarray(arr.astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "P", "PA"):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, image)
+    return image.convert("RGB")
 
 
 def read_image(path: Path, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """(3, size, size) float32 in [-1, 1], the tokenizer's input convention, and the file's (width, height) px."""
+    """The one image reader of every stage: (3, size, size) float32 in [-1, 1], the tokenizer's input convention
+    (ADM centre crop), and the file's (width, height) px. Raises UnreadableImage (see open_rgb)."""
     image = open_rgb(path)
     arr = np.asarray(center_crop(image, size), dtype=np.float32) / 255.0
     return torch.from_numpy(arr).permute(2, 0, 1).sub(0.5).div(0.5), image.size
 
 
-def load_image(path: Path, size: int) -> torch.Tensor:
-    """(3, size, size) float32 in [-1, 1] (read_image without the size)."""
-    return read_image(path, size)[0]
+@dataclass
+class ImageRead:
+    """One file of an ImageFiles: its image and size, or the reason it was passed over."""
+    index: int                              # position in the list of files
+    image: torch.Tensor | None              # (3, size, size) float32 in [-1, 1]; None when unreadable
+    size_px: tuple[int, int] | None         # (width, height) of the file
+    problem: str | None = None              # why it was passed over
 
 
-def try_read_image(path: Path, size: int) -> tuple[torch.Tensor, tuple[int, int]] | None:
-    """read_image, but a broken or truncated file gives a warning naming it and None."""
-    try:
-        return read_image(path, size)
-    except (OSError, ValueError, SyntaxError) as err:
-        warnings.warn(f"skipping unreadable image {path}: {err}", stacklevel=2)
-        return None
+class ImageFiles(Dataset):
+    """A list of image files read with read_image: an unreadable file gives an ImageRead with `problem` set
+    instead of stopping the run. Batch it with DataLoader(..., collate_fn=list)."""
+
+    def __init__(self, paths: list[Path], image_size: int):
+        self.paths, self.image_size = list(paths), image_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> ImageRead:
+        try:
+            image, size_px = read_image(self.paths[index], self.image_size)
+        except UnreadableImage as err:
+            return ImageRead(index, None, None, str(err))
+        return ImageRead(index, image, size_px)
 
 
-def try_load_image(path: Path, size: int) -> torch.Tensor | None:
-    """try_read_image without the size: the image, or None for a broken file."""
-    read = try_read_image(path, size)
-    return None if read is None else read[0]
+def skip_message(path: Path | str, problem: str) -> str:
+    """How every stage names an image it passes over."""
+    return f"warning: skipping unreadable image {path}: {problem}"
+
+
+def skipped_count(count: int) -> str:
+    """The count at the end of a stage that passed over unreadable images."""
+    return f"{count} unreadable image(s) skipped (named above)"
 
 
 def crop_note(names: list[str], shapes: list[tuple[int, int]], image_size: int) -> str | None:
@@ -213,12 +265,17 @@ def crop_note(names: list[str], shapes: list[tuple[int, int]], image_size: int) 
 
 
 def load_bank(files: list[Path], size: int, workers: int = 8, log=print) -> torch.Tensor:
-    """All images as one (N, 3, size, size) uint8 tensor: 192 KiB per 256x256 image keeps thousands in memory."""
-    def one(path):
-        x = try_load_image(path, size)      # [-1, 1] with the reference centre crop; None if unreadable
-        return None if x is None else to_uint8(x)
-    with ThreadPoolExecutor(workers) as pool:
-        images = [x for x in pool.map(one, files) if x is not None]
+    """All readable images as one (N, 3, size, size) uint8 tensor: 192 KiB per 256x256 image keeps thousands in
+    memory. Unreadable files are named (log) as they are met and counted at the end."""
+    reads = ImageFiles(files, size)
+    with ThreadPoolExecutor(workers) as pool:   # PIL decodes without the GIL
+        results = list(pool.map(reads.__getitem__, range(len(reads))))
+    images = []
+    for read in results:
+        if read.image is None:
+            log(skip_message(files[read.index], read.problem))
+        else:
+            images.append(to_uint8(read.image))
     if len(images) < len(files):
-        log(f"skipped {len(files) - len(images)} unreadable image(s)")
+        log(skipped_count(len(files) - len(images)))
     return torch.stack(images) if images else torch.empty(0, 3, size, size, dtype=torch.uint8)

@@ -2,48 +2,29 @@
 import json
 import tempfile
 import uuid
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from common.device import resolve_device
 from common.errors import PipelineError
 from common.io import (file_sha256, interrupted_replace, load_safetensors, read_safetensors_metadata, replaced_together,
                        require_file, save_safetensors, write_text)
+from common.lock import run_lock
 from common.progress import progress_bar
-from data.images import User, crop_note, load_bank, scan_dataset, try_read_image
+from data.images import ImageFiles, User, crop_note, load_bank, scan_dataset, skip_message, skipped_count
 
 STAGE1_FILES = ("train.safetensors", "val.safetensors", "latent_stats.safetensors", "split.json")
+LOCK_NAME = "stage1.lock"   # one stage 1 run per --output_path (common/lock.py)
 RUN_KEY = "stage1_run"      # the same random id in each of a run's files: a folder mixing two runs is refused
 
 
 #################################################################################
 #                                 Extraction                                    #
 #################################################################################
-
-class ImageList(Dataset):
-    """(image and its (width, height), or None; class index; position) for a list of files; broken files give None."""
-    def __init__(self, items: list[tuple[Path, int]], image_size: int):
-        self.items, self.image_size = items, image_size
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        path, label = self.items[i]
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            read = try_read_image(path, self.image_size)
-        return read, label, i, [str(w.message) for w in caught]
-
-
-def _collate(batch):
-    return batch
-
 
 @dataclass
 class Encoded:
@@ -62,24 +43,24 @@ class Encoded:
 @torch.no_grad()
 def encode_items(vae, items: list[tuple[Path, int]], image_size: int, batch_size: int,
                  num_workers: int, device: str, desc: str, position: int = 0) -> Encoded:
-    """Encode the (file, class index) items on one device; unreadable files are skipped with a warning."""
-    loader = DataLoader(ImageList(items, image_size), batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=_collate, shuffle=False)
+    """Encode the (file, class index) items on one device; unreadable files are named as they are met and
+    listed in Encoded.skipped."""
+    loader = DataLoader(ImageFiles([path for path, _ in items], image_size), batch_size=batch_size,
+                        num_workers=num_workers, collate_fn=list, shuffle=False)
     latents, labels, positions, shapes, skipped = [], [], [], [], []
     for batch in progress_bar(loader, desc=desc, unit="batch", position=position, dynamic_ncols=True):
-        good = [(read, lab, i) for read, lab, i, msgs in batch if read is not None]
-        for read, lab, i, msgs in batch:
-            if read is None:
-                skipped.append(str(items[i][0]))
-                for m in msgs:
-                    print(f"warning: {m}")
+        for read in batch:
+            if read.image is None:
+                skipped.append(str(items[read.index][0]))
+                print(skip_message(items[read.index][0], read.problem))
+        good = [read for read in batch if read.image is not None]
         if not good:
             continue
-        x = torch.stack([read[0] for read, _, _ in good]).to(device)
+        x = torch.stack([read.image for read in good]).to(device)
         latents.append(vae.encode(x).float().cpu())
-        labels.append(torch.tensor([lab for _, lab, _ in good], dtype=torch.int64))
-        positions.append(torch.tensor([i for _, _, i in good], dtype=torch.int64))
-        shapes.append(torch.tensor([read[1] for read, _, _ in good], dtype=torch.int64))
+        labels.append(torch.tensor([items[read.index][1] for read in good], dtype=torch.int64))
+        positions.append(torch.tensor([read.index for read in good], dtype=torch.int64))
+        shapes.append(torch.tensor([read.size_px for read in good], dtype=torch.int64))
     if not latents:
         empty = torch.empty(0, dtype=torch.int64)
         return Encoded(torch.empty(0), empty, empty, torch.empty(0, 2, dtype=torch.int64), skipped)
@@ -196,58 +177,59 @@ def extract_features(data_dir: str, vavae_path: str, output_path: str, batch_siz
 
     The four files are written to a staging folder and moved into output_path together, each carrying this
     run's id, so a failed run leaves the previous run's files and stage 2 can tell a mixed folder. Raises
-    PipelineError for a dataset it cannot use, a user left without readable images, or non-finite latents.
+    PipelineError for another stage 1 run writing to output_path (output_path/stage1.lock), a dataset it cannot use, a user left without readable images, or non-finite latents.
     """
-    users = scan_dataset(data_dir, log=log)
-    dev = resolve_device(device)
-    require_file(vavae_path, "tokenizer (--vavae_path)")
-    from models.vavae import load_vavae
-    load_vavae(vavae_path)  # fail fast, before any work, on a wrong or broken file
-    tokenizer_sha = file_sha256(vavae_path)
-    out = Path(output_path)
-    root = Path(data_dir).resolve()
-    meta = {
-        "users": [u.name for u in users],
-        "user_numbers": [u.number for u in users],
-        "image_size": image_size,
-        "tokenizer": Path(vavae_path).name,
-        "tokenizer_sha256": tokenizer_sha,
-        "data_dir": str(root),
-        RUN_KEY: uuid.uuid4().hex,
-    }
-    log(f"{len(users)} users: " + ", ".join(f"{u.name}->class {i}" for i, u in enumerate(users)))
-    if tokenizer_check_images > 0:
-        meta.update(tokenizer_psnr_check(vavae_path, users, image_size, tokenizer_check_images, str(dev), log))
-    summary: dict[str, Any] = {"users": len(users), **{k: v for k, v in meta.items() if k.startswith("tokenizer_psnr")}}
-    all_names, all_shapes = [], []
-    with replaced_together(out, STAGE1_FILES) as staging:
-        write_split(users, data_dir, staging / "split.json", meta[RUN_KEY])
-        for split in ("train", "val"):
-            items = [(f, cls) for cls, u in enumerate(users) for f in u.files.get(split, [])]
-            encoded = encode_all(vavae_path, items, image_size, batch_size, num_workers, dev, devices,
-                                 f"stage 1 {split}")
-            _check_users_left(users, encoded.labels, split)
-            names = [relative_to(f, root) for f in encoded.files(items)]
-            check_finite(encoded.latents, names, f"the tokenizer's latents of {split} images in {data_dir}",
-                         "Those images hold extreme values, or the tokenizer file is broken (the tokenizer check "
-                         "above measures it). Remove or re-export those images, or use another --vavae_path; "
-                         f"nothing was written to {out}.")
-            if split == "train":
-                mean, std = latent_stats(encoded.latents)
-            save_safetensors({"latents": encoded.latents, "user_ids": encoded.labels}, staging / f"{split}.safetensors",
-                             {**meta, "split": split, "num_skipped": len(encoded.skipped), "files": names})
-            summary[split] = len(encoded.labels)
-            summary[f"{split}_skipped"] = len(encoded.skipped)
-            all_names += names
-            all_shapes += [tuple(s) for s in encoded.shapes.tolist()]
-        save_safetensors({"mean": mean, "std": std}, staging / "latent_stats.safetensors", meta)
-    note = crop_note(all_names, all_shapes, image_size)
-    if note:
-        log(note)
-    log(f"stage 1 done: {summary['train']} train and {summary['val']} val latents of shape "
-        f"{tuple(encoded.latents.shape[1:])} in {out}; "
-        f"{summary['train_skipped'] + summary['val_skipped']} unreadable image(s) skipped")
-    return summary
+    with run_lock(Path(output_path) / LOCK_NAME, "stage 1", "another --output_path", log=log):
+        users = scan_dataset(data_dir, log=log)
+        dev = resolve_device(device)
+        require_file(vavae_path, "tokenizer (--vavae_path)")
+        from models.vavae import load_vavae
+        load_vavae(vavae_path)  # fail fast, before any work, on a wrong or broken file
+        tokenizer_sha = file_sha256(vavae_path)
+        out = Path(output_path)
+        root = Path(data_dir).resolve()
+        meta = {
+            "users": [u.name for u in users],
+            "user_numbers": [u.number for u in users],
+            "image_size": image_size,
+            "tokenizer": Path(vavae_path).name,
+            "tokenizer_sha256": tokenizer_sha,
+            "data_dir": str(root),
+            RUN_KEY: uuid.uuid4().hex,
+        }
+        log(f"{len(users)} users: " + ", ".join(f"{u.name}->class {i}" for i, u in enumerate(users)))
+        if tokenizer_check_images > 0:
+            meta.update(tokenizer_psnr_check(vavae_path, users, image_size, tokenizer_check_images, str(dev), log))
+        summary: dict[str, Any] = {"users": len(users), **{k: v for k, v in meta.items() if k.startswith("tokenizer_psnr")}}
+        all_names, all_shapes = [], []
+        with replaced_together(out, STAGE1_FILES) as staging:
+            write_split(users, data_dir, staging / "split.json", meta[RUN_KEY])
+            for split in ("train", "val"):
+                items = [(f, cls) for cls, u in enumerate(users) for f in u.files.get(split, [])]
+                encoded = encode_all(vavae_path, items, image_size, batch_size, num_workers, dev, devices,
+                                     f"stage 1 {split}")
+                _check_users_left(users, encoded.labels, split)
+                names = [relative_to(f, root) for f in encoded.files(items)]
+                check_finite(encoded.latents, names, f"the tokenizer's latents of {split} images in {data_dir}",
+                             "Those images hold extreme values, or the tokenizer file is broken (the tokenizer check "
+                             "above measures it). Remove or re-export those images, or use another --vavae_path; "
+                             f"nothing was written to {out}.")
+                if split == "train":
+                    mean, std = latent_stats(encoded.latents)
+                save_safetensors({"latents": encoded.latents, "user_ids": encoded.labels}, staging / f"{split}.safetensors",
+                                 {**meta, "split": split, "num_skipped": len(encoded.skipped), "files": names})
+                summary[split] = len(encoded.labels)
+                summary[f"{split}_skipped"] = len(encoded.skipped)
+                all_names += names
+                all_shapes += [tuple(s) for s in encoded.shapes.tolist()]
+            save_safetensors({"mean": mean, "std": std}, staging / "latent_stats.safetensors", meta)
+        note = crop_note(all_names, all_shapes, image_size)
+        if note:
+            log(note)
+        log(f"stage 1 done: {summary['train']} train and {summary['val']} val latents of shape "
+            f"{tuple(encoded.latents.shape[1:])} in {out}; "
+            f"{skipped_count(summary['train_skipped'] + summary['val_skipped'])}")
+        return summary
 
 
 def check_finite(latents: torch.Tensor, names: list[str], what: str, advice: str) -> None:
@@ -305,6 +287,25 @@ def load_latents(latent_dir: str | Path, split: str, log=print) -> tuple[torch.T
             f"0..{len(numbers) - 1}, named ID_<id> (stage 3 --user_ids takes the ids)")
     return latents, torch.searchsorted(present, user_ids), {**meta, "users": [f"ID_{n}" for n in numbers],
                                                              "user_numbers": numbers}
+
+
+def check_latents_agree(latent_dir: str | Path, train: torch.Tensor, val: torch.Tensor, mean: torch.Tensor,
+                        std: torch.Tensor) -> None:
+    """train and val latents (N, C, h, w) and the statistics mean/std (1, C, 1, 1) of a latent folder must be of
+    one latent space: the same C, the same square h x w. Raises PipelineError naming what disagrees (files mixed
+    from different tokenizers, e.g. an SD-VAE's 4-channel latents beside a VA-VAE's 32-channel statistics)."""
+    latent_dir = Path(latent_dir)
+    stats_shape = (1, train.shape[1], 1, 1)
+    if val.shape[1:] != train.shape[1:] or mean.shape != stats_shape or std.shape != stats_shape:
+        raise PipelineError(
+            f"the files of {latent_dir} disagree: train.safetensors holds latents (C, h, w) = {tuple(train.shape[1:])}, "
+            f"val.safetensors {tuple(val.shape[1:])}, and latent_stats.safetensors a mean {tuple(mean.shape)} and std "
+            f"{tuple(std.shape)} (expected {stats_shape}): they come from different tokenizers or tools. Rerun stage 1 "
+            f"(stage1_extract_features.py --output_path {latent_dir}) to write all of them with one tokenizer.")
+    side_h, side_w = train.shape[-2:]
+    if side_h != side_w:
+        raise PipelineError(f"{latent_dir}: the latents are {side_h}x{side_w}; the generator needs square latents "
+                            "(stage 1 makes them from square centre crops). Rerun stage 1.")
 
 
 def _read_latent_file(latent_dir: Path, split: str) -> tuple[torch.Tensor, torch.Tensor, dict]:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from common.device import resolve_device
+from common.lock import run_lock
 from evaluation import classifier as clf
 from evaluation import intervals
 from evaluation.distribution import distribution_report, inception_report
@@ -75,6 +76,9 @@ def _header(data: Inputs, inputs: dict, classifier_info: dict) -> dict:
     }
 
 
+LOCK_NAME = "stage4.lock"   # one stage 4 run per --output_dir (common/lock.py)
+
+
 def evaluate(data_dir: str | Path, generated_dir: str | Path, output_dir: str | Path, *,
              image_size: int = 256, batch_size: int = 64, device: str = "auto", classifier_epochs: int = 10,
              classifier_size: int = 128, seed: int = 0, inception_weights: str | Path | None = None,
@@ -87,62 +91,64 @@ def evaluate(data_dir: str | Path, generated_dir: str | Path, output_dir: str | 
     data_dir: stage 1 layout (train/ID_n/, val/ID_n/); generated_dir: stage 3's micro_doppler_userNN_KKK.png.
     Returns the report (the dict written to output_dir/report.json); accuracies are in [0, 1], each headline
     one with a 95 % interval (*_ci: [low, high]). Raises PipelineError for a missing folder or file, no
-    generated images, or generated images of users the data folder lacks.
+    generated images, generated images of users the data folder lacks, or another stage 4 run writing to
+    output_dir (output_dir/stage4.lock).
     """
     timing: dict[str, float] = {}
     data_dir, output_dir = Path(data_dir), Path(output_dir)
-    check_files(inception_weights, vavae_path)
-    if classifier_size > image_size:
-        log(f"note: --classifier_size {classifier_size} > --image_size {image_size}; using {image_size}")
-        classifier_size = image_size
-    with _timed(timing, "load"):
-        data = load_inputs(data_dir, generated_dir, image_size, classifier_size, batch_size, num_workers, log)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        _set_seed(seed)
-        dev = resolve_device(device)
-    cfg = clf.ClassifierConfig(image_size=image_size, size=classifier_size, epochs=classifier_epochs,
-                               batch_size=batch_size, seed=seed)
-    with _timed(timing, "classifier"):
-        model, clf_info, out = _classify(data, data_dir, output_dir, cfg, dev, log)
-    (train_feats, train_logits), (val_feats, val_logits), (gen_feats, gen_logits) = out["train"], out["val"], out["gen"]
+    with run_lock(output_dir / LOCK_NAME, "stage 4", "another --output_dir", log=log):
+        check_files(inception_weights, vavae_path)
+        if classifier_size > image_size:
+            log(f"note: --classifier_size {classifier_size} > --image_size {image_size}; using {image_size}")
+            classifier_size = image_size
+        with _timed(timing, "load"):
+            data = load_inputs(data_dir, generated_dir, image_size, classifier_size, batch_size, num_workers, log)
+            output_dir.mkdir(parents=True, exist_ok=True)
+            _set_seed(seed)
+            dev = resolve_device(device)
+        cfg = clf.ClassifierConfig(image_size=image_size, size=classifier_size, epochs=classifier_epochs,
+                                   batch_size=batch_size, seed=seed)
+        with _timed(timing, "classifier"):
+            model, clf_info, out = _classify(data, data_dir, output_dir, cfg, dev, log)
+        (train_feats, train_logits), (val_feats, val_logits), (gen_feats, gen_logits) = out["train"], out["val"], out["gen"]
 
-    identity = identity_report(data, train_logits, val_logits, gen_logits, seed)
-    if vavae_path is not None:
-        with _timed(timing, "tokenizer"):
-            identity["tokenizer_reconstructions"] = tokenizer_report(data, vavae_path, image_size, classifier_size,
-                                                                     model, batch_size, dev)
-    with _timed(timing, "metrics"):
-        dist = distribution_report(data, train_feats, val_feats, gen_feats, gen_logits, val_logits, nearest_k, seed,
-                                   min_user_samples)
-    memo, copies, nearest_pairs = memorization_report(data.gen, gen_feats, data.train, train_feats, data.val,
-                                                      val_feats, copy_percentile, copy_factor, data.users)
-    with _timed(timing, "inception"):
-        inception = inception_report(data, inception_weights, image_size, batch_size, num_workers, dev, seed)
-    if not inception["available"]:
-        log(inception["message"])
-    with _timed(timing, "tstr"):
-        tstr_block = tstr_report(data, cfg, dev, batch_size, identity["real_val_top1"]) if tstr else \
-            {"top1": None, "top1_ci": None, "note": "skipped (tstr=False)"}
-    accepted, confident = accepted_samples(data.gen, gen_logits.softmax(1), copies, min_confidence, min_margin)
-    with _timed(timing, "augmentation"):
-        augment = augmentation_report(data, accepted, cfg, dev, batch_size, val_logits, seed) if augmentation else \
-            {"real_only_top1": None, "with_generated_top1": None, "gain": None, "gain_ci": None,
-             "note": "skipped (augmentation=False)"}
-    export = export_report(data.users, data.gen, accepted, confident, copies, export_dir, min_confidence, min_margin, log)
+        identity = identity_report(data, train_logits, val_logits, gen_logits, seed)
+        if vavae_path is not None:
+            with _timed(timing, "tokenizer"):
+                identity["tokenizer_reconstructions"] = tokenizer_report(data, vavae_path, image_size, classifier_size,
+                                                                         model, batch_size, dev)
+        with _timed(timing, "metrics"):
+            dist = distribution_report(data, train_feats, val_feats, gen_feats, gen_logits, val_logits, nearest_k, seed,
+                                       min_user_samples)
+        memo, copies, nearest_pairs = memorization_report(data.gen, gen_feats, data.train, train_feats, data.val,
+                                                          val_feats, copy_percentile, copy_factor, data.users)
+        with _timed(timing, "inception"):
+            inception = inception_report(data, inception_weights, image_size, batch_size, num_workers, dev, seed)
+        if not inception["available"]:
+            log(inception["message"])
+        with _timed(timing, "tstr"):
+            tstr_block = tstr_report(data, cfg, dev, batch_size, identity["real_val_top1"]) if tstr else \
+                {"top1": None, "top1_ci": None, "note": "skipped (tstr=False)"}
+        accepted, confident = accepted_samples(data.gen, gen_logits.softmax(1), copies, min_confidence, min_margin)
+        with _timed(timing, "augmentation"):
+            augment = augmentation_report(data, accepted, cfg, dev, batch_size, val_logits, seed) if augmentation else \
+                {"real_only_top1": None, "with_generated_top1": None, "gain": None, "gain_ci": None,
+                 "note": "skipped (augmentation=False)"}
+        export = export_report(data.users, data.gen, accepted, confident, copies, export_dir, min_confidence, min_margin, log)
 
-    inputs = {"data_dir": str(data_dir), "generated_dir": str(generated_dir), "output_dir": str(output_dir),
-              "image_size": image_size, "classifier_size": classifier_size, "batch_size": batch_size,
-              "device": str(dev), "classifier_epochs": classifier_epochs, "seed": seed,
-              "nearest_k": nearest_k, "min_user_samples": min_user_samples}
-    report = {
-        **_header(data, inputs, clf_info), "identity": identity, "intervals": INTERVALS,
-        "fd": {**dist["fd"], "inception": inception["fd"], "inception_real_val": inception["fd_real_val"]},
-        "kid": {**dist["kid"], "inception": inception["kid"], "inception_real_val": inception["kid_real_val"]},
-        "inception_score": dist["inception_score"], "manifold": dist["manifold"], "diversity": dist["diversity"],
-        "memorization": memo, "inception": {k: inception[k] for k in ("available", "weights", "message")},
-        "tstr_top1": tstr_block["top1"], "tstr": tstr_block, "augmentation": augment, "export": export,
-        "notes": data.notes + dist["notes"], "timing": timing,
-    }
-    report = write_outputs(report, output_dir, data.users, data.train, data.gen, nearest_pairs)
-    log(f"report: {output_dir / 'report.md'}")
-    return report
+        inputs = {"data_dir": str(data_dir), "generated_dir": str(generated_dir), "output_dir": str(output_dir),
+                  "image_size": image_size, "classifier_size": classifier_size, "batch_size": batch_size,
+                  "device": str(dev), "classifier_epochs": classifier_epochs, "seed": seed,
+                  "nearest_k": nearest_k, "min_user_samples": min_user_samples}
+        report = {
+            **_header(data, inputs, clf_info), "identity": identity, "intervals": INTERVALS,
+            "fd": {**dist["fd"], "inception": inception["fd"], "inception_real_val": inception["fd_real_val"]},
+            "kid": {**dist["kid"], "inception": inception["kid"], "inception_real_val": inception["kid_real_val"]},
+            "inception_score": dist["inception_score"], "manifold": dist["manifold"], "diversity": dist["diversity"],
+            "memorization": memo, "inception": {k: inception[k] for k in ("available", "weights", "message")},
+            "tstr_top1": tstr_block["top1"], "tstr": tstr_block, "augmentation": augment, "export": export,
+            "notes": data.notes + dist["notes"], "timing": timing,
+        }
+        report = write_outputs(report, output_dir, data.users, data.train, data.gen, nearest_pairs)
+        log(f"report: {output_dir / 'report.md'}")
+        return report

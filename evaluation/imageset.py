@@ -1,14 +1,14 @@
 """Image sets for evaluation: files decoded once, kept in memory as small uint8 tensors."""
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from common.pixels import to_uint8
-from data.images import try_load_image
+from data.images import ImageFiles, skip_message, skipped_count
 
 THUMB_SIZE = 32         # pixel-space memorisation view: coarse enough to ignore decoder noise
 
@@ -17,29 +17,20 @@ THUMB_SIZE = 32         # pixel-space memorisation view: coarse enough to ignore
 #                                  Decoding                                     #
 #################################################################################
 
-class _Files(Dataset):
-    """Decode files in worker processes; a broken file yields ok=False instead of stopping the run."""
-
-    def __init__(self, paths: list[Path], image_size: int):
-        self.paths, self.image_size = paths, image_size
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int):
-        image = try_load_image(self.paths[index], self.image_size)
-        if image is None:
-            return index, torch.zeros(3, self.image_size, self.image_size), False
-        return index, image, True
-
-
-def iterate_images(paths: list[Path], image_size: int, batch_size: int,
-                   num_workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Yield (indices, images in [-1,1] at image_size, ok mask) in file order."""
-    loader = DataLoader(_Files(paths, image_size), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers)
-    for index, images, ok in loader:
-        yield index, images, ok
+def iterate_images(paths: list[Path], image_size: int, batch_size: int, num_workers: int,
+                   log: Callable[[str], None] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield (indices (B,), images (B, 3, S, S) in [-1,1] at image_size, ok mask (B,)) in file order; an
+    unreadable file has ok False and zeros, and is named with `log` when given."""
+    loader = DataLoader(ImageFiles(paths, image_size), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, collate_fn=list)
+    blank = torch.zeros(3, image_size, image_size)
+    for batch in loader:
+        for read in batch:
+            if read.image is None and log is not None:
+                log(skip_message(paths[read.index], read.problem))
+        yield (torch.tensor([read.index for read in batch]),
+               torch.stack([blank if read.image is None else read.image for read in batch]),
+               torch.tensor([read.image is not None for read in batch]))
 
 
 def resize(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -70,18 +61,20 @@ class ImageSet:
 
 
 def load_set(paths: list[Path], labels: list[int], image_size: int, classifier_size: int,
-             batch_size: int = 64, num_workers: int = 0) -> ImageSet:
+             batch_size: int = 64, num_workers: int = 0, log: Callable[[str], None] = print) -> ImageSet:
     """Decode `paths` at image_size (the generator's resolution), keep classifier-size uint8 copies.
 
-    Unreadable files are dropped (try_load_image already warned with their name).
+    Unreadable files are dropped: named with `log` as they are met, and counted at the end.
     """
     n = len(paths)
     images = torch.zeros(n, 3, classifier_size, classifier_size, dtype=torch.uint8)
     thumbs = torch.zeros(n, 3 * THUMB_SIZE * THUMB_SIZE)
     ok_all = torch.zeros(n, dtype=torch.bool)
-    for index, batch, ok in iterate_images(paths, image_size, batch_size, num_workers):
+    for index, batch, ok in iterate_images(paths, image_size, batch_size, num_workers, log):
         images[index] = to_uint8(resize(batch, classifier_size))
         thumbs[index] = resize(batch, THUMB_SIZE).flatten(1)
         ok_all[index] = ok
+    if not bool(ok_all.all()):
+        log(skipped_count(int((~ok_all).sum())))
     full = ImageSet(list(paths), torch.tensor(labels, dtype=torch.long).reshape(-1), images, thumbs)
     return full if bool(ok_all.all()) else full.select(ok_all)

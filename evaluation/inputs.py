@@ -4,6 +4,7 @@ from pathlib import Path
 from typing import Callable
 
 from common.errors import PipelineError
+from common.io import interrupted_replace
 from data.images import User, scan_dataset
 from data.samples import IMAGE_PATTERN
 from evaluation.imageset import ImageSet, load_set
@@ -32,12 +33,16 @@ def check_files(inception_weights: str | Path | None, vavae_path: str | Path | N
 def scan_generated(generated_dir: str | Path, users: list[User]) -> list[tuple[Path, int]]:
     """(file, user number) of every micro_doppler_userNN_KKK.png, sorted by user then sample number.
 
-    Raises PipelineError when the folder is missing, holds no such file, or names a user not in `users`.
+    Raises PipelineError when the folder is missing, holds no such file, names a user not in `users`, or a stage 3
+    run stopped while moving its samples in (common.io.interrupted_replace).
     """
     root = Path(generated_dir)
     if not root.is_dir():
         raise PipelineError(f"--generated_dir not found: {root}. Point it at the folder stage 3 wrote "
                             "its micro_doppler_userNN_KKK.png files into.")
+    if interrupted_replace(root):
+        raise PipelineError(f"a stage 3 run stopped while moving its samples into {root}, so they may mix two runs. "
+                            f"Rerun stage 3 (stage3_inference.py --output_dir {root}).")
     found, others = [], []
     for path in root.iterdir():
         match = IMAGE_PATTERN.fullmatch(path.name)
@@ -75,10 +80,10 @@ def load_inputs(data_dir: Path, generated_dir: str | Path, image_size: int, clas
 
     log(f"loading {sum(len(u.files['train']) for u in users)} train, {sum(len(u.files['val']) for u in users)} val "
         f"and {len(generated)} generated images ({len(users)} users)")
-    train = load_set(*split("train"), image_size, classifier_size, batch_size, num_workers)
-    val = load_set(*split("val"), image_size, classifier_size, batch_size, num_workers)
+    train = load_set(*split("train"), image_size, classifier_size, batch_size, num_workers, log)
+    val = load_set(*split("val"), image_size, classifier_size, batch_size, num_workers, log)
     gen = load_set([p for p, _ in generated], [index_of[n] for _, n in generated], image_size,
-                   classifier_size, batch_size, num_workers)
+                   classifier_size, batch_size, num_workers, log)
     if len(gen) == 0:
         raise PipelineError(f"none of the {len(generated)} generated images in {generated_dir} could be read.")
     notes = []

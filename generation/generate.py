@@ -9,7 +9,8 @@ from PIL import Image, ImageDraw
 
 from common.device import resolve_device, resolve_precision
 from common.errors import PipelineError, out_of_memory_advice
-from common.io import file_sha256, staged_files
+from common.io import file_sha256, replaced_together
+from common.lock import run_lock
 from common.pixels import to_uint8
 from common.progress import progress_bar
 from data.samples import GRID_NAME, remove_stale_samples, sample_name
@@ -19,10 +20,21 @@ from models.latent_classifier import NoisyLatentClassifier, classifier_log_prob_
 from models.transport import (DEFAULT_SAMPLER, DEFAULT_SHIFT, DEFAULT_STEPS, CountedVelocity,
                               classifier_guided_velocity, guidance_switches, guided_velocity, sample_ode)
 
+LOCK_NAME = "stage3.lock"   # one stage 3 run per --output_dir (common/lock.py)
+
+
 def load_generator(checkpoint_path: str, device: str) -> tuple[LightningDiT, PipelineInfo]:
-    """EMA LightningDiT of a stage 2 checkpoint and the pipeline info it carries (users, latent stats)."""
+    """EMA LightningDiT of a stage 2 checkpoint and the pipeline info it carries (users, latent stats).
+    Raises PipelineError for a checkpoint whose statistics do not fit its model's channels."""
     ckpt = load_checkpoint(checkpoint_path)
     info = checkpoint_info(ckpt)
+    stats = {"latent mean": tuple(info.latent_mean.shape), "latent std": tuple(info.latent_std.shape)}
+    expected = (1, info.model_config["in_channels"], 1, 1)
+    if any(shape != expected for shape in stats.values()):
+        raise PipelineError(f"{checkpoint_path} disagrees with itself: its model takes latents of "
+                            f"{expected[1]} channels, its latent statistics are shaped "
+                            f"{', '.join(f'{k} {v}' for k, v in stats.items())}. It was not written by stage 2 "
+                            "(or was edited): pass a checkpoint stage 2 wrote.")
     model = LightningDiT(**{**info.model_config, "use_checkpoint": False})
     model.load_state_dict(ema_state_dict(ckpt))
     return model.to(device).eval().requires_grad_(False), info
@@ -202,7 +214,7 @@ def generate(dit_checkpoint: str, vavae_path: str, output_dir: str, user_ids: li
     Each sample: noise (32, 16, 16) seeded by (seed, user, sample) -> the EMA DiT's guided velocity integrated
     from t=0 to 1 (sampler, num_steps, shift) -> de-normalised latent -> VA-VAE decode -> 256x256 RGB uint8 PNG.
     user_ids are the numbers in the user folder names (ID_3 -> 3); PipelineError names the valid ones otherwise,
-    and for a checkpoint or tokenizer that does not fit, a guidance the model cannot do, or NaN samples.
+    for another stage 3 run writing to output_dir (output_dir/stage3.lock), for a checkpoint or tokenizer that does not fit, a guidance the model cannot do, or NaN samples.
 
     guidance_checkpoint: a weaker stage 2 checkpoint of the same users and latents (the run's early.ckpt) to
     guide with instead of the unconditional model (autoguidance); PipelineError if it does not fit.
@@ -214,38 +226,42 @@ def generate(dit_checkpoint: str, vavae_path: str, output_dir: str, user_ids: li
     and the grid are written into a staging folder first and moved in together: a full disk (PipelineError)
     leaves the previous run's files as they were. Files of other names in the folder are left alone.
     """
-    device = str(resolve_device(device))
-    jobs = [(u, k) for u in user_ids for k in range(num_samples_per_user)]
-    with out_of_memory_advice("stage 3", f"a smaller --batch_size (now {batch_size}; e.g. 4), or --device cpu"):
-        model, info = load_generator(dit_checkpoint, device)
-        check_sampling(info, guidance_scale, num_steps, shift, cfg_interval_start, cfg_interval_end,
-                       autoguidance=guidance_checkpoint is not None)
-        guide_model = None
-        if guidance_checkpoint is not None:
-            guide_model, guide_info = load_generator(guidance_checkpoint, device)
-            check_guide(info, guide_info, guidance_checkpoint)
-        classifier = guidance_classifier(info, classifier_scale, classifier_interval_start, classifier_interval_end,
-                                         dit_checkpoint, device)
-        from models.vavae import load_vavae
-        vae = load_vavae(vavae_path, device=device)
-        check_same_tokenizer(info, vavae_path)
-        pixels, nfe = sample_images(model, vae, info, jobs, guidance_scale=guidance_scale, num_steps=num_steps,
-                                    sampler=sampler, shift=shift, cfg_interval_start=cfg_interval_start,
-                                    cfg_interval_end=cfg_interval_end, guide_model=guide_model, classifier=classifier,
-                                    classifier_scale=classifier_scale,
-                                    classifier_interval=(classifier_interval_start, classifier_interval_end),
-                                    seed=seed, batch_size=batch_size, device=device)
-    out = Path(output_dir)
-    names = [sample_name(u, k + 1) for u, k in jobs]
-    with staged_files(out) as staging:
-        for name, arr in zip(names, pixels):
-            Image.fromarray(arr).save(staging / name, format="PNG")
-        grid_image(dict(zip(jobs, pixels)), user_ids, num_samples_per_user).save(staging / GRID_NAME, format="PNG")
-    removed = remove_stale_samples(out, keep=set(names))
-    paths = [out / name for name in names]
-    log(f"stage 3 done: {len(paths)} images ({sampler}, {nfe} model evaluations each) and {GRID_NAME} in {out}"
-        + (f"; removed {removed} sample(s) of an earlier run" if removed else ""))
-    return paths
+    with run_lock(Path(output_dir) / LOCK_NAME, "stage 3", "another --output_dir", log=log):
+        device = str(resolve_device(device))
+        jobs = [(u, k) for u in user_ids for k in range(num_samples_per_user)]
+        with out_of_memory_advice("stage 3", f"a smaller --batch_size (now {batch_size}; e.g. 4), or --device cpu"):
+            model, info = load_generator(dit_checkpoint, device)
+            check_sampling(info, guidance_scale, num_steps, shift, cfg_interval_start, cfg_interval_end,
+                           autoguidance=guidance_checkpoint is not None)
+            guide_model = None
+            if guidance_checkpoint is not None:
+                guide_model, guide_info = load_generator(guidance_checkpoint, device)
+                check_guide(info, guide_info, guidance_checkpoint)
+            classifier = guidance_classifier(info, classifier_scale, classifier_interval_start,
+                                             classifier_interval_end, dit_checkpoint, device)
+            from models.vavae import check_tokenizer_fits, load_vavae
+            vae = load_vavae(vavae_path, device=device)
+            check_tokenizer_fits(vae, vavae_path, info.image_size, info.model_config["in_channels"],
+                                 info.model_config["input_size"], f"the model of {dit_checkpoint} takes latents of",
+                                 "Pass the tokenizer used in stage 1 as --vavae_path.")
+            check_same_tokenizer(info, vavae_path)
+            pixels, nfe = sample_images(model, vae, info, jobs, guidance_scale=guidance_scale, num_steps=num_steps,
+                                        sampler=sampler, shift=shift, cfg_interval_start=cfg_interval_start,
+                                        cfg_interval_end=cfg_interval_end, guide_model=guide_model,
+                                        classifier=classifier, classifier_scale=classifier_scale,
+                                        classifier_interval=(classifier_interval_start, classifier_interval_end),
+                                        seed=seed, batch_size=batch_size, device=device)
+        out = Path(output_dir)
+        names = [sample_name(u, k + 1) for u, k in jobs]
+        with replaced_together(out) as staging:
+            for name, arr in zip(names, pixels):
+                Image.fromarray(arr).save(staging / name, format="PNG")
+            grid_image(dict(zip(jobs, pixels)), user_ids, num_samples_per_user).save(staging / GRID_NAME, format="PNG")
+        removed = remove_stale_samples(out, keep=set(names))
+        paths = [out / name for name in names]
+        log(f"stage 3 done: {len(paths)} images ({sampler}, {nfe} model evaluations each) and {GRID_NAME} in {out}"
+            + (f"; removed {removed} sample(s) of an earlier run" if removed else ""))
+        return paths
 
 
 def grid_image(images: dict[tuple[int, int], np.ndarray], user_ids: list[int], per_user: int,

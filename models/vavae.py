@@ -313,6 +313,18 @@ def _check_kind(path: Path, tensors: dict, top_keys: list[str], expected: str) -
     raise PipelineError(f"{path} is not {expected}: found keys {found}.{hint}")
 
 
+def check_tokenizer_fits(vae: VAVAE, path: str | os.PathLike, image_size: int, channels: int, side: int,
+                         other: str, advice: str) -> None:
+    """The tokenizer at `path` must make (and decode) latents of `channels` x `side` x `side` from image_size px
+    images, as `other` says (e.g. "the model of best.ckpt takes latents of"). Raises PipelineError naming both
+    shapes and `advice` (what to pass instead)."""
+    made = (vae.config["embed_dim"], image_size // vae.downsample_factor)
+    if made != (channels, side):
+        raise PipelineError(f"the tokenizer {path} makes latents of {made[0]} channels at {made[1]}x{made[1]} from "
+                            f"{image_size} px images, but {other} {channels} channels at {side}x{side}: they "
+                            f"do not belong together. {advice}")
+
+
 def load_vavae(path: str | os.PathLike, device: str | torch.device = "cpu") -> VAVAE:
     """Load a VA-VAE from the published .pt or our .safetensors; frozen, eval mode, float32."""
     path = Path(path)

@@ -8,7 +8,7 @@ from typing import Any
 
 from common.errors import PipelineError
 from common.progress import print_line
-from pipeline.orchestrate import ROOT, run_pipeline
+from pipeline.orchestrate import ROOT, absolute, pipeline_lock, run_pipeline
 
 DEMO_TOKENIZER = ROOT / "assets" / "demo_vavae.safetensors"
 DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
@@ -36,22 +36,23 @@ def run_demo(args: argparse.Namespace, extra: list[str], log=print_line) -> None
                             "(git checkout -- assets) or train one with train_tokenizer.py")
     out = Path(args.output_dir or "demo_outputs")
     data_dir = out / "data"
-    simulate_once(data_dir, log, **DEMO_DATA)
-    demo = argparse.Namespace(**{**vars(args), "data_dir": str(data_dir), "vavae_path": str(DEMO_TOKENIZER),
-                                 "output_dir": str(out)})
-    # The shipped tokenizer is kept small (a few MB, trained in minutes on a CPU), so stage 1's check of it
-    # warns; said here, before the warning, so that a first run does not read as broken.
-    log(f"note: the demo tokenizer ({DEMO_TOKENIZER.name}) is small (a few MB, trained in minutes on a CPU), so "
-        "stage 1's tokenizer check WARNS that it reconstructs these images under the 24 dB asked of a tokenizer "
-        "for real data. That is expected in the demo; stage 4 reports what it costs (the tokenizer's ceiling).")
-    run_pipeline(demo, extra, log)
-    log(f"\ndemo finished in {time.time() - started:.0f} s")
-    report_path = out / "evaluation" / "report.json"
-    if report_path.is_file():
-        for line in result_lines(json.loads(report_path.read_text()), out):
-            log(line)
-    log(f"  report: {out / 'evaluation' / 'report.md'}")
-    log(f"  loss:   {out / 'trained_models' / 'loss_curve.png'}")
+    with pipeline_lock(Path(absolute(str(out))), log):   # run_pipeline passes through its own process's lock
+        simulate_once(data_dir, log, **DEMO_DATA)
+        demo = argparse.Namespace(**{**vars(args), "data_dir": str(data_dir), "vavae_path": str(DEMO_TOKENIZER),
+                                     "output_dir": str(out)})
+        # The shipped tokenizer is kept small (a few MB, trained in minutes on a CPU), so stage 1's check of it
+        # warns; said here, before the warning, so that a first run does not read as broken.
+        log(f"note: the demo tokenizer ({DEMO_TOKENIZER.name}) is small (a few MB, trained in minutes on a CPU), so "
+            "stage 1's tokenizer check WARNS that it reconstructs these images under the 24 dB asked of a tokenizer "
+            "for real data. That is expected in the demo; stage 4 reports what it costs (the tokenizer's ceiling).")
+        run_pipeline(demo, extra, log)
+        log(f"\ndemo finished in {time.time() - started:.0f} s")
+        report_path = out / "evaluation" / "report.json"
+        if report_path.is_file():
+            for line in result_lines(json.loads(report_path.read_text()), out):
+                log(line)
+        log(f"  report: {out / 'evaluation' / 'report.md'}")
+        log(f"  loss:   {out / 'trained_models' / 'loss_curve.png'}")
 
 
 def result_lines(report: dict[str, Any], out: Path) -> list[str]:

@@ -23,6 +23,7 @@ from typing import Any
 from common.config import load_project_config
 from common.errors import PipelineError
 from common.io import write_text
+from common.lock import run_lock
 from common.progress import print_line
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,6 +31,7 @@ STAGE_SCRIPTS = {1: "stage1_extract_features.py", 2: "stage2_train_dit.py", 3: "
                  4: "stage4_evaluate.py"}
 STAGE_DIRS = {1: "latent_features", 2: "trained_models", 3: "generated_images", 4: "evaluation"}
 DONE_MARKER = ".stage_complete.json"
+LOCK_NAME = "pipeline.lock"   # one pipeline per --output_dir; each stage also locks its own folder
 # Flags that say how to run a stage, not what it produces: a change in them alone does not redo the stage.
 NOT_COMPARED = {"--restart"}
 # Flags naming files a stage reads: a change in those files (not only in the flag) redoes the stage.
@@ -217,41 +219,50 @@ def finished_at(folder: Path) -> float | None:
     return (read_marker(folder / DONE_MARKER) or {}).get("finished")
 
 
+def pipeline_lock(out: Path, log=print_line):
+    """The orchestrator's lock, `out/pipeline.lock` (common/lock.py): a second pipeline into the same --output_dir
+    is refused at once, naming the first. The stages it starts lock their own folders (stage1.lock, ...), other
+    files, so this lock never blocks them."""
+    return run_lock(out / LOCK_NAME, "pipeline", "another --output_dir", log=log)
+
+
 def run_pipeline(args: argparse.Namespace, extra: list[str], log=print_line) -> Path:
-    """Run the requested stages in order; returns the output folder."""
+    """Run the requested stages in order under the pipeline's lock; returns the output folder. Raises
+    PipelineError for another pipeline running into the same folder, or a stage that failed."""
     out = Path(absolute(args.output_dir))
     out.mkdir(parents=True, exist_ok=True)
-    parsers = stage_parsers()
-    routed = split_extra_flags(extra, parsers)
-    if args.force and "--restart" not in routed[2]:
-        routed[2] = routed[2] + ["--restart"]     # --force trains anew; without it stage 2 would resume
-    for stage in args.stages:
-        folder = out / STAGE_DIRS[stage]
-        marker = folder / DONE_MARKER
-        if stage == 3 and not args.generate_user_ids:
-            args.generate_user_ids = default_user_ids(out)
-        argv = stage_arguments(args, out)[stage] + routed[stage]
-        upstream = finished_at(out / STAGE_DIRS[stage - 1]) if stage > 1 else None
-        recorded = read_marker(marker)
-        inputs = input_fingerprints(argv, (recorded or {}).get("inputs"))
-        reasons = ["--force"] if args.force else rerun_reasons(recorded, argv, upstream, inputs)
-        if not reasons:
-            log(f"== stage {stage}: already complete in {folder} with these arguments and input files, "
-                "skipped (--force to redo)")
-            continue
-        if marker.is_file():
-            log(f"== stage {stage}: redone ({'; '.join(reasons)})")
-        marker.unlink(missing_ok=True)
-        log(f"== stage {stage}: python {shlex.join([STAGE_SCRIPTS[stage], *argv])}")   # pastes back into a shell
-        started = time.time()
-        code = subprocess.call([sys.executable, str(ROOT / STAGE_SCRIPTS[stage]), *argv])
-        if code != 0:
-            raise PipelineError(f"stage {stage} failed (exit code {code}); its message is above. "
-                                f"Fix it and rerun: finished stages are skipped, stage 2 resumes.")
-        record = {"argv": argv, "seconds": round(time.time() - started, 1), "finished": time.time(),
-                  "upstream": upstream, "inputs": inputs}
-        write_text(marker, json.dumps(record, indent=1))
-    return out
+    with pipeline_lock(out, log):
+        parsers = stage_parsers()
+        routed = split_extra_flags(extra, parsers)
+        if args.force and "--restart" not in routed[2]:
+            routed[2] = routed[2] + ["--restart"]     # --force trains anew; without it stage 2 would resume
+        for stage in args.stages:
+            folder = out / STAGE_DIRS[stage]
+            marker = folder / DONE_MARKER
+            if stage == 3 and not args.generate_user_ids:
+                args.generate_user_ids = default_user_ids(out)
+            argv = stage_arguments(args, out)[stage] + routed[stage]
+            upstream = finished_at(out / STAGE_DIRS[stage - 1]) if stage > 1 else None
+            recorded = read_marker(marker)
+            inputs = input_fingerprints(argv, (recorded or {}).get("inputs"))
+            reasons = ["--force"] if args.force else rerun_reasons(recorded, argv, upstream, inputs)
+            if not reasons:
+                log(f"== stage {stage}: already complete in {folder} with these arguments and input files, "
+                    "skipped (--force to redo)")
+                continue
+            if marker.is_file():
+                log(f"== stage {stage}: redone ({'; '.join(reasons)})")
+            marker.unlink(missing_ok=True)
+            log(f"== stage {stage}: python {shlex.join([STAGE_SCRIPTS[stage], *argv])}")   # pastes back into a shell
+            started = time.time()
+            code = subprocess.call([sys.executable, str(ROOT / STAGE_SCRIPTS[stage]), *argv])
+            if code != 0:
+                raise PipelineError(f"stage {stage} failed (exit code {code}); its message is above. "
+                                    f"Fix it and rerun: finished stages are skipped, stage 2 resumes.")
+            record = {"argv": argv, "seconds": round(time.time() - started, 1), "finished": time.time(),
+                      "upstream": upstream, "inputs": inputs}
+            write_text(marker, json.dumps(record, indent=1))
+        return out
 
 
 def check_memory_only(args: argparse.Namespace, extra: list[str]) -> int:

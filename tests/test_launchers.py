@@ -103,6 +103,14 @@ def checkpoint_files(out) -> int:
     return sum((out / "checkpoints" / name).is_file() for name in ("best.ckpt", "last.ckpt"))
 
 
+def assert_resumed_together(results: list[subprocess.CompletedProcess], out) -> None:
+    """Every rank resumed from step 4 to step 6: had one started elsewhere, the ranks' collectives would not have
+    matched and the job would have failed. Global rank 0 (the first) says so, the others print no second account."""
+    assert re.search(r"resuming from .*last\.ckpt at step 4 ", results[0].stdout), results[0].stdout[-2000:]
+    assert all("resuming" not in other.stdout for other in results[1:]), [r.stdout[-2000:] for r in results[1:]]
+    assert last_step(out) == 6
+
+
 def first_run(latent_dir, out, steps: int) -> None:
     """A finished single-process run to resume from (in this process: no interpreter to start)."""
     from training.cli import training_options
@@ -126,9 +134,59 @@ def test_torchrun_two_nodes_resume_on_every_rank(tmp_path, latent_dir):
                        stage2_args(latent_dir, out, *FLAGS, "--max_steps", 6, "--devices", 1, "--num_nodes", 2),
                        nnodes=2, nproc_per_node=1)
     assert_all_ok(results)
-    for node in results:   # one rank per node
-        assert re.search(r"resuming from .*last\.ckpt at step 4 ", node.stdout), node.stdout[-2000:]
-    assert last_step(out) == 6
+    assert_resumed_together(results, out)
+
+
+def test_a_dead_ddp_process_ends_the_job_with_what_happened(tmp_path, latent_dir):
+    """One of two processes killed mid-training (a lost GPU, the OOM killer): rank 0's collective fails at once;
+    it says so, where to look and that a rerun resumes (exit 2), instead of gloo's raw 'Connection reset'."""
+    import queue
+    import signal
+    import threading
+    import psutil
+    command = [PYTHON, "stage2_train_dit.py", *map(str, stage2_args(latent_dir, tmp_path / "out", *FLAGS,
+                                                                     "--max_steps", 10 ** 6, "--max_epochs", 10 ** 6,
+                                                                     "--devices", 2))]
+    job = subprocess.Popen(command, cwd=ROOT, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in job.stderr] + [lines.put(None)], daemon=True).start()
+    try:
+        seen = []
+        while not (seen and seen[-1].startswith("stage 2: step")):   # training has begun on both ranks
+            seen.append(lines.get(timeout=TIMEOUT))
+            assert seen[-1] is not None, "".join(seen[:-1])[-3000:]
+        ranks = [p for p in psutil.Process(job.pid).children() if "stage2_train_dit.py" in " ".join(p.cmdline())]
+        assert len(ranks) == 1, ranks
+        os.kill(ranks[0].pid, signal.SIGKILL)
+        job.wait(timeout=TIMEOUT)
+    finally:
+        job.kill()
+    err = "".join(iter(lambda: lines.get(timeout=10), None))
+    assert job.returncode == 2, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert re.search(r"error: another process of this 2-process DDP job stopped .*Its own log says why.*the run "
+                     r"resumes from .*last\.ckpt", err, re.S), err[-3000:]
+
+
+def test_a_lost_peer_in_a_collective_is_a_user_error(tmp_path, latent_dir, monkeypatch, capsys):
+    """The same mapping without starting processes: each form a lost peer takes (gloo's TCP errors, NCCL's
+    watchdog timeout) raised from fit in a 2-process run."""
+    import pytorch_lightning as pl
+    from helpers import run_main
+    for text in ("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection reset by peer",
+                 "[Rank 0] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=9, OpType=ALLREDUCE)"):
+        def lost(*args, **kwargs):
+            raise RuntimeError(text)
+        monkeypatch.setattr(pl.Trainer, "fit", lost)
+        proc = run_main(capsys, "stage2_train_dit.py", *stage2_args(latent_dir, tmp_path / "out", *FLAGS,
+                                                                     "--max_steps", 2, "--devices", 2))
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert re.search(r"another process of this 2-process DDP job stopped .*resumes from", proc.stderr, re.S)
+    monkeypatch.setattr(pl.Trainer, "fit", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug of ours")))
+    with pytest.raises(RuntimeError, match="a bug of ours"):   # other errors are not disguised as a lost peer
+        run_main(capsys, "stage2_train_dit.py", *stage2_args(latent_dir, tmp_path / "out2", *FLAGS, "--max_steps", 2,
+                                                              "--devices", 2))
 
 
 @pytest.mark.slow
@@ -158,9 +216,7 @@ def test_srun_tasks_resume_and_restart_on_global_rank_zero(tmp_path, latent_dir)
     args = stage2_args(latent_dir, out, *FLAGS, "--devices", 1, "--num_nodes", 2)
     results = srun("stage2_train_dit.py", [*args, "--max_steps", 6], ntasks=2, nodes=2)
     assert_all_ok(results)
-    for task in results:
-        assert re.search(r"resuming from .*last\.ckpt at step 4 ", task.stdout), task.stdout[-2000:]
-    assert last_step(out) == 6
+    assert_resumed_together(results, out)
     driver = tmp_path / "driver.py"
     driver.write_text(SLOW_RANK_ZERO.format(root=str(ROOT)))
     old_files = checkpoint_files(out)

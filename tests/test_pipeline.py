@@ -9,7 +9,7 @@ from PIL import Image
 
 from common.config import parse_args
 from common.io import file_sha256, load_safetensors
-from data.images import load_image
+from data.images import read_image
 from helpers import (IMAGE_SIZE, TINY_DIT_MODEL_FLAGS, make_dataset, make_tokenizer, run_stage, stage1_args,
                      stage2_args)
 from models.vavae import load_vavae
@@ -46,7 +46,7 @@ def test_stage1_writes_latents_in_user_number_order(trained):
     vae = load_vavae(trained["tokenizer"])
     first = sorted((data / "train" / "ID_10").iterdir())[0]
     with torch.no_grad():
-        expected = vae.encode(load_image(first, IMAGE_SIZE)[None])[0]
+        expected = vae.encode(read_image(first, IMAGE_SIZE)[0][None])[0]
     torch.testing.assert_close(train["latents"][12], expected, rtol=1e-4, atol=1e-5)
     stats, _ = load_safetensors(latents / "latent_stats.safetensors")
     assert stats["mean"].shape == stats["std"].shape == (1, 32, 1, 1)
@@ -73,7 +73,7 @@ def test_tokenizer_check_psnr_is_the_reconstruction_psnr(tmp_path, monkeypatch):
     lines = []
     monkeypatch.setattr(latents, "TOKENIZER_WARN_DB", -100.0)
     result = latents.tokenizer_psnr_check(str(tok), users, IMAGE_SIZE, 4, "cpu", lines.append)
-    images = torch.stack([load_image(f, IMAGE_SIZE) for u in users for f in u.files["train"][::2]])
+    images = torch.stack([read_image(f, IMAGE_SIZE)[0] for u in users for f in u.files["train"][::2]])
     expected = reconstruction_psnr(load_vavae(tok), images.add(1).mul(127.5).round().to(torch.uint8))
     assert result["tokenizer_psnr_images"] == 4
     assert abs(result["tokenizer_psnr_db"] - expected.mean().item()) < 0.01
@@ -161,6 +161,12 @@ def test_stage2_ddp_two_processes_on_cpu(trained, tmp_path):
     # 18 latents, batch 4 per process, 2 processes: 2 steps per epoch (1 process would take 4).
     assert ckpt["global_step"] == 4
     assert "ddp" in (r.stdout + r.stderr).lower() or "distributed" in (r.stdout + r.stderr).lower()
+    # One account of the run, from global rank 0: the header once, with the world size; no warning a user cannot
+    # act on (torch's broadcast_buffers deprecation, Lightning's advice to sync the epoch-level train loss).
+    output = r.stdout + r.stderr
+    assert output.count("parameters), 3 users") == 1 and output.count("no validation sample grids") == 1, output
+    assert output.count("stage 2: 2 processes (2 per node x 1 node), batch 4 per process, 8 in total") == 1, output
+    assert "broadcast_buffers" not in output and "sync_dist" not in output, output
 
 
 def test_orchestrator_runs_skips_and_passes_flags(trained, tmp_path):

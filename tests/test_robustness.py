@@ -7,12 +7,16 @@ its cli_entry wrapper) in-process, which is much faster (a traceback there would
 import argparse
 import ast
 import csv
+import json
 import os
 import re
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -166,6 +170,145 @@ def test_user_left_without_readable_images_fails(tmp_path, tokenizer, capsys):
     assert not list((tmp_path / "out").glob("*.safetensors"))
 
 
+def png_of_zeros(path: Path, width: int, height: int) -> Path:
+    """A real 1-bit black PNG of width x height: a decompression bomb (20000 x 20000 is ~60 kB on disk)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    packer, row = zlib.compressobj(9), b"\0" * (1 + (width + 7) // 8)   # filter byte + packed bits
+    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+                     + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path
+
+
+def _hostile(folder: Path, kind: str) -> tuple[Path, str]:
+    """One hostile image in `folder`, and a pattern of the reason it must be passed over with."""
+    if kind == "bomb":              # over PIL's own limit: PIL raised DecompressionBombError
+        return png_of_zeros(folder / "bomb.png", 20000, 20000), r"megapixels|larger than"
+    if kind == "over_limit":        # under PIL's limit (81 Mpx, decoded silently) but over ours: refused from its header
+        return png_of_zeros(folder / "huge.png", 9000, 9000), r"81 megapixels\) is larger than the 33.6 megapixels"
+    if kind == "truncated":
+        path = folder / "truncated.png"
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(path)
+        path.write_bytes(path.read_bytes()[:2000])
+        return path, r"\w"
+    path = folder / "noise.tif"   # not an image at all
+    path.write_bytes(np.random.default_rng(0).bytes(4000))
+    return path, r"\w"
+
+
+HOSTILE = ["bomb", "over_limit", "truncated", "not_an_image"]
+
+
+@pytest.mark.parametrize("kind", HOSTILE)
+def test_hostile_images_are_passed_over_by_every_reader(tmp_path, kind):
+    """The one reader (data.images) and each consumer: stage 1's and stage 4's datasets, the tokenizer
+    trainer's banks (load_bank) and stage 4's image sets name the file, say why and count it; none raises."""
+    from data.images import ImageFiles, load_bank
+    from evaluation.imageset import load_set
+    from training.tokenizer import load_banks
+    data = make_dataset(tmp_path / "data", users=("ID_1",), per_user=2, val_per_user=1)
+    bad, reason = _hostile(data / "train" / "ID_1", kind)
+    files = sorted((data / "train" / "ID_1").iterdir())
+    reads = [ImageFiles(files, 32)[i] for i in range(len(files))]
+    assert [r.image is None for r in reads] == [f == bad for f in files]
+    assert re.search(reason, next(r.problem for r in reads if r.image is None)), reads
+    for load in (lambda log: load_bank(files, 32, log=log), lambda log: load_set(files, [0] * 3, 32, 16, log=log).images,
+                 lambda log: load_banks(data, 0.1, 32, torch.device("cpu"), log)[0]):
+        logged: list[str] = []
+        assert len(load(logged.append)) == 2
+        assert any(f"skipping unreadable image {bad}" in m for m in logged), logged
+        assert any("1 unreadable image(s) skipped" in m for m in logged), logged
+
+
+@pytest.mark.parametrize("kind", ["bomb", "over_limit"])
+def test_stage1_passes_over_an_image_too_large(tmp_path, tokenizer, capsys, kind):
+    data = make_dataset(tmp_path / "data", users=("ID_1", "ID_2"), per_user=3, val_per_user=1)
+    bad, reason = _hostile(data / "train" / "ID_1", kind)
+    proc = run_main(capsys, S1, *stage1_args(data, tokenizer, tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(rf"skipping unreadable image {re.escape(str(bad))}: .*({reason})", proc.stdout), proc.stdout
+    assert "6 train and 2 val latents" in proc.stdout and "1 unreadable image(s) skipped" in proc.stdout
+
+
+#################################################################################
+#                            Two runs into one place                            #
+#################################################################################
+
+def hold_lock(path: Path, what: str) -> subprocess.Popen:
+    """Another process holding the lock `path` through common.lock, as a running command does."""
+    holder = subprocess.Popen([PYTHON, "-c", "import sys, time; from common.lock import run_lock\n"
+                               f"with run_lock({str(path)!r}, {what!r}, 'elsewhere'):\n"
+                               "    print('held', flush=True); time.sleep(120)"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def _lock_cases(tmp_path: Path, tokenizer: Path, trained: Path):
+    """(command and flags, its lock file) of every command that writes an output."""
+    data = make_dataset(tmp_path / "data", users=("ID_1", "ID_2"), per_user=2, val_per_user=1)
+    out = tmp_path / "out"
+    return {
+        "stage1": ([S1, *stage1_args(data, tokenizer, out)], out / "stage1.lock"),
+        "stage3": ([S3, "--dit_checkpoint", trained / "checkpoints" / "last.ckpt", "--vavae_path", tokenizer,
+                    "--output_dir", out, "--user_ids", 1, "--num_steps", 2], out / "stage3.lock"),
+        "stage4": (["stage4_evaluate.py", "--data_dir", data, "--generated_dir", out, "--output_dir", out],
+                   out / "stage4.lock"),
+        "tokenizer": (["train_tokenizer.py", "--data_dir", data, "--output_path", out / "tok.safetensors",
+                       "--steps", 1], out / "tok.safetensors.lock"),
+        "pipeline": (["run_complete_pipeline.py", "--data_dir", data, "--vavae_path", tokenizer, "--output_dir", out],
+                     out / "pipeline.lock"),
+    }
+
+
+@pytest.mark.parametrize("command", ["stage1", "stage3", "stage4", "tokenizer", "pipeline"])
+def test_a_second_run_into_the_same_output_is_refused_naming_the_first(tmp_path, tokenizer, trained, capsys, command):
+    (script, *flags), lock = _lock_cases(tmp_path, tokenizer, trained)[command]
+    holder = hold_lock(lock, "the first run")
+    try:
+        proc = run_main(capsys, script, *flags)
+        assert_user_error(proc, rf"another the first run run \(pid {holder.pid} on {re.escape(socket.gethostname())}, "
+                                r"started \d{4}-\d\d-\d\d \d\d:\d\d", r"Wait for it to finish")
+        assert sorted(p.name for p in lock.parent.iterdir()) == [lock.name]   # the first run's output untouched
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path, tokenizer, capsys):
+    data = make_dataset(tmp_path / "data", users=("ID_1", "ID_2"), per_user=2, val_per_user=1)
+    dead = subprocess.Popen([PYTHON, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "stage1.lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(),
+                                                             "started": "then", "what": "stage 1"}))
+    proc = run_main(capsys, S1, *stage1_args(data, tokenizer, tmp_path / "out", "--tokenizer_check_images", 0))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"left by stage 1 process {dead.pid}" in proc.stdout and not (tmp_path / "out" / "stage1.lock").exists()
+
+
+def test_two_pipelines_into_one_folder_the_second_is_refused_the_first_finishes(tmp_path, tokenizer, capsys):
+    """The issue's case: the same command started twice; the second stops at once, the first is untouched."""
+    data = make_dataset(tmp_path / "data", users=("ID_1", "ID_2"), per_user=2, val_per_user=1)
+    out = tmp_path / "out"
+    command = ["run_complete_pipeline.py", "--data_dir", data, "--vavae_path", tokenizer, "--output_dir", out,
+               "--stages", 1, "--image_size", 64, "--batch_size", 4, "--num_workers", 0]
+    first = subprocess.Popen([PYTHON, *map(str, command)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        deadline = time.time() + 60
+        while not (out / "pipeline.lock").is_file() and time.time() < deadline:
+            time.sleep(0.05)
+        second = run_main(capsys, *command)
+        assert_user_error(second, rf"another pipeline run \(pid {first.pid} on ", r"another --output_dir")
+        stdout, stderr = first.communicate(timeout=300)
+    finally:
+        first.kill()
+    assert first.returncode == 0, stderr[-3000:]
+    assert "mixes the files" not in stderr and (out / "latent_features" / ".stage_complete.json").is_file()
+    assert not (out / "pipeline.lock").exists()
+
+
 #################################################################################
 #                      Wrong, broken and unsafe model files                     #
 #################################################################################
@@ -309,6 +452,57 @@ def test_restart_trains_anew_and_removes_the_stale_best(tmp_path, latents, train
 #                                   Stage 3                                     #
 #################################################################################
 
+def latent_folder(out: Path, train=(32, 4, 4), val=(32, 4, 4), stats_channels: int = 32) -> Path:
+    """A stage 1 folder of another tool (no tokenizer sha256): 12 train and 3 val latents of 3 users."""
+    meta = {"users": ["ID_1", "ID_2", "ID_3"], "user_numbers": [1, 2, 3], "image_size": 64}
+    for split, n, shape in (("train", 12, train), ("val", 3, val)):
+        save_safetensors({"latents": torch.randn(n, *shape), "user_ids": torch.arange(n) % 3},
+                         out / f"{split}.safetensors", meta)
+    stats = (1, stats_channels, 1, 1)
+    save_safetensors({"mean": torch.zeros(stats), "std": torch.ones(stats)}, out / "latent_stats.safetensors", meta)
+    return out
+
+
+@pytest.mark.parametrize("shapes, patterns", [
+    (dict(train=(4, 8, 8), val=(4, 8, 8)), [r"disagree: train.safetensors holds latents \(C, h, w\) = \(4, 8, 8\)",
+                                            r"mean \(1, 32, 1, 1\)", r"Rerun stage 1"]),
+    (dict(val=(16, 4, 4)), [r"disagree", r"val.safetensors \(16, 4, 4\)"]),
+    (dict(val=(32, 8, 8)), [r"disagree", r"val.safetensors \(32, 8, 8\)"]),
+    (dict(train=(32, 4, 6), val=(32, 4, 6)), [r"latents are 4x6", r"square"]),
+    (dict(train=(32, 5, 5), val=(32, 5, 5)), [r"5x5 cannot be cut into the 2x2 patches", r"patch size 1"]),
+], ids=["sd_vae_latents_vavae_stats", "val_channels", "val_size", "not_square", "not_patchable"])
+def test_stage2_names_latent_files_that_disagree(tmp_path, capsys, shapes, patterns):
+    latents = latent_folder(tmp_path / "latents", **shapes)
+    proc = run_main(capsys, S2, *stage2_args(latents, tmp_path / "out", "--max_steps", 1))
+    assert_user_error(proc, *patterns)
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("tokenizer_config, made", [(dict(embed_dim=4, z_channels=4), "4 channels at 4x4"),
+                                                     (dict(ch_mult=(1, 2, 2, 2)), "32 channels at 8x8")],
+                         ids=["channels", "downsampling"])
+def test_a_tokenizer_that_does_not_fit_the_latents_is_named(tmp_path, trained, capsys, tokenizer_config, made):
+    other = make_tokenizer(tmp_path / "other.safetensors", **tokenizer_config)
+    proc = run_main(capsys, S3, "--dit_checkpoint", trained / "checkpoints" / "best.ckpt", "--vavae_path", other,
+                    "--output_dir", tmp_path / "gen", "--user_ids", 1, "--num_steps", 2)
+    assert_user_error(proc, rf"the tokenizer {re.escape(str(other))} makes latents of {made} from 64 px images, but "
+                            r"the model of .*best.ckpt takes latents of 32 channels at 4x4", r"Pass the tokenizer used in stage 1")
+    assert not list((tmp_path / "gen").glob("*.png"))
+    latents = latent_folder(tmp_path / "latents")     # stage 2's validation grids decode with it too
+    proc = run_main(capsys, S2, *stage2_args(latents, tmp_path / "out", "--max_steps", 1, "--vavae_path", other))
+    assert_user_error(proc, rf"makes latents of {made} .* but the stage 1 latents are of 32 channels at 4x4")
+
+
+def test_stage3_names_a_checkpoint_whose_statistics_do_not_fit_its_model(tmp_path, trained, tokenizer, capsys):
+    ckpt = load_ckpt(trained / "checkpoints" / "best.ckpt")
+    ckpt["pipeline"]["latent_mean"] = torch.zeros(1, 4, 1, 1)     # statistics of another latent space
+    torch.save(ckpt, tmp_path / "edited.ckpt")
+    proc = run_main(capsys, S3, "--dit_checkpoint", tmp_path / "edited.ckpt", "--vavae_path", tokenizer,
+                    "--output_dir", tmp_path / "gen", "--user_ids", 1, "--num_steps", 2)
+    assert_user_error(proc, r"edited.ckpt disagrees with itself: its model takes latents of 32 channels",
+                      r"latent mean \(1, 4, 1, 1\)")
+
+
 def test_stage3_unknown_user_lists_valid_ids(tmp_path, trained, tokenizer):
     proc = run_stage(S3, "--dit_checkpoint", trained / "checkpoints" / "last.ckpt", "--vavae_path", tokenizer,
                      "--output_dir", tmp_path / "gen", "--user_ids", 1, 99, "--num_steps", 2)
@@ -446,6 +640,33 @@ def test_interrupted_stage1_is_not_finished_work(tmp_path, tokenizer, monkeypatc
     assert not (tmp_path / "out" / "latent_stats.safetensors").exists()
 
 
+def test_stage3_killed_while_moving_its_samples_in_is_detected(tmp_path, trained, tokenizer, monkeypatch, capsys):
+    """Stage 3 and stage 1 share one staged write (common.io.replaced_together): a kill between two of its
+    renames leaves a marker that stage 4 refuses, naming stage 3."""
+    import common.io
+    real, moved = os.replace, []
+
+    def killed_after_the_first_sample(src, dst):
+        if Path(src).parent.name == common.io.STAGING_DIR:
+            if moved:
+                raise KeyboardInterrupt
+            moved.append(dst)
+        return real(src, dst)
+
+    monkeypatch.setattr(common.io.os, "replace", killed_after_the_first_sample)
+    gen = tmp_path / "gen"
+    with pytest.raises(KeyboardInterrupt):
+        from generation.generate import generate
+        generate(str(trained / "checkpoints" / "best.ckpt"), str(tokenizer), str(gen), [1, 2], 2, num_steps=2,
+                 log=lambda m: None)
+    monkeypatch.undo()
+    assert len(list(gen.glob("micro_doppler_*.png"))) == 1   # one of the five moved in
+    data = make_dataset(tmp_path / "data", users=("ID_1", "ID_2", "ID_10"), per_user=2, val_per_user=1)
+    proc = run_main(capsys, "stage4_evaluate.py", "--data_dir", data, "--generated_dir", gen, "--output_dir",
+                    tmp_path / "eval", "--image_size", 64)
+    assert_user_error(proc, r"a stage 3 run stopped while moving its samples", r"Rerun stage 3")
+
+
 def test_checkpoint_interrupted_mid_save_keeps_the_previous_one(tmp_path, monkeypatch):
     """Stage 2's checkpoints go through atomic_path: a kill mid-save leaves last.ckpt as it was."""
     import common.io
@@ -562,7 +783,10 @@ def _progress_step(log: str) -> int:
     return max((int(k) for k in re.findall(r"^stage 2: step (\d+)/", log, re.M)), default=-1)
 
 
-def test_kill9_and_rerun_resumes_exactly(tmp_path, latents, trained):
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM], ids=["kill9", "sigterm"])
+def test_kill9_and_rerun_resumes_exactly(tmp_path, latents, trained, stop):
+    """kill -9 (nothing runs after it) and SIGTERM (a scheduler's or Kaggle's stop: Lightning ends the run) mid-run:
+    the last periodic last.ckpt is whole and the rerun resumes from it bit for bit."""
     out = tmp_path / "run"
     cmd = stage2_command(latents, out)
     last = out / "checkpoints" / "last.ckpt"
@@ -577,7 +801,10 @@ def test_kill9_and_rerun_resumes_exactly(tmp_path, latents, trained):
                     break
                 time.sleep(0.02)
             assert proc.poll() is None, "stage 2 ended before it could be killed:\n" + log_path.read_text()[-2000:]
-            os.kill(proc.pid, signal.SIGKILL)
+            os.kill(proc.pid, stop)
+            if stop == signal.SIGTERM:   # it stops by itself, releasing its lock
+                proc.wait(timeout=120)
+                assert not (out / "stage2.lock").exists()
         finally:
             proc.kill()
             proc.wait()

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from common.device import resolve_device, resolve_precision
 from common.errors import PipelineError
+from common.lock import run_lock
 from common.progress import progress_bar
 from data.images import load_bank, scan_dataset
 from common.io import file_sha256
@@ -363,43 +364,51 @@ def train_tokenizer(data_dir: str | Path, output_path: str | Path, width: int = 
                     compile_model: bool = False, perceptual_weight: float = 0.0, lpips_vgg: str | Path | None = None,
                     disc_weight: float = 0.0, disc_start: int = DISC_START, disc_lr: float | None = None,
                     seed: int = 0, log_every: int = 25, progress: bool = True, log=print) -> dict:
-    """Train (or fine-tune), report held-out PSNR before and after, write fp16 safetensors; returns a summary."""
-    recipe = resolve_recipe(init_from, image_size, lr, warmup, crop_size, batch_size, device, precision, decoder_only)
-    torch.manual_seed(seed)
-    model = build_tokenizer(init_from, width, num_res_blocks, image_size, log).to(recipe.device).train()
-    # before the images load: a missing VGG-16 or a too-small crop fails at once
-    texture = texture_terms(init_from, recipe, perceptual_weight, lpips_vgg, disc_weight, disc_start, disc_lr, log)
-    train_bank, val_bank = load_banks(data_dir, val_fraction, image_size, recipe.device, log)
-    psnr_before = None
-    if init_from is not None:
-        psnr_before = mean_reconstruction_psnr(model, val_bank, autocast=recipe.autocast)
-        log(f"held-out PSNR before fine-tuning: {psnr_before:.2f} dB")
-    n_params = set_trainable(model, decoder_only, image_size, recipe.crop_size, log)
-    fm, proj = alignment_term(foundation, align_weights, align_weight, model.config["embed_dim"], image_size,
-                              recipe.device, log)
+    """Train (or fine-tune), report held-out PSNR before and after, write fp16 safetensors; returns a summary.
+    Raises PipelineError for another run writing the same output_path (its lock_path)."""
+    with run_lock(lock_path(output_path), "tokenizer training", "another --output_path", log=log):
+        recipe = resolve_recipe(init_from, image_size, lr, warmup, crop_size, batch_size, device, precision, decoder_only)
+        torch.manual_seed(seed)
+        model = build_tokenizer(init_from, width, num_res_blocks, image_size, log).to(recipe.device).train()
+        # before the images load: a missing VGG-16 or a too-small crop fails at once
+        texture = texture_terms(init_from, recipe, perceptual_weight, lpips_vgg, disc_weight, disc_start, disc_lr, log)
+        train_bank, val_bank = load_banks(data_dir, val_fraction, image_size, recipe.device, log)
+        psnr_before = None
+        if init_from is not None:
+            psnr_before = mean_reconstruction_psnr(model, val_bank, autocast=recipe.autocast)
+            log(f"held-out PSNR before fine-tuning: {psnr_before:.2f} dB")
+        n_params = set_trainable(model, decoder_only, image_size, recipe.crop_size, log)
+        fm, proj = alignment_term(foundation, align_weights, align_weight, model.config["embed_dim"], image_size,
+                                  recipe.device, log)
 
-    run = run_training(model, proj, fm, train_bank, val_bank[:max_val_images], recipe, steps=steps,
-                       l1_weight=l1_weight, align_weight=align_weight, eval_every=eval_every,
-                       max_minutes=max_minutes, compile_model=compile_model, seed=seed, log_every=log_every,
-                       progress=progress, texture=texture, log=log)
+        run = run_training(model, proj, fm, train_bank, val_bank[:max_val_images], recipe, steps=steps,
+                           l1_weight=l1_weight, align_weight=align_weight, eval_every=eval_every,
+                           max_minutes=max_minutes, compile_model=compile_model, seed=seed, log_every=log_every,
+                           progress=progress, texture=texture, log=log)
 
-    # The file stores fp16 weights: measure the model the file holds, so that the PSNR in its metadata is the
-    # PSNR anyone reloading it measures (fp32 weights scored ~0.002 dB apart from their fp16 rounding).
-    round_to_fp16_storage(model)
-    val_psnr = mean_reconstruction_psnr(model, val_bank, autocast=recipe.autocast)
-    change = f" (from {psnr_before:.2f} dB before fine-tuning)" if psnr_before is not None else ""
-    log(f"held-out PSNR over {len(val_bank)} val images never trained on: {val_psnr:.2f} dB{change}")
-    meta = tokenizer_metadata(val_psnr=val_psnr, psnr_before=psnr_before, num_train=len(train_bank),
-                              num_val=len(val_bank), run=run, recipe=recipe, seed=seed,
-                              image_size=image_size, params=n_params, align_weights=align_weights,
-                              custom_foundation=foundation is not None, aligned=fm is not None, l1_weight=l1_weight,
-                              align_weight=align_weight, init_from=init_from, decoder_only=decoder_only,
-                              texture=texture)
-    save_vavae(model.cpu(), output_path, meta, half=True)
-    size = Path(output_path).stat().st_size
-    log(f"wrote {output_path} ({size / 2**20:.2f} MiB, fp16 weights)")
-    return {"val_psnr_db": val_psnr, "val_psnr_before_db": psnr_before, "history": run.history, "evals": run.evals,
-            "file_bytes": size, "params": n_params, "steps": run.steps, "seconds": run.seconds, "config": model.config}
+        # The file stores fp16 weights: measure the model the file holds, so that the PSNR in its metadata is the
+        # PSNR anyone reloading it measures (fp32 weights scored ~0.002 dB apart from their fp16 rounding).
+        round_to_fp16_storage(model)
+        val_psnr = mean_reconstruction_psnr(model, val_bank, autocast=recipe.autocast)
+        change = f" (from {psnr_before:.2f} dB before fine-tuning)" if psnr_before is not None else ""
+        log(f"held-out PSNR over {len(val_bank)} val images never trained on: {val_psnr:.2f} dB{change}")
+        meta = tokenizer_metadata(val_psnr=val_psnr, psnr_before=psnr_before, num_train=len(train_bank),
+                                  num_val=len(val_bank), run=run, recipe=recipe, seed=seed,
+                                  image_size=image_size, params=n_params, align_weights=align_weights,
+                                  custom_foundation=foundation is not None, aligned=fm is not None, l1_weight=l1_weight,
+                                  align_weight=align_weight, init_from=init_from, decoder_only=decoder_only,
+                                  texture=texture)
+        save_vavae(model.cpu(), output_path, meta, half=True)
+        size = Path(output_path).stat().st_size
+        log(f"wrote {output_path} ({size / 2**20:.2f} MiB, fp16 weights)")
+        return {"val_psnr_db": val_psnr, "val_psnr_before_db": psnr_before, "history": run.history, "evals": run.evals,
+                "file_bytes": size, "params": n_params, "steps": run.steps, "seconds": run.seconds, "config": model.config}
+
+
+def lock_path(output_path: str | Path) -> Path:
+    """The lock of a tokenizer run: `<output_path>.lock` beside the file it will write."""
+    output_path = Path(output_path)
+    return output_path.with_name(output_path.name + ".lock")
 
 
 def round_to_fp16_storage(model: VAVAE) -> None:

@@ -1,4 +1,4 @@
-"""Stage 2's checkpoints, resume and run lock: the same on every Lightning version from 2.3.3 on.
+"""Stage 2's checkpoints and resume (its run lock is common/lock.py's, `LOCK_NAME`): the same on every Lightning version from 2.3.3 on.
 
 - last.ckpt: everything a resume needs (weights, EMA, optimizer, loops, this run's flags); written every
   --checkpoint_every_n_steps, after every validation and at the last step, whatever the cadence.
@@ -11,14 +11,10 @@ between versions (only 2.5.3+ saves in on_train_end: on 2.3.3 `--max_steps 7 --c
 left step 5 in last.ckpt), and it cannot leave the training weights out of best.ckpt. These callbacks only
 use the Trainer's public API (save_checkpoint, global_step, max_steps, callback_metrics, strategy.barrier).
 """
-import json
 import math
 import os
-import socket
-import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.trainer.states import TrainerFn
@@ -187,88 +183,3 @@ def check_length(checkpoint: dict[str, Any], total_steps: int, path: Path) -> No
         raise PipelineError(f"{path} is at step {checkpoint['global_step']}, past the {total_steps} steps that "
                             "--max_steps/--max_epochs ask for. Pass --restart to train anew for that long, or "
                             "a larger --max_steps/--max_epochs to continue.")
-
-
-#################################################################################
-#                              One run per folder                               #
-#################################################################################
-
-def process_identity(pid: int) -> str | None:
-    """'boot id:start time' of a live process on this machine (Linux), '' where /proc cannot tell, None if
-    the process is gone: a pid reused by another process after a reboot or a container restart differs."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass   # alive, another user's
-    try:
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-        start = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-        return f"{boot}:{start}"
-    except (OSError, IndexError):
-        return ""
-
-
-@contextmanager
-def run_lock(output_dir: Path, hold: bool, log=print) -> Iterator[None]:
-    """One stage 2 run per --output_dir: `output_dir/stage2.lock` names the owner (pid, host); a lock whose
-    process is gone is taken over with a note. Only the launching process holds it (`hold`: global rank 0);
-    DDP workers it starts run under it. PipelineError if a live run holds it."""
-    if not hold:
-        yield
-        return
-    path = Path(output_dir) / LOCK_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "process": process_identity(os.getpid()),
-          "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    for _ in range(3):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            take_over_stale_lock(path, me, log)
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        break
-    else:
-        raise PipelineError(f"could not take the lock {path}: another stage 2 run keeps starting in {output_dir}")
-    try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)
-
-
-def take_over_stale_lock(path: Path, me: dict, log=print) -> None:
-    """Remove `path` if its owner is gone (same host, process dead or a new process under its pid); else refuse."""
-    owner = read_lock(path)
-    if owner is None:
-        return
-    pid, host = owner.get("pid"), owner.get("host")
-    if isinstance(pid, int) and host == me["host"]:
-        alive = process_identity(pid)
-        if alive is None or (alive and owner.get("process") and alive != owner["process"]):
-            log(f"note: {path} was left by stage 2 process {pid} (started {owner.get('started', '?')}), which "
-                "is gone: taking it over")
-            path.unlink(missing_ok=True)
-            return
-    who = f"pid {pid} on {host}, started {owner.get('started', '?')}" if owner else "its lock file is unreadable"
-    raise PipelineError(
-        f"another stage 2 run ({who}) is writing to {path.parent}: two runs would resume each other's "
-        f"checkpoints. Wait for it to finish, stop it, or pass another --output_dir. If no such run is "
-        f"writing there (a process of another machine that is gone), delete {path} and rerun.")
-
-
-def read_lock(path: Path) -> dict | None:
-    """The owner recorded in a lock file ({} if unreadable, None if gone); a lock just created is read again a moment later."""
-    for wait in (0.0, 1.0):
-        time.sleep(wait)
-        try:
-            owner = json.loads(path.read_text())
-            if isinstance(owner, dict):
-                return owner
-        except FileNotFoundError:
-            return None   # released meanwhile: the caller tries again
-        except (OSError, ValueError):
-            pass
-    return {}

@@ -123,7 +123,8 @@ class DiTTrainingModule(pl.LightningModule):
                                   negatives, self.contrastive_weight).mean()
         if self.loss_scaler() is None:   # with a scaler, GradScaler skips the step (counted in optimizer_step)
             self.nonfinite_step.masked_fill_(~torch.isfinite(loss.detach()) & (self.nonfinite_step < 0), step)
-        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(idx))
+        # sync_dist: the logged loss is the mean over the DDP processes (one scalar all-reduce a step)
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(idx), sync_dist=True)
         return loss
 
     def augment(self, x1: torch.Tensor):

@@ -12,7 +12,9 @@ join the process group early (Lightning then reuses it) and wait for rank 0's ve
 """
 import atexit
 import os
+import re
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Iterator
 
 import torch
@@ -20,6 +22,33 @@ from lightning_fabric.plugins.environments import (ClusterEnvironment, Lightning
                                                    SLURMEnvironment, TorchElasticEnvironment)
 
 from common.errors import PipelineError
+
+# How long a collective waits for a process that stopped answering before the job ends with an error. NCCL's own
+# watchdog would wait 30 minutes under Lightning's default (a lost GPU burning half an hour of a Kaggle session);
+# 5 minutes is still ~3x the longest wait of a healthy run (rank 0 writing XL/1's 11 GB last.ckpt at ~100 MB/s
+# while the other ranks wait at the barrier). Used by the DDPStrategy and by join_process_group.
+COLLECTIVE_TIMEOUT = timedelta(minutes=5)
+# How a collective fails when another process of the job is gone: gloo's TCP errors, NCCL's watchdog and aborts.
+PEER_LOST = re.compile(r"Connection (reset|closed) by peer|Broken pipe|ECONNRESET|EPIPE|NCCL communicator was aborted"
+                       r"|Watchdog caught collective operation timeout|ProcessGroupNCCL.*(timeout|abort)"
+                       r"|Socket Timeout|recvBytes|sendBytes|connection closed|Timed out waiting", re.I)
+
+
+def is_peer_lost(err: BaseException) -> bool:
+    """Whether `err`, raised in a multi-process run, says that another process of the job stopped (killed, out
+    of memory, a lost GPU or node) rather than that this one failed."""
+    dist_errors = tuple(getattr(torch.distributed, name) for name in ("DistBackendError", "DistNetworkError")
+                        if hasattr(torch.distributed, name))
+    return isinstance(err, dist_errors) or (isinstance(err, RuntimeError) and bool(PEER_LOST.search(str(err))))
+
+
+def peer_lost_message(err: BaseException, world: int, last_checkpoint: str) -> str:
+    """What a rank says when another process of its job died: the cause is in that process's log, and a rerun
+    resumes."""
+    first_line = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+    return (f"another process of this {world}-process DDP job stopped (this process lost its connection to it: "
+            f"{first_line}). Its own log says why (killed, out of memory, a lost GPU or node). Fix that and rerun "
+            f"the same command: the run resumes from {last_checkpoint}.")
 
 
 def cluster_environment() -> ClusterEnvironment:
@@ -112,7 +141,8 @@ def join_process_group(env: ClusterEnvironment, use_cuda: bool) -> torch.device:
     if use_cuda:
         torch.cuda.set_device(device)
     backend = "nccl" if use_cuda else "gloo"
-    torch.distributed.init_process_group(backend, rank=env.global_rank(), world_size=env.world_size())
+    torch.distributed.init_process_group(backend, rank=env.global_rank(), world_size=env.world_size(),
+                                         timeout=COLLECTIVE_TIMEOUT)
     if backend == "nccl":   # PyTorch warns about an NCCL group left undestroyed at exit (Lightning does the same)
         atexit.register(lambda: torch.distributed.is_initialized() and torch.distributed.destroy_process_group())
     return device

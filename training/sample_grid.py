@@ -153,4 +153,9 @@ def sample_grid_callbacks(vavae_path: str | None, users: int, samples: int, info
         raise PipelineError(f"--vavae_path {vavae_path} is not the tokenizer that made the stage 1 latents "
                             f"({info.tokenizer or '?'}, sha256 {info.tokenizer_sha256[:12]}...): its grids would "
                             "decode to noise. Pass the tokenizer used in stage 1, or leave --vavae_path out.")
+    if not info.tokenizer_sha256:   # latents of another tool: the sha256 check above could not tell
+        from models.vavae import check_tokenizer_fits, load_vavae
+        check_tokenizer_fits(load_vavae(vavae_path), vavae_path, info.image_size, info.model_config["in_channels"],
+                             info.model_config["input_size"], "the stage 1 latents are of",
+                             "Pass the tokenizer that made them, or leave --vavae_path out.")
     return [ValidationGrid(vavae_path, Path(output_dir) / GRID_DIR, users, samples)]

@@ -20,15 +20,17 @@ from common.device import bf16_supported, check_cuda_usable, resolve_precision, 
 from common.errors import PipelineError, out_of_memory_advice
 from common.io import atomic_path, save_torch
 from common.progress import due, is_terminal, progress_line
-from data.latents import load_latents, load_stats
-from training.checkpoints import (BestCheckpoint, LastCheckpoint, RunFlags, check_length, check_optimizer_layout,
-                                  resume_message, run_lock)
+from data.latents import check_latents_agree, load_latents, load_stats
+from common.lock import run_lock
+from training.checkpoints import (LOCK_NAME, BestCheckpoint, LastCheckpoint, RunFlags, check_length,
+                                  check_optimizer_layout, resume_message)
 from training.cli import TrainOptions
 from models.checkpoint import PipelineInfo, checkpoint_info, load_checkpoint
 from models.lightningdit import model_config
 from training.dit_module import MAX_SKIPPED_IN_A_ROW, DiTTrainingModule, NonFiniteLoss
 from training.early_checkpoint import EarlyCheckpoint
-from training.launch import check_world_size, rank_zero_first
+from training.launch import (COLLECTIVE_TIMEOUT, check_world_size, global_rank, is_peer_lost, peer_lost_message,
+                             rank_zero_first)
 from training.sample_grid import identity_callbacks, sample_grid_callbacks
 
 
@@ -41,6 +43,7 @@ def build_module(args: TrainOptions, log=print) -> DiTTrainingModule:
     train_x, train_y, meta = load_latents(args.latent_dir, "train")
     val_x, val_y, _ = load_latents(args.latent_dir, "val")
     mean, std = load_stats(args.latent_dir)
+    check_latents_agree(args.latent_dir, train_x, val_x, mean, std)
     users = meta.get("users") or [f"ID_{i + 1}" for i in range(int(train_y.max()) + 1)]
     numbers = meta.get("user_numbers") or list(range(1, len(users) + 1))
     config = model_config(args.model, num_classes=len(users), input_size=train_x.shape[-1],
@@ -49,6 +52,10 @@ def build_module(args: TrainOptions, log=print) -> DiTTrainingModule:
                           class_dropout_prob=args.class_dropout_prob,
                           use_checkpoint=bool(args.grad_checkpointing),
                           time_shift_cond=True if args.time_shift_aug > 0 else None)   # off: no key, as published
+    if config["input_size"] % config["patch_size"]:
+        raise PipelineError(f"{args.latent_dir}: latents of {config['input_size']}x{config['input_size']} cannot be cut "
+                            f"into the {config['patch_size']}x{config['patch_size']} patches of {args.model}: pick a "
+                            f"model with patch size 1 (e.g. LightningDiT-B/1) or a size that divides it.")
     info = PipelineInfo(model_config=config, users=users, user_numbers=numbers, latent_mean=mean, latent_std=std,
                         tokenizer=meta.get("tokenizer", ""), tokenizer_sha256=meta.get("tokenizer_sha256", ""),
                         image_size=meta.get("image_size", 256))
@@ -76,9 +83,11 @@ def train(args: TrainOptions, log=print, callbacks: Sequence[pl.Callback] = ()) 
     user can fix: mixed or non-finite latents, a resume the flags cannot honour, another run holding the folder's
     lock, no usable CUDA for a GPU run, a divergence (with the checkpoint kept), or memory that does not fit."""
     torch.manual_seed(args.seed)   # the initial weights; the module seeds each step from (seed, step, rank)
+    check_devices(args)
+    if global_rank(args.devices) != 0:
+        log = lambda *_: None   # noqa: E731  one account of the run, from global rank 0; errors still stop every rank
     out = Path(args.output_dir)
     ckpt_dir = out / "checkpoints"
-    check_devices(args)
     precision = resolve_precision(args.precision, args.accelerator)   # after check_devices: cuda is usable
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True   # TF32 on Ampere+: same results class, much faster
@@ -99,7 +108,9 @@ def train(args: TrainOptions, log=print, callbacks: Sequence[pl.Callback] = ()) 
                  *sample_grid_callbacks(args.vavae_path, args.val_grid_users, args.val_grid_samples, module.info, out, log),
                  *identity_callbacks(args.val_identity_samples, args.classifier_steps)]
     trainer = build_trainer(args, precision, out, callbacks)
-    with run_lock(out, hold=trainer.global_rank == 0, log=log):
+    log(world_line(args))
+    # Only the launching process holds it (global rank 0); the DDP workers it starts run under it.
+    with run_lock(out / LOCK_NAME, "stage 2", "another --output_dir", hold=trainer.global_rank == 0, log=log):
         prepare_output_dir(args, ckpt_dir, log)   # --restart's removal, before any rank decides to resume
         resume = resume_point(args, module, ckpt_dir, trainer.global_rank == 0, log)
         try:
@@ -108,11 +119,25 @@ def train(args: TrainOptions, log=print, callbacks: Sequence[pl.Callback] = ()) 
                 validate_final_weights(trainer, module)
         except NonFiniteLoss as err:
             raise PipelineError(divergence_message(err, args, precision, ckpt_dir)) from None
+        except Exception as err:
+            world = args.devices * args.num_nodes
+            if world > 1 and is_peer_lost(err):
+                raise PipelineError(peer_lost_message(err, world, str(ckpt_dir / "last.ckpt"))) from None
+            raise
         if trainer.global_rank == 0:
             plot_loss_curve(out / "lightning_logs" / "csv" / "metrics.csv", out / "loss_curve.png")
             log(f"stage 2 done: checkpoints in {ckpt_dir}, logs in {out / 'lightning_logs'}, curve {out / 'loss_curve.png'}")
     best, last = ckpt_dir / "best.ckpt", ckpt_dir / "last.ckpt"
     return best if best.is_file() else last
+
+
+def world_line(args: TrainOptions) -> str:
+    """How many processes train and on what batch: 'stage 2: 4 processes (2 per node x 2 nodes), batch 32 per
+    process, 128 in total'."""
+    world = args.devices * args.num_nodes
+    return (f"stage 2: {world} process{'es' if world > 1 else ''} ({args.devices} per node x {args.num_nodes} "
+            f"node{'s' if args.num_nodes > 1 else ''}), batch {args.batch_size} per process, "
+            f"{args.batch_size * world} in total")
 
 
 def build_trainer(args: TrainOptions, precision: str, out: Path, callbacks: Sequence[pl.Callback]) -> pl.Trainer:
@@ -130,7 +155,7 @@ def build_trainer(args: TrainOptions, precision: str, out: Path, callbacks: Sequ
     distributed = devices * args.num_nodes > 1
     # The latents, the fixed validation noise and the NaN flag are buffers: by default DDP would broadcast
     # them from rank 0 before every forward (the whole dataset each step) and overwrite the other ranks' flag.
-    strategy = DDPStrategy(broadcast_buffers=False) if distributed else "auto"
+    strategy = DDPStrategy(broadcast_buffers=False, timeout=COLLECTIVE_TIMEOUT) if distributed else "auto"
     if distributed and args.accelerator == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // devices))   # devices: processes on this node
     quiet_lightning_warnings()
@@ -298,6 +323,9 @@ def quiet_lightning_warnings() -> None:
     # deprecation is Lightning's own use of torch (2.6.6 with torch >= 2.9); the cloud-logging advert (2.6).
     warnings.filterwarnings("ignore", message=".*is smaller than the logging interval")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+    # torch >= 2.10 deprecates DDP's broadcast_buffers, but its successor still syncs buffers at init, and ours
+    # are rank-local on purpose (build_trainer); torch's own message says to keep broadcast_buffers=False until then.
+    warnings.filterwarnings("ignore", message=r".*`broadcast_buffers` is deprecated", category=FutureWarning)
     rank_zero_log = logging.getLogger("pytorch_lightning.utilities.rank_zero")
     if not any(isinstance(f, DropAdverts) for f in rank_zero_log.filters):
         rank_zero_log.addFilter(DropAdverts())
