@@ -188,6 +188,7 @@ def test_write_dataset_layout(tmp_path):
     assert (tmp_path / "again" / "train" / "ID_1" / "ID_1_0000.png").read_bytes() == first
 
 
+@pytest.mark.slow
 def test_cli(tmp_path):
     out = tmp_path / "sim"
     result = subprocess.run(
