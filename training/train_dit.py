@@ -326,6 +326,8 @@ def quiet_lightning_warnings() -> None:
     # torch >= 2.10 deprecates DDP's broadcast_buffers, but its successor still syncs buffers at init, and ours
     # are rank-local on purpose (build_trainer); torch's own message says to keep broadcast_buffers=False until then.
     warnings.filterwarnings("ignore", message=r".*`broadcast_buffers` is deprecated", category=FutureWarning)
+    # val_identity is scored by global rank 0 alone (training/sample_grid.py): there is nothing to reduce.
+    warnings.filterwarnings("ignore", message=r".*self.log\('val_identity', \.\.\., sync_dist=True\)")
     rank_zero_log = logging.getLogger("pytorch_lightning.utilities.rank_zero")
     if not any(isinstance(f, DropAdverts) for f in rank_zero_log.filters):
         rank_zero_log.addFilter(DropAdverts())
