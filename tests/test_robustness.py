@@ -206,7 +206,7 @@ def test_hostile_images_are_passed_over_by_every_reader(tmp_path, kind):
     trainer's banks (load_bank) and stage 4's image sets name the file, say why and count it; none raises."""
     from data.images import ImageFiles, load_bank
     from evaluation.imageset import load_set
-    from training.tokenizer import load_banks
+    from tokenizer.train import load_banks
     data = make_dataset(tmp_path / "data", users=("ID_1",), per_user=2, val_per_user=1)
     bad, reason = _hostile(data / "train" / "ID_1", kind)
     files = sorted((data / "train" / "ID_1").iterdir())
