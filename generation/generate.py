@@ -16,7 +16,7 @@ from common.progress import progress_bar
 from data.samples import GRID_NAME, remove_stale_samples, sample_name
 from models.checkpoint import PipelineInfo, checkpoint_info, ema_state_dict, load_checkpoint
 from models.lightningdit import LightningDiT
-from models.latent_classifier import NoisyLatentClassifier, classifier_log_prob_gradient
+from models.latent_classifier import NoisyLatentClassifier, classifier_from_entry, classifier_log_prob_gradient
 from models.transport import (DEFAULT_SAMPLER, DEFAULT_SHIFT, DEFAULT_STEPS, CountedVelocity,
                               classifier_guided_velocity, guidance_switches, guided_velocity, sample_ode)
 
@@ -106,7 +106,6 @@ def guidance_classifier(info: PipelineInfo, scale: float, interval_start: float,
         raise PipelineError(f"--classifier_scale {scale:g} needs the noisy-latent user classifier that stage 2 trains "
                             f"beside the DiT, and {checkpoint_path} has none (trained with --classifier_steps 0, or "
                             "by an older version). Pass --classifier_scale 0, or train stage 2 again.")
-    from models.latent_classifier import classifier_from_entry
     return classifier_from_entry(info.latent_classifier, device)
 
 

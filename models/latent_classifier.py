@@ -17,6 +17,8 @@ import torch.nn.functional as F
 
 from models.lightningdit import TimestepEmbedder
 
+CLASSIFIER_STEPS = 600       # 0.97 val accuracy on clean demo latents after 300 (experiments/identity_levers.sh)
+
 
 #################################################################################
 #                                   Blocks                                      #

@@ -7,6 +7,7 @@ from common.config import (add_config_flag, below_one, ema_width, new_parser, no
                            parse_args, positive_float, positive_int, probability, seed)
 from common.device import PRECISIONS, device_word, precision_word
 from models.lightningdit import DEFAULT_MODEL, LightningDiT_models
+from models.latent_classifier import CLASSIFIER_STEPS
 
 DESCRIPTION = "Stage 2: train a user-conditioned LightningDiT on the stage 1 latents (PyTorch Lightning, DDP)."
 REQUIRED = ["latent_dir", "output_dir"]
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--contrastive_weight", type=non_negative_float, default=0.0,
                    help="contrastive flow matching (Delta-FM): push each user's flow away from other users' "
                         "targets with this weight (0 = off; the paper uses 0.05)")
-    p.add_argument("--classifier_steps", type=non_negative_int, default=600,
+    p.add_argument("--classifier_steps", type=non_negative_int, default=CLASSIFIER_STEPS,
                    help="steps of the noisy-latent user classifier trained on the train latents before the DiT "
                         "(stage 3's --classifier_scale and val_identity use it; 0 = none)")
     p.add_argument("--val_identity_samples", type=non_negative_int, default=8,

@@ -14,9 +14,11 @@ import torch
 
 from common.errors import PipelineError
 from models.checkpoint import PipelineInfo
+from models.latent_classifier import CLASSIFIER_STEPS, classifier_entry
 from models.lightningdit import LightningDiT
 from models.transport import flow_matching_loss, sample_timesteps
 from training.augment import check_probability, random_time_shifts, shift_time
+from training.latent_classifier import classifier_accuracy, train_latent_classifier
 
 NONFINITE_CHECK_EVERY = 50   # steps between looks at the device-side NaN flag (a host-device sync)
 # Under fp16 loss scaling a step with NaN/inf gradients is skipped and the scale halved, as AMP does; only this
@@ -34,7 +36,7 @@ class DiTTrainingModule(pl.LightningModule):
                  timestep_sampling: str = "uniform", cosine_loss_weight: float = 0.0,
                  compile_model: bool = False, backbone_lr_scale: float = 1.0, warmup_steps: int = 0,
                  time_shift_aug: float = 0.0, ema_std: float | None = None, contrastive_weight: float = 0.0,
-                 classifier_steps: int = 600):
+                 classifier_steps: int = CLASSIFIER_STEPS):
         super().__init__()
         self.model = LightningDiT(**info.model_config)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
@@ -275,8 +277,6 @@ class DiTTrainingModule(pl.LightningModule):
         in the checkpoint: train_dit.resume_point), on this device, the same on every rank (seeded)."""
         if self.info.latent_classifier is not None or self.classifier_steps == 0:
             return
-        from models.latent_classifier import classifier_entry
-        from training.latent_classifier import classifier_accuracy, train_latent_classifier
         started = time.monotonic()
         classifier = train_latent_classifier(self.train_x, self.train_y, self.model.num_classes, seed=self.seed,
                                              steps=self.classifier_steps)

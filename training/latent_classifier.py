@@ -9,10 +9,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from models.latent_classifier import NoisyLatentClassifier
+from models.latent_classifier import CLASSIFIER_STEPS, NoisyLatentClassifier
 from models.transport import DEFAULT_SHIFT, guided_velocity, sample_ode
 
-CLASSIFIER_STEPS = 600       # 0.97 val accuracy on clean demo latents after 300 (experiments/identity_levers.sh)
 CLASSIFIER_BATCH = 64
 CLASSIFIER_LR = 2e-3
 CLASSIFIER_WEIGHT_DECAY = 0.05
