@@ -3,6 +3,7 @@ import argparse
 
 from common.config import add_config_flag, new_parser, non_negative_int, positive_int
 from common.device import DEVICE_WORDS, device_word
+from data.repa_targets import REPA_ENCODERS
 
 DESCRIPTION = "Stage 1: encode every image once with the frozen VA-VAE; write train/val latents and their stats."
 REQUIRED = ["data_dir", "vavae_path", "output_path"]
@@ -21,6 +22,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", type=positive_int, default=1, help="GPUs to split the images over (with --device auto or cuda)")
     p.add_argument("--tokenizer_check_images", type=non_negative_int, default=48,
                    help="train images (spread over users) reconstructed to check the tokenizer knows your data; 0: skip")
+    p.add_argument("--repa_encoder", default="none", choices=REPA_ENCODERS,
+                   help="also write REPA targets (repa_targets.safetensors) for stage 2's --repa_weight: the patch "
+                        "features of each train image from the DINOv2 the published tokenizer carries (dinov2), a "
+                        "small CNN trained here on your train images to tell the users apart (spectrogram), or the "
+                        "first of these the tokenizer allows (auto)")
     return p
 
 

@@ -15,6 +15,7 @@ from common.io import (file_sha256, interrupted_replace, load_safetensors, read_
                        require_file, save_safetensors, write_text)
 from common.lock import run_lock
 from common.progress import progress_bar
+from data.repa_targets import TARGETS_FILE, build_targets
 from data.images import ImageFiles, User, crop_note, load_bank, scan_dataset, skip_message, skipped_count
 
 STAGE1_FILES = ("train.safetensors", "val.safetensors", "latent_stats.safetensors", "split.json")
@@ -166,14 +167,16 @@ def write_split(users: list[User], data_dir: str, path: Path, run_id: str = "") 
 
 def extract_features(data_dir: str, vavae_path: str, output_path: str, batch_size: int = 32,
                      image_size: int = 256, num_workers: int = 2, device: str = "auto", devices: int = 1,
-                     tokenizer_check_images: int = 48, log=print) -> dict[str, Any]:
+                     tokenizer_check_images: int = 48, repa_encoder: str = "none", log=print) -> dict[str, Any]:
     """Encode data_dir's train/val images; write train/val latents, the train-set stats and split.json.
 
     Each image (any size and mode; ADM centre crop to image_size, RGB, [-1, 1]) becomes the posterior mean of
     the VA-VAE: train.safetensors / val.safetensors hold `latents` (N, 32, image_size/16, image_size/16) float32
     and `user_ids` (N,) int64 (class index = position of the user folder in number order), and metadata (users,
     their numbers, image paths, tokenizer sha256, tokenizer PSNR in dB); latent_stats.safetensors the
-    per-channel train mean/std (1, 32, 1, 1). Returns the metadata written.
+    per-channel train mean/std (1, 32, 1, 1). With repa_encoder (data/repa_targets.py), repa_targets.safetensors
+    holds `targets` (N_train, (image_size/16)^2, D) float16, the encoder's patch features of each train image.
+    Returns the metadata written.
 
     The four files are written to a staging folder and moved into output_path together, each carrying this
     run's id, so a failed run leaves the previous run's files and stage 2 can tell a mixed folder. Raises
@@ -202,6 +205,7 @@ def extract_features(data_dir: str, vavae_path: str, output_path: str, batch_siz
             meta.update(tokenizer_psnr_check(vavae_path, users, image_size, tokenizer_check_images, str(dev), log))
         summary: dict[str, Any] = {"users": len(users), **{k: v for k, v in meta.items() if k.startswith("tokenizer_psnr")}}
         all_names, all_shapes = [], []
+        banks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}   # split -> (uint8 images, labels), for REPA
         with replaced_together(out, STAGE1_FILES) as staging:
             write_split(users, data_dir, staging / "split.json", meta[RUN_KEY])
             for split in ("train", "val"):
@@ -218,11 +222,18 @@ def extract_features(data_dir: str, vavae_path: str, output_path: str, batch_siz
                     mean, std = latent_stats(encoded.latents)
                 save_safetensors({"latents": encoded.latents, "user_ids": encoded.labels}, staging / f"{split}.safetensors",
                                  {**meta, "split": split, "num_skipped": len(encoded.skipped), "files": names})
+                if repa_encoder != "none":
+                    banks[split] = (load_bank(encoded.files(items), image_size, log=log), encoded.labels)
                 summary[split] = len(encoded.labels)
                 summary[f"{split}_skipped"] = len(encoded.skipped)
                 all_names += names
                 all_shapes += [tuple(s) for s in encoded.shapes.tolist()]
             save_safetensors({"mean": mean, "std": std}, staging / "latent_stats.safetensors", meta)
+            if repa_encoder != "none":
+                summary.update(write_repa_targets(repa_encoder, vavae_path, banks, len(users), dev, meta,
+                                                  staging / TARGETS_FILE, log))
+        if repa_encoder == "none":
+            (out / TARGETS_FILE).unlink(missing_ok=True)   # an earlier run's: stage 2 must not find it
         note = crop_note(all_names, all_shapes, image_size)
         if note:
             log(note)
@@ -230,6 +241,21 @@ def extract_features(data_dir: str, vavae_path: str, output_path: str, batch_siz
             f"{tuple(encoded.latents.shape[1:])} in {out}; "
             f"{skipped_count(summary['train_skipped'] + summary['val_skipped'])}")
         return summary
+
+
+def write_repa_targets(choice: str, vavae_path: str, banks: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                       num_users: int, device: torch.device, meta: dict[str, Any], path: Path, log=print) -> dict:
+    """Compute the train images' REPA targets (data/repa_targets.py) and write them to path with this run's id."""
+    (train_images, train_labels), (val_images, val_labels) = banks["train"], banks["val"]
+    if len(train_images) != len(train_labels):
+        raise PipelineError("an image became unreadable while stage 1 ran (it was encoded, then could not be read "
+                            "again for the REPA targets): rerun stage 1.")
+    if len(val_images) != len(val_labels):   # only scores the encoder: score none rather than misaligned ones
+        val_images, val_labels = val_images[:0], val_labels[:0]
+    targets, repa_meta = build_targets(choice, vavae_path, train_images, train_labels, val_images, val_labels,
+                                       num_users, device, log)
+    save_safetensors({"targets": targets}, path, {**meta, **repa_meta})
+    return repa_meta
 
 
 def check_finite(latents: torch.Tensor, names: list[str], what: str, advice: str) -> None:
@@ -356,7 +382,7 @@ def check_one_run(latent_dir: str | Path) -> None:
         raise PipelineError(f"a stage 1 run stopped while replacing its files in {latent_dir}, so they may mix two "
                             f"runs. Rerun stage 1 (stage1_extract_features.py --output_path {latent_dir}).")
     runs = {}
-    for name in STAGE1_FILES:
+    for name in (*STAGE1_FILES, TARGETS_FILE):
         path = latent_dir / name
         if not path.is_file():
             continue

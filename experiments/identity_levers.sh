@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Question: which stage 2 / stage 3 lever makes the demo's people recognisable sooner, beyond seed-to-seed spread?
-# One run = the demo recipe (configs/demo.yaml's stage 2 keys) for STEPS_X times the demo's 1,400 steps with one
+# One run = the demo recipe (configs/demo.yaml) for STEPS_X times the demo's 1,400 steps with one
 # SEED, then stage 3 (SAMPLES per person, the same seed) and stage 4. Every run shares one simulated data set and
 # one stage 1 folder, so runs differ only by their flags and seed. Stage 2's wall time goes to
 # OUT/NAME_sSEED_STEPS_Xx/stage2_seconds.txt (compare levers at equal CPU time, on an otherwise idle machine).
 # A stage-3-only lever reuses another run's stage 2: TRAIN_NAME=baseline NAME=cg2 STAGE3="--classifier_scale 2".
 # STAGE2 comes last, so it may also set --max_epochs (e.g. fewer epochs of smaller batches, at equal CPU time).
+# STAGE1 adds stage 1 flags (e.g. "--repa_encoder spectrogram" for --repa_weight); each STAGE1 has its own latents.
 # Usage: OUT=/tmp/levers NAME=baseline SEED=0 STEPS_X=1 STAGE2="--ema_std 0.05" STAGE3="--classifier_scale 2" \
 #            experiments/identity_levers.sh
 # Summary of every run in OUT: python experiments/summarise_levers.py OUT
@@ -18,18 +19,19 @@ STEPS_X=${STEPS_X:-1}
 SAMPLES=${SAMPLES:-30}
 STAGE2=${STAGE2:-}
 STAGE3=${STAGE3:-}
+STAGE1=${STAGE1:-}
 TOKENIZER=assets/demo_vavae.safetensors
-DEMO_EPOCHS=200                                   # configs/demo.yaml: 200 epochs = 1,400 steps
-DEMO_STAGE2="--batch_size 32 --val_every_n_epochs 5 --model LightningDiT-S/2 --depth 4 --hidden_size 192 --num_heads 3
- --lr 0.0005 --precision bf16-mixed --ema_decay 0.998 --checkpoint_every_n_steps 200"
+DEMO_EPOCHS=$(sed -n 's/^max_epochs: *//p' configs/demo.yaml)   # 200 epochs = 1,400 steps
+LATENTS="$OUT/latents$(printf '%s' "$STAGE1" | tr -c 'a-z0-9' '_')"
 TRAIN_NAME=${TRAIN_NAME:-$NAME}
 RUN="$OUT/${NAME}_s${SEED}_${STEPS_X}x"
 TRAINED="$OUT/${TRAIN_NAME}_s${SEED}_${STEPS_X}x"
 mkdir -p "$OUT"
 [ -f "$OUT/data/.done" ] || { python -m data.simulate --output_dir "$OUT/data" --num_users 6 --train_per_user 40 \
     --val_per_user 10 --seed 0 && touch "$OUT/data/.done"; }
-[ -f "$OUT/latents/train.safetensors" ] || python stage1_extract_features.py --data_dir "$OUT/data" \
-    --vavae_path "$TOKENIZER" --output_path "$OUT/latents"
+# shellcheck disable=SC2086
+[ -f "$LATENTS/train.safetensors" ] || python stage1_extract_features.py --data_dir "$OUT/data" \
+    --vavae_path "$TOKENIZER" --output_path "$LATENTS" $STAGE1
 mkdir -p "$RUN"
 ONE_X="$OUT/${NAME}_s${SEED}_1x"
 if [ ! -f "$TRAINED/stage2_seconds.txt" ]; then
@@ -41,8 +43,8 @@ if [ ! -f "$TRAINED/stage2_seconds.txt" ]; then
         start=$(( start - $(cat "$ONE_X/stage2_seconds.txt") ))
     fi
     # shellcheck disable=SC2086
-    python stage2_train_dit.py $DEMO_STAGE2 --max_epochs $((DEMO_EPOCHS * STEPS_X)) $STAGE2 --seed "$SEED" \
-        --latent_dir "$OUT/latents" --output_dir "$RUN/train" --vavae_path "$TOKENIZER"
+    python stage2_train_dit.py --config configs/demo.yaml --max_epochs $((DEMO_EPOCHS * STEPS_X)) $STAGE2 \
+        --seed "$SEED" --latent_dir "$LATENTS" --output_dir "$RUN/train" --vavae_path "$TOKENIZER"
     echo $(( $(date +%s) - start )) > "$RUN/stage2_seconds.txt"
 fi
 if [ ! -f "$RUN/eval/report.json" ]; then
@@ -53,6 +55,6 @@ if [ ! -f "$RUN/eval/report.json" ]; then
     python stage4_evaluate.py --classifier_epochs 8 --seed "$SEED" --data_dir "$OUT/data" \
         --generated_dir "$RUN/samples" --output_dir "$RUN/eval" --vavae_path "$TOKENIZER"
 fi
-printf '{"name": "%s", "trained_as": "%s", "seed": %s, "steps_x": %s, "stage2": "%s", "stage3": "%s"}\n' \
-    "$NAME" "$TRAIN_NAME" "$SEED" "$STEPS_X" "$STAGE2" "$STAGE3" > "$RUN/setup.json"
+printf '{"name": "%s", "trained_as": "%s", "seed": %s, "steps_x": %s, "stage1": "%s", "stage2": "%s", "stage3": "%s"}\n' \
+    "$NAME" "$TRAIN_NAME" "$SEED" "$STEPS_X" "$STAGE1" "$STAGE2" "$STAGE3" > "$RUN/setup.json"
 echo "done: $RUN"

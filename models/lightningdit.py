@@ -348,8 +348,8 @@ class LightningDiT(nn.Module):
         x = x.reshape(x.shape[0], h, w, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-                time_shift: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, time_shift: torch.Tensor | None = None,
+                features_at: int | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Forward pass of LightningDiT: the velocity at (x_t, t) for class y.
 
         x: (N, C, H, W) float latents on the flow path, C = in_channels, H = W = input_size (a multiple of
@@ -360,6 +360,8 @@ class LightningDiT(nn.Module):
            mode a share class_dropout_prob of the labels is replaced by the null class.
         time_shift: (N,) int64 in [0, W): the circular shift of x along its last (time) axis that training
            applied (models built with time_shift_cond only); None means unshifted (0), as at sampling.
+        features_at: with a block count k in [1, depth], also return the tokens after block k, (N, T, hidden_size)
+           with T = (H / patch_size)^2 row-major (REPA's alignment point, training/repa.py).
         Returns (N, C, H, W) velocity (x1 - x0 at the optimum), float32 (the autocast dtype under autocast);
         with learn_sigma only the first C of the 2C output channels. Raises IndexError for a label outside
         [0, num_classes] and RuntimeError for a spatial size other than input_size (the token grid is fixed).
@@ -371,13 +373,21 @@ class LightningDiT(nn.Module):
             c = c + self.time_shift_embedder(shift).to(c.dtype)
         elif time_shift is not None:
             raise ValueError("time_shift given to a LightningDiT built without time_shift_cond")
-        for block in self.blocks:
+        features = None
+        for k, block in enumerate(self.blocks, start=1):
             if self.use_checkpoint and self.training:
                 x = checkpoint(block, x, c, self.feat_rope, use_reentrant=False)
             else:
                 x = block(x, c, self.feat_rope)
+            if k == features_at:
+                features = x
         x = self.unpatchify(self.final_layer(x, c))
-        return x[:, : self.in_channels] if self.learn_sigma else x
+        velocity = x[:, : self.in_channels] if self.learn_sigma else x
+        if features_at is None:
+            return velocity
+        if features is None:
+            raise ValueError(f"features_at={features_at} is not a block of this {len(self.blocks)}-block model")
+        return velocity, features
 
 
 #################################################################################

@@ -275,7 +275,7 @@ def _describe(keys: list[str], n: int = 5) -> str:
     return ", ".join(keys[:n]) + (f" ... ({len(keys)} in all)" if len(keys) > n else f" ({len(keys)})")
 
 
-def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def read_tokenizer_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """-> (state_dict, config) from our safetensors or the published torch pickle."""
     expected = "a VA-VAE tokenizer (encoder.*, decoder.*, quant_conv.*, post_quant_conv.* weights)"
     if path.suffix == ".safetensors":
@@ -328,7 +328,7 @@ def check_tokenizer_fits(vae: VAVAE, path: str | os.PathLike, image_size: int, c
 def load_vavae(path: str | os.PathLike, device: str | torch.device = "cpu") -> VAVAE:
     """Load a VA-VAE from the published .pt or our .safetensors; frozen, eval mode, float32."""
     path = Path(path)
-    tensors, config = _read_file(path)
+    tensors, config = read_tokenizer_file(path)
     tensors = {k: v for k, v in tensors.items() if not k.startswith(TRAINING_ONLY_PREFIXES)}
     try:
         model = VAVAE(**config)

@@ -125,7 +125,9 @@ NOT_COMPARED = {"latent_dir", "output_dir", "restart", "check_memory", "skip_mem
 # Flags a resume cannot honour: the weights come from last.ckpt, and the trained parameters (hence the
 # optimizer state's layout) follow from them.
 REFUSED = {"init_from": "the resumed weights started from the previous --init_from",
-           "finetune": "the optimizer state belongs to the previous mode's trainable weights"}
+           "finetune": "the optimizer state belongs to the previous mode's trainable weights",
+           "repa_weight": "the REPA projector and its optimizer state were trained with the previous weight",
+           "repa_depth": "the REPA projector was trained on the previous block's tokens"}
 
 
 def comparable_flags(args: TrainOptions) -> dict[str, Any]:

@@ -54,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--contrastive_weight", type=non_negative_float, default=0.0,
                    help="contrastive flow matching (Delta-FM): push each user's flow away from other users' "
                         "targets with this weight (0 = off; the paper uses 0.05)")
+    p.add_argument("--repa_weight", type=non_negative_float, default=0.0,
+                   help="REPA: align block --repa_depth's tokens with stage 1's repa_targets.safetensors (stage 1 "
+                        "--repa_encoder) with this weight (0 = off; the paper uses 0.5)")
+    p.add_argument("--repa_depth", type=positive_int, default=None,
+                   help="REPA: the block whose tokens are aligned (default: a third of the depth, at least 1)")
+    p.add_argument("--repa_stop_step", type=non_negative_int, default=None,
+                   help="REPA: weight the term 0 from this step on (HASTE's early stop; default: never)")
     p.add_argument("--classifier_steps", type=non_negative_int, default=CLASSIFIER_STEPS,
                    help="steps of the noisy-latent user classifier trained on the train latents before the DiT "
                         "(stage 3's --classifier_scale and val_identity use it; 0 = none)")
@@ -121,6 +128,9 @@ class TrainOptions:
     ema_decay: float
     ema_std: float | None
     contrastive_weight: float
+    repa_weight: float
+    repa_depth: int | None
+    repa_stop_step: int | None
     classifier_steps: int
     val_identity_samples: int
     beta2: float

@@ -19,6 +19,7 @@ from models.lightningdit import LightningDiT
 from models.transport import flow_matching_loss, sample_timesteps
 from training.augment import check_probability, random_time_shifts, shift_time
 from training.latent_classifier import classifier_accuracy, train_latent_classifier
+from training.repa import Projector, default_repa_depth, repa_loss, targets_on_tokens
 
 NONFINITE_CHECK_EVERY = 50   # steps between looks at the device-side NaN flag (a host-device sync)
 # Under fp16 loss scaling a step with NaN/inf gradients is skipped and the scale halved, as AMP does; only this
@@ -36,7 +37,8 @@ class DiTTrainingModule(pl.LightningModule):
                  timestep_sampling: str = "uniform", cosine_loss_weight: float = 0.0,
                  compile_model: bool = False, backbone_lr_scale: float = 1.0, warmup_steps: int = 0,
                  time_shift_aug: float = 0.0, ema_std: float | None = None, contrastive_weight: float = 0.0,
-                 classifier_steps: int = CLASSIFIER_STEPS):
+                 classifier_steps: int = CLASSIFIER_STEPS, repa_targets: torch.Tensor | None = None,
+                 repa_weight: float = 0.0, repa_depth: int | None = None, repa_stop_step: int | None = None):
         super().__init__()
         self.model = LightningDiT(**info.model_config)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
@@ -49,6 +51,19 @@ class DiTTrainingModule(pl.LightningModule):
         self.ema_gamma = power_ema_gamma(ema_std) if ema_std else None
         self.contrastive_weight = contrastive_weight
         self.classifier_steps = classifier_steps
+        # REPA (training/repa.py): targets (N_train, g*g, D) from stage 1, a projector trained with the model.
+        self.repa_weight, self.repa_stop_step = repa_weight, repa_stop_step
+        self.repa_depth = repa_depth or default_repa_depth(len(self.model.blocks))
+        self.repa_projector = None
+        if repa_weight > 0:
+            if repa_targets is None or len(repa_targets) != len(train_latents):
+                raise ValueError("repa_weight > 0 needs one row of repa_targets per train latent")
+            if not 1 <= self.repa_depth <= len(self.model.blocks):
+                raise PipelineError(f"--repa_depth {self.repa_depth} is not a block of this "
+                                    f"{len(self.model.blocks)}-block model: pass 1..{len(self.model.blocks)}")
+            self.repa_projector = Projector(self.model.pos_embed.shape[-1], repa_targets.shape[-1])
+        # float16 on the device (half the memory; REPA compares directions only)
+        self.register_buffer("repa_targets", repa_targets.half() if repa_weight > 0 else None, persistent=False)
         if time_shift_aug > 0 and not info.model_config.get("time_shift_cond"):
             raise ValueError("time_shift_aug > 0 needs a model built with time_shift_cond (train_dit.build_module)")
         # Kept out of the registered submodules: as one it would put a second copy of the weights in every
@@ -119,10 +134,19 @@ class DiTTrainingModule(pl.LightningModule):
         x1, y = self.train_x[idx], self.train_y[idx]
         t = sample_timesteps(len(idx), self.timestep_sampling, device=self.device)
         noise = torch.randn_like(x1)
-        x1, model = self.augment(x1)
+        x1, model, shifts = self.augment(x1)
         negatives = other_class_pairs(y) if self.contrastive_weight > 0 else None
+        if self.repa_projector is not None:
+            model, alignment = self.with_alignment(model, idx, shifts)
         loss = flow_matching_loss(model, x1, y, t, noise, self.cosine_loss_weight,
                                   negatives, self.contrastive_weight).mean()
+        if self.repa_projector is not None:
+            # After --repa_stop_step (HASTE) the term is weighted 0 rather than skipped: under DDP every
+            # parameter, the projector's too, must take part in each backward.
+            weight = self.repa_weight if self.repa_stop_step is None or step < self.repa_stop_step else 0.0
+            repa = alignment["loss"].mean()
+            self.log("train_repa", repa, on_step=True, on_epoch=True, batch_size=len(idx), sync_dist=True)
+            loss = loss + weight * repa
         if self.loss_scaler() is None:   # with a scaler, GradScaler skips the step (counted in optimizer_step)
             self.nonfinite_step.masked_fill_(~torch.isfinite(loss.detach()) & (self.nonfinite_step < 0), step)
         # sync_dist: the logged loss is the mean over the DDP processes (one scalar all-reduce a step)
@@ -130,12 +154,24 @@ class DiTTrainingModule(pl.LightningModule):
         return loss
 
     def augment(self, x1: torch.Tensor):
-        """(x1, the velocity model to train): with --time_shift_aug, latents rolled along time and the model
-        told each shift. Drawn after t and the noise, so those stay the draws of a run without it."""
+        """(x1, the velocity model to train, the shifts or None): with --time_shift_aug, latents rolled along time
+        and the model told each shift. Drawn after t and the noise, so those stay the draws of a run without it."""
         if self.time_shift_aug <= 0:
-            return x1, self.forward_fn
+            return x1, self.forward_fn, None
         shifts = random_time_shifts(len(x1), x1.shape[-1], self.time_shift_aug, device=x1.device)
-        return shift_time(x1, shifts), functools.partial(self.forward_fn, time_shift=shifts)
+        return shift_time(x1, shifts), functools.partial(self.forward_fn, time_shift=shifts), shifts
+
+    def with_alignment(self, model, idx: torch.Tensor, shifts: torch.Tensor | None):
+        """(a velocity model for flow_matching_loss, a dict that receives its REPA loss (N,) under "loss"): the
+        same forward also returns the tokens after block repa_depth, scored against the batch's targets."""
+        targets = targets_on_tokens(self.repa_targets[idx], shifts, math.isqrt(self.model.pos_embed.shape[1]))
+        alignment = {}
+
+        def velocity(x, t, y):
+            v, tokens = model(x, t, y, features_at=self.repa_depth)
+            alignment["loss"] = repa_loss(self.repa_projector, tokens, targets)
+            return v
+        return velocity, alignment
 
     def optimizer_step(self, epoch, batch_idx, optimizer, *args, **kwargs):
         # Linear lr warm-up as a function of the global step (no scheduler state: a checkpoint written in
@@ -267,9 +303,12 @@ class DiTTrainingModule(pl.LightningModule):
             is_backbone = name.startswith("blocks.") and "adaLN_modulation" not in name
             no_decay = self.weight_decay > 0 and (p.ndim < 2 or id(p) in embeddings)
             groups.setdefault((is_backbone, no_decay), []).append(p)
-        return [{"params": params, "lr": self.lr * (self.backbone_lr_scale if is_backbone else 1.0),
-                 **({"weight_decay": 0.0} if no_decay else {})}
-                for (is_backbone, no_decay), params in sorted(groups.items())]
+        layout = [{"params": params, "lr": self.lr * (self.backbone_lr_scale if is_backbone else 1.0),
+                   **({"weight_decay": 0.0} if no_decay else {})}
+                  for (is_backbone, no_decay), params in sorted(groups.items())]
+        if self.repa_projector is not None:   # last, so the model's groups keep their places
+            layout.append({"params": list(self.repa_projector.parameters()), "lr": self.lr})
+        return layout
 
     # ---------------------------------------------------------------- identity
     def on_fit_start(self) -> None:
