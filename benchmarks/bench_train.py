@@ -30,6 +30,7 @@ from harness import (environment, median, peak_memory_mb, peak_tflops, print_tab
                     setup_device, time_steps, write_json, load_reference_lightningdit)
 from models.lightningdit import LightningDiT, model_config
 from models.checkpoint import PipelineInfo
+from training.cli import training_options
 from training.dit_module import DiTTrainingModule
 
 warnings.filterwarnings("ignore", message=".*self.log.*")   # the module is stepped without a Trainer
@@ -71,8 +72,9 @@ def build_timed_module(name: str, args, device: torch.device) -> DiTTrainingModu
     info = PipelineInfo(model_config=config, users=[f"ID_{i + 1}" for i in range(args.num_classes)],
                         user_numbers=list(range(1, args.num_classes + 1)),
                         latent_mean=torch.zeros(1, 32, 1, 1), latent_std=torch.ones(1, 32, 1, 1))
-    module = DiTTrainingModule(info, x, y, x[:2], y[:2], batch_size=args.batch_size,
-                               compile_model=args.compile)
+    options = training_options(["--batch_size", str(args.batch_size), *(["--compile"] if args.compile else [])],
+                               required=())
+    module = DiTTrainingModule(info, x, y, x[:2], y[:2], options)
     # Away from the adaLN-Zero init (output exactly 0), so the ours-vs-reference check means something.
     for layer in [b.adaLN_modulation[-1] for b in module.model.blocks] + [module.model.final_layer.linear]:
         torch.nn.init.normal_(layer.weight, std=0.02)

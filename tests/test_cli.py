@@ -161,10 +161,15 @@ def test_entry_function_defaults_are_the_parsers():
     function_defaults_agree(train_tokenizer, tokenizer.cli.build_parser(), {"compile_model": "compile"})
 
 
-def test_train_options_name_every_stage2_flag():
+def test_train_options_name_every_stage2_flag_and_the_module_restates_no_default():
+    """TrainOptions is derived from the parser, and DiTTrainingModule takes it whole: no flag default is
+    written a second time in the module's signature."""
     from dataclasses import fields
+    from training.dit_module import DiTTrainingModule
     dests = {a.dest for a in training.cli.build_parser()._actions} - {"help", "config"}
     assert {f.name for f in fields(training.cli.TrainOptions)} == dests
+    signature = inspect.signature(DiTTrainingModule).parameters
+    assert not dests & {name for name, p in signature.items() if p.default is not inspect.Parameter.empty}
 
 
 @pytest.mark.parametrize("script", sorted(PARSERS))

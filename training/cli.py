@@ -1,7 +1,7 @@
 """The command line of stage 2 (stage2_train_dit.py), with the options it hands to training/train_dit.py."""
 import argparse
-from dataclasses import dataclass, fields
-from typing import Sequence
+from dataclasses import fields, make_dataclass
+from typing import Any, Sequence
 
 from common.config import (add_config_flag, below_one, ema_width, new_parser, non_negative_float, non_negative_int,
                            parse_args, positive_float, positive_int, probability, seed)
@@ -102,63 +102,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@dataclass(frozen=True)
-class TrainOptions:
-    """Every stage 2 flag, by name (defaults live in build_parser only); what train() and the memory
-    estimate read."""
-    latent_dir: str | None
-    output_dir: str | None
-    batch_size: int
-    max_epochs: int
-    max_steps: int | None
-    lr: float
-    warmup_steps: int
-    devices: int
-    num_nodes: int
-    accelerator: str
-    precision: str
-    model: str
-    depth: int | None
-    hidden_size: int | None
-    num_heads: int | None
-    use_qknorm: bool
-    class_dropout_prob: float
-    grad_checkpointing: bool
-    compile: bool
-    ema_decay: float
-    ema_std: float | None
-    contrastive_weight: float
-    repa_weight: float
-    repa_depth: int | None
-    repa_stop_step: int | None
-    classifier_steps: int
-    val_identity_samples: int
-    beta2: float
-    weight_decay: float
-    grad_clip: float
-    timestep_sampling: str
-    cosine_loss_weight: float
-    time_shift_aug: float
-    early_checkpoint_step: int | None
-    vavae_path: str | None
-    val_grid_users: int
-    val_grid_samples: int
-    checkpoint_every_n_steps: int
-    log_every_n_steps: int
-    val_every_n_epochs: int
-    restart: bool
-    init_from: str | None
-    finetune: str
-    lora_rank: int
-    lora_alpha: float | None
-    backbone_lr_scale: float
-    seed: int
-    check_memory: float | None
-    skip_memory_check: bool
-
+class _FromArgs:
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "TrainOptions":
+    def from_args(cls, args: argparse.Namespace):
         return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+# Every stage 2 flag by name, as a frozen dataclass derived from build_parser, where each flag, its type and its
+# default are written once. train(), DiTTrainingModule and the memory estimate read it.
+TrainOptions = make_dataclass(
+    "TrainOptions", [(a.dest, Any) for a in build_parser()._actions if a.dest not in ("help", "config")],
+    bases=(_FromArgs,), frozen=True, namespace={"__module__": __name__})
 
 
 def training_options(argv: Sequence[str], required: Sequence[str] = REQUIRED) -> TrainOptions:

@@ -14,9 +14,10 @@ import torch
 
 from common.errors import PipelineError
 from models.checkpoint import PipelineInfo
-from models.latent_classifier import CLASSIFIER_STEPS, classifier_entry
+from models.latent_classifier import classifier_entry
 from models.lightningdit import LightningDiT
 from models.transport import flow_matching_loss, sample_timesteps
+from training.cli import TrainOptions
 from training.augment import check_probability, random_time_shifts, shift_time
 from training.latent_classifier import classifier_accuracy, train_latent_classifier
 from training.repa import Projector, default_repa_depth, repa_loss, targets_on_tokens
@@ -31,31 +32,28 @@ MAX_SKIPPED_IN_A_ROW = 20
 class DiTTrainingModule(pl.LightningModule):
     """The DiT, its EMA copy, the normalised latents and the optimiser; checkpoints carry what stage 3 needs."""
     def __init__(self, info: PipelineInfo, train_latents: torch.Tensor, train_labels: torch.Tensor,
-                 val_latents: torch.Tensor, val_labels: torch.Tensor,
-                 lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0,
-                 batch_size: int = 32, ema_decay: float = 0.9995, seed: int = 0,
-                 timestep_sampling: str = "uniform", cosine_loss_weight: float = 0.0,
-                 compile_model: bool = False, backbone_lr_scale: float = 1.0, warmup_steps: int = 0,
-                 time_shift_aug: float = 0.0, ema_std: float | None = None, contrastive_weight: float = 0.0,
-                 classifier_steps: int = CLASSIFIER_STEPS, repa_targets: torch.Tensor | None = None,
-                 repa_weight: float = 0.0, repa_depth: int | None = None, repa_stop_step: int | None = None):
+                 val_latents: torch.Tensor, val_labels: torch.Tensor, options: TrainOptions,
+                 repa_targets: torch.Tensor | None = None):
+        """info: the model config, users and latent statistics (saved in every checkpoint); latents (N, C, H, W)
+        float32 as stage 1 wrote them (normalised here) with their (N,) int64 user classes; options: stage 2's
+        flags (training/cli.py, where their defaults live); repa_targets (N_train, g*g, D) for --repa_weight."""
         super().__init__()
         self.model = LightningDiT(**info.model_config)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.info = info   # saved with every checkpoint (models/checkpoint.py)
-        self.lr, self.betas, self.weight_decay = lr, betas, weight_decay
-        self.batch_size, self.ema_decay, self.seed = batch_size, ema_decay, seed
-        self.timestep_sampling, self.cosine_loss_weight = timestep_sampling, cosine_loss_weight
-        self.backbone_lr_scale, self.warmup_steps = backbone_lr_scale, warmup_steps
-        self.time_shift_aug = check_probability(time_shift_aug)
-        self.ema_gamma = power_ema_gamma(ema_std) if ema_std else None
-        self.contrastive_weight = contrastive_weight
-        self.classifier_steps = classifier_steps
+        self.lr, self.betas, self.weight_decay = options.lr, (0.9, options.beta2), options.weight_decay
+        self.batch_size, self.ema_decay, self.seed = options.batch_size, options.ema_decay, options.seed
+        self.timestep_sampling, self.cosine_loss_weight = options.timestep_sampling, options.cosine_loss_weight
+        self.backbone_lr_scale, self.warmup_steps = options.backbone_lr_scale, options.warmup_steps
+        self.time_shift_aug = check_probability(options.time_shift_aug)
+        self.ema_gamma = power_ema_gamma(options.ema_std) if options.ema_std else None
+        self.contrastive_weight = options.contrastive_weight
+        self.classifier_steps = options.classifier_steps
         # REPA (training/repa.py): targets (N_train, g*g, D) from stage 1, a projector trained with the model.
-        self.repa_weight, self.repa_stop_step = repa_weight, repa_stop_step
-        self.repa_depth = repa_depth or default_repa_depth(len(self.model.blocks))
+        self.repa_weight, self.repa_stop_step = options.repa_weight, options.repa_stop_step
+        self.repa_depth = options.repa_depth or default_repa_depth(len(self.model.blocks))
         self.repa_projector = None
-        if repa_weight > 0:
+        if self.repa_weight > 0:
             if repa_targets is None or len(repa_targets) != len(train_latents):
                 raise ValueError("repa_weight > 0 needs one row of repa_targets per train latent")
             if not 1 <= self.repa_depth <= len(self.model.blocks):
@@ -63,12 +61,12 @@ class DiTTrainingModule(pl.LightningModule):
                                     f"{len(self.model.blocks)}-block model: pass 1..{len(self.model.blocks)}")
             self.repa_projector = Projector(self.model.pos_embed.shape[-1], repa_targets.shape[-1])
         # float16 on the device (half the memory; REPA compares directions only)
-        self.register_buffer("repa_targets", repa_targets.half() if repa_weight > 0 else None, persistent=False)
-        if time_shift_aug > 0 and not info.model_config.get("time_shift_cond"):
+        self.register_buffer("repa_targets", repa_targets.half() if self.repa_weight > 0 else None, persistent=False)
+        if self.time_shift_aug > 0 and not info.model_config.get("time_shift_cond"):
             raise ValueError("time_shift_aug > 0 needs a model built with time_shift_cond (train_dit.build_module)")
         # Kept out of the registered submodules: as one it would put a second copy of the weights in every
         # checkpoint (under forward_fn._orig_mod.* when compiled, so --compile runs could not resume without).
-        self.__dict__["forward_fn"] = torch.compile(self.model) if compile_model else self.model
+        self.__dict__["forward_fn"] = torch.compile(self.model) if options.compile else self.model
         # Normalised once, kept as non-persistent buffers so they follow the module to its device.
         mean, std = info.latent_mean, info.latent_std
         self.register_buffer("train_x", (train_latents - mean) / std, persistent=False)
@@ -76,7 +74,7 @@ class DiTTrainingModule(pl.LightningModule):
         self.register_buffer("val_x", (val_latents - mean) / std, persistent=False)
         self.register_buffer("val_y", val_labels.long(), persistent=False)
         # Fixed validation noise and timesteps: epochs (and runs) compare on the same draws.
-        g = torch.Generator().manual_seed(seed + 12345)
+        g = torch.Generator().manual_seed(self.seed + 12345)
         self.register_buffer("val_noise", torch.randn(val_latents.shape, generator=g), persistent=False)
         n_val = len(val_latents)
         self.register_buffer("val_t", (torch.arange(n_val) + 0.5) / max(n_val, 1), persistent=False)

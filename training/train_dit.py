@@ -63,14 +63,7 @@ def build_module(args: TrainOptions, log=print) -> DiTTrainingModule:
     if args.repa_weight > 0:
         from data.repa_targets import load_targets
         repa_targets = load_targets(args.latent_dir, len(train_x), meta.get("stage1_run"))
-    module = DiTTrainingModule(
-        info, train_x, train_y, val_x, val_y, lr=args.lr, betas=(0.9, args.beta2),
-        weight_decay=args.weight_decay, batch_size=args.batch_size, ema_decay=args.ema_decay, seed=args.seed,
-        timestep_sampling=args.timestep_sampling, cosine_loss_weight=args.cosine_loss_weight,
-        compile_model=args.compile, backbone_lr_scale=args.backbone_lr_scale, warmup_steps=args.warmup_steps,
-        time_shift_aug=args.time_shift_aug, ema_std=args.ema_std, contrastive_weight=args.contrastive_weight,
-        classifier_steps=args.classifier_steps, repa_targets=repa_targets, repa_weight=args.repa_weight,
-        repa_depth=args.repa_depth, repa_stop_step=args.repa_stop_step)
+    module = DiTTrainingModule(info, train_x, train_y, val_x, val_y, args, repa_targets)
     n_params = sum(p.numel() for p in module.model.parameters())
     log(f"{args.model} ({n_params / 1e6:.1f}M parameters), {len(users)} users, "
         f"{len(train_x)} train / {len(val_x)} val latents")
