@@ -106,6 +106,15 @@ def stage_arguments(args: argparse.Namespace, out: Path) -> dict[int, list[str]]
     }
 
 
+def repa_asked(stage2_argv: list[str]) -> bool:
+    """True when stage 2's flags turn REPA on (--repa_weight above 0), so stage 1 must write its targets."""
+    weights = flag_values(stage2_argv).get("--repa_weight") or ["0"]
+    try:
+        return float(weights[-1]) > 0
+    except ValueError:   # stage 2's own parser names the bad value
+        return False
+
+
 def default_user_ids(out: Path) -> list[int]:
     """All users of the trained model, when --generate_user_ids is not given."""
     from common.io import read_safetensors_metadata, require_file
@@ -236,6 +245,8 @@ def run_pipeline(args: argparse.Namespace, extra: list[str], log=print_line) -> 
         routed = split_extra_flags(extra, parsers)
         if args.force and "--restart" not in routed[2]:
             routed[2] = routed[2] + ["--restart"]     # --force trains anew; without it stage 2 would resume
+        if repa_asked(routed[2]) and "--repa_encoder" not in routed[1]:
+            routed[1] = routed[1] + ["--repa_encoder", "auto"]   # stage 2's REPA reads stage 1's targets
         for stage in args.stages:
             folder = out / STAGE_DIRS[stage]
             marker = folder / DONE_MARKER

@@ -122,3 +122,18 @@ def test_demo_results_without_val_numbers(tmp_path):
               "fd": {"classifier": None}, "memorization": {"copy_rate": 0.0}, "augmentation": {"gain": None}}
     lines = "\n".join(result_lines(report, tmp_path))
     assert "identity: 0.50" in lines and "n/a" in lines
+
+
+def test_repa_in_stage2_makes_stage1_write_its_targets(tmp_path, inputs, monkeypatch):
+    """--repa_weight above 0 (a flag or a config key) needs stage 1's repa_targets.safetensors: the orchestrator
+    asks stage 1 for them (--repa_encoder auto) unless the user chose an encoder; --repa_weight 0 asks nothing."""
+    calls, (data, tokenizer) = _fake_stages(monkeypatch), inputs
+    for extra, expected in ((["--repa_weight", "0.5"], ["--repa_encoder", "auto"]),
+                            (["--repa_weight=0.5", "--repa_encoder", "spectrogram"], ["--repa_encoder", "spectrogram"]),
+                            (["--repa_weight", "0"], [])):
+        calls.clear()
+        orch.run_pipeline(_args(tmp_path / f"out{len(extra)}{extra[-1]}", data, tokenizer), extra,
+                          log=lambda m: None)
+        stage1 = calls[0]
+        at = stage1.index("--repa_encoder") if "--repa_encoder" in stage1 else None
+        assert (stage1[at:at + 2] if at is not None else []) == expected, stage1
