@@ -14,8 +14,8 @@ import torch
 from harness import (environment, median, peak_memory_mb, print_table, reset_peak_memory, setup_device,
                      time_steps, write_json)
 from models.lightningdit import LightningDiT, model_config
-from models.transport import (DEFAULT_SAMPLER, DEFAULT_SHIFT, DEFAULT_STEPS, SAMPLERS, CountedVelocity,
-                              guided_velocity, sample_ode)
+from models.transport import (DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_SHIFT, DEFAULT_STEPS, SAMPLERS,
+                              CountedVelocity, guided_velocity, sample_ode)
 from models.vavae import VAVAE, VAVAE_CONFIGS
 
 
@@ -25,7 +25,7 @@ def main():
     parser.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS)
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="sampler steps")
     parser.add_argument("--shift", type=float, default=DEFAULT_SHIFT, help="timestep shift")
-    parser.add_argument("--guidance_scale", type=float, default=4.0)
+    parser.add_argument("--guidance_scale", type=float, default=DEFAULT_GUIDANCE)
     parser.add_argument("--batch_size", type=int, default=None, help="images per batch (default 4 CPU, 64 GPU)")
     parser.add_argument("--repeats", type=int, default=2, help="timed batches (after one warm-up batch)")
     parser.add_argument("--vae", default="f16d32", choices=["f16d32", "narrow", "none"])

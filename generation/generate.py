@@ -17,7 +17,8 @@ from data.samples import GRID_NAME, remove_stale_samples, sample_name
 from models.checkpoint import PipelineInfo, checkpoint_info, ema_state_dict, load_checkpoint
 from models.lightningdit import LightningDiT
 from models.latent_classifier import NoisyLatentClassifier, classifier_from_entry, classifier_log_prob_gradient
-from models.transport import (DEFAULT_SAMPLER, DEFAULT_SHIFT, DEFAULT_STEPS, CountedVelocity,
+from models.transport import (DEFAULT_CLASSIFIER_INTERVAL, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_SHIFT,
+                              DEFAULT_STEPS, CountedVelocity,
                               classifier_guided_velocity, guidance_switches, guided_velocity, sample_ode)
 
 LOCK_NAME = "stage3.lock"   # one stage 3 run per --output_dir (common/lock.py)
@@ -135,11 +136,12 @@ def sampling_dtype(device: str) -> torch.dtype | None:
 
 
 @torch.no_grad()   # not inference_mode: classifier guidance takes a gradient of the classifier
-def sample_images(model: LightningDiT, vae, info: PipelineInfo, jobs: list[tuple[int, int]], guidance_scale: float = 4.0,
+def sample_images(model: LightningDiT, vae, info: PipelineInfo, jobs: list[tuple[int, int]],
+                  guidance_scale: float = DEFAULT_GUIDANCE,
                   num_steps: int = DEFAULT_STEPS, sampler: str = DEFAULT_SAMPLER, shift: float = DEFAULT_SHIFT,
                   cfg_interval_start: float = 0.0, cfg_interval_end: float = 1.0,
                   guide_model: LightningDiT | None = None, classifier: NoisyLatentClassifier | None = None,
-                  classifier_scale: float = 0.0, classifier_interval: tuple[float, float] = (0.1, 1.0),
+                  classifier_scale: float = 0.0, classifier_interval: tuple[float, float] = DEFAULT_CLASSIFIER_INTERVAL,
                   seed: int = 0, batch_size: int = 16, device: str = "cpu",
                   progress: bool = True) -> tuple[np.ndarray, int]:
     """(N, H, W, 3) uint8 images for (user number, sample index) jobs, and the model evaluations per sample.
@@ -203,10 +205,11 @@ def check_finite_samples(latents: torch.Tensor, decoded: torch.Tensor, batch: li
 
 
 def generate(dit_checkpoint: str, vavae_path: str, output_dir: str, user_ids: list[int],
-             num_samples_per_user: int = 4, guidance_scale: float = 4.0, num_steps: int = DEFAULT_STEPS,
+             num_samples_per_user: int = 4, guidance_scale: float = DEFAULT_GUIDANCE, num_steps: int = DEFAULT_STEPS,
              sampler: str = DEFAULT_SAMPLER, shift: float = DEFAULT_SHIFT, cfg_interval_start: float = 0.0,
              cfg_interval_end: float = 1.0, guidance_checkpoint: str | None = None, classifier_scale: float = 0.0,
-             classifier_interval_start: float = 0.1, classifier_interval_end: float = 1.0, seed: int = 0,
+             classifier_interval_start: float = DEFAULT_CLASSIFIER_INTERVAL[0],
+             classifier_interval_end: float = DEFAULT_CLASSIFIER_INTERVAL[1], seed: int = 0,
              batch_size: int = 16, device: str = "auto", log=print) -> list[Path]:
     """Write micro_doppler_userNN_KKK.png per sample and micro_doppler_grid.png; return the sample paths.
 

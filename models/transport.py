@@ -13,6 +13,9 @@ SAMPLERS = ("euler", "heun", "ab2", "dopri5")
 # Chosen by benchmarks/bench_sampling.py on the demo model: the 250-step Euler Frechet distance (0.99x)
 # at 16 model evaluations per sample.
 DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_SHIFT = "ab2", 16, 0.3
+DEFAULT_GUIDANCE = 4.0   # classifier-free guidance scale of the seed's stage 3 command
+# Classifier guidance only where 0.1 <= t <= 1: its weight (1 - t) / t grows without bound towards noise.
+DEFAULT_CLASSIFIER_INTERVAL = (0.1, 1.0)
 
 
 #################################################################################
