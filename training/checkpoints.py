@@ -5,6 +5,10 @@
 - best.ckpt: for sampling only: the EMA weights with the lowest EMA validation loss and the pipeline info
   (models/checkpoint.sampling_checkpoint); no optimizer state, no training weights. The final weights are
   always validated (train_dit.validate_final_weights), so best.ckpt can pick them.
+- early.ckpt: one early EMA snapshot of the run (the EMA weights and the pipeline info), the free guide of
+  autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of itself"): it guides
+  the model with a weaker version of itself trained on the same data, here at no extra training cost.
+  Stage 3 uses it with --guidance_checkpoint <output_dir>/checkpoints/early.ckpt.
 
 Lightning's ModelCheckpoint is not used: which of its hooks write last.ckpt after the last step changed
 between versions (only 2.5.3+ saves in on_train_end: on 2.3.3 `--max_steps 7 --checkpoint_every_n_steps 5`
@@ -26,6 +30,10 @@ from training.cli import TrainOptions
 
 FLAGS_KEY = "stage2_flags"   # the flags of the run that wrote a last.ckpt (a dict of TrainOptions)
 LOCK_NAME = "stage2.lock"
+EARLY_NAME = "early.ckpt"
+# Karras et al. find the best guides much weaker than the model (a fraction of its training); 1/8 of the run
+# is weak but already past the first steps where the EMA is still mostly the random init.
+DEFAULT_EARLY_FRACTION = 1 / 8
 
 
 #################################################################################
@@ -94,6 +102,46 @@ class BestCheckpoint(pl.Callback):
                                                trainer.current_epoch, score), self.path)
             trainer.strategy.barrier("best.ckpt")
             self.best_score = score
+
+
+def early_step(total_steps: int, requested: int | None) -> int:
+    """The step at which the snapshot is kept: `requested`, or DEFAULT_EARLY_FRACTION of the run (at least 1);
+    0 means none."""
+    if requested is not None:
+        return max(0, requested)
+    return max(1, round(total_steps * DEFAULT_EARLY_FRACTION))
+
+
+class EarlyCheckpoint(pl.Callback):
+    """Write a slim checkpoint (the EMA weights and the pipeline info, no optimizer state: a quarter of
+    last.ckpt) once, after the optimizer step that reaches `early_step`; global rank 0 only.
+
+    A fresh run (or one resumed before that step) removes an early.ckpt already in the folder, with step 0
+    too: it belongs to another run. A run resumed past the step keeps the one it wrote.
+    """
+    def __init__(self, ckpt_dir: Path, requested_step: int | None, log=print):
+        self.path = Path(ckpt_dir) / EARLY_NAME
+        self.requested, self.note = requested_step, log   # not self.log: Lightning sets that on callbacks
+        self.step = 0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        total = int(trainer.estimated_stepping_batches)
+        self.step = early_step(total, self.requested)
+        if not trainer.is_global_zero:
+            return
+        fresh = trainer.global_step == 0 or trainer.global_step < self.step   # this run has not written one yet
+        if fresh and self.path.is_file():
+            self.path.unlink()
+            self.note(f"removed {self.path}: it was another run's early snapshot")
+        if self.step > total:
+            self.note(f"note: --early_checkpoint_step {self.step} is past the run's {total} steps: no {EARLY_NAME}")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx) -> None:
+        if trainer.global_step != self.step or self.step == 0 or not trainer.is_global_zero:
+            return
+        ema = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items() if k.startswith("ema.")}
+        save_torch({"state_dict": ema, "pipeline": pl_module.info.to_dict(), "global_step": self.step}, self.path)
 
 
 class RunFlags(pl.Callback):

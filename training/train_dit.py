@@ -22,13 +22,12 @@ from common.io import atomic_path, save_torch
 from common.progress import due, is_terminal, progress_line
 from data.latents import check_latents_agree, load_latents, load_stats
 from common.lock import run_lock
-from training.checkpoints import (LOCK_NAME, BestCheckpoint, LastCheckpoint, RunFlags, check_length,
-                                  check_optimizer_layout, resume_message)
+from training.checkpoints import (LOCK_NAME, BestCheckpoint, EarlyCheckpoint, LastCheckpoint, RunFlags,
+                                  check_length, check_optimizer_layout, resume_message)
 from training.cli import TrainOptions
 from models.checkpoint import PipelineInfo, checkpoint_info, load_checkpoint
 from models.lightningdit import model_config
 from training.dit_module import MAX_SKIPPED_IN_A_ROW, DiTTrainingModule, NonFiniteLoss
-from training.early_checkpoint import EarlyCheckpoint
 from training.launch import (COLLECTIVE_TIMEOUT, check_world_size, global_rank, is_peer_lost, peer_lost_message,
                              rank_zero_first)
 from training.sample_grid import identity_callbacks, sample_grid_callbacks
