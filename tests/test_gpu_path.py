@@ -16,6 +16,7 @@ import training.train_dit as td
 import common.device as device_mod
 from common.device import bf16_supported, resolve_precision
 from common.errors import PipelineError
+from training.callbacks import AtomicCheckpointIO
 from helpers import (PYTHON, ROOT, assert_user_error, make_dataset, make_tokenizer, run_main, run_stage,
                      stage1_args, stage2_args, write_malicious)
 
@@ -202,7 +203,7 @@ def test_lightning_resume_reads_weights_only_on_any_version(tmp_path):
     marker = tmp_path / "pwned"
     evil = write_malicious(tmp_path / "last.ckpt", marker)
     with pytest.raises(PipelineError, match="refused"):
-        td.AtomicCheckpointIO().load_checkpoint(evil, weights_only=False)
+        AtomicCheckpointIO().load_checkpoint(evil, weights_only=False)
     assert not marker.exists()
 
 
