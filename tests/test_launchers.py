@@ -24,15 +24,15 @@ LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_
 SLOW_RANK_ZERO = textwrap.dedent("""
     import os, sys, time
     sys.path.insert(0, {root!r})
-    import training.train_dit as td
-    real = td.remove_previous_run
+    import training.resume as resume
+    real = resume.remove_previous_run
 
     def slow_on_rank_zero(*args, **kwargs):
         if os.environ.get("RANK", os.environ.get("SLURM_PROCID")) == "0":
             time.sleep(3)
         return real(*args, **kwargs)
 
-    td.remove_previous_run = slow_on_rank_zero
+    resume.remove_previous_run = slow_on_rank_zero
     import stage2_train_dit
     stage2_train_dit.main(sys.argv[1:])
 """)

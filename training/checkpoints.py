@@ -1,4 +1,5 @@
-"""Stage 2's checkpoints and resume (its run lock is common/lock.py's, `LOCK_NAME`): the same on every Lightning version from 2.3.3 on.
+"""Stage 2's checkpoint-writing callbacks, the same on every Lightning version from 2.3.3 on (whether and how a
+run resumes from them is training/resume.py; the run lock is common/lock.py's, `LOCK_NAME`).
 
 - last.ckpt: everything a resume needs (weights, EMA, optimizer, loops, this run's flags); written every
   --checkpoint_every_n_steps, after every validation and at the last step, whatever the cadence.
@@ -16,14 +17,12 @@ left step 5 in last.ckpt), and it cannot leave the training weights out of best.
 use the Trainer's public API (save_checkpoint, global_step, max_steps, callback_metrics, strategy.barrier).
 """
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.trainer.states import TrainerFn
 
-from common.errors import PipelineError
 from common.io import save_torch
 from models.checkpoint import load_checkpoint, sampling_checkpoint
 from training.cli import TrainOptions
@@ -149,6 +148,7 @@ class RunFlags(pl.Callback):
     (--lr, --beta2, --weight_decay, --backbone_lr_scale) back: restoring the optimizer state brought back
     the previous run's values in its parameter groups."""
     def __init__(self, args: TrainOptions):
+        from training.resume import comparable_flags   # not at the top: training/resume.py imports FLAGS_KEY
         self.flags = comparable_flags(args)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -161,75 +161,3 @@ class RunFlags(pl.Callback):
                 group["lr"] = group["base_lr"] = fresh["lr"]   # the warm-up ramps from base_lr
                 group["betas"] = pl_module.betas
                 group["weight_decay"] = fresh.get("weight_decay", pl_module.weight_decay)
-
-
-#################################################################################
-#                                    Resume                                     #
-#################################################################################
-
-# Flags that say nothing about how the run trains, or that other checks cover (model, data, LoRA).
-NOT_COMPARED = {"latent_dir", "output_dir", "restart", "check_memory", "skip_memory_check", "model", "depth",
-                "hidden_size", "num_heads", "use_qknorm", "lora_rank", "lora_alpha"}
-# Flags a resume cannot honour: the weights come from last.ckpt, and the trained parameters (hence the
-# optimizer state's layout) follow from them.
-REFUSED = {"init_from": "the resumed weights started from the previous --init_from",
-           "finetune": "the optimizer state belongs to the previous mode's trainable weights",
-           "repa_weight": "the REPA projector and its optimizer state were trained with the previous weight",
-           "repa_depth": "the REPA projector was trained on the previous block's tokens"}
-
-
-def comparable_flags(args: TrainOptions) -> dict[str, Any]:
-    """The flags a resume compares, by name; --init_from as a real path (another spelling of the same file,
-    e.g. from another working folder, is no change)."""
-    flags = {k: v for k, v in vars(args).items() if k not in NOT_COMPARED}
-    if flags.get("init_from"):
-        flags["init_from"] = os.path.realpath(flags["init_from"])
-    return flags
-
-
-def resume_message(checkpoint: dict[str, Any], args: TrainOptions, path: Path) -> str:
-    """What a resume from `checkpoint` does with this command's flags; PipelineError for a flag it cannot honour.
-
-    Every other flag applies from the resumed step on: the optimizer flags are set again after the optimizer
-    state is restored (RunFlags), the others are read by the module and the Trainer each step.
-    """
-    step = checkpoint["global_step"]
-    saved = checkpoint.get(FLAGS_KEY)
-    if saved is None:   # written before checkpoints carried their flags
-        return (f"resuming from {path} at step {step} (its flags were not recorded; this command's flags, "
-                f"--lr and the other optimizer flags included, apply from step {step} on; pass --restart to "
-                "start over)")
-    now = comparable_flags(args)
-    changed = {k: (saved.get(k), now[k]) for k in now if k in saved and saved[k] != now[k]}
-    refused = [k for k in changed if k in REFUSED]
-    if refused:
-        raise PipelineError(f"{path} cannot resume with " + "; ".join(
-            f"--{k} changed from {changed[k][0]} to {changed[k][1]} ({REFUSED[k]})" for k in refused)
-            + ". Pass the previous value to continue, or --restart (or another --output_dir) to train anew.")
-    if not changed:
-        return f"resuming from {path} at step {step} with the same flags as before (pass --restart to start over)"
-    listed = ", ".join(f"--{k} changed from {old} to {new}" for k, (old, new) in changed.items())
-    return (f"resuming from {path} at step {step} with {listed}: the new values apply from step {step} on "
-            "(pass --restart to start over)")
-
-
-def check_optimizer_layout(checkpoint: dict[str, Any], param_groups: list[dict], path: Path) -> None:
-    """The restored optimizer state must fit this run's parameter groups (torch would stop with a bare
-    ValueError): --weight_decay 0 and > 0 group the parameters differently."""
-    saved = [len(g["params"]) for g in checkpoint["optimizer_states"][0]["param_groups"]]
-    now = [len(g["params"]) for g in param_groups]
-    if saved != now:
-        flags = checkpoint.get(FLAGS_KEY, {})
-        hint = (f" (--weight_decay was {flags['weight_decay']})" if "weight_decay" in flags else "")
-        raise PipelineError(
-            f"{path} holds optimizer state for parameter groups of sizes {saved}, this command makes {now}: "
-            f"--weight_decay 0 and > 0 group the parameters differently{hint}. Resume with a --weight_decay "
-            "on the same side of 0, or pass --restart to train anew.")
-
-
-def check_length(checkpoint: dict[str, Any], total_steps: int, path: Path) -> None:
-    """A run already past this command's --max_steps/--max_epochs would end at once with more steps than asked."""
-    if checkpoint["global_step"] > total_steps:
-        raise PipelineError(f"{path} is at step {checkpoint['global_step']}, past the {total_steps} steps that "
-                            "--max_steps/--max_epochs ask for. Pass --restart to train anew for that long, or "
-                            "a larger --max_steps/--max_epochs to continue.")

@@ -1,5 +1,7 @@
-"""Stage 2 logic: build the Trainer (DDP, precision, checkpoints, logs), resume, train, plot."""
-import math
+"""Stage 2's run, top to bottom: build the module from stage 1's latents (build_module), build the Trainer with
+its checkpoints, logs and DDP settings (build_trainer), take the folder's lock, resume or start, train, validate
+the final weights and plot the loss curve (train). Whether and how a run resumes is training/resume.py; the
+checkpoint-writing callbacks are training/checkpoints.py, the other Lightning housekeeping training/callbacks.py."""
 import os
 import warnings
 from pathlib import Path
@@ -10,20 +12,19 @@ import torch
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.strategies import DDPStrategy
 
-from common.device import bf16_supported, check_cuda_usable, resolve_precision, uses_cuda
+from common.device import resolve_precision
 from common.errors import PipelineError, out_of_memory_advice
-from data.latents import check_latents_agree, load_latents, load_stats
 from common.lock import run_lock
+from data.latents import check_latents_agree, load_latents, load_stats
+from models.checkpoint import PipelineInfo
+from models.lightningdit import model_config
 from training.callbacks import (AtomicCheckpointIO, HalfPrecisionBase, KeepMetricsHistory, plot_loss_curve,
                                 progress_callback, quiet_lightning_warnings)
-from training.checkpoints import (LOCK_NAME, BestCheckpoint, EarlyCheckpoint, LastCheckpoint, RunFlags,
-                                  check_length, check_optimizer_layout, resume_message)
+from training.checkpoints import LOCK_NAME, BestCheckpoint, EarlyCheckpoint, LastCheckpoint, RunFlags
 from training.cli import TrainOptions
-from models.checkpoint import PipelineInfo, checkpoint_info, load_checkpoint
-from models.lightningdit import model_config
-from training.dit_module import MAX_SKIPPED_IN_A_ROW, DiTTrainingModule, NonFiniteLoss
-from training.launch import (COLLECTIVE_TIMEOUT, check_world_size, global_rank, is_peer_lost, peer_lost_message,
-                             rank_zero_first)
+from training.dit_module import DiTTrainingModule, NonFiniteLoss
+from training.launch import COLLECTIVE_TIMEOUT, global_rank, is_peer_lost, peer_lost_message
+from training.resume import check_devices, divergence_message, prepare_output_dir, resume_point
 from training.sample_grid import identity_callbacks, sample_grid_callbacks
 
 
@@ -160,36 +161,6 @@ def build_trainer(args: TrainOptions, precision: str, out: Path, callbacks: Sequ
         check_val_every_n_epoch=args.val_every_n_epochs, default_root_dir=out)
 
 
-def resume_point(args: TrainOptions, module: DiTTrainingModule, ckpt_dir: Path, launcher: bool,
-                 log=print) -> str | None:
-    """last.ckpt's path if this run resumes from it (after checking that it fits this command), else None.
-    A fresh run's launching process (`launcher`: global rank 0) first removes a best.ckpt whose last.ckpt is
-    gone: it is an earlier run's."""
-    last, best = ckpt_dir / "last.ckpt", ckpt_dir / "best.ckpt"
-    if not last.is_file():
-        if launcher and best.is_file():
-            best.unlink(missing_ok=True)
-            log(f"removed {best}: its run's last.ckpt is gone, so it is an earlier run's")
-        return None
-    previous = load_checkpoint(last, mmap=True)
-    saved = checkpoint_info(previous)
-    check_same_model(saved.model_config, module.info.model_config, last)
-    check_same_data(saved, module.info, last)
-    from training.finetune import check_same_lora
-    check_same_lora(saved.lora, module.info.lora, last)
-    module.info.latent_classifier = saved.latent_classifier   # trained on these latents: not trained again
-    message = resume_message(previous, args, last)   # refuses the flags a resume cannot honour
-    check_optimizer_layout(previous, module.param_groups(), last)
-    world = args.devices * args.num_nodes
-    steps_per_epoch = max(1, len(module.train_x) // (args.batch_size * world))
-    check_length(previous, min(args.max_steps or math.inf, args.max_epochs * steps_per_epoch), last)
-    log(message)
-    # Batches are a function of the global step, so a mid-epoch resume is exact, which Lightning cannot know
-    # (its warning, the same text on Lightning 2.2.1, 2.3.3, 2.4.0, 2.5.0 and 2.6.6, says it is not resumable).
-    warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch")
-    return str(last)
-
-
 def validate_final_weights(trainer: pl.Trainer, module: DiTTrainingModule) -> None:
     """Validate the final weights when the cadence skipped them (--val_every_n_epochs, a --max_steps that ends
     mid-epoch), so that best.ckpt can be them. Only after this process trained: a rerun of a finished run
@@ -200,96 +171,3 @@ def validate_final_weights(trainer: pl.Trainer, module: DiTTrainingModule) -> No
         trainer.validate(module, verbose=False)
 
 
-def divergence_message(err: NonFiniteLoss, args: TrainOptions, precision: str, ckpt_dir: Path) -> str:
-    """What diverged, the checkpoint that is kept (only one that exists), and flag changes that can help on this
-    device: bf16-mixed only where bf16 is native (a T4 would turn it back into 16-mixed), --use_qknorm only
-    without --init_from (the published weights have no q/k norms)."""
-    if err.kind == "loss":
-        what = f"the loss became NaN/inf by step {err.step} (precision {precision}, lr {args.lr:g})"
-    elif err.kind == "skipped":
-        what = (f"the loss or its gradients stayed NaN/inf for {MAX_SKIPPED_IN_A_ROW} steps in a row up to step "
-                f"{err.step} (precision {precision}, lr {args.lr:g}; loss scaling skipped them, {err.skipped} "
-                "skipped in all, and lowering the scale did not help)")
-    else:
-        what = f"the weights became NaN/inf by step {err.step} (precision {precision}, lr {args.lr:g})"
-    last = ckpt_dir / "last.ckpt"
-    if last.is_file():
-        try:
-            step = f" (step {load_checkpoint(last, mmap=True)['global_step']})"
-        except PipelineError:   # the divergence is the news, not an unreadable file
-            step = ""
-        kept = (f"The last good checkpoint, {last}{step}, is kept: rerun with changed flags to continue "
-                "from it (the same flags would diverge the same way: the batches are a function of the step), "
-                "or add --restart to start over.")
-    else:
-        kept = ("No checkpoint was written before it (the first comes after "
-                f"--checkpoint_every_n_steps {args.checkpoint_every_n_steps} steps or the first validation): "
-                "rerun with changed flags.")
-    advice = [f"a lower --lr (e.g. {args.lr / 4:g})"]
-    if not args.grad_clip or args.grad_clip > 1.0:
-        advice.append("--grad_clip 1.0")
-    if precision == "16-mixed":
-        native_bf16 = bf16_supported("cuda" if uses_cuda(args.accelerator) else "cpu")
-        advice.append("--precision bf16-mixed (same speed, no fp16 overflow)" if native_bf16 else
-                      "--precision 32-true (this device has no native bf16; fp32 is slower but does not overflow)")
-    elif precision == "bf16-mixed":
-        advice.append("--precision 32-true")
-    if not args.use_qknorm and not args.init_from:   # published weights have no q/k norms to load
-        advice.append("--use_qknorm (needs --restart: it changes the model)")
-    tries = f"{', '.join(advice[:-1])} or {advice[-1]}" if len(advice) > 1 else advice[0]
-    return f"training stopped: {what}. {kept} Try {tries}."
-
-
-def check_same_model(saved: dict, current: dict, path: Path) -> None:
-    """Resuming needs the architecture of the checkpoint; say which flags differ instead of a shape error."""
-    keys = [k for k in sorted(set(saved) | set(current)) if k not in ("use_checkpoint", "class_dropout_prob")]
-    diff = [f"{k}: {saved.get(k)} in the checkpoint, {current.get(k)} now"
-            for k in keys if saved.get(k) != current.get(k)]
-    if diff:
-        raise PipelineError(f"{path} was trained with a different model ({'; '.join(diff)}). Resume with the "
-                            "same --model/--depth/--hidden_size/--num_heads flags and stage 1 latents, or pass "
-                            "--restart (or another --output_dir) to train the new model from scratch.")
-
-
-def check_same_data(saved: PipelineInfo, current: PipelineInfo, path: Path) -> None:
-    """Resuming on other latents (stage 1 redone on other images or with another tokenizer) would mix two
-    runs: the weights learnt one normalisation and user table, the rest of the run would use another."""
-    diff = []
-    if saved.users != current.users or saved.user_numbers != current.user_numbers:
-        diff.append(f"users: {saved.users} in the checkpoint, {current.users} now")
-    if saved.tokenizer_sha256 != current.tokenizer_sha256:
-        diff.append(f"tokenizer sha256: {str(saved.tokenizer_sha256)[:12]}... "
-                    f"({saved.tokenizer or '?'}) in the checkpoint, "
-                    f"{current.tokenizer_sha256[:12]}... ({current.tokenizer or '?'}) now")
-    for key in ("latent_mean", "latent_std"):
-        if not torch.equal(getattr(saved, key).cpu(), getattr(current, key).cpu()):
-            diff.append(f"latent statistics ({key.split('_')[1]}) differ")
-    if diff:
-        raise PipelineError(f"{path} was trained on other stage 1 latents ({'; '.join(diff)}): stage 1 was "
-                            "redone since. Pass --restart to train anew on the new latents (or use another "
-                            "--output_dir to keep the old run).")
-
-
-def check_devices(args: TrainOptions) -> None:
-    """GPUs asked for where CUDA is not usable, or a launcher (torchrun, srun) that started another number of
-    processes than --devices x --num_nodes: a PipelineError saying what to do, before anything is loaded."""
-    check_cuda_usable(args.accelerator, args.devices, args.num_nodes)
-    check_world_size(args.devices, args.num_nodes)
-
-
-def prepare_output_dir(args: TrainOptions, ckpt_dir: Path, log=print) -> None:
-    """The output folder's once-per-run work, done by global rank 0 before any rank decides whether to resume
-    (under torchrun and srun every rank starts at once; LOCAL_RANK is 0 once per node, and unset under srun)."""
-    with rank_zero_first(args.devices, args.num_nodes, uses_cuda(args.accelerator)) as is_rank_zero:
-        if is_rank_zero and args.restart:
-            remove_previous_run(ckpt_dir, log)
-
-
-def remove_previous_run(ckpt_dir: Path, log=print) -> None:
-    """--restart: the old run's checkpoints go first, so that neither a stale best.ckpt (before the new
-    run's first validation) nor a stale last.ckpt (resumed after an interruption) is ever picked up.
-    Global rank 0 only (prepare_output_dir)."""
-    for name in ("best.ckpt", "last.ckpt"):
-        if (ckpt_dir / name).is_file():
-            (ckpt_dir / name).unlink(missing_ok=True)
-            log(f"--restart: removed the previous run's {ckpt_dir / name}")
