@@ -267,7 +267,7 @@ def test_global_and_local_rank_under_each_launcher(monkeypatch, env, devices, ra
 def test_memory_check_probes_this_ranks_gpu_under_srun(monkeypatch):
     """srun sets SLURM_LOCALID, not LOCAL_RANK: before the fix every task probed cuda:0."""
     from training.cli import training_options
-    from training.memory import check_cuda_memory
+    from training.memory_check import check_cuda_memory
     for key in LAUNCHER_VARS:
         monkeypatch.delenv(key, raising=False)
     for key, value in {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_PROCID": "1",

@@ -88,7 +88,7 @@ def train(args: TrainOptions, log=print, callbacks: Sequence[pl.Callback] = ()) 
         raise PipelineError("--finetune lora trains low-rank adapters on a pretrained model: pass --init_from "
                             "with the weights to adapt (e.g. the published lightningdit-xl-imagenet256-*.pt)")
     if torch.cuda.is_available() and args.accelerator != "cpu" and not args.skip_memory_check:
-        from training.memory import check_cuda_memory
+        from training.memory_check import check_cuda_memory
         check_cuda_memory(args, log)
     module = build_module(args, log)
     if args.init_from:
