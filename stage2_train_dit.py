@@ -12,7 +12,8 @@ def main(argv=None) -> None:
     parser = build_parser()
     args = parse_args(parser, argv)
     if args.check_memory is not None:   # a question about the flags: no data or output folder needed
-        from training.memory import GB, memory_report
+        from training.memory import GB
+        from training.memory_check import memory_report
         fits, text, _ = memory_report(TrainOptions.from_args(args), args.check_memory * GB)
         print(text)
         sys.exit(0 if fits else 1)

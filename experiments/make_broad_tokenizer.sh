@@ -3,7 +3,7 @@
 # itself the demo tokenizer fine-tuned 85 CPU min on 64-px crops of broad looks) fine-tuned on *full frames*
 # of 64 people in random radar looks (data.simulate.sample_look) and 64 in the demo's look (half the images:
 # the demo look must not be given up), none of them the demo's people. Full frames because crops teach
-# another GroupNorm regime (tokenizer/train.py, FINETUNE). Measure it with experiments/tokenizer_psnr_per_look.py.
+# another GroupNorm regime (tokenizer/recipe.py, FINETUNE). Measure it with experiments/tokenizer_psnr_per_look.py.
 #   Usage: experiments/make_broad_tokenizer.sh WORK_DIR [MINUTES] [START]
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -88,7 +88,8 @@ def test_checkpoint_sizes_follow_the_formula(tmp_path, latent_dir, finetune):
     """training.memory.checkpoint_bytes (the README's Kaggle disk table, --check_memory's disk line) against
     files written by a real run: the tensors it counts are all there, and nothing else of their size."""
     from helpers import tiny_dit
-    from training.memory import checkpoint_bytes, setup_from_args
+    from training.memory import checkpoint_bytes
+    from training.memory_check import setup_from_args
     extra = [a for k, v in SIZED.items() for a in (f"--{k}", v)]
     if finetune == "lora":
         torch.save(tiny_dit(**SIZED).state_dict(), tmp_path / "published.pt")
@@ -110,7 +111,8 @@ def test_checkpoint_sizes_follow_the_formula(tmp_path, latent_dir, finetune):
 def test_kaggle_configs_checkpoints_fit_kaggle_working(config):
     """/kaggle/working holds ~20 GB; leave 5 GB for the latents, tokenizer, samples and logs. The published
     10.8 GB file must come from a dataset under /kaggle/input, which does not count."""
-    from training.memory import checkpoint_bytes, setup_from_args
+    from training.memory import checkpoint_bytes
+    from training.memory_check import setup_from_args
     args = training_options(["--config", config, "--latent_dir", "unused", "--output_dir", "unused"])
     assert checkpoint_bytes(setup_from_args(args, cuda=True)[0])["peak"] <= 15e9
     assert args.init_from is None or args.init_from.startswith("/kaggle/input/")

@@ -12,10 +12,12 @@ import pytest
 import torch
 
 import training.dit_module as dm
+import training.resume as resume_mod
 import training.train_dit as td
 import common.device as device_mod
 from common.device import bf16_supported, resolve_precision
 from common.errors import PipelineError
+from training.callbacks import AtomicCheckpointIO
 from helpers import (PYTHON, ROOT, assert_user_error, make_dataset, make_tokenizer, run_main, run_stage,
                      stage1_args, stage2_args, write_malicious)
 
@@ -202,7 +204,7 @@ def test_lightning_resume_reads_weights_only_on_any_version(tmp_path):
     marker = tmp_path / "pwned"
     evil = write_malicious(tmp_path / "last.ckpt", marker)
     with pytest.raises(PipelineError, match="refused"):
-        td.AtomicCheckpointIO().load_checkpoint(evil, weights_only=False)
+        AtomicCheckpointIO().load_checkpoint(evil, weights_only=False)
     assert not marker.exists()
 
 
@@ -351,7 +353,7 @@ def test_fp16_persistent_nan_stops_with_advice_for_a_t4(tmp_path, latents, monke
     (the checkpoint of step 25, which is not written); the kept checkpoint is named with its step, and the advice
     fits a device without native bf16 (no bf16-mixed, which it would turn back into 16-mixed)."""
     fp16_like_a_t4(monkeypatch)
-    monkeypatch.setattr(td, "bf16_supported", lambda device: False)
+    monkeypatch.setattr(resume_mod, "bf16_supported", lambda device: False)
     nan_loss_at(monkeypatch, set(range(3, 1000)))
     out = tmp_path / "fp16"
     with pytest.raises(PipelineError) as err:
@@ -381,7 +383,8 @@ def test_divergence_advice_fits_the_device_and_the_weights(tmp_path, monkeypatch
                                                             expected, absent):
     fake_gpu(monkeypatch, capability)
     args = divergence_args(tmp_path, *(["--init_from", str(tmp_path / "published.pt")] if init_from else []))
-    message = td.divergence_message(dm.NonFiniteLoss(30, "skipped", 25), args, "16-mixed", tmp_path / "checkpoints")
+    message = resume_mod.divergence_message(dm.NonFiniteLoss(30, "skipped", 25), args, "16-mixed",
+                                            tmp_path / "checkpoints")
     assert all(flag in message for flag in expected) and not any(flag in message for flag in absent), message
     assert "No checkpoint was written before it" in message and "is kept" not in message
     assert "--grad_clip" not in message   # already 1.0 by default
@@ -391,7 +394,7 @@ def test_divergence_message_names_the_checkpoint_kept(tmp_path):
     from common.io import save_torch
     from models.checkpoint import CHECKPOINT_KIND
     save_torch({"global_step": 40, "pipeline": {"kind": CHECKPOINT_KIND}}, tmp_path / "checkpoints" / "last.ckpt")
-    message = td.divergence_message(dm.NonFiniteLoss(45), divergence_args(tmp_path, "--grad_clip", "0"), "32-true",
-                                    tmp_path / "checkpoints")
+    message = resume_mod.divergence_message(dm.NonFiniteLoss(45), divergence_args(tmp_path, "--grad_clip", "0"),
+                                            "32-true", tmp_path / "checkpoints")
     assert f"last good checkpoint, {tmp_path / 'checkpoints' / 'last.ckpt'} (step 40), is kept" in message
     assert "--grad_clip 1.0" in message and "--precision" not in message   # nothing below fp32

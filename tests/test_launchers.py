@@ -24,15 +24,15 @@ LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_
 SLOW_RANK_ZERO = textwrap.dedent("""
     import os, sys, time
     sys.path.insert(0, {root!r})
-    import training.train_dit as td
-    real = td.remove_previous_run
+    import training.resume as resume
+    real = resume.remove_previous_run
 
     def slow_on_rank_zero(*args, **kwargs):
         if os.environ.get("RANK", os.environ.get("SLURM_PROCID")) == "0":
             time.sleep(3)
         return real(*args, **kwargs)
 
-    td.remove_previous_run = slow_on_rank_zero
+    resume.remove_previous_run = slow_on_rank_zero
     import stage2_train_dit
     stage2_train_dit.main(sys.argv[1:])
 """)
@@ -267,7 +267,7 @@ def test_global_and_local_rank_under_each_launcher(monkeypatch, env, devices, ra
 def test_memory_check_probes_this_ranks_gpu_under_srun(monkeypatch):
     """srun sets SLURM_LOCALID, not LOCAL_RANK: before the fix every task probed cuda:0."""
     from training.cli import training_options
-    from training.memory import check_cuda_memory
+    from training.memory_check import check_cuda_memory
     for key in LAUNCHER_VARS:
         monkeypatch.delenv(key, raising=False)
     for key, value in {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_PROCID": "1",

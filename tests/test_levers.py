@@ -19,7 +19,7 @@ from models.checkpoint import PipelineInfo, load_checkpoint
 from models.lightningdit import TIME_SHIFT_TABLE, LightningDiT, model_config
 from models.transport import guidance_switches, guided_velocity, sample_ode
 from training.augment import random_time_shifts, shift_time
-from training.early_checkpoint import early_step
+from training.checkpoints import early_step
 from training.sample_grid import grid_due
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")

@@ -13,7 +13,8 @@ from helpers import TINY_DIT_MODEL_FLAGS, make_module, make_tokenizer
 from models.lightningdit import LightningDiT
 from models.checkpoint import ema_state_dict, merge_lora_state
 from training.callbacks import HalfPrecisionBase
-from training.finetune import check_same_lora, halve_base_weights, partial_trainable
+from training.finetune import halve_base_weights, partial_trainable
+from training.resume import check_same_lora
 from training.init_from import CLASS_TABLE, initialise_from, load_pretrained
 
 RANK = 4

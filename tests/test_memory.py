@@ -8,7 +8,8 @@ import stage2_train_dit
 from common.errors import PipelineError
 from training.callbacks import HalfPrecisionBase
 from training.finetune import apply_finetune, apply_lora
-from training.memory import estimate_memory, measured_peak, setup_from_args
+from training.memory import estimate_memory, measured_peak
+from training.memory_check import setup_from_args
 from training.cli import training_options
 from training.train_dit import build_module
 

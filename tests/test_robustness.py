@@ -670,7 +670,7 @@ def test_stage3_killed_while_moving_its_samples_in_is_detected(tmp_path, trained
 def test_checkpoint_interrupted_mid_save_keeps_the_previous_one(tmp_path, monkeypatch):
     """Stage 2's checkpoints go through atomic_path: a kill mid-save leaves last.ckpt as it was."""
     import common.io
-    from training.train_dit import AtomicCheckpointIO
+    from training.callbacks import AtomicCheckpointIO
     path = tmp_path / "checkpoints" / "last.ckpt"
     AtomicCheckpointIO().save_checkpoint({"global_step": 5, "w": torch.ones(3)}, path)
     real_save = torch.save

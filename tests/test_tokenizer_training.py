@@ -11,7 +11,8 @@ from common.io import read_safetensors_metadata
 from helpers import make_dataset, track_image
 from models.vavae import load_vavae
 from tokenizer.align import alignment_loss, build_foundation
-from tokenizer.train import tokenizer_config, train_tokenizer
+from tokenizer.recipe import tokenizer_config
+from tokenizer.train import train_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

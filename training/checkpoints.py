@@ -1,10 +1,15 @@
-"""Stage 2's checkpoints and resume (its run lock is common/lock.py's, `LOCK_NAME`): the same on every Lightning version from 2.3.3 on.
+"""Stage 2's checkpoint-writing callbacks, the same on every Lightning version from 2.3.3 on (whether and how a
+run resumes from them is training/resume.py; the run lock is common/lock.py's, `LOCK_NAME`).
 
 - last.ckpt: everything a resume needs (weights, EMA, optimizer, loops, this run's flags); written every
   --checkpoint_every_n_steps, after every validation and at the last step, whatever the cadence.
 - best.ckpt: for sampling only: the EMA weights with the lowest EMA validation loss and the pipeline info
   (models/checkpoint.sampling_checkpoint); no optimizer state, no training weights. The final weights are
   always validated (train_dit.validate_final_weights), so best.ckpt can pick them.
+- early.ckpt: one early EMA snapshot of the run (the EMA weights and the pipeline info), the free guide of
+  autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of itself"): it guides
+  the model with a weaker version of itself trained on the same data, here at no extra training cost.
+  Stage 3 uses it with --guidance_checkpoint <output_dir>/checkpoints/early.ckpt.
 
 Lightning's ModelCheckpoint is not used: which of its hooks write last.ckpt after the last step changed
 between versions (only 2.5.3+ saves in on_train_end: on 2.3.3 `--max_steps 7 --checkpoint_every_n_steps 5`
@@ -12,20 +17,22 @@ left step 5 in last.ckpt), and it cannot leave the training weights out of best.
 use the Trainer's public API (save_checkpoint, global_step, max_steps, callback_metrics, strategy.barrier).
 """
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.trainer.states import TrainerFn
 
-from common.errors import PipelineError
 from common.io import save_torch
 from models.checkpoint import load_checkpoint, sampling_checkpoint
 from training.cli import TrainOptions
 
 FLAGS_KEY = "stage2_flags"   # the flags of the run that wrote a last.ckpt (a dict of TrainOptions)
 LOCK_NAME = "stage2.lock"
+EARLY_NAME = "early.ckpt"
+# Karras et al. find the best guides much weaker than the model (a fraction of its training); 1/8 of the run
+# is weak but already past the first steps where the EMA is still mostly the random init.
+DEFAULT_EARLY_FRACTION = 1 / 8
 
 
 #################################################################################
@@ -96,11 +103,52 @@ class BestCheckpoint(pl.Callback):
             self.best_score = score
 
 
+def early_step(total_steps: int, requested: int | None) -> int:
+    """The step at which the snapshot is kept: `requested`, or DEFAULT_EARLY_FRACTION of the run (at least 1);
+    0 means none."""
+    if requested is not None:
+        return max(0, requested)
+    return max(1, round(total_steps * DEFAULT_EARLY_FRACTION))
+
+
+class EarlyCheckpoint(pl.Callback):
+    """Write a slim checkpoint (the EMA weights and the pipeline info, no optimizer state: a quarter of
+    last.ckpt) once, after the optimizer step that reaches `early_step`; global rank 0 only.
+
+    A fresh run (or one resumed before that step) removes an early.ckpt already in the folder, with step 0
+    too: it belongs to another run. A run resumed past the step keeps the one it wrote.
+    """
+    def __init__(self, ckpt_dir: Path, requested_step: int | None, log=print):
+        self.path = Path(ckpt_dir) / EARLY_NAME
+        self.requested, self.note = requested_step, log   # not self.log: Lightning sets that on callbacks
+        self.step = 0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        total = int(trainer.estimated_stepping_batches)
+        self.step = early_step(total, self.requested)
+        if not trainer.is_global_zero:
+            return
+        fresh = trainer.global_step == 0 or trainer.global_step < self.step   # this run has not written one yet
+        if fresh and self.path.is_file():
+            self.path.unlink()
+            self.note(f"removed {self.path}: it was another run's early snapshot")
+        if self.step > total:
+            self.note(f"note: --early_checkpoint_step {self.step} is past the run's {total} steps: no {EARLY_NAME}")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx) -> None:
+        if trainer.global_step != self.step or self.step == 0 or not trainer.is_global_zero:
+            return
+        ema = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items() if k.startswith("ema.")}
+        save_torch({"state_dict": ema, "pipeline": pl_module.info.to_dict(), "global_step": self.step}, self.path)
+
+
 class RunFlags(pl.Callback):
     """Stores this run's flags in every checkpoint, and after a resume puts this command's optimizer flags
     (--lr, --beta2, --weight_decay, --backbone_lr_scale) back: restoring the optimizer state brought back
     the previous run's values in its parameter groups."""
     def __init__(self, args: TrainOptions):
+        from training.resume import comparable_flags   # not at the top: training/resume.py imports FLAGS_KEY
         self.flags = comparable_flags(args)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -113,75 +161,3 @@ class RunFlags(pl.Callback):
                 group["lr"] = group["base_lr"] = fresh["lr"]   # the warm-up ramps from base_lr
                 group["betas"] = pl_module.betas
                 group["weight_decay"] = fresh.get("weight_decay", pl_module.weight_decay)
-
-
-#################################################################################
-#                                    Resume                                     #
-#################################################################################
-
-# Flags that say nothing about how the run trains, or that other checks cover (model, data, LoRA).
-NOT_COMPARED = {"latent_dir", "output_dir", "restart", "check_memory", "skip_memory_check", "model", "depth",
-                "hidden_size", "num_heads", "use_qknorm", "lora_rank", "lora_alpha"}
-# Flags a resume cannot honour: the weights come from last.ckpt, and the trained parameters (hence the
-# optimizer state's layout) follow from them.
-REFUSED = {"init_from": "the resumed weights started from the previous --init_from",
-           "finetune": "the optimizer state belongs to the previous mode's trainable weights",
-           "repa_weight": "the REPA projector and its optimizer state were trained with the previous weight",
-           "repa_depth": "the REPA projector was trained on the previous block's tokens"}
-
-
-def comparable_flags(args: TrainOptions) -> dict[str, Any]:
-    """The flags a resume compares, by name; --init_from as a real path (another spelling of the same file,
-    e.g. from another working folder, is no change)."""
-    flags = {k: v for k, v in vars(args).items() if k not in NOT_COMPARED}
-    if flags.get("init_from"):
-        flags["init_from"] = os.path.realpath(flags["init_from"])
-    return flags
-
-
-def resume_message(checkpoint: dict[str, Any], args: TrainOptions, path: Path) -> str:
-    """What a resume from `checkpoint` does with this command's flags; PipelineError for a flag it cannot honour.
-
-    Every other flag applies from the resumed step on: the optimizer flags are set again after the optimizer
-    state is restored (RunFlags), the others are read by the module and the Trainer each step.
-    """
-    step = checkpoint["global_step"]
-    saved = checkpoint.get(FLAGS_KEY)
-    if saved is None:   # written before checkpoints carried their flags
-        return (f"resuming from {path} at step {step} (its flags were not recorded; this command's flags, "
-                f"--lr and the other optimizer flags included, apply from step {step} on; pass --restart to "
-                "start over)")
-    now = comparable_flags(args)
-    changed = {k: (saved.get(k), now[k]) for k in now if k in saved and saved[k] != now[k]}
-    refused = [k for k in changed if k in REFUSED]
-    if refused:
-        raise PipelineError(f"{path} cannot resume with " + "; ".join(
-            f"--{k} changed from {changed[k][0]} to {changed[k][1]} ({REFUSED[k]})" for k in refused)
-            + ". Pass the previous value to continue, or --restart (or another --output_dir) to train anew.")
-    if not changed:
-        return f"resuming from {path} at step {step} with the same flags as before (pass --restart to start over)"
-    listed = ", ".join(f"--{k} changed from {old} to {new}" for k, (old, new) in changed.items())
-    return (f"resuming from {path} at step {step} with {listed}: the new values apply from step {step} on "
-            "(pass --restart to start over)")
-
-
-def check_optimizer_layout(checkpoint: dict[str, Any], param_groups: list[dict], path: Path) -> None:
-    """The restored optimizer state must fit this run's parameter groups (torch would stop with a bare
-    ValueError): --weight_decay 0 and > 0 group the parameters differently."""
-    saved = [len(g["params"]) for g in checkpoint["optimizer_states"][0]["param_groups"]]
-    now = [len(g["params"]) for g in param_groups]
-    if saved != now:
-        flags = checkpoint.get(FLAGS_KEY, {})
-        hint = (f" (--weight_decay was {flags['weight_decay']})" if "weight_decay" in flags else "")
-        raise PipelineError(
-            f"{path} holds optimizer state for parameter groups of sizes {saved}, this command makes {now}: "
-            f"--weight_decay 0 and > 0 group the parameters differently{hint}. Resume with a --weight_decay "
-            "on the same side of 0, or pass --restart to train anew.")
-
-
-def check_length(checkpoint: dict[str, Any], total_steps: int, path: Path) -> None:
-    """A run already past this command's --max_steps/--max_epochs would end at once with more steps than asked."""
-    if checkpoint["global_step"] > total_steps:
-        raise PipelineError(f"{path} is at step {checkpoint['global_step']}, past the {total_steps} steps that "
-                            "--max_steps/--max_epochs ask for. Pass --restart to train anew for that long, or "
-                            "a larger --max_steps/--max_epochs to continue.")

@@ -311,7 +311,7 @@ class DiTTrainingModule(pl.LightningModule):
     # ---------------------------------------------------------------- identity
     def on_fit_start(self) -> None:
         """Train the noisy-latent user classifier on the train latents before the first step (a resume brings it
-        in the checkpoint: train_dit.resume_point), on this device, the same on every rank (seeded)."""
+        in the checkpoint: training/resume.py), on this device, the same on every rank (seeded)."""
         if self.info.latent_classifier is not None or self.classifier_steps == 0:
             return
         started = time.monotonic()

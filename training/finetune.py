@@ -23,7 +23,6 @@ rules to estimate memory before anything is built); peft is imported only to inj
 """
 import copy
 import re
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -130,14 +129,3 @@ def halve_base_weights(model: nn.Module, dtype: torch.dtype) -> int:
                 saved += p.numel() * (p.element_size() - torch.empty((), dtype=dtype).element_size())
                 p.data = p.data.to(dtype)
     return saved
-
-
-def check_same_lora(saved: dict | None, current: dict | None, path: Path) -> None:
-    """Resuming a LoRA run needs the same adapters; raises PipelineError (naming the flags) instead of a
-    state-dict key error."""
-    if saved == current:
-        return
-    describe = lambda c: f"--finetune lora --lora_rank {c['rank']} --lora_alpha {c['alpha']:g}" if c else \
-        "without --finetune lora"
-    raise PipelineError(f"{path} was trained {describe(saved)}, this run is {describe(current)}. Resume with "
-                        "the same flags, or pass --restart (or another --output_dir) to start over.")

@@ -1,36 +1,30 @@
-"""Stage 2 logic: build the Trainer (DDP, precision, checkpoints, logs), resume, train, plot."""
-import csv
-import logging
-import math
+"""Stage 2's run, top to bottom: build the module from stage 1's latents (build_module), build the Trainer with
+its checkpoints, logs and DDP settings (build_trainer), take the folder's lock, resume or start, train, validate
+the final weights and plot the loss curve (train). Whether and how a run resumes is training/resume.py; the
+checkpoint-writing callbacks are training/checkpoints.py, the other Lightning housekeeping training/callbacks.py."""
 import os
-import time
 import warnings
-from datetime import timedelta
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
-from pytorch_lightning.plugins import TorchCheckpointIO
 from pytorch_lightning.strategies import DDPStrategy
 
-from common.device import bf16_supported, check_cuda_usable, resolve_precision, uses_cuda
+from common.device import resolve_precision
 from common.errors import PipelineError, out_of_memory_advice
-from common.io import atomic_path, save_torch
-from common.progress import due, is_terminal, progress_line
-from data.latents import check_latents_agree, load_latents, load_stats
 from common.lock import run_lock
-from training.checkpoints import (LOCK_NAME, BestCheckpoint, LastCheckpoint, RunFlags, check_length,
-                                  check_optimizer_layout, resume_message)
-from training.cli import TrainOptions
-from models.checkpoint import PipelineInfo, checkpoint_info, load_checkpoint
+from data.latents import check_latents_agree, load_latents, load_stats
+from models.checkpoint import PipelineInfo
 from models.lightningdit import model_config
-from training.dit_module import MAX_SKIPPED_IN_A_ROW, DiTTrainingModule, NonFiniteLoss
-from training.early_checkpoint import EarlyCheckpoint
-from training.launch import (COLLECTIVE_TIMEOUT, check_world_size, global_rank, is_peer_lost, peer_lost_message,
-                             rank_zero_first)
+from training.callbacks import (AtomicCheckpointIO, HalfPrecisionBase, KeepMetricsHistory, plot_loss_curve,
+                                progress_callback, quiet_lightning_warnings)
+from training.checkpoints import LOCK_NAME, BestCheckpoint, EarlyCheckpoint, LastCheckpoint, RunFlags
+from training.cli import TrainOptions
+from training.dit_module import DiTTrainingModule, NonFiniteLoss
+from training.launch import COLLECTIVE_TIMEOUT, global_rank, is_peer_lost, peer_lost_message
+from training.resume import check_devices, divergence_message, prepare_output_dir, resume_point
 from training.sample_grid import identity_callbacks, sample_grid_callbacks
 
 
@@ -94,7 +88,7 @@ def train(args: TrainOptions, log=print, callbacks: Sequence[pl.Callback] = ()) 
         raise PipelineError("--finetune lora trains low-rank adapters on a pretrained model: pass --init_from "
                             "with the weights to adapt (e.g. the published lightningdit-xl-imagenet256-*.pt)")
     if torch.cuda.is_available() and args.accelerator != "cpu" and not args.skip_memory_check:
-        from training.memory import check_cuda_memory
+        from training.memory_check import check_cuda_memory
         check_cuda_memory(args, log)
     module = build_module(args, log)
     if args.init_from:
@@ -147,7 +141,6 @@ def build_trainer(args: TrainOptions, precision: str, out: Path, callbacks: Sequ
                  BestCheckpoint(ckpt_dir / "best.ckpt"), RunFlags(args), progress_callback(),
                  KeepMetricsHistory(csv_logger), *callbacks]
     if args.finetune == "lora":
-        from training.callbacks import HalfPrecisionBase
         callbacks.append(HalfPrecisionBase())
     devices = args.devices
     distributed = devices * args.num_nodes > 1
@@ -168,36 +161,6 @@ def build_trainer(args: TrainOptions, precision: str, out: Path, callbacks: Sequ
         check_val_every_n_epoch=args.val_every_n_epochs, default_root_dir=out)
 
 
-def resume_point(args: TrainOptions, module: DiTTrainingModule, ckpt_dir: Path, launcher: bool,
-                 log=print) -> str | None:
-    """last.ckpt's path if this run resumes from it (after checking that it fits this command), else None.
-    A fresh run's launching process (`launcher`: global rank 0) first removes a best.ckpt whose last.ckpt is
-    gone: it is an earlier run's."""
-    last, best = ckpt_dir / "last.ckpt", ckpt_dir / "best.ckpt"
-    if not last.is_file():
-        if launcher and best.is_file():
-            best.unlink(missing_ok=True)
-            log(f"removed {best}: its run's last.ckpt is gone, so it is an earlier run's")
-        return None
-    previous = load_checkpoint(last, mmap=True)
-    saved = checkpoint_info(previous)
-    check_same_model(saved.model_config, module.info.model_config, last)
-    check_same_data(saved, module.info, last)
-    from training.finetune import check_same_lora
-    check_same_lora(saved.lora, module.info.lora, last)
-    module.info.latent_classifier = saved.latent_classifier   # trained on these latents: not trained again
-    message = resume_message(previous, args, last)   # refuses the flags a resume cannot honour
-    check_optimizer_layout(previous, module.param_groups(), last)
-    world = args.devices * args.num_nodes
-    steps_per_epoch = max(1, len(module.train_x) // (args.batch_size * world))
-    check_length(previous, min(args.max_steps or math.inf, args.max_epochs * steps_per_epoch), last)
-    log(message)
-    # Batches are a function of the global step, so a mid-epoch resume is exact, which Lightning cannot know
-    # (its warning, the same text on Lightning 2.2.1, 2.3.3, 2.4.0, 2.5.0 and 2.6.6, says it is not resumable).
-    warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch")
-    return str(last)
-
-
 def validate_final_weights(trainer: pl.Trainer, module: DiTTrainingModule) -> None:
     """Validate the final weights when the cadence skipped them (--val_every_n_epochs, a --max_steps that ends
     mid-epoch), so that best.ckpt can be them. Only after this process trained: a rerun of a finished run
@@ -208,238 +171,3 @@ def validate_final_weights(trainer: pl.Trainer, module: DiTTrainingModule) -> No
         trainer.validate(module, verbose=False)
 
 
-def divergence_message(err: NonFiniteLoss, args: TrainOptions, precision: str, ckpt_dir: Path) -> str:
-    """What diverged, the checkpoint that is kept (only one that exists), and flag changes that can help on this
-    device: bf16-mixed only where bf16 is native (a T4 would turn it back into 16-mixed), --use_qknorm only
-    without --init_from (the published weights have no q/k norms)."""
-    if err.kind == "loss":
-        what = f"the loss became NaN/inf by step {err.step} (precision {precision}, lr {args.lr:g})"
-    elif err.kind == "skipped":
-        what = (f"the loss or its gradients stayed NaN/inf for {MAX_SKIPPED_IN_A_ROW} steps in a row up to step "
-                f"{err.step} (precision {precision}, lr {args.lr:g}; loss scaling skipped them, {err.skipped} "
-                "skipped in all, and lowering the scale did not help)")
-    else:
-        what = f"the weights became NaN/inf by step {err.step} (precision {precision}, lr {args.lr:g})"
-    last = ckpt_dir / "last.ckpt"
-    if last.is_file():
-        try:
-            step = f" (step {load_checkpoint(last, mmap=True)['global_step']})"
-        except PipelineError:   # the divergence is the news, not an unreadable file
-            step = ""
-        kept = (f"The last good checkpoint, {last}{step}, is kept: rerun with changed flags to continue "
-                "from it (the same flags would diverge the same way: the batches are a function of the step), "
-                "or add --restart to start over.")
-    else:
-        kept = ("No checkpoint was written before it (the first comes after "
-                f"--checkpoint_every_n_steps {args.checkpoint_every_n_steps} steps or the first validation): "
-                "rerun with changed flags.")
-    advice = [f"a lower --lr (e.g. {args.lr / 4:g})"]
-    if not args.grad_clip or args.grad_clip > 1.0:
-        advice.append("--grad_clip 1.0")
-    if precision == "16-mixed":
-        native_bf16 = bf16_supported("cuda" if uses_cuda(args.accelerator) else "cpu")
-        advice.append("--precision bf16-mixed (same speed, no fp16 overflow)" if native_bf16 else
-                      "--precision 32-true (this device has no native bf16; fp32 is slower but does not overflow)")
-    elif precision == "bf16-mixed":
-        advice.append("--precision 32-true")
-    if not args.use_qknorm and not args.init_from:   # published weights have no q/k norms to load
-        advice.append("--use_qknorm (needs --restart: it changes the model)")
-    tries = f"{', '.join(advice[:-1])} or {advice[-1]}" if len(advice) > 1 else advice[0]
-    return f"training stopped: {what}. {kept} Try {tries}."
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints are written beside their final name, then renamed: a kill mid-save keeps the previous
-    last.ckpt whole (Lightning's own save stages the file in /tmp and moves it, a copy when /tmp is
-    another disk, e.g. a mounted drive). Resuming reads with weights_only=True whatever the Lightning version
-    (trainer.fit(weights_only=...) only exists from Lightning 2.6)."""
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
-        save_torch(checkpoint, path)
-
-    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
-        return load_checkpoint(path)
-
-
-def progress_callback() -> pl.callbacks.ProgressBar:
-    """A tqdm bar in a terminal; in a log (Kaggle, CI, nohup) a plain line now and then."""
-    return TQDMProgressBar(refresh_rate=10) if is_terminal() else LineProgress()
-
-
-class LineProgress(pl.callbacks.ProgressBar):
-    """'stage 2: step 120/1400 (9%), epoch 3, 4.1 steps/s, 0:00:29 elapsed, ~0:04:52 left, train_loss=...'
-    at the start, every LINE_EVERY_S seconds or further tenth of the run, and at the end (rank 0 only)."""
-    def __init__(self):
-        super().__init__()
-        self.enabled = True
-        self.start = (0.0, 0)        # (time, step) when this run (or resume) started
-        self.last = (0.0, -1)        # (time, step) of the last line
-
-    def disable(self) -> None:
-        self.enabled = False
-
-    def enable(self) -> None:
-        self.enabled = True
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.start = self.last = (time.monotonic(), trainer.global_step)
-        self.print_line(trainer, pl_module)
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
-                           batch_idx) -> None:
-        if due(time.monotonic(), self.last[0], trainer.global_step, self.last[1], self.total_steps(trainer)):
-            self.print_line(trainer, pl_module)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.global_step != self.last[1]:
-            self.print_line(trainer, pl_module)
-
-    @staticmethod
-    def total_steps(trainer: pl.Trainer) -> int:
-        return int(trainer.estimated_stepping_batches)
-
-    def print_line(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        now, step, total = time.monotonic(), trainer.global_step, self.total_steps(trainer)
-        self.last = (now, step)
-        if not self.enabled:
-            return
-        elapsed = now - self.start[0]
-        rate = (step - self.start[1]) / elapsed if elapsed > 0 else 0.0
-        left = f", ~{timedelta(seconds=round((total - step) / rate))} left" if rate > 0 else ""
-        metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"}
-        shown = "".join(f", {k}={v:.4g}" if isinstance(v, float) else f", {k}={v}" for k, v in metrics.items())
-        progress_line(f"stage 2: step {step}/{total} ({100 * step // max(total, 1)}%), epoch {trainer.current_epoch}, "
-                   f"{rate:.2f} steps/s, {timedelta(seconds=round(elapsed))} elapsed{left}{shown}")
-
-
-def quiet_lightning_warnings() -> None:
-    """Lightning messages that mislead here: the CSV history is kept on resume (KeepMetricsHistory), and the
-    EMA copy is in eval mode on purpose. Message texts checked on Lightning 2.2.1, 2.3.3, 2.4.0, 2.5.0 and
-    2.6.6 (the eval-mode one exists from 2.6 only); the minimum-version CI run (.ci/run) covers them."""
-    warnings.filterwarnings("ignore", message=".*Previous log files in this directory will be deleted")
-    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
-    # Noise for a stage 2 user: each step is logged (on_step), so a short epoch loses nothing; the pytree
-    # deprecation is Lightning's own use of torch (2.6.6 with torch >= 2.9); the cloud-logging advert (2.6).
-    warnings.filterwarnings("ignore", message=".*is smaller than the logging interval")
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
-    # torch >= 2.10 deprecates DDP's broadcast_buffers, but its successor still syncs buffers at init, and ours
-    # are rank-local on purpose (build_trainer); torch's own message says to keep broadcast_buffers=False until then.
-    warnings.filterwarnings("ignore", message=r".*`broadcast_buffers` is deprecated", category=FutureWarning)
-    # val_identity is scored by global rank 0 alone (training/sample_grid.py): there is nothing to reduce.
-    warnings.filterwarnings("ignore", message=r".*self.log\('val_identity', \.\.\., sync_dist=True\)")
-    rank_zero_log = logging.getLogger("pytorch_lightning.utilities.rank_zero")
-    if not any(isinstance(f, DropAdverts) for f in rank_zero_log.filters):
-        rank_zero_log.addFilter(DropAdverts())
-
-
-class DropAdverts(logging.Filter):
-    """Drops Lightning's 'Tip: ... install litlogger' line (an advert for a cloud service, printed every run)."""
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "litlogger" not in record.getMessage()
-
-
-class KeepMetricsHistory(pl.Callback):
-    """CSVLogger deletes an existing metrics.csv: on resume, log again the rows from before the
-    checkpoint's step so that metrics.csv and the loss curve cover the whole run."""
-    def __init__(self, logger: CSVLogger):
-        self.logger = logger
-        path = Path(logger.log_dir) / "metrics.csv"
-        self.rows = list(csv.DictReader(path.open(newline=""))) if path.is_file() else []
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.global_rank != 0 or trainer.global_step == 0:
-            return
-        for row in self.rows:
-            if row.get("step") and int(row["step"]) < trainer.global_step:
-                self.logger.experiment.log_metrics(
-                    {k: float(v) for k, v in row.items() if k != "step" and v not in ("", None)}, int(row["step"]))
-        self.logger.save()
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx) -> None:
-        # Lightning's logging step is one ahead after resuming from a checkpoint saved at an epoch end;
-        # without gradient accumulation it is the global step, as in an uninterrupted run. A private attribute
-        # (no public setter; logging a "step" metric would drop the step column's meaning for epoch-end rows):
-        # checked on Lightning 2.2.1, 2.3.3, 2.4.0, 2.5.0 and 2.6.6; test_robustness's kill -9 test, which the
-        # minimum-version CI run (.ci/run) includes, compares metrics.csv with an uninterrupted run's.
-        trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
-
-
-def plot_loss_curve(metrics_csv: Path, png: Path) -> None:
-    """Train loss per step (and its epoch mean) and EMA val loss per epoch, from Lightning's CSV log."""
-    if not metrics_csv.is_file():
-        return
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    series: dict[str, list[tuple[float, float]]] = {}
-    with open(metrics_csv) as f:
-        for row in csv.DictReader(f):
-            for key in ("train_loss_step", "train_loss_epoch", "val_loss"):
-                if row.get(key):
-                    series.setdefault(key, []).append((float(row["step"]), float(row[key])))
-    fig, ax = plt.subplots(figsize=(7, 4))
-    styles = {"train_loss_step": dict(alpha=0.35, lw=0.8, label="train (step)"),
-              "train_loss_epoch": dict(marker="o", ms=3, label="train (epoch mean)"),
-              "val_loss": dict(marker="s", ms=3, label="val, EMA, fixed noise")}
-    for key, points in series.items():
-        ax.plot(*zip(*points), **styles[key])
-    ax.set_xlabel("step"), ax.set_ylabel("flow-matching loss"), ax.set_yscale("log"), ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    with atomic_path(png) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-
-
-def check_same_model(saved: dict, current: dict, path: Path) -> None:
-    """Resuming needs the architecture of the checkpoint; say which flags differ instead of a shape error."""
-    keys = [k for k in sorted(set(saved) | set(current)) if k not in ("use_checkpoint", "class_dropout_prob")]
-    diff = [f"{k}: {saved.get(k)} in the checkpoint, {current.get(k)} now"
-            for k in keys if saved.get(k) != current.get(k)]
-    if diff:
-        raise PipelineError(f"{path} was trained with a different model ({'; '.join(diff)}). Resume with the "
-                            "same --model/--depth/--hidden_size/--num_heads flags and stage 1 latents, or pass "
-                            "--restart (or another --output_dir) to train the new model from scratch.")
-
-
-def check_same_data(saved: PipelineInfo, current: PipelineInfo, path: Path) -> None:
-    """Resuming on other latents (stage 1 redone on other images or with another tokenizer) would mix two
-    runs: the weights learnt one normalisation and user table, the rest of the run would use another."""
-    diff = []
-    if saved.users != current.users or saved.user_numbers != current.user_numbers:
-        diff.append(f"users: {saved.users} in the checkpoint, {current.users} now")
-    if saved.tokenizer_sha256 != current.tokenizer_sha256:
-        diff.append(f"tokenizer sha256: {str(saved.tokenizer_sha256)[:12]}... "
-                    f"({saved.tokenizer or '?'}) in the checkpoint, "
-                    f"{current.tokenizer_sha256[:12]}... ({current.tokenizer or '?'}) now")
-    for key in ("latent_mean", "latent_std"):
-        if not torch.equal(getattr(saved, key).cpu(), getattr(current, key).cpu()):
-            diff.append(f"latent statistics ({key.split('_')[1]}) differ")
-    if diff:
-        raise PipelineError(f"{path} was trained on other stage 1 latents ({'; '.join(diff)}): stage 1 was "
-                            "redone since. Pass --restart to train anew on the new latents (or use another "
-                            "--output_dir to keep the old run).")
-
-
-def check_devices(args: TrainOptions) -> None:
-    """GPUs asked for where CUDA is not usable, or a launcher (torchrun, srun) that started another number of
-    processes than --devices x --num_nodes: a PipelineError saying what to do, before anything is loaded."""
-    check_cuda_usable(args.accelerator, args.devices, args.num_nodes)
-    check_world_size(args.devices, args.num_nodes)
-
-
-def prepare_output_dir(args: TrainOptions, ckpt_dir: Path, log=print) -> None:
-    """The output folder's once-per-run work, done by global rank 0 before any rank decides whether to resume
-    (under torchrun and srun every rank starts at once; LOCAL_RANK is 0 once per node, and unset under srun)."""
-    with rank_zero_first(args.devices, args.num_nodes, uses_cuda(args.accelerator)) as is_rank_zero:
-        if is_rank_zero and args.restart:
-            remove_previous_run(ckpt_dir, log)
-
-
-def remove_previous_run(ckpt_dir: Path, log=print) -> None:
-    """--restart: the old run's checkpoints go first, so that neither a stale best.ckpt (before the new
-    run's first validation) nor a stale last.ckpt (resumed after an interruption) is ever picked up.
-    Global rank 0 only (prepare_output_dir)."""
-    for name in ("best.ckpt", "last.ckpt"):
-        if (ckpt_dir / name).is_file():
-            (ckpt_dir / name).unlink(missing_ok=True)
-            log(f"--restart: removed the previous run's {ckpt_dir / name}")
