@@ -909,7 +909,7 @@ def test_fp16_uses_loss_scaling(monkeypatch):
 def test_stage1_is_deterministic(tmp_path, latents, tokenizer):
     """The same command gives the same latents, bit for bit (the fixture's own command, in its own process: another
     batch size or thread count may change the last float bit of a convolution)."""
-    from data.latents import load_latents
+    from data.latent_files import load_latents
     proc = run_stage(S1, *stage1_args(latents.parent / "data", tokenizer, tmp_path / "again"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     for split in ("train", "val"):

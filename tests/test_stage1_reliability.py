@@ -13,7 +13,8 @@ import data.latents as latents_mod
 from common.errors import PipelineError
 from common.io import REPLACING_MARKER, load_safetensors, save_safetensors
 from data.images import scan_dataset
-from data.latents import STAGE1_FILES, extract_features, load_latents
+from data.latent_files import STAGE1_FILES, load_latents, load_stats
+from data.latents import extract_features
 from helpers import IMAGE_SIZE, make_dataset, make_module, make_tokenizer, track_image
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
@@ -190,7 +191,7 @@ def test_a_folder_mixing_two_runs_is_refused(tmp_path, tokenizer, run):
                                             r"[0-9a-f]{8}.*Rerun stage 1"):
         make_module(out)
     with pytest.raises(PipelineError, match=r"mixes"):
-        latents_mod.load_stats(out)
+        load_stats(out)
 
 
 def test_an_interrupted_swap_is_detected(tmp_path, run, monkeypatch):

@@ -15,7 +15,7 @@ from pytorch_lightning.strategies import DDPStrategy
 from common.device import resolve_precision
 from common.errors import PipelineError, out_of_memory_advice
 from common.lock import run_lock
-from data.latents import check_latents_agree, load_latents, load_stats
+from data.latent_files import check_latents_agree, load_latents, load_stats
 from models.checkpoint import PipelineInfo
 from models.lightningdit import model_config
 from training.callbacks import (AtomicCheckpointIO, HalfPrecisionBase, KeepMetricsHistory, plot_loss_curve,
