@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Question: which stage 2 / stage 3 lever makes the demo's people recognisable sooner, beyond seed-to-seed spread?
 # One run = the demo recipe (configs/demo.yaml) for STEPS_X times the demo's 1,400 steps with one
-# SEED, then stage 3 (SAMPLES per person, the same seed) and stage 4. Every run shares one simulated data set and
+# SEED, then stage 3 (the demo's guidance, SAMPLES per person, the same seed) and stage 4. Every run shares one simulated data set and
 # one stage 1 folder, so runs differ only by their flags and seed. Stage 2's wall time goes to
 # OUT/NAME_sSEED_STEPS_Xx/stage2_seconds.txt (compare levers at equal CPU time, on an otherwise idle machine).
 # A stage-3-only lever reuses another run's stage 2: TRAIN_NAME=baseline NAME=cg2 STAGE3="--classifier_scale 2".
@@ -49,7 +49,7 @@ if [ ! -f "$TRAINED/stage2_seconds.txt" ]; then
 fi
 if [ ! -f "$RUN/eval/report.json" ]; then
     # shellcheck disable=SC2086
-    python stage3_inference.py --guidance_scale 2.0 $STAGE3 --seed "$SEED" \
+    python stage3_inference.py --config configs/demo.yaml $STAGE3 --seed "$SEED" \
         --dit_checkpoint "$TRAINED/train/checkpoints/last.ckpt" --vavae_path "$TOKENIZER" --output_dir "$RUN/samples" \
         --user_ids 1 2 3 4 5 6 --num_samples_per_user "$SAMPLES"
     python stage4_evaluate.py --classifier_epochs 8 --seed "$SEED" --data_dir "$OUT/data" \

@@ -31,6 +31,8 @@ def run_row(folder: Path) -> dict | None:
             "ceiling": identity["real_val_top1"], "relative_to_ceiling": identity.get("relative_to_ceiling"),
             "tstr": tstr.get("top1"), "tstr_ci": tstr.get("top1_ci"),
             "fd_classifier": report["fd"]["classifier"], "copy_rate": report["memorization"]["copy_rate"],
+            "precision": report["manifold"]["generated"].get("precision"),
+            "recall": report["manifold"]["generated"].get("recall"),
             "augmentation_gain": report.get("augmentation", {}).get("gain"),
             "stage2_seconds": int(seconds.read_text()) if seconds.is_file() else None}
 

@@ -96,7 +96,8 @@ def guided_velocity(model: Callable, y: torch.Tensor, null_class: int, scale: fl
 
 
 def classifier_guided_velocity(velocity: VelocityFn, log_prob_gradient: Callable, y: torch.Tensor, scale: float,
-                               interval_start: float = 0.1, interval_end: float = 1.0) -> VelocityFn:
+                               interval_start: float = DEFAULT_CLASSIFIER_INTERVAL[0],
+                               interval_end: float = DEFAULT_CLASSIFIER_INTERVAL[1]) -> VelocityFn:
     """v + scale * (1 - t) / t * grad_x log p(y | x_t, t): classifier guidance on a flow-matching velocity.
 
     For the linear path x_t = t x1 + (1 - t) x0 with x0 ~ N(0, I), the score is s = (t v - x_t) / (1 - t), so

@@ -42,6 +42,7 @@ def load(path: Path) -> dict:
     (["--max_steps", 10, "--checkpoint_every_n_steps", 3, "--val_every_n_epochs", 1], 10),
     (["--max_epochs", 2, "--checkpoint_every_n_steps", 1000, "--val_every_n_epochs", 1], 8),  # epoch end, validated
 ], ids=["val_every_2", "max_steps_7_every_5", "max_steps_10_every_3", "epochs_2"])
+@pytest.mark.slow   # trains stage 2 in a process (seconds)
 def test_final_state_is_in_last_and_best_can_be_it(tmp_path, latent_dir, flags, final_step):
     returned = run(latent_dir, tmp_path, *flags)
     last, best = load(tmp_path / "checkpoints" / "last.ckpt"), load(tmp_path / "checkpoints" / "best.ckpt")
@@ -84,6 +85,7 @@ SIZED = dict(depth=2, hidden_size=128)
 
 
 @pytest.mark.parametrize("finetune", ["full", "lora"])
+@pytest.mark.slow   # trains stage 2 in a process (seconds)
 def test_checkpoint_sizes_follow_the_formula(tmp_path, latent_dir, finetune):
     """training.memory.checkpoint_bytes (the README's Kaggle disk table, --check_memory's disk line) against
     files written by a real run: the tensors it counts are all there, and nothing else of their size."""
@@ -122,6 +124,7 @@ def test_kaggle_configs_checkpoints_fit_kaggle_working(config):
 #                               Resume and flags                                #
 #################################################################################
 
+@pytest.mark.slow   # trains stage 2 in a process (seconds)
 def test_resume_applies_changed_optimizer_flags_and_says_so(tmp_path, latent_dir):
     run(latent_dir, tmp_path, "--max_steps", 4, "--lr", 1e-3, "--val_every_n_epochs", 1000)
     seen = {}
@@ -143,6 +146,7 @@ def test_resume_applies_changed_optimizer_flags_and_says_so(tmp_path, latent_dir
     assert load(tmp_path / "checkpoints" / "last.ckpt")["stage2_flags"]["lr"] == 2e-4
 
 
+@pytest.mark.slow   # trains stage 2 in a process (seconds)
 def test_resume_with_the_same_flags_says_so(tmp_path, latent_dir):
     run(latent_dir, tmp_path, "--max_steps", 2, "--val_every_n_epochs", 1000)
     lines = []
@@ -155,6 +159,7 @@ def test_resume_with_the_same_flags_says_so(tmp_path, latent_dir):
     ([], ["--max_steps", 2], [r"at step 4, past the 2 steps", r"--restart"]),
     ([], ["--finetune", "partial"], [r"--finetune changed from full to partial", r"--restart"]),
 ], ids=["weight_decay_groups", "shorter", "finetune"])
+@pytest.mark.slow   # trains stage 2 in a process (seconds)
 def test_resume_refuses_what_it_cannot_honour(tmp_path, latent_dir, capsys, first, then, patterns):
     run(latent_dir, tmp_path, "--max_steps", 4, "--val_every_n_epochs", 1000, *first)
     proc = run_main(capsys, "stage2_train_dit.py", *stage2_flags(latent_dir, tmp_path, "--max_steps", 4,
@@ -167,6 +172,7 @@ def test_resume_refuses_what_it_cannot_honour(tmp_path, latent_dir, capsys, firs
 #                              One run per folder                               #
 #################################################################################
 
+@pytest.mark.slow   # trains stage 2 in a process (seconds)
 def test_a_second_run_into_the_same_folder_is_refused(tmp_path, latent_dir, capsys):
     lock = tmp_path / "stage2.lock"
     sleeper = subprocess.Popen([PYTHON, "-c", "import time; time.sleep(60)"])

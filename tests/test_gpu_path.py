@@ -98,6 +98,7 @@ def test_stage2_mixed_precision_with_clipping_and_fused_adamw(tmp_path, latents,
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
 
 
+@pytest.mark.slow   # trains stage 2 in a process (seconds)
 def test_fp16_step_with_inf_gradients_is_skipped_not_applied(tmp_path, latents, monkeypatch):
     """Unscaling before the clip must keep GradScaler's inf check: an overflowed step changes no weight."""
     fp16_like_a_t4(monkeypatch)
@@ -216,6 +217,7 @@ def raise_oom(*args, **kwargs):
     raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
 
+@pytest.mark.slow   # trains stage 2 in a process (seconds)
 def test_stage2_out_of_memory_names_the_flags(tmp_path, latents, monkeypatch, capsys):
     monkeypatch.setattr(dm.DiTTrainingModule, "training_step", raise_oom)
     result = run_main(capsys, "stage2_train_dit.py", *stage2_args(latents, tmp_path / "oom", "--max_steps", 2))
@@ -332,6 +334,7 @@ def nan_loss_at(monkeypatch, steps) -> None:
     monkeypatch.setattr(dm.DiTTrainingModule, "training_step", training_step)
 
 
+@pytest.mark.slow   # trains stage 2 in a process (seconds)
 def test_fp16_overflow_is_skipped_counted_and_logged(tmp_path, latents, monkeypatch):
     """As AMP does: a step with a NaN loss is skipped, the scale halved and training goes on. Before the fix the
     run stopped at the first one."""
@@ -348,6 +351,7 @@ def test_fp16_overflow_is_skipped_counted_and_logged(tmp_path, latents, monkeypa
     assert logged[1] == 0 and logged[max(logged)] == 1 and min(s for s, n in logged.items() if n == 1) == 2
 
 
+@pytest.mark.slow   # trains stage 2 in a process (seconds)
 def test_fp16_persistent_nan_stops_with_advice_for_a_t4(tmp_path, latents, monkeypatch):
     """NaN from step 3 on: skipped until MAX_SKIPPED_IN_A_ROW in a row (step 22), stopped at the next check
     (the checkpoint of step 25, which is not written); the kept checkpoint is named with its step, and the advice

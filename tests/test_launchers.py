@@ -137,6 +137,7 @@ def test_torchrun_two_nodes_resume_on_every_rank(tmp_path, latent_dir):
     assert_resumed_together(results, out)
 
 
+@pytest.mark.slow   # trains stage 2 in a process (seconds)
 def test_a_dead_ddp_process_ends_the_job_with_what_happened(tmp_path, latent_dir):
     """One of two processes killed mid-training (a lost GPU, the OOM killer): rank 0's collective fails at once;
     it says so, where to look and that a rerun resumes (exit 2), instead of gloo's raw 'Connection reset'."""

@@ -199,6 +199,7 @@ def same_entry(a, b) -> bool:
     return a == b
 
 
+@pytest.mark.slow   # trains stage 2 in a process (seconds)
 def test_early_checkpoint_is_a_slim_ema_snapshot_stage3_can_load(run):
     early = load_checkpoint(run / "checkpoints" / "early.ckpt")        # the stale file was replaced
     last = load_checkpoint(run / "checkpoints" / "last.ckpt")
@@ -212,6 +213,7 @@ def test_early_checkpoint_is_a_slim_ema_snapshot_stage3_can_load(run):
     assert model.time_shift_embedder is not None and info.model_config["time_shift_cond"] is True
 
 
+@pytest.mark.slow   # trains stage 2 in a process (seconds)
 def test_the_time_shift_condition_was_trained(run):
     table = load_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"][f"model.{TIME_SHIFT_TABLE}"]
     assert table.shape == (4, 32) and table.abs().sum() > 0            # zero-initialised, then learnt
@@ -222,6 +224,7 @@ def test_early_step_defaults_to_an_eighth_of_the_run():
     assert early_step(1400, 300) == 300
 
 
+@pytest.mark.slow   # trains stage 2 in a process (seconds)
 def test_validation_grids_are_written_and_logged(run):
     grids = sorted(p.name for p in (run / "val_grids").iterdir())
     # the stale grid went; step 14 is the final weights' validation (validate_final_weights)
@@ -240,6 +243,7 @@ def test_grids_take_a_bounded_share_of_the_run():
     assert grid_due(6.0, 6.0, 240.0, 0.05)               # 12 s in 240 s: within
 
 
+@pytest.mark.slow   # trains stage 2 in a process (seconds)
 def test_validation_grid_noise_is_fixed(run, tokenizer, latents_with_tokenizer):
     """Two grids of the same weights are the same image: what changes between validations is the model."""
     from training.sample_grid import ValidationGrid
@@ -251,6 +255,7 @@ def test_validation_grid_noise_is_fixed(run, tokenizer, latents_with_tokenizer):
     assert not module.ema.training
 
 
+@pytest.mark.slow   # trains stage 2 in a process (seconds)
 def test_stage2_without_tokenizer_notes_it_and_refuses_another_tokenizer_and_drops_a_stale_early_ckpt(latents_with_tokenizer, tmp_path, capsys):
     other = make_tokenizer(tmp_path / "other.safetensors", seed=1)
     result = run_main(capsys, S2, *stage2(latents_with_tokenizer, tmp_path / "a", "--max_steps", 1,
@@ -270,6 +275,7 @@ def test_stage2_without_tokenizer_notes_it_and_refuses_another_tokenizer_and_dro
 #                          Stage 3 with autoguidance                            #
 #################################################################################
 
+@pytest.mark.slow   # trains stage 2 in a process (seconds)
 def test_stage3_autoguidance_with_the_early_checkpoint(run, tokenizer, tmp_path):
     kwargs = dict(user_ids=[1, 2], num_samples_per_user=1, guidance_scale=3.0, num_steps=4, device="cpu",
                   log=lambda m: None)
@@ -281,6 +287,7 @@ def test_stage3_autoguidance_with_the_early_checkpoint(run, tokenizer, tmp_path)
     assert any(a.read_bytes() != c.read_bytes() for a, c in zip(auto, cfg))   # another guide, other images
 
 
+@pytest.mark.slow   # trains stage 2 in a process (seconds)
 def test_stage3_refuses_a_guide_of_other_users(run, tokenizer, latent_dir, tmp_path, capsys):
     tensors, meta = load_safetensors(latent_dir / "train.safetensors")
     other = tmp_path / "other_latents"
