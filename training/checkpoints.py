@@ -17,6 +17,7 @@ left step 5 in last.ckpt), and it cannot leave the training weights out of best.
 use the Trainer's public API (save_checkpoint, global_step, max_steps, callback_metrics, strategy.barrier).
 """
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -143,12 +144,25 @@ class EarlyCheckpoint(pl.Callback):
         save_torch({"state_dict": ema, "pipeline": pl_module.info.to_dict(), "global_step": self.step}, self.path)
 
 
+# Flags that say nothing about how the run trains, or that other checks cover (model, data, LoRA).
+NOT_COMPARED = {"latent_dir", "output_dir", "restart", "check_memory", "skip_memory_check", "model", "depth",
+                "hidden_size", "num_heads", "use_qknorm", "lora_rank", "lora_alpha"}
+
+
+def comparable_flags(args: TrainOptions) -> dict[str, Any]:
+    """The flags a resume compares, by name; --init_from as a real path (another spelling of the same file,
+    e.g. from another working folder, is no change)."""
+    flags = {k: v for k, v in vars(args).items() if k not in NOT_COMPARED}
+    if flags.get("init_from"):
+        flags["init_from"] = os.path.realpath(flags["init_from"])
+    return flags
+
+
 class RunFlags(pl.Callback):
     """Stores this run's flags in every checkpoint, and after a resume puts this command's optimizer flags
     (--lr, --beta2, --weight_decay, --backbone_lr_scale) back: restoring the optimizer state brought back
     the previous run's values in its parameter groups."""
     def __init__(self, args: TrainOptions):
-        from training.resume import comparable_flags   # not at the top: training/resume.py imports FLAGS_KEY
         self.flags = comparable_flags(args)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,

@@ -3,9 +3,9 @@
 last.ckpt is resumed and fits this command (resume_point: the same model, latents and LoRA adapters, flags a
 resume can honour, the optimizer state's layout, a length not already passed), and, when training diverges,
 what the message says about the checkpoint kept and the flags to change (divergence_message). The callbacks
-that write the checkpoints and the flags stored in them (FLAGS_KEY) are in training/checkpoints.py."""
+that write the checkpoints and the flags stored in them (FLAGS_KEY, comparable_flags) are in
+training/checkpoints.py."""
 import math
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,7 @@ import torch
 from common.device import bf16_supported, check_cuda_usable, uses_cuda
 from common.errors import PipelineError
 from models.checkpoint import PipelineInfo, checkpoint_info, load_checkpoint
-from training.checkpoints import FLAGS_KEY
+from training.checkpoints import FLAGS_KEY, comparable_flags
 from training.cli import TrainOptions
 from training.dit_module import MAX_SKIPPED_IN_A_ROW, DiTTrainingModule, NonFiniteLoss
 from training.launch import check_world_size, rank_zero_first
@@ -116,24 +116,12 @@ def check_same_lora(saved: dict | None, current: dict | None, path: Path) -> Non
                         "the same flags, or pass --restart (or another --output_dir) to start over.")
 
 
-# Flags that say nothing about how the run trains, or that other checks cover (model, data, LoRA).
-NOT_COMPARED = {"latent_dir", "output_dir", "restart", "check_memory", "skip_memory_check", "model", "depth",
-                "hidden_size", "num_heads", "use_qknorm", "lora_rank", "lora_alpha"}
 # Flags a resume cannot honour: the weights come from last.ckpt, and the trained parameters (hence the
 # optimizer state's layout) follow from them.
 REFUSED = {"init_from": "the resumed weights started from the previous --init_from",
            "finetune": "the optimizer state belongs to the previous mode's trainable weights",
            "repa_weight": "the REPA projector and its optimizer state were trained with the previous weight",
            "repa_depth": "the REPA projector was trained on the previous block's tokens"}
-
-
-def comparable_flags(args: TrainOptions) -> dict[str, Any]:
-    """The flags a resume compares, by name; --init_from as a real path (another spelling of the same file,
-    e.g. from another working folder, is no change)."""
-    flags = {k: v for k, v in vars(args).items() if k not in NOT_COMPARED}
-    if flags.get("init_from"):
-        flags["init_from"] = os.path.realpath(flags["init_from"])
-    return flags
 
 
 def resume_message(checkpoint: dict[str, Any], args: TrainOptions, path: Path) -> str:

@@ -15,7 +15,7 @@ from pytorch_lightning.strategies import DDPStrategy
 from common.device import resolve_precision
 from common.errors import PipelineError, out_of_memory_advice
 from common.lock import run_lock
-from data.latent_files import check_latents_agree, load_latents, load_stats
+from data.latent_files import RUN_KEY, check_latents_agree, load_latents, load_stats
 from models.checkpoint import PipelineInfo
 from models.lightningdit import model_config
 from training.callbacks import (AtomicCheckpointIO, HalfPrecisionBase, KeepMetricsHistory, plot_loss_curve,
@@ -56,7 +56,7 @@ def build_module(args: TrainOptions, log=print) -> DiTTrainingModule:
     repa_targets = None
     if args.repa_weight > 0:
         from data.repa_targets import load_targets
-        repa_targets = load_targets(args.latent_dir, len(train_x), meta.get("stage1_run"))
+        repa_targets = load_targets(args.latent_dir, len(train_x), meta.get(RUN_KEY))
     module = DiTTrainingModule(info, train_x, train_y, val_x, val_y, args, repa_targets)
     n_params = sum(p.numel() for p in module.model.parameters())
     log(f"{args.model} ({n_params / 1e6:.1f}M parameters), {len(users)} users, "
