@@ -190,6 +190,60 @@ def test_a_lost_peer_in_a_collective_is_a_user_error(tmp_path, latent_dir, monke
                                                               "--devices", 2))
 
 
+def sleeper(seconds: float, code: int = 0) -> subprocess.Popen:
+    return subprocess.Popen([PYTHON, "-c", f"import sys, time; time.sleep({seconds}); sys.exit({code})"])
+
+
+def test_a_dead_worker_is_reported_for_rank_zero_after_the_grace():
+    """The race of Lightning's observer, made certain: a worker dies while rank 0 is busy outside any collective
+    (the main thread here never notices). After the grace the watch kills the other workers and reports the
+    loss with the message rank 0 would give, instead of a SIGKILL of the whole job."""
+    dead, alive = sleeper(0, code=-9 % 256), sleeper(60)
+    reports = []
+    try:
+        thread = launch.watch_workers([dead, alive], 3, "out/checkpoints/last.ckpt", grace_s=0.5, poll_s=0.05,
+                                      on_loss=reports.append)
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+        assert alive.wait(timeout=10) != 0   # killed, not left running without its peers
+    finally:
+        alive.kill()
+    assert len(reports) == 1
+    assert re.search(r"another process of this 3-process DDP job stopped .*local rank 1 exited with code 247.*"
+                     r"resumes from out/checkpoints/last\.ckpt", reports[0], re.S), reports[0]
+
+
+def test_workers_that_finish_end_the_watch_quietly():
+    reports = []
+    workers = [sleeper(0), sleeper(0.3)]
+    thread = launch.watch_workers(workers, 3, "last.ckpt", grace_s=0, poll_s=0.05, on_loss=reports.append)
+    thread.join(timeout=30)
+    assert not thread.is_alive() and reports == []
+
+
+def test_plain_devices_runs_launch_with_the_watch_and_launchers_keep_theirs(tmp_path, monkeypatch):
+    """`--devices 2` alone: Lightning starts the ranks, through WatchedLauncher. Under torchrun the launcher
+    started them and Lightning launches nothing."""
+    from training.cli import training_options
+    for var in LAUNCHER_VARS:
+        monkeypatch.delenv(var, raising=False)
+    args = training_options(["--latent_dir", tmp_path, "--output_dir", tmp_path / "out", "--accelerator", "cpu",
+                             "--devices", 2])
+    trainer = td.build_trainer(args, "32-true", tmp_path / "out", [])
+    assert type(trainer.strategy.launcher) is launch.WatchedLauncher
+    assert trainer.strategy.launcher.last_checkpoint == str(tmp_path / "out" / "checkpoints" / "last.ckpt")
+    monkeypatch.setenv("LOCAL_RANK", "0")   # what torchrun sets, among others
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("GROUP_RANK", "0")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    trainer = td.build_trainer(args, "32-true", tmp_path / "out", [])
+    assert trainer.strategy.launcher.cluster_environment.creates_processes_externally   # so launch() starts none
+
+
 @pytest.mark.slow
 def test_restart_under_torchrun_twice_in_a_row(tmp_path, latent_dir):
     """Before the fix, rank 1 (LOCAL_RANK 1) resumed from the last.ckpt that rank 0 was removing: exit 1 or a

@@ -13,13 +13,21 @@ join the process group early (Lightning then reuses it) and wait for rank 0's ve
 import atexit
 import os
 import re
+import subprocess
+import sys
+import threading
+import time
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from lightning_fabric.plugins.environments import (ClusterEnvironment, LightningEnvironment, LSFEnvironment,
                                                    SLURMEnvironment, TorchElasticEnvironment)
+# Private to Lightning, the same in 2.2.1 (requirements.txt's lowest) and 2.6: CI runs both (WatchedLauncher).
+from lightning_fabric.utilities.distributed import _set_num_threads_if_needed
+from pytorch_lightning.strategies import DDPStrategy
+from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
 from common.errors import PipelineError
 
@@ -42,9 +50,9 @@ def is_peer_lost(err: BaseException) -> bool:
     return isinstance(err, dist_errors) or (isinstance(err, RuntimeError) and bool(PEER_LOST.search(str(err))))
 
 
-def peer_lost_message(err: BaseException, world: int, last_checkpoint: str) -> str:
-    """What a rank says when another process of its job died: the cause is in that process's log, and a rerun
-    resumes."""
+def peer_lost_message(err: BaseException | str, world: int, last_checkpoint: str) -> str:
+    """What a rank says when another process of its job died (`err`: how this process noticed): the cause is
+    in that process's log, and a rerun resumes."""
     first_line = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
     return (f"another process of this {world}-process DDP job stopped (this process lost its connection to it: "
             f"{first_line}). Its own log says why (killed, out of memory, a lost GPU or node). Fix that and rerun "
@@ -146,3 +154,81 @@ def join_process_group(env: ClusterEnvironment, use_cuda: bool) -> torch.device:
     if backend == "nccl":   # PyTorch warns about an NCCL group left undestroyed at exit (Lightning does the same)
         atexit.register(lambda: torch.distributed.is_initialized() and torch.distributed.destroy_process_group())
     return device
+
+
+#################################################################################
+#               Plain --devices N: rank 0 watches the ranks it started            #
+#################################################################################
+
+# After a DDP worker dies, rank 0's next collective fails and rank 0 says what happened (exit 2, the run resumes
+# from last.ckpt). Lightning's own watch on the workers it starts SIGKILLs the whole job at its next 5 s poll, often
+# before that collective: the user then read "Forcefully terminating all other processes" and exit -9. This watch
+# gives rank 0 WORKER_LOSS_GRACE_S to report it itself (a collective on gloo fails at once; one on NCCL only at
+# COLLECTIVE_TIMEOUT), then reports it for rank 0 and ends the job with the same message and exit code.
+WORKER_LOSS_GRACE_S = 60.0
+
+
+def watch_workers(workers: list[subprocess.Popen], world: int, last_checkpoint: str,
+                  grace_s: float = WORKER_LOSS_GRACE_S, poll_s: float = 1.0,
+                  on_loss: Callable[[str], Any] | None = None) -> threading.Thread:
+    """Start a daemon thread of rank 0 that polls `workers` (the local ranks 1.. it started) every poll_s
+    seconds. When one exits with a non-zero code, it waits grace_s seconds (the process normally ends itself
+    first, from its failed collective, taking the thread with it), then kills the other workers and calls
+    on_loss(message) (default: print `error: message` to stderr and os._exit(2)). It ends quietly once every
+    worker exited 0."""
+    def report_and_exit(message: str) -> None:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        os._exit(2)   # the main thread may be blocked in a collective that would wait COLLECTIVE_TIMEOUT
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            codes = [w.poll() for w in workers]
+            if all(code == 0 for code in codes):
+                return
+            failed = [(rank, code) for rank, code in enumerate(codes, start=1) if code not in (None, 0)]
+            if failed:
+                break
+        time.sleep(grace_s)
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+        rank, code = failed[0]
+        cause = f"local rank {rank} exited with code {code}"
+        (on_loss or report_and_exit)(peer_lost_message(cause, world, last_checkpoint))
+
+    thread = threading.Thread(target=watch, name="stage2-worker-watch", daemon=True)
+    thread.start()
+    return thread
+
+
+class WatchedLauncher(_SubprocessScriptLauncher):
+    """Lightning's launcher for plain `--devices N` (it starts the other ranks as copies of this command), with
+    watch_workers in place of Lightning's observer. The body of `launch` is Lightning's, but for that line."""
+
+    def __init__(self, *args: Any, last_checkpoint: str, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.last_checkpoint = last_checkpoint
+
+    def launch(self, function: Callable, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
+        self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
+        if not self.cluster_environment.creates_processes_externally:
+            self._call_children_scripts()
+            watch_workers(self.procs, self.num_processes * self.num_nodes, self.last_checkpoint)
+        _set_num_threads_if_needed(num_processes=self.num_processes)
+        return function(*args, **kwargs)
+
+
+class WatchedDDPStrategy(DDPStrategy):
+    """Lightning's DDPStrategy, launching plain `--devices N` runs with WatchedLauncher (torchrun, srun and LSF
+    start the ranks themselves and keep their own watch)."""
+
+    def __init__(self, *args: Any, last_checkpoint: str, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.last_checkpoint = last_checkpoint
+
+    def _configure_launcher(self) -> None:
+        super()._configure_launcher()
+        if type(self._launcher) is _SubprocessScriptLauncher:
+            self._launcher = WatchedLauncher(self.cluster_environment, self.num_processes, self.num_nodes,
+                                             last_checkpoint=self.last_checkpoint)

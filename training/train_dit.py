@@ -10,7 +10,6 @@ from typing import Sequence
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
-from pytorch_lightning.strategies import DDPStrategy
 
 from common.device import resolve_precision
 from common.errors import PipelineError, out_of_memory_advice
@@ -23,7 +22,8 @@ from training.callbacks import (AtomicCheckpointIO, HalfPrecisionBase, KeepMetri
 from training.checkpoints import LOCK_NAME, BestCheckpoint, EarlyCheckpoint, LastCheckpoint, RunFlags
 from training.cli import TrainOptions
 from training.dit_module import DiTTrainingModule, NonFiniteLoss
-from training.launch import COLLECTIVE_TIMEOUT, global_rank, is_peer_lost, peer_lost_message
+from training.launch import (COLLECTIVE_TIMEOUT, WatchedDDPStrategy, global_rank, is_peer_lost,
+                             peer_lost_message)
 from training.resume import check_devices, divergence_message, prepare_output_dir, resume_point
 from training.sample_grid import identity_callbacks, sample_grid_callbacks
 
@@ -146,7 +146,8 @@ def build_trainer(args: TrainOptions, precision: str, out: Path, callbacks: Sequ
     distributed = devices * args.num_nodes > 1
     # The latents, the fixed validation noise and the NaN flag are buffers: by default DDP would broadcast
     # them from rank 0 before every forward (the whole dataset each step) and overwrite the other ranks' flag.
-    strategy = DDPStrategy(broadcast_buffers=False, timeout=COLLECTIVE_TIMEOUT) if distributed else "auto"
+    strategy = WatchedDDPStrategy(broadcast_buffers=False, timeout=COLLECTIVE_TIMEOUT,
+                                  last_checkpoint=str(ckpt_dir / "last.ckpt")) if distributed else "auto"
     if distributed and args.accelerator == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // devices))   # devices: processes on this node
     quiet_lightning_warnings()
