@@ -2,14 +2,14 @@
 The flags are in data/cli.py."""
 from common.config import parse_args
 from common.errors import cli_entry
-from data.cli import REQUIRED, build_parser, options
+from data.cli import REQUIRED, ExtractOptions, build_parser
 
 
 @cli_entry
 def main(argv=None) -> None:
     args = parse_args(build_parser(), argv, required=REQUIRED)
     from data.latents import extract_features
-    extract_features(**options(args))
+    extract_features(ExtractOptions.from_args(args))
 
 
 if __name__ == "__main__":

@@ -2,14 +2,14 @@
 The flags are in generation/cli.py."""
 from common.config import parse_args
 from common.errors import cli_entry
-from generation.cli import REQUIRED, build_parser, options
+from generation.cli import REQUIRED, GenerateOptions, build_parser
 
 
 @cli_entry
 def main(argv=None) -> None:
     args = parse_args(build_parser(), argv, required=REQUIRED)
     from generation.generate import generate
-    generate(**options(args))
+    generate(GenerateOptions.from_args(args))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ The flags are in evaluation/cli.py.
 """
 from common.config import parse_args
 from common.errors import cli_entry
-from evaluation.cli import REQUIRED, build_parser, options
+from evaluation.cli import REQUIRED, EvaluateOptions, build_parser
 
 
 @cli_entry
@@ -14,7 +14,7 @@ def main(argv=None) -> int:
     from evaluation.compare import compare, load_report, render
     other = load_report(args.compare_to) if args.compare_to else None   # a wrong path fails before the work
     from evaluation.evaluate import evaluate   # heavy (torchvision); keep --help and the orchestrator fast
-    report = evaluate(args.data_dir, args.generated_dir, args.output_dir, **options(args))
+    report = evaluate(EvaluateOptions.from_args(args))
     if other is not None:
         print(render(compare(other, report), args.compare_to, f"{args.output_dir} (this run)"))
     return 0

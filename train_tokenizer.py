@@ -7,14 +7,14 @@ The flags are in tokenizer/cli.py.
 """
 from common.config import parse_args
 from common.errors import cli_entry
-from tokenizer.cli import REQUIRED, build_parser, tokenizer_options
+from tokenizer.cli import REQUIRED, TokenizerOptions, build_parser
 
 
 @cli_entry
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(build_parser(), argv, required=REQUIRED)
     from tokenizer.train import train_tokenizer     # torch import after argument errors
-    train_tokenizer(**tokenizer_options(args))
+    train_tokenizer(TokenizerOptions.from_args(args))
 
 
 if __name__ == "__main__":

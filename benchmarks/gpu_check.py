@@ -137,14 +137,17 @@ def make_tokenizer(path: Path, smoke: bool) -> Path:
 
 
 def check_stage1(data: Path, tokenizer: Path, work: Path, sizes: dict) -> dict[str, Any]:
+    from data.cli import ExtractOptions
     from data.latents import extract_features
     n_images = sizes["users"] * (sizes["train_per_user"] + sizes["val_per_user"])
     seconds = []
     for run in ("cold", "warm"):
         sync(CUDA_OR_CPU)
         start = time.perf_counter()
-        extract_features(str(data), str(tokenizer), str(work / f"latents_{run}"), batch_size=sizes["batch_size"],
-                         image_size=sizes["image_size"], num_workers=sizes["num_workers"], log=lambda m: None)
+        extract_features(ExtractOptions.defaults(data_dir=str(data), vavae_path=str(tokenizer),
+                                                 output_path=str(work / f"latents_{run}"),
+                                                 batch_size=sizes["batch_size"], image_size=sizes["image_size"],
+                                                 num_workers=sizes["num_workers"]), log=lambda m: None)
         sync(CUDA_OR_CPU)
         seconds.append(time.perf_counter() - start)
     return {"images": n_images, "batch_size": sizes["batch_size"], "tokenizer": tokenizer.name,

@@ -8,8 +8,9 @@ import argparse
 import importlib
 import math
 import sys
+from dataclasses import fields, make_dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import yaml
 
@@ -234,3 +235,45 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
     args = parser.parse_args(argv)
     require_flags(parser, args, required)
     return args
+
+
+#################################################################################
+#                 Options: a command's parsed flags, handed on whole              #
+#################################################################################
+
+class Options:
+    """Base of the options of a command (options_class): a frozen dataclass with one field per flag of its
+    parser, named as the flag, so that each flag, its type and its default are written once, in the parser; the
+    command's entry function (extract_features, train, generate, evaluate, train_tokenizer) takes it whole."""
+    build_parser: ClassVar[Callable[[], argparse.ArgumentParser]]
+    required: ClassVar[tuple[str, ...]]
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "Options":
+        """From parsed flags (parse_args); flags of no field (--config) are left out."""
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+    @classmethod
+    def defaults(cls, **given: Any) -> "Options":
+        """The parser's defaults with `given` in their place, for code that runs a command without its command
+        line (tests, benchmarks). Values are taken as given, not parsed. Raises TypeError for a name that is no
+        flag of the command, or a required flag left unset."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(given) - names)
+        if unknown:
+            raise TypeError(f"{cls.__name__} has no field(s) {unknown}; its fields are the flags of its command")
+        args = vars(cls.build_parser().parse_args([])) | given
+        missing = [name for name in cls.required if args.get(name) in (None, [], "")]
+        if missing:
+            raise TypeError(f"{cls.__name__} needs {missing} (required flags of its command)")
+        return cls(**{name: args[name] for name in names})
+
+
+def options_class(name: str, build_parser: Callable[[], argparse.ArgumentParser], required: Sequence[str],
+                  module: str) -> type:
+    """A frozen Options dataclass `name` (defined in `module`) with one field per flag of build_parser() but
+    --help and --config; `required` names the flags it cannot do without."""
+    flags = [(a.dest, Any) for a in build_parser()._actions if a.dest not in ("help", "config")]
+    return make_dataclass(name, flags, bases=(Options,), frozen=True,
+                          namespace={"__module__": module, "build_parser": staticmethod(build_parser),
+                                     "required": tuple(required)})

@@ -1,7 +1,7 @@
 """Stage 1's command line (stage1_extract_features.py): encode every image once with the frozen VA-VAE."""
 import argparse
 
-from common.config import add_config_flag, new_parser, non_negative_int, positive_int
+from common.config import add_config_flag, new_parser, non_negative_int, options_class, positive_int
 from common.device import DEVICE_WORDS, device_word
 from data.repa_targets import REPA_ENCODERS
 
@@ -30,6 +30,5 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def options(args: argparse.Namespace) -> dict:
-    """The keyword arguments of data.latents.extract_features from parsed flags."""
-    return {k: v for k, v in vars(args).items() if k != "config"}
+# Stage 1's flags by name (common.config.Options), handed to data.latents.extract_features whole.
+ExtractOptions = options_class("ExtractOptions", build_parser, REQUIRED, __name__)

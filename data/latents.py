@@ -15,6 +15,7 @@ from common.errors import PipelineError
 from common.io import file_sha256, replaced_together, require_file, save_safetensors, write_text
 from common.lock import run_lock
 from common.progress import progress_bar
+from data.cli import ExtractOptions
 from data.images import ImageFiles, User, crop_note, load_bank, scan_dataset, skip_message, skipped_count
 from data.latent_files import RUN_KEY, STAGE1_FILES, check_finite
 from data.repa_targets import TARGETS_FILE, build_targets
@@ -164,10 +165,9 @@ def write_split(users: list[User], data_dir: str, path: Path, run_id: str = "") 
 #                                 Stage 1                                       #
 #################################################################################
 
-def extract_features(data_dir: str, vavae_path: str, output_path: str, batch_size: int = 32,
-                     image_size: int = 256, num_workers: int = 2, device: str = "auto", devices: int = 1,
-                     tokenizer_check_images: int = 48, repa_encoder: str = "none", log=print) -> dict[str, Any]:
-    """Encode data_dir's train/val images; write train/val latents, the train-set stats and split.json.
+def extract_features(options: ExtractOptions, log=print) -> dict[str, Any]:
+    """Stage 1 with its flags (data/cli.py): encode options.data_dir's train/val images; write train/val latents,
+    the train-set stats and split.json into options.output_path.
 
     Each image (any size and mode; ADM centre crop to image_size, RGB, [-1, 1]) becomes the posterior mean of
     the VA-VAE: train.safetensors / val.safetensors hold `latents` (N, 32, image_size/16, image_size/16) float32
@@ -179,41 +179,44 @@ def extract_features(data_dir: str, vavae_path: str, output_path: str, batch_siz
 
     The four files are written to a staging folder and moved into output_path together, each carrying this
     run's id, so a failed run leaves the previous run's files and stage 2 can tell a mixed folder. Raises
-    PipelineError for another stage 1 run writing to output_path (output_path/stage1.lock), a dataset it cannot use, a user left without readable images, or non-finite latents.
+    PipelineError for another stage 1 run writing to output_path (output_path/stage1.lock), a dataset it cannot
+    use, a user left without readable images, or non-finite latents.
     """
-    with run_lock(Path(output_path) / LOCK_NAME, "stage 1", "another --output_path", log=log):
-        users = scan_dataset(data_dir, log=log)
-        dev = resolve_device(device)
-        require_file(vavae_path, "tokenizer (--vavae_path)")
+    with run_lock(Path(options.output_path) / LOCK_NAME, "stage 1", "another --output_path", log=log):
+        users = scan_dataset(options.data_dir, log=log)
+        dev = resolve_device(options.device)
+        require_file(options.vavae_path, "tokenizer (--vavae_path)")
         from models.vavae import load_vavae
-        load_vavae(vavae_path)  # fail fast, before any work, on a wrong or broken file
-        tokenizer_sha = file_sha256(vavae_path)
-        out = Path(output_path)
-        root = Path(data_dir).resolve()
+        load_vavae(options.vavae_path)  # fail fast, before any work, on a wrong or broken file
+        tokenizer_sha = file_sha256(options.vavae_path)
+        out = Path(options.output_path)
+        root = Path(options.data_dir).resolve()
         meta = {
             "users": [u.name for u in users],
             "user_numbers": [u.number for u in users],
-            "image_size": image_size,
-            "tokenizer": Path(vavae_path).name,
+            "image_size": options.image_size,
+            "tokenizer": Path(options.vavae_path).name,
             "tokenizer_sha256": tokenizer_sha,
             "data_dir": str(root),
             RUN_KEY: uuid.uuid4().hex,
         }
         log(f"{len(users)} users: " + ", ".join(f"{u.name}->class {i}" for i, u in enumerate(users)))
-        if tokenizer_check_images > 0:
-            meta.update(tokenizer_psnr_check(vavae_path, users, image_size, tokenizer_check_images, str(dev), log))
+        if options.tokenizer_check_images > 0:
+            meta.update(tokenizer_psnr_check(options.vavae_path, users, options.image_size,
+                                             options.tokenizer_check_images, str(dev), log))
         summary: dict[str, Any] = {"users": len(users), **{k: v for k, v in meta.items() if k.startswith("tokenizer_psnr")}}
         all_names, all_shapes = [], []
         banks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}   # split -> (uint8 images, labels), for REPA
         with replaced_together(out, STAGE1_FILES) as staging:
-            write_split(users, data_dir, staging / "split.json", meta[RUN_KEY])
+            write_split(users, options.data_dir, staging / "split.json", meta[RUN_KEY])
             for split in ("train", "val"):
                 items = [(f, cls) for cls, u in enumerate(users) for f in u.files.get(split, [])]
-                encoded = encode_all(vavae_path, items, image_size, batch_size, num_workers, dev, devices,
-                                     f"stage 1 {split}")
+                encoded = encode_all(options.vavae_path, items, options.image_size, options.batch_size,
+                                     options.num_workers, dev, options.devices, f"stage 1 {split}")
                 _check_users_left(users, encoded.labels, split)
                 names = [relative_to(f, root) for f in encoded.files(items)]
-                check_finite(encoded.latents, names, f"the tokenizer's latents of {split} images in {data_dir}",
+                check_finite(encoded.latents, names,
+                             f"the tokenizer's latents of {split} images in {options.data_dir}",
                              "Those images hold extreme values, or the tokenizer file is broken (the tokenizer check "
                              "above measures it). Remove or re-export those images, or use another --vavae_path; "
                              f"nothing was written to {out}.")
@@ -221,19 +224,19 @@ def extract_features(data_dir: str, vavae_path: str, output_path: str, batch_siz
                     mean, std = latent_stats(encoded.latents)
                 save_safetensors({"latents": encoded.latents, "user_ids": encoded.labels}, staging / f"{split}.safetensors",
                                  {**meta, "split": split, "num_skipped": len(encoded.skipped), "files": names})
-                if repa_encoder != "none":
-                    banks[split] = (load_bank(encoded.files(items), image_size, log=log), encoded.labels)
+                if options.repa_encoder != "none":
+                    banks[split] = (load_bank(encoded.files(items), options.image_size, log=log), encoded.labels)
                 summary[split] = len(encoded.labels)
                 summary[f"{split}_skipped"] = len(encoded.skipped)
                 all_names += names
                 all_shapes += [tuple(s) for s in encoded.shapes.tolist()]
             save_safetensors({"mean": mean, "std": std}, staging / "latent_stats.safetensors", meta)
-            if repa_encoder != "none":
-                summary.update(write_repa_targets(repa_encoder, vavae_path, banks, len(users), dev, meta,
-                                                  staging / TARGETS_FILE, log))
-        if repa_encoder == "none":
+            if options.repa_encoder != "none":
+                summary.update(write_repa_targets(options.repa_encoder, options.vavae_path, banks, len(users), dev,
+                                                  meta, staging / TARGETS_FILE, log))
+        if options.repa_encoder == "none":
             (out / TARGETS_FILE).unlink(missing_ok=True)   # an earlier run's: stage 2 must not find it
-        note = crop_note(all_names, all_shapes, image_size)
+        note = crop_note(all_names, all_shapes, options.image_size)
         if note:
             log(note)
         log(f"stage 1 done: {summary['train']} train and {summary['val']} val latents of shape "

@@ -2,8 +2,8 @@
 import argparse
 
 from common.device import DEVICE_WORDS, device_word
-from common.config import (add_config_flag, new_parser, non_negative_int, percentile, positive_float, positive_int,
-                           probability, seed)
+from common.config import (add_config_flag, new_parser, non_negative_int, options_class, percentile, positive_float,
+                           positive_int, probability, seed)
 
 DESCRIPTION = """Stage 4: evaluate generated spectrograms (identity, fidelity, diversity, memorisation, TSTR, augmentation gain).
 
@@ -46,7 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def options(args: argparse.Namespace) -> dict:
-    """The keyword arguments of evaluate() from parsed flags (all but the three folders, --config and
-    --compare_to, which stage4_evaluate.py handles after evaluate())."""
-    return {k: v for k, v in vars(args).items() if k not in REQUIRED and k not in ("config", "compare_to")}
+# Stage 4's flags by name (common.config.Options), handed to evaluation.evaluate.evaluate whole (--compare_to is
+# stage4_evaluate.py's own, read after evaluate()).
+EvaluateOptions = options_class("EvaluateOptions", build_parser, REQUIRED, __name__)

@@ -1,6 +1,6 @@
 """Stage 4: does a generated image look real, and does it look like the right person?
 
-evaluate() is the whole stage: the CLI (stage4_evaluate.py) and the orchestrator both call it. It runs the
+evaluate() is the whole stage: stage4_evaluate.py calls it (the orchestrator runs that script). It runs the
 report families in turn, each in its own module:
   inputs.py             the flags' files, the real and generated images
   classifier.py         the user classifier (ResNet-18 on real train images, cached) that judges identity
@@ -24,6 +24,7 @@ from common.device import resolve_device
 from common.lock import run_lock
 from evaluation import classifier as clf
 from evaluation import intervals
+from evaluation.cli import EvaluateOptions
 from evaluation.distribution import distribution_report, inception_report
 from evaluation.export import accepted_samples, export_report
 from evaluation.identity import augmentation_report, identity_report, tstr_report
@@ -79,14 +80,11 @@ def _header(data: Inputs, inputs: dict, classifier_info: dict) -> dict:
 LOCK_NAME = "stage4.lock"   # one stage 4 run per --output_dir (common/lock.py)
 
 
-def evaluate(data_dir: str | Path, generated_dir: str | Path, output_dir: str | Path, *,
-             image_size: int = 256, batch_size: int = 64, device: str = "auto", classifier_epochs: int = 10,
-             classifier_size: int = 128, seed: int = 0, inception_weights: str | Path | None = None,
-             export_dir: str | Path | None = None, min_confidence: float = 0.5, min_margin: float = 0.1,
-             num_workers: int = 0, nearest_k: int = 3, min_user_samples: int = 10,
-             copy_percentile: float = 1.0, copy_factor: float = 0.5, tstr: bool = True, augmentation: bool = True,
-             vavae_path: str | Path | None = None, log: Callable[[str], None] = print) -> dict:
-    """Score generated spectrograms against the real data; write report.json, report.md and plots.
+def evaluate(options: EvaluateOptions, *, tstr: bool = True, augmentation: bool = True,
+             log: Callable[[str], None] = print) -> dict:
+    """Stage 4 with its flags (evaluation/cli.py; --compare_to is the script's): score generated spectrograms
+    against the real data; write report.json, report.md and plots into options.output_dir. tstr / augmentation
+    False skip those two blocks (each trains a classifier; the report says they were skipped).
 
     data_dir: stage 1 layout (train/ID_n/, val/ID_n/); generated_dir: stage 3's micro_doppler_userNN_KKK.png.
     Returns the report (the dict written to output_dir/report.json); accuracies are in [0, 1], each headline
@@ -94,52 +92,57 @@ def evaluate(data_dir: str | Path, generated_dir: str | Path, output_dir: str | 
     generated images, generated images of users the data folder lacks, or another stage 4 run writing to
     output_dir (output_dir/stage4.lock).
     """
+    o = options
     timing: dict[str, float] = {}
-    data_dir, output_dir = Path(data_dir), Path(output_dir)
+    data_dir, output_dir = Path(o.data_dir), Path(o.output_dir)
+    image_size, batch_size, seed = o.image_size, o.batch_size, o.seed
     with run_lock(output_dir / LOCK_NAME, "stage 4", "another --output_dir", log=log):
-        check_files(inception_weights, vavae_path)
-        if classifier_size > image_size:
-            log(f"note: --classifier_size {classifier_size} > --image_size {image_size}; using {image_size}")
-            classifier_size = image_size
+        check_files(o.inception_weights, o.vavae_path)
+        classifier_size = min(o.classifier_size, image_size)
+        if classifier_size < o.classifier_size:
+            log(f"note: --classifier_size {o.classifier_size} > --image_size {image_size}; using {image_size}")
         with _timed(timing, "load"):
-            data = load_inputs(data_dir, generated_dir, image_size, classifier_size, batch_size, num_workers, log)
+            data = load_inputs(data_dir, o.generated_dir, image_size, classifier_size, batch_size, o.num_workers,
+                               log)
             output_dir.mkdir(parents=True, exist_ok=True)
             _set_seed(seed)
-            dev = resolve_device(device)
-        cfg = clf.ClassifierConfig(image_size=image_size, size=classifier_size, epochs=classifier_epochs,
+            dev = resolve_device(o.device)
+        cfg = clf.ClassifierConfig(image_size=image_size, size=classifier_size, epochs=o.classifier_epochs,
                                    batch_size=batch_size, seed=seed)
         with _timed(timing, "classifier"):
             model, clf_info, out = _classify(data, data_dir, output_dir, cfg, dev, log)
         (train_feats, train_logits), (val_feats, val_logits), (gen_feats, gen_logits) = out["train"], out["val"], out["gen"]
 
         identity = identity_report(data, train_logits, val_logits, gen_logits, seed)
-        if vavae_path is not None:
+        if o.vavae_path is not None:
             with _timed(timing, "tokenizer"):
-                identity["tokenizer_reconstructions"] = tokenizer_report(data, vavae_path, image_size, classifier_size,
-                                                                         model, batch_size, dev)
+                identity["tokenizer_reconstructions"] = tokenizer_report(data, o.vavae_path, image_size,
+                                                                         classifier_size, model, batch_size, dev)
         with _timed(timing, "metrics"):
-            dist = distribution_report(data, train_feats, val_feats, gen_feats, gen_logits, val_logits, nearest_k, seed,
-                                       min_user_samples)
+            dist = distribution_report(data, train_feats, val_feats, gen_feats, gen_logits, val_logits, o.nearest_k,
+                                       seed, o.min_user_samples)
         memo, copies, nearest_pairs = memorization_report(data.gen, gen_feats, data.train, train_feats, data.val,
-                                                          val_feats, copy_percentile, copy_factor, data.users)
+                                                          val_feats, o.copy_percentile, o.copy_factor, data.users)
         with _timed(timing, "inception"):
-            inception = inception_report(data, inception_weights, image_size, batch_size, num_workers, dev, seed)
+            inception = inception_report(data, o.inception_weights, image_size, batch_size, o.num_workers, dev, seed)
         if not inception["available"]:
             log(inception["message"])
         with _timed(timing, "tstr"):
             tstr_block = tstr_report(data, cfg, dev, batch_size, identity["real_val_top1"]) if tstr else \
                 {"top1": None, "top1_ci": None, "note": "skipped (tstr=False)"}
-        accepted, confident = accepted_samples(data.gen, gen_logits.softmax(1), copies, min_confidence, min_margin)
+        accepted, confident = accepted_samples(data.gen, gen_logits.softmax(1), copies, o.min_confidence,
+                                               o.min_margin)
         with _timed(timing, "augmentation"):
             augment = augmentation_report(data, accepted, cfg, dev, batch_size, val_logits, seed) if augmentation else \
                 {"real_only_top1": None, "with_generated_top1": None, "gain": None, "gain_ci": None,
                  "note": "skipped (augmentation=False)"}
-        export = export_report(data.users, data.gen, accepted, confident, copies, export_dir, min_confidence, min_margin, log)
+        export = export_report(data.users, data.gen, accepted, confident, copies, o.export_dir, o.min_confidence,
+                               o.min_margin, log)
 
-        inputs = {"data_dir": str(data_dir), "generated_dir": str(generated_dir), "output_dir": str(output_dir),
+        inputs = {"data_dir": str(data_dir), "generated_dir": str(o.generated_dir), "output_dir": str(output_dir),
                   "image_size": image_size, "classifier_size": classifier_size, "batch_size": batch_size,
-                  "device": str(dev), "classifier_epochs": classifier_epochs, "seed": seed,
-                  "nearest_k": nearest_k, "min_user_samples": min_user_samples}
+                  "device": str(dev), "classifier_epochs": o.classifier_epochs, "seed": seed,
+                  "nearest_k": o.nearest_k, "min_user_samples": o.min_user_samples}
         report = {
             **_header(data, inputs, clf_info), "identity": identity, "intervals": INTERVALS,
             "fd": {**dist["fd"], "inception": inception["fd"], "inception_real_val": inception["fd_real_val"]},

@@ -3,7 +3,7 @@ import argparse
 
 from common.device import DEVICE_WORDS, device_word
 from common.config import (DistinctValues, add_config_flag, new_parser, non_negative_float, non_negative_int,
-                           open_fraction, positive_float, positive_int, probability, seed)
+                           open_fraction, options_class, positive_float, positive_int, probability, seed)
 from models.transport import (DEFAULT_CLASSIFIER_INTERVAL, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_SHIFT,
                               DEFAULT_STEPS, SAMPLERS)
 
@@ -41,6 +41,5 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def options(args: argparse.Namespace) -> dict:
-    """The keyword arguments of generation.generate.generate from parsed flags."""
-    return {k: v for k, v in vars(args).items() if k != "config"}
+# Stage 3's flags by name (common.config.Options), handed to generation.generate.generate whole.
+GenerateOptions = options_class("GenerateOptions", build_parser, REQUIRED, __name__)

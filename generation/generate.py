@@ -14,6 +14,7 @@ from common.lock import run_lock
 from common.pixels import to_uint8
 from common.progress import progress_bar
 from data.samples import GRID_NAME, remove_stale_samples, sample_name
+from generation.cli import GenerateOptions
 from models.checkpoint import PipelineInfo, checkpoint_info, ema_state_dict, load_checkpoint
 from models.lightningdit import LightningDiT
 from models.latent_classifier import NoisyLatentClassifier, classifier_from_entry, classifier_log_prob_gradient
@@ -204,19 +205,15 @@ def check_finite_samples(latents: torch.Tensor, decoded: torch.Tensor, batch: li
             "tokenizer used in stage 1 as --vavae_path (this file may be damaged). Nothing was written.")
 
 
-def generate(dit_checkpoint: str, vavae_path: str, output_dir: str, user_ids: list[int],
-             num_samples_per_user: int = 4, guidance_scale: float = DEFAULT_GUIDANCE, num_steps: int = DEFAULT_STEPS,
-             sampler: str = DEFAULT_SAMPLER, shift: float = DEFAULT_SHIFT, cfg_interval_start: float = 0.0,
-             cfg_interval_end: float = 1.0, guidance_checkpoint: str | None = None, classifier_scale: float = 0.0,
-             classifier_interval_start: float = DEFAULT_CLASSIFIER_INTERVAL[0],
-             classifier_interval_end: float = DEFAULT_CLASSIFIER_INTERVAL[1], seed: int = 0,
-             batch_size: int = 16, device: str = "auto", log=print) -> list[Path]:
-    """Write micro_doppler_userNN_KKK.png per sample and micro_doppler_grid.png; return the sample paths.
+def generate(options: GenerateOptions, log=print) -> list[Path]:
+    """Stage 3 with its flags (generation/cli.py): write micro_doppler_userNN_KKK.png per sample and
+    micro_doppler_grid.png into options.output_dir; return the sample paths.
 
     Each sample: noise (32, 16, 16) seeded by (seed, user, sample) -> the EMA DiT's guided velocity integrated
     from t=0 to 1 (sampler, num_steps, shift) -> de-normalised latent -> VA-VAE decode -> 256x256 RGB uint8 PNG.
     user_ids are the numbers in the user folder names (ID_3 -> 3); PipelineError names the valid ones otherwise,
-    for another stage 3 run writing to output_dir (output_dir/stage3.lock), for a checkpoint or tokenizer that does not fit, a guidance the model cannot do, or NaN samples.
+    for another stage 3 run writing to output_dir (output_dir/stage3.lock), for a checkpoint or tokenizer that
+    does not fit, a guidance the model cannot do, or NaN samples.
 
     guidance_checkpoint: a weaker stage 2 checkpoint of the same users and latents (the run's early.ckpt) to
     guide with instead of the unconditional model (autoguidance); PipelineError if it does not fit.
@@ -228,40 +225,42 @@ def generate(dit_checkpoint: str, vavae_path: str, output_dir: str, user_ids: li
     and the grid are written into a staging folder first and moved in together: a full disk (PipelineError)
     leaves the previous run's files as they were. Files of other names in the folder are left alone.
     """
-    with run_lock(Path(output_dir) / LOCK_NAME, "stage 3", "another --output_dir", log=log):
-        device = str(resolve_device(device))
-        jobs = [(u, k) for u in user_ids for k in range(num_samples_per_user)]
-        with out_of_memory_advice("stage 3", f"a smaller --batch_size (now {batch_size}; e.g. 4), or --device cpu"):
-            model, info = load_generator(dit_checkpoint, device)
-            check_sampling(info, guidance_scale, num_steps, shift, cfg_interval_start, cfg_interval_end,
-                           autoguidance=guidance_checkpoint is not None)
+    o = options
+    with run_lock(Path(o.output_dir) / LOCK_NAME, "stage 3", "another --output_dir", log=log):
+        device = str(resolve_device(o.device))
+        jobs = [(u, k) for u in o.user_ids for k in range(o.num_samples_per_user)]
+        with out_of_memory_advice("stage 3", f"a smaller --batch_size (now {o.batch_size}; e.g. 4), or --device cpu"):
+            model, info = load_generator(o.dit_checkpoint, device)
+            check_sampling(info, o.guidance_scale, o.num_steps, o.shift, o.cfg_interval_start, o.cfg_interval_end,
+                           autoguidance=o.guidance_checkpoint is not None)
             guide_model = None
-            if guidance_checkpoint is not None:
-                guide_model, guide_info = load_generator(guidance_checkpoint, device)
-                check_guide(info, guide_info, guidance_checkpoint)
-            classifier = guidance_classifier(info, classifier_scale, classifier_interval_start,
-                                             classifier_interval_end, dit_checkpoint, device)
+            if o.guidance_checkpoint is not None:
+                guide_model, guide_info = load_generator(o.guidance_checkpoint, device)
+                check_guide(info, guide_info, o.guidance_checkpoint)
+            classifier = guidance_classifier(info, o.classifier_scale, o.classifier_interval_start,
+                                             o.classifier_interval_end, o.dit_checkpoint, device)
             from models.vavae import check_tokenizer_fits, load_vavae
-            vae = load_vavae(vavae_path, device=device)
-            check_tokenizer_fits(vae, vavae_path, info.image_size, info.model_config["in_channels"],
-                                 info.model_config["input_size"], f"the model of {dit_checkpoint} takes latents of",
+            vae = load_vavae(o.vavae_path, device=device)
+            check_tokenizer_fits(vae, o.vavae_path, info.image_size, info.model_config["in_channels"],
+                                 info.model_config["input_size"], f"the model of {o.dit_checkpoint} takes latents of",
                                  "Pass the tokenizer used in stage 1 as --vavae_path.")
-            check_same_tokenizer(info, vavae_path)
-            pixels, nfe = sample_images(model, vae, info, jobs, guidance_scale=guidance_scale, num_steps=num_steps,
-                                        sampler=sampler, shift=shift, cfg_interval_start=cfg_interval_start,
-                                        cfg_interval_end=cfg_interval_end, guide_model=guide_model,
-                                        classifier=classifier, classifier_scale=classifier_scale,
-                                        classifier_interval=(classifier_interval_start, classifier_interval_end),
-                                        seed=seed, batch_size=batch_size, device=device)
-        out = Path(output_dir)
+            check_same_tokenizer(info, o.vavae_path)
+            pixels, nfe = sample_images(model, vae, info, jobs, guidance_scale=o.guidance_scale, num_steps=o.num_steps,
+                                        sampler=o.sampler, shift=o.shift, cfg_interval_start=o.cfg_interval_start,
+                                        cfg_interval_end=o.cfg_interval_end, guide_model=guide_model,
+                                        classifier=classifier, classifier_scale=o.classifier_scale,
+                                        classifier_interval=(o.classifier_interval_start, o.classifier_interval_end),
+                                        seed=o.seed, batch_size=o.batch_size, device=device)
+        out = Path(o.output_dir)
         names = [sample_name(u, k + 1) for u, k in jobs]
         with replaced_together(out) as staging:
             for name, arr in zip(names, pixels):
                 Image.fromarray(arr).save(staging / name, format="PNG")
-            grid_image(dict(zip(jobs, pixels)), user_ids, num_samples_per_user).save(staging / GRID_NAME, format="PNG")
+            grid = grid_image(dict(zip(jobs, pixels)), o.user_ids, o.num_samples_per_user)
+            grid.save(staging / GRID_NAME, format="PNG")
         removed = remove_stale_samples(out, keep=set(names))
         paths = [out / name for name in names]
-        log(f"stage 3 done: {len(paths)} images ({sampler}, {nfe} model evaluations each) and {GRID_NAME} in {out}"
+        log(f"stage 3 done: {len(paths)} images ({o.sampler}, {nfe} model evaluations each) and {GRID_NAME} in {out}"
             + (f"; removed {removed} sample(s) of an earlier run" if removed else ""))
         return paths
 

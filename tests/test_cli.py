@@ -149,16 +149,47 @@ def function_defaults_agree(function, parser: argparse.ArgumentParser, rename: d
             assert p.default == flags[dest], f"{function.__name__}({name}={p.default!r}) vs --{dest} {flags[dest]!r}"
 
 
-def test_entry_function_defaults_are_the_parsers():
-    from data.latents import extract_features
-    from evaluation.evaluate import evaluate
-    from generation.generate import generate, sample_images
-    from tokenizer.train import train_tokenizer
-    function_defaults_agree(extract_features, data.cli.build_parser())
-    function_defaults_agree(generate, generation.cli.build_parser())
+def test_sampler_defaults_are_the_parsers():
+    """sample_images is the sampler stage 3 and the training grids share; the defaults it keeps are stage 3's."""
+    from generation.generate import sample_images
     function_defaults_agree(sample_images, generation.cli.build_parser(), {"device": "resolved device"})
-    function_defaults_agree(evaluate, evaluation.cli.build_parser())
-    function_defaults_agree(train_tokenizer, tokenizer.cli.build_parser(), {"compile_model": "compile"})
+
+
+ENTRY_FUNCTIONS = {"data.latents.extract_features": data.cli.ExtractOptions,
+                   "training.train_dit.train": training.cli.TrainOptions,
+                   "generation.generate.generate": generation.cli.GenerateOptions,
+                   "evaluation.evaluate.evaluate": evaluation.cli.EvaluateOptions,
+                   "tokenizer.train.train_tokenizer": tokenizer.cli.TokenizerOptions}
+
+
+@pytest.mark.parametrize("entry", sorted(ENTRY_FUNCTIONS))
+def test_each_entry_function_takes_its_commands_options_whole(entry):
+    """Each command's flags reach its entry function as one Options object with a field per flag and the
+    parser's default: no default written a second time in a signature, no flag dropped on the way."""
+    import importlib
+    from dataclasses import fields
+    module, name = entry.rsplit(".", 1)
+    function, options_type = getattr(importlib.import_module(module), name), ENTRY_FUNCTIONS[entry]
+    parser = options_type.build_parser()
+    dests = {a.dest: a.default for a in parser._actions if a.dest not in ("help", "config")}
+    assert {f.name for f in fields(options_type)} == set(dests)
+    parameters = inspect.signature(function).parameters
+    first = next(iter(parameters.values()))
+    assert first.annotation in (options_type, options_type.__name__) and first.default is inspect.Parameter.empty
+    assert not set(dests) & set(parameters), f"{entry} takes flags beside its options"
+    given = {name: f"<{name}>" for name in options_type.required}
+    assert vars(options_type.defaults(**given)) == {**dests, **given}
+
+
+def test_options_defaults_refuse_unknown_and_missing_flags():
+    with pytest.raises(TypeError, match=r"GenerateOptions has no field\(s\) \['guidance'\]"):
+        generation.cli.GenerateOptions.defaults(dit_checkpoint="c", vavae_path="v", output_dir="o", user_ids=[1],
+                                                guidance=4.0)
+    with pytest.raises(TypeError, match=r"ExtractOptions needs \['vavae_path'\]"):
+        data.cli.ExtractOptions.defaults(data_dir="d", output_path="o")
+    options = data.cli.ExtractOptions.defaults(data_dir="d", vavae_path="v", output_path="o")
+    with pytest.raises(Exception, match="cannot assign"):   # frozen: what the command was given stays as given
+        options.batch_size = 1
 
 
 def test_train_options_name_every_stage2_flag_and_the_module_restates_no_default():

@@ -1,5 +1,4 @@
 """Stage 4 evaluation: the metrics must tell good samples from bad ones, copies from new images."""
-import inspect
 import json
 import os
 import shutil
@@ -17,6 +16,7 @@ from common.errors import PipelineError  # noqa: E402
 from data.images import scan_dataset  # noqa: E402
 from evaluation import classifier as clf  # noqa: E402
 from evaluation import metrics as M  # noqa: E402
+from evaluation.cli import EvaluateOptions  # noqa: E402
 from evaluation.evaluate import evaluate  # noqa: E402
 from evaluation.export import accepted_samples, export_dataset  # noqa: E402
 from evaluation.imageset import load_set  # noqa: E402
@@ -27,8 +27,16 @@ SIZE = 32
 USERS = [1, 2, 5, 7]            # not 1..N on purpose: user numbers are not class indices
 N_TRAIN, N_VAL, N_HELD_OUT = 16, 6, 6
 FAST = dict(image_size=SIZE, classifier_size=SIZE, batch_size=16, classifier_epochs=3, seed=0,
-            min_user_samples=4, log=lambda *_: None)
+            min_user_samples=4)
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")   # the module-scoped fixtures train too
+
+
+def run_evaluate(data_dir: Path, generated_dir: Path, output_dir: Path, *, tstr: bool = True,
+                 augmentation: bool = True, **flags) -> dict:
+    """Stage 4 in this process: FAST's flags, then `flags`, in place of the parser's defaults."""
+    options = EvaluateOptions.defaults(data_dir=data_dir, generated_dir=generated_dir, output_dir=output_dir,
+                                       **{**FAST, **flags})
+    return evaluate(options, tstr=tstr, augmentation=augmentation, log=lambda *_: None)
 
 
 #################################################################################
@@ -86,13 +94,13 @@ def runs(dataset):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(clf, "train_classifier", counting)
-        good = evaluate(root / "data", dirs["held_out"], root / "out_good", export_dir=root / "export", **FAST)
+        good = run_evaluate(root / "data", dirs["held_out"], root / "out_good", export_dir=root / "export")
         cache = Path(good["classifier"]["path"])
         mtime = cache.stat().st_mtime_ns
         calls_after_first = list(calls)
         sizes_first = list(sizes)
-        noise = evaluate(root / "data", dirs["noise"], root / "out_noise", tstr=False, augmentation=False, **FAST)
-        copies = evaluate(root / "data", dirs["copies"], root / "out_copies", tstr=False, augmentation=False, **FAST)
+        noise = run_evaluate(root / "data", dirs["noise"], root / "out_noise", tstr=False, augmentation=False)
+        copies = run_evaluate(root / "data", dirs["copies"], root / "out_copies", tstr=False, augmentation=False)
     return {"good": good, "noise": noise, "copies": copies, "calls_first": calls_after_first, "calls": calls,
             "sizes_first": sizes_first, "cache": cache, "mtime": mtime, "root": root}
 
@@ -261,7 +269,7 @@ def test_export_keeps_only_confident_own_user_and_clears_the_old_selection(tmp_p
 def test_unknown_user_number_lists_valid_ones(dataset):
     root, dirs = dataset
     with pytest.raises(PipelineError, match=r"user number\(s\) 9.*Valid user numbers: 1, 2, 5, 7"):
-        evaluate(root / "data", dirs["unknown"], root / "out_unknown", **FAST)
+        run_evaluate(root / "data", dirs["unknown"], root / "out_unknown")
 
 
 @pytest.mark.slow
@@ -269,11 +277,11 @@ def test_no_generated_images_and_missing_folders(dataset, tmp_path):
     root, _ = dataset
     (tmp_path / "other.png").write_bytes(b"")
     with pytest.raises(PipelineError, match="no generated images named"):
-        evaluate(root / "data", tmp_path, tmp_path / "out", **FAST)
+        run_evaluate(root / "data", tmp_path, tmp_path / "out")
     with pytest.raises(PipelineError, match="--generated_dir not found"):
-        evaluate(root / "data", tmp_path / "missing", tmp_path / "out", **FAST)
+        run_evaluate(root / "data", tmp_path / "missing", tmp_path / "out")
     with pytest.raises(PipelineError, match="--data_dir not found"):
-        evaluate(tmp_path / "missing", tmp_path, tmp_path / "out", **FAST)
+        run_evaluate(tmp_path / "missing", tmp_path, tmp_path / "out")
 
 
 @pytest.mark.slow
@@ -284,8 +292,8 @@ def test_cli_forwards_every_flag_and_exits_2_on_user_error(dataset, monkeypatch,
     import evaluation.evaluate
     monkeypatch.setattr(evaluation.evaluate, "evaluate", lambda *a, **kw: seen.update(args=a, kwargs=kw))
     stage4_evaluate.main(["--data_dir", "d", "--generated_dir", "g", "--output_dir", "o", "--min_margin", "0.2"])
-    inspect.signature(evaluate).bind(*seen["args"], **seen["kwargs"])     # every flag is a keyword of evaluate()
-    assert seen["kwargs"]["min_margin"] == 0.2
+    options, = seen["args"]                     # the flags, whole
+    assert isinstance(options, EvaluateOptions) and options.min_margin == 0.2 and options.data_dir == "d"
     monkeypatch.undo()
     with pytest.raises(SystemExit) as exit_info:
         stage4_evaluate.main(["--data_dir", str(root / "data"), "--generated_dir", str(dirs["unknown"]),
@@ -462,18 +470,18 @@ def test_tokenizer_reconstructions_are_scored_like_real_val(dataset, tmp_path, m
     import models.vavae
     root, dirs = dataset
     tokenizer = make_tokenizer(tmp_path / "tok.safetensors")
-    fast = dict(FAST, tstr=False, augmentation=False)
-    real = evaluate(root / "data", dirs["held_out"], tmp_path / "real", vavae_path=tokenizer, **fast)
+    fast = dict(tstr=False, augmentation=False)
+    real = run_evaluate(root / "data", dirs["held_out"], tmp_path / "real", vavae_path=tokenizer, **fast)
     recon = real["identity"]["tokenizer_reconstructions"]
     assert 0.0 <= recon["top1"] <= 1.0 and 0.0 < recon["psnr_db"] < 40.0        # an untrained tokenizer
     assert "tokenizer's own reconstructions" in (tmp_path / "real" / "report.md").read_text()
     # A perfect tokenizer gives back the val images themselves: exactly the real-val ceiling.
     monkeypatch.setattr(models.vavae, "reconstruct", lambda model, images, *a, **k: images.clone())
-    perfect = evaluate(root / "data", dirs["held_out"], tmp_path / "perfect", vavae_path=tokenizer, **fast)
+    perfect = run_evaluate(root / "data", dirs["held_out"], tmp_path / "perfect", vavae_path=tokenizer, **fast)
     assert perfect["identity"]["tokenizer_reconstructions"]["top1"] == perfect["identity"]["real_val_top1"]
     assert perfect["identity"]["tokenizer_reconstructions"]["psnr_db"] > 100
     with pytest.raises(PipelineError, match="--vavae_path not found"):
-        evaluate(root / "data", dirs["held_out"], tmp_path / "x", vavae_path=tmp_path / "missing.pt", **fast)
+        run_evaluate(root / "data", dirs["held_out"], tmp_path / "x", vavae_path=tmp_path / "missing.pt", **fast)
 
 
 #################################################################################

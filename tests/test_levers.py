@@ -11,7 +11,8 @@ import torch
 import stage2_train_dit
 import training.dit_module as dm
 from common.errors import PipelineError
-from common.io import file_sha256, load_safetensors, save_safetensors
+from common.io import load_safetensors, save_safetensors
+from generation.cli import GenerateOptions
 from generation.generate import check_sampling, generate, load_generator
 from helpers import (TINY_DIT, TINY_DIT_MODEL_FLAGS, assert_user_error, make_module, make_tokenizer, run_main,
                      tiny_dit)
@@ -277,12 +278,12 @@ def test_stage2_without_tokenizer_notes_it_and_refuses_another_tokenizer_and_dro
 
 @pytest.mark.slow   # trains stage 2 in a process (seconds)
 def test_stage3_autoguidance_with_the_early_checkpoint(run, tokenizer, tmp_path):
-    kwargs = dict(user_ids=[1, 2], num_samples_per_user=1, guidance_scale=3.0, num_steps=4, device="cpu",
-                  log=lambda m: None)
-    best = str(run / "checkpoints" / "last.ckpt")
-    auto = generate(best, str(tokenizer), str(tmp_path / "auto"), guidance_checkpoint=str(run / "checkpoints" /
-                    "early.ckpt"), **kwargs)
-    cfg = generate(best, str(tokenizer), str(tmp_path / "cfg"), **kwargs)
+    flags = dict(dit_checkpoint=str(run / "checkpoints" / "last.ckpt"), vavae_path=str(tokenizer), user_ids=[1, 2],
+                 num_samples_per_user=1, guidance_scale=3.0, num_steps=4, device="cpu")
+    auto = generate(GenerateOptions.defaults(output_dir=str(tmp_path / "auto"), **flags,
+                                             guidance_checkpoint=str(run / "checkpoints" / "early.ckpt")),
+                    log=lambda m: None)
+    cfg = generate(GenerateOptions.defaults(output_dir=str(tmp_path / "cfg"), **flags), log=lambda m: None)
     assert [p.name for p in auto] == [p.name for p in cfg]
     assert any(a.read_bytes() != c.read_bytes() for a, c in zip(auto, cfg))   # another guide, other images
 

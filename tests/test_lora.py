@@ -8,6 +8,7 @@ import torch
 
 import stage2_train_dit
 from common.errors import PipelineError
+from generation.cli import GenerateOptions
 from generation.generate import generate, load_generator
 from helpers import TINY_DIT_MODEL_FLAGS, make_module, make_tokenizer
 from models.lightningdit import LightningDiT
@@ -110,8 +111,10 @@ def test_lora_stage2_keeps_base_frozen_and_stage3_needs_no_init_file(published, 
         again = load_pretrained(out / "checkpoints" / "last.ckpt")                       # and as --init_from
         assert set(again.state) == set(ema) and torch.equal(again.state["blocks.0.attn.qkv.weight"], merged)
         tok = make_tokenizer(tmp_path / "tok.safetensors")
-        paths = generate(str(out / "checkpoints" / "last.ckpt"), str(tok), str(tmp_path / "gen"), [1, 3],
-                         num_samples_per_user=1, num_steps=2, device="cpu", log=lambda m: None)
+        paths = generate(GenerateOptions.defaults(dit_checkpoint=str(out / "checkpoints" / "last.ckpt"),
+                                                  vavae_path=str(tok), output_dir=str(tmp_path / "gen"),
+                                                  user_ids=[1, 3], num_samples_per_user=1, num_steps=2, device="cpu"),
+                         log=lambda m: None)
         assert [p.name for p in paths] == ["micro_doppler_user01_001.png", "micro_doppler_user03_001.png"]
     finally:
         shutil.move(moved, path)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import generation.generate as gen
+from generation.cli import GenerateOptions
 from common.errors import PipelineError, cli_entry, is_out_of_space
 from common.io import save_safetensors, save_torch, write_text
 from helpers import PYTHON, ROOT, TINY_DIT, assert_user_error, make_tokenizer, tiny_dit
@@ -36,8 +37,9 @@ def files(tmp_path_factory) -> tuple[Path, Path]:
 
 def run_generate(files, out: Path, user_ids: list[int], **kwargs) -> list[Path]:
     ckpt, tok = files
-    return gen.generate(str(ckpt), str(tok), str(out), user_ids=user_ids, num_samples_per_user=2, num_steps=2,
-                        device="cpu", log=lambda m: None, **kwargs)
+    return gen.generate(GenerateOptions.defaults(dit_checkpoint=str(ckpt), vavae_path=str(tok), output_dir=str(out),
+                                                 user_ids=user_ids, num_samples_per_user=2, num_steps=2, device="cpu",
+                                                 **kwargs), log=lambda m: None)
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

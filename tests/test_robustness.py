@@ -118,10 +118,12 @@ def test_stage1_bad_data_dir(tmp_path, tokenizer, capsys, make, patterns):
 
 
 def test_unnumbered_folders_are_numbered_by_sorted_name(tmp_path, tokenizer):
+    from data.cli import ExtractOptions
     from data.latents import extract_features
     data = make_dataset(tmp_path / "data", users=("carol", "alice", "bob"), per_user=2)
     logged: list[str] = []
-    extract_features(str(data), str(tokenizer), str(tmp_path / "out"), batch_size=4, image_size=64,
+    extract_features(ExtractOptions.defaults(data_dir=str(data), vavae_path=str(tokenizer),
+                                             output_path=str(tmp_path / "out"), batch_size=4, image_size=64),
                      log=logged.append)
     assert any("no number in their name" in m and "numbered 1..N by sorted folder name" in m for m in logged)
     meta = read_safetensors_metadata(tmp_path / "out" / "train.safetensors")
@@ -512,29 +514,33 @@ def test_stage3_unknown_user_lists_valid_ids(tmp_path, trained, tokenizer):
 
 def test_stage3_warns_about_another_tokenizer(tmp_path, trained, tokenizer):
     import warnings
+    from generation.cli import GenerateOptions
     from generation.generate import generate
     other = make_tokenizer(tmp_path / "other.safetensors", seed=1)
     ckpt = str(trained / "checkpoints" / "last.ckpt")
-    kwargs = dict(user_ids=[10], num_samples_per_user=1, num_steps=2, device="cpu", log=lambda m: None)
+    flags = dict(dit_checkpoint=ckpt, user_ids=[10], num_samples_per_user=1, num_steps=2, device="cpu")
     with pytest.warns(UserWarning, match=r"--vavae_path .*other\.safetensors is not the tokenizer the model was "
                                          r"trained with \(tok\.safetensors, sha256 [0-9a-f]{12}"):
-        generate(ckpt, str(other), str(tmp_path / "other"), **kwargs)
+        generate(GenerateOptions.defaults(vavae_path=str(other), output_dir=str(tmp_path / "other"), **flags),
+                 log=lambda m: None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        generate(ckpt, str(tokenizer), str(tmp_path / "same"), **kwargs)
+        generate(GenerateOptions.defaults(vavae_path=str(tokenizer), output_dir=str(tmp_path / "same"), **flags),
+                 log=lambda m: None)
     assert not [w for w in caught if "not the tokenizer" in str(w.message)]
 
 
 def test_stage3_rerun_leaves_only_this_runs_samples(tmp_path, trained, tokenizer):
+    from generation.cli import GenerateOptions
     from generation.generate import generate
     ckpt, out = str(trained / "checkpoints" / "last.ckpt"), tmp_path / "gen"
-    kwargs = dict(num_steps=2, device="cpu", log=lambda m: None)
-    generate(ckpt, str(tokenizer), str(out), user_ids=[1, 10], num_samples_per_user=2, **kwargs)
+    flags = dict(dit_checkpoint=ckpt, vavae_path=str(tokenizer), output_dir=str(out), num_steps=2, device="cpu")
+    generate(GenerateOptions.defaults(user_ids=[1, 10], num_samples_per_user=2, **flags), log=lambda m: None)
     mine = ["notes.txt", "micro_doppler_user01_001.jpg", "my_micro_doppler_user01_001.png"]
     for name in mine:                          # the user's own files, not of the project's naming
         (out / name).write_text("keep me")
     logged = []
-    generate(ckpt, str(tokenizer), str(out), user_ids=[2], num_samples_per_user=1, **{**kwargs, "log": logged.append})
+    generate(GenerateOptions.defaults(user_ids=[2], num_samples_per_user=1, **flags), log=logged.append)
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["micro_doppler_grid.png", "micro_doppler_user02_001.png", *mine])
     assert "removed 4 sample(s) of an earlier run" in logged[-1]
@@ -625,6 +631,7 @@ def test_interrupted_write_leaves_no_final_file(tmp_path, monkeypatch):
 
 def test_interrupted_stage1_is_not_finished_work(tmp_path, tokenizer, monkeypatch):
     import data.latents as latents_mod
+    from data.cli import ExtractOptions
     real = latents_mod.encode_all
 
     def dies_on_val(*args, **kwargs):
@@ -635,7 +642,9 @@ def test_interrupted_stage1_is_not_finished_work(tmp_path, tokenizer, monkeypatc
     monkeypatch.setattr(latents_mod, "encode_all", dies_on_val)
     data = make_dataset(tmp_path / "data", users=("ID_1", "ID_2"), per_user=3)
     with pytest.raises(KeyboardInterrupt):
-        latents_mod.extract_features(str(data), str(tokenizer), str(tmp_path / "out"), 4, 64, log=lambda m: None)
+        latents_mod.extract_features(ExtractOptions.defaults(data_dir=str(data), vavae_path=str(tokenizer),
+                                                             output_path=str(tmp_path / "out"), batch_size=4,
+                                                             image_size=64), log=lambda m: None)
     assert not (tmp_path / "out" / "val.safetensors").exists()
     assert not (tmp_path / "out" / "latent_stats.safetensors").exists()
 
@@ -656,9 +665,11 @@ def test_stage3_killed_while_moving_its_samples_in_is_detected(tmp_path, trained
     monkeypatch.setattr(common.io.os, "replace", killed_after_the_first_sample)
     gen = tmp_path / "gen"
     with pytest.raises(KeyboardInterrupt):
+        from generation.cli import GenerateOptions
         from generation.generate import generate
-        generate(str(trained / "checkpoints" / "best.ckpt"), str(tokenizer), str(gen), [1, 2], 2, num_steps=2,
-                 log=lambda m: None)
+        generate(GenerateOptions.defaults(dit_checkpoint=str(trained / "checkpoints" / "best.ckpt"),
+                                          vavae_path=str(tokenizer), output_dir=str(gen), user_ids=[1, 2],
+                                          num_samples_per_user=2, num_steps=2), log=lambda m: None)
     monkeypatch.undo()
     assert len(list(gen.glob("micro_doppler_*.png"))) == 1   # one of the five moved in
     data = make_dataset(tmp_path / "data", users=("ID_1", "ID_2", "ID_10"), per_user=2, val_per_user=1)
@@ -918,12 +929,16 @@ def test_stage1_is_deterministic(tmp_path, latents, tokenizer):
 
 
 def test_stage3_is_deterministic(tmp_path, trained, tokenizer):
+    from generation.cli import GenerateOptions
     from generation.generate import generate
     ckpt = str(trained / "checkpoints" / "last.ckpt")
-    kwargs = dict(user_ids=[1, 10], num_samples_per_user=2, num_steps=3, seed=5, device="cpu", log=lambda m: None)
-    first = generate(ckpt, str(tokenizer), str(tmp_path / "a"), batch_size=4, **kwargs)
-    second = generate(ckpt, str(tokenizer), str(tmp_path / "b"), batch_size=4, **kwargs)
-    other_batching = generate(ckpt, str(tokenizer), str(tmp_path / "c"), batch_size=1, **kwargs)
+
+    def run(out: str, batch_size: int) -> list:
+        return generate(GenerateOptions.defaults(dit_checkpoint=ckpt, vavae_path=str(tokenizer), output_dir=out,
+                                                 user_ids=[1, 10], num_samples_per_user=2, num_steps=3, seed=5,
+                                                 device="cpu", batch_size=batch_size), log=lambda m: None)
+    first, second = run(str(tmp_path / "a"), 4), run(str(tmp_path / "b"), 4)
+    other_batching = run(str(tmp_path / "c"), 1)
     assert [p.name for p in first] == [p.name for p in second] == [p.name for p in other_batching]
     load = lambda p: np.asarray(Image.open(p)).astype(np.int16)
     for p, q, r in zip(first, second, other_batching):

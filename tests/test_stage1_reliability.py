@@ -14,6 +14,7 @@ from common.errors import PipelineError
 from common.io import REPLACING_MARKER, load_safetensors, save_safetensors
 from data.images import scan_dataset
 from data.latent_files import STAGE1_FILES, load_latents, load_stats
+from data.cli import ExtractOptions
 from data.latents import extract_features
 from helpers import IMAGE_SIZE, make_dataset, make_module, make_tokenizer, track_image
 
@@ -26,8 +27,9 @@ def tokenizer(tmp_path_factory) -> Path:
 
 
 def stage1(data: Path, tokenizer: Path, out: Path, log=lambda m: None) -> dict:
-    return extract_features(str(data), str(tokenizer), str(out), batch_size=4, image_size=IMAGE_SIZE,
-                            num_workers=0, tokenizer_check_images=0, log=log)
+    return extract_features(ExtractOptions.defaults(data_dir=str(data), vavae_path=str(tokenizer), output_path=str(out),
+                                                    batch_size=4, image_size=IMAGE_SIZE, num_workers=0,
+                                                    tokenizer_check_images=0), log=log)
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

@@ -12,6 +12,7 @@ from helpers import make_dataset, track_image
 from models.vavae import load_vavae
 from tokenizer.align import alignment_loss, build_foundation
 from tokenizer.recipe import tokenizer_config
+from tokenizer.cli import TokenizerOptions
 from tokenizer.train import train_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -21,12 +22,19 @@ TINY = dict(width=8, num_res_blocks=1, image_size=32, batch_size=4, device="cpu"
             progress=False, log=lambda *a: None)
 TWO_USERS = dict(users=("ID_1", "ID_2"), per_user=6, val_per_user=2, draw=track_image)
 ONE_USER = dict(users=("ID_1",), per_user=4, val_per_user=1, draw=track_image)
+FUNCTION_ONLY = ("foundation", "max_val_images", "log_every", "progress", "log")   # train_tokenizer's, not flags
+
+
+def run_trainer(data_dir, output_path, **kwargs) -> dict:
+    """train_tokenizer with flags given as keywords over the parser's defaults; its own keywords pass through."""
+    own = {k: kwargs.pop(k) for k in FUNCTION_ONLY if k in kwargs}
+    return train_tokenizer(TokenizerOptions.defaults(data_dir=data_dir, output_path=output_path, **kwargs), **own)
 
 
 def test_tiny_run_writes_a_loadable_tokenizer(tmp_path):
     data = make_dataset(tmp_path / "data", **TWO_USERS)
     out = tmp_path / "tok.safetensors"
-    summary = train_tokenizer(data, out, steps=3, **TINY)
+    summary = run_trainer(data, out, steps=3, **TINY)
     model = load_vavae(out)
     assert model.config == tokenizer_config(8, 1, 32)
     meta = read_safetensors_metadata(out)
@@ -38,7 +46,7 @@ def test_tiny_run_writes_a_loadable_tokenizer(tmp_path):
 
 def test_loss_decreases_on_a_fixed_set(tmp_path):
     data = make_dataset(tmp_path / "data", **ONE_USER)
-    summary = train_tokenizer(data, tmp_path / "tok.safetensors", steps=30, lr=2e-3, warmup=3, log_every=1,
+    summary = run_trainer(data, tmp_path / "tok.safetensors", steps=30, lr=2e-3, warmup=3, log_every=1,
                               **{**TINY, "width": 16})
     losses = [h["loss"] for h in summary["history"]]
     assert len(losses) == 30
@@ -48,7 +56,7 @@ def test_loss_decreases_on_a_fixed_set(tmp_path):
 def test_alignment_with_a_custom_feature_extractor(tmp_path):
     data = make_dataset(tmp_path / "data", **ONE_USER)
     factory = lambda: nn.Sequential(nn.Conv2d(3, 12, 4, stride=4), nn.ReLU(), nn.Conv2d(12, 24, 2, stride=2))
-    summary = train_tokenizer(data, tmp_path / "tok.safetensors", steps=4, log_every=1, foundation=factory, **TINY)
+    summary = run_trainer(data, tmp_path / "tok.safetensors", steps=4, log_every=1, foundation=factory, **TINY)
     last = summary["history"][-1]
     assert {"vf_cos", "vf_dist", "vf_scale"} <= set(last) and all(math.isfinite(v) for v in last.values())
     assert read_safetensors_metadata(tmp_path / "tok.safetensors")["align"] == "custom"
@@ -63,7 +71,7 @@ def test_alignment_from_a_local_torchvision_vit_file(tmp_path):
     assert fm(torch.zeros(2, 3, 64, 64)).shape == (2, 16, 4, 4)     # resized to the ViT's own input size
     data = make_dataset(tmp_path / "data", **ONE_USER)
     lines = []
-    train_tokenizer(data, tmp_path / "tok.safetensors", steps=2, align_weights=tmp_path / "vit.pt",
+    run_trainer(data, tmp_path / "tok.safetensors", steps=2, align_weights=tmp_path / "vit.pt",
                     **{**TINY, "log": lines.append})
     assert any("alignment term on" in line for line in lines)
     assert read_safetensors_metadata(tmp_path / "tok.safetensors")["align"] == "vit.pt"
@@ -85,7 +93,7 @@ def test_alignment_loss_is_zero_for_identical_features():
 
 def test_clear_errors(tmp_path):
     with pytest.raises(PipelineError, match="not found"):
-        train_tokenizer(tmp_path / "missing", tmp_path / "t.safetensors", steps=1, **TINY)
+        run_trainer(tmp_path / "missing", tmp_path / "t.safetensors", steps=1, **TINY)
     with pytest.raises(PipelineError, match="multiple of 8"):
         tokenizer_config(width=12)
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
@@ -96,10 +104,10 @@ def test_clear_errors(tmp_path):
 def test_fine_tuning_from_a_tokenizer_reports_psnr_before_and_after(tmp_path):
     data = make_dataset(tmp_path / "data", **{**ONE_USER, "val_per_user": 2})
     start = tmp_path / "start.safetensors"
-    train_tokenizer(data, start, steps=2, **TINY)
+    run_trainer(data, start, steps=2, **TINY)
     lines = []
     out = tmp_path / "tuned.safetensors"
-    summary = train_tokenizer(data, out, steps=6, lr=2e-3, warmup=1, init_from=start,
+    summary = run_trainer(data, out, steps=6, lr=2e-3, warmup=1, init_from=start,
                               **{**TINY, "width": 16, "log": lines.append})
     # PSNR "before" is the start file's own PSNR on the same held-out images: the file's metadata scores the fp16
     # weights the file holds, so the two are the same computation and agree exactly (the metadata keeps 3
@@ -115,16 +123,16 @@ def test_fine_tuning_from_a_tokenizer_reports_psnr_before_and_after(tmp_path):
 def test_decoder_only_keeps_the_encoder_bit_identical(tmp_path):
     data = make_dataset(tmp_path / "data", **ONE_USER)
     start = tmp_path / "start.safetensors"
-    train_tokenizer(data, start, steps=1, **TINY)
+    run_trainer(data, start, steps=1, **TINY)
     out = tmp_path / "tuned.safetensors"
-    train_tokenizer(data, out, steps=4, lr=2e-3, warmup=1, init_from=start, decoder_only=True, **TINY)
+    run_trainer(data, out, steps=4, lr=2e-3, warmup=1, init_from=start, decoder_only=True, **TINY)
     before, after = load_vavae(start).state_dict(), load_vavae(out).state_dict()
     kept = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
     moved = [k for k in before if k.startswith(("decoder.", "post_quant_conv."))]
     assert kept and all(torch.equal(before[k], after[k]) for k in kept)
     assert any(not torch.equal(before[k], after[k]) for k in moved)
     with pytest.raises(PipelineError, match="--init_from"):
-        train_tokenizer(data, out, steps=1, decoder_only=True, **TINY)
+        run_trainer(data, out, steps=1, decoder_only=True, **TINY)
 
 
 def test_random_crops_are_grid_aligned_windows_of_each_image():
@@ -140,15 +148,15 @@ def test_random_crops_are_grid_aligned_windows_of_each_image():
 
 def test_crop_training_runs_and_measures_full_images(tmp_path):
     data = make_dataset(tmp_path / "data", **ONE_USER)
-    summary = train_tokenizer(data, tmp_path / "tok.safetensors", steps=2, crop_size=16, **TINY)
+    summary = run_trainer(data, tmp_path / "tok.safetensors", steps=2, crop_size=16, **TINY)
     assert math.isfinite(summary["val_psnr_db"])
     meta = read_safetensors_metadata(tmp_path / "tok.safetensors")
     assert meta["crop_size"] == 16 and meta["lr"] == 6e-4        # from-scratch defaults
-    finetune = train_tokenizer(data, tmp_path / "f.safetensors", steps=1, init_from=tmp_path / "tok.safetensors",
+    finetune = run_trainer(data, tmp_path / "f.safetensors", steps=1, init_from=tmp_path / "tok.safetensors",
                                **{**TINY, "batch_size": None})
     assert read_safetensors_metadata(tmp_path / "f.safetensors")["batch_size"] == 8 and finetune["steps"] == 1
     with pytest.raises(PipelineError, match="--crop_size"):
-        train_tokenizer(data, tmp_path / "t.safetensors", steps=1, crop_size=24, **TINY)
+        run_trainer(data, tmp_path / "t.safetensors", steps=1, crop_size=24, **TINY)
 
 
 def test_output_path_is_required(tmp_path, capsys, monkeypatch):
@@ -167,9 +175,9 @@ def test_output_path_is_required(tmp_path, capsys, monkeypatch):
 def test_gan_fine_tune_keeps_the_encoder_and_switches_the_gan_on_after_the_warm_up(tmp_path):
     data = make_dataset(tmp_path / "data", **ONE_USER)
     start = tmp_path / "start.safetensors"
-    train_tokenizer(data, start, steps=1, **TINY)
+    run_trainer(data, start, steps=1, **TINY)
     out = tmp_path / "tuned.safetensors"
-    summary = train_tokenizer(data, out, steps=5, lr=2e-3, warmup=1, init_from=start, decoder_only=True,
+    summary = run_trainer(data, out, steps=5, lr=2e-3, warmup=1, init_from=start, decoder_only=True,
                               disc_weight=0.5, disc_start=2, disc_lr=1e-3, log_every=1, **TINY)
     history = summary["history"]
     assert [h["step"] for h in history] == [1, 2, 3, 4, 5]
@@ -192,13 +200,13 @@ def test_fine_tune_reuses_lpips_and_discriminator_kept_under_loss_in_the_startin
     from tokenizer.losses import PatchDiscriminator
     data = make_dataset(tmp_path / "data", **ONE_USER)
     start = tmp_path / "start.safetensors"
-    train_tokenizer(data, start, steps=1, **TINY)
+    run_trainer(data, start, steps=1, **TINY)
     tensors, meta = load_safetensors(start)
     tensors |= {f"loss.perceptual_loss.{k}": v for k, v in fake_lpips_state_dict().items()}
     tensors |= {f"loss.discriminator.{k}": v for k, v in PatchDiscriminator(ndf=8).state_dict().items()}
     save_safetensors(tensors, start, meta)
     lines = []
-    summary = train_tokenizer(data, tmp_path / "tuned.safetensors", steps=2, init_from=start, decoder_only=True,
+    summary = run_trainer(data, tmp_path / "tuned.safetensors", steps=2, init_from=start, decoder_only=True,
                               perceptual_weight=1.0, disc_weight=0.5, disc_start=0, log_every=1,
                               **{**TINY, "log": lines.append})
     assert all(h["lpips"] > 0 and "g_loss" in h for h in summary["history"])
@@ -212,13 +220,13 @@ def test_fine_tune_reuses_lpips_and_discriminator_kept_under_loss_in_the_startin
 def test_texture_term_errors(tmp_path):
     data = make_dataset(tmp_path / "data", **ONE_USER)
     start = tmp_path / "start.safetensors"
-    train_tokenizer(data, start, steps=1, **TINY)
+    run_trainer(data, start, steps=1, **TINY)
     with pytest.raises(PipelineError, match="--lpips_vgg"):         # the demo tokenizer holds no VGG-16
-        train_tokenizer(data, tmp_path / "t.safetensors", steps=1, init_from=start, perceptual_weight=1.0, **TINY)
+        run_trainer(data, tmp_path / "t.safetensors", steps=1, init_from=start, perceptual_weight=1.0, **TINY)
     with pytest.raises(PipelineError, match="at least 32 px"):
-        train_tokenizer(data, tmp_path / "t.safetensors", steps=1, crop_size=16, disc_weight=0.5, **TINY)
+        run_trainer(data, tmp_path / "t.safetensors", steps=1, crop_size=16, disc_weight=0.5, **TINY)
     with pytest.raises(PipelineError, match=">= 0"):
-        train_tokenizer(data, tmp_path / "t.safetensors", steps=1, disc_weight=-1.0, **TINY)
+        run_trainer(data, tmp_path / "t.safetensors", steps=1, disc_weight=-1.0, **TINY)
     assert not (tmp_path / "t.safetensors").exists()
 
 
@@ -226,7 +234,7 @@ def test_gan_flags_run_a_decoder_only_fine_tune_end_to_end(tmp_path):
     import train_tokenizer as script
     data = make_dataset(tmp_path / "data", **ONE_USER)
     start = tmp_path / "start.safetensors"
-    train_tokenizer(data, start, steps=1, **TINY)
+    run_trainer(data, start, steps=1, **TINY)
     out = tmp_path / "tuned.safetensors"
     script.main(["--data_dir", str(data), "--output_path", str(out), "--init_from", str(start), "--decoder_only",
                  "--steps", "3", "--batch_size", "4", "--image_size", "32", "--eval_every", "0", "--device", "cpu",

@@ -3,7 +3,7 @@ to tokenizer/train.py."""
 import argparse
 
 from common.config import (add_config_flag, new_parser, non_negative_float, non_negative_int, open_fraction,
-                           positive_float, positive_int, seed)
+                           options_class, positive_float, positive_int, seed)
 from common.device import DEVICE_WORDS, device_word, precision_word
 
 REQUIRED = ["data_dir", "output_path"]
@@ -79,8 +79,5 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def tokenizer_options(args: argparse.Namespace) -> dict:
-    """The keyword arguments of tokenizer.train.train_tokenizer from parsed flags."""
-    values = {k: v for k, v in vars(args).items() if k != "config"}
-    values["compile_model"] = values.pop("compile")
-    return values
+# The trainer's flags by name (common.config.Options), handed to tokenizer.train.train_tokenizer whole.
+TokenizerOptions = options_class("TokenizerOptions", build_parser, REQUIRED, __name__)

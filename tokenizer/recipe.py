@@ -1,5 +1,5 @@
 """The recipe of a tokenizer run, everything decided before the loop starts: the narrow f16d32 architecture
-(tokenizer_config), the defaults of a run from scratch and of a fine-tune (FROM_SCRATCH, FINETUNE, DISC_START)
+(tokenizer_config), the defaults of a run from scratch and of a fine-tune (FROM_SCRATCH, FINETUNE)
 and the options they resolve into (Recipe, resolve_recipe), the model to train and what of it trains
 (build_tokenizer, set_trainable), the optional LPIPS and GAN terms (TextureTerms, texture_terms), the
 learning-rate schedule (learning_rate) and the train/held-out split of the image files (split_files). The loop
@@ -26,7 +26,6 @@ from tokenizer.losses import LPIPS, Adversary, build_discriminator, build_lpips,
 # scratch beat 2e-4 by 1 dB in a 90 s H200 run.
 FROM_SCRATCH = dict(lr=6e-4, warmup=200, batch_size=32)
 FINETUNE = dict(lr=5e-4, warmup=20, batch_size=8)
-DISC_START = 100     # tokenizer steps before the GAN term reaches the decoder (the discriminator trains meanwhile)
 
 
 @dataclass

@@ -23,7 +23,8 @@ from common.progress import progress_bar
 from data.images import load_bank
 from models.vavae import VAVAE, reconstruction_psnr, save_vavae
 from tokenizer.align import alignment_loss, alignment_term
-from tokenizer.recipe import (DISC_START, Recipe, TextureTerms, build_tokenizer, learning_rate, resolve_recipe,
+from tokenizer.cli import TokenizerOptions
+from tokenizer.recipe import (Recipe, TextureTerms, build_tokenizer, learning_rate, resolve_recipe,
                               set_trainable, split_files, texture_terms)
 
 KL_WEIGHT = 1e-6            # LDM's weight on the KL of the summed per-image losses
@@ -201,36 +202,33 @@ def tokenizer_metadata(*, val_psnr: float, psnr_before: float | None, num_train:
     return meta
 
 
-def train_tokenizer(data_dir: str | Path, output_path: str | Path, width: int = 48, num_res_blocks: int = 2,
-                    image_size: int = 256, steps: int = 6000, batch_size: int | None = None, lr: float | None = None,
-                    warmup: int | None = None, device: str = "auto", precision: str | None = None,
-                    val_fraction: float = 0.1, align_weights: str | Path | None = None, align_weight: float = 0.1,
-                    foundation: Callable[[], nn.Module] | None = None, l1_weight: float = 0.1,
-                    eval_every: int = 1000, max_val_images: int = 256, max_minutes: float | None = None,
-                    init_from: str | Path | None = None, decoder_only: bool = False, crop_size: int | None = None,
-                    compile_model: bool = False, perceptual_weight: float = 0.0, lpips_vgg: str | Path | None = None,
-                    disc_weight: float = 0.0, disc_start: int = DISC_START, disc_lr: float | None = None,
-                    seed: int = 0, log_every: int = 25, progress: bool = True, log=print) -> dict:
-    """Train (or fine-tune), report held-out PSNR before and after, write fp16 safetensors; returns a summary.
-    Raises PipelineError for another run writing the same output_path (its lock_path)."""
-    with run_lock(lock_path(output_path), "tokenizer training", "another --output_path", log=log):
-        recipe = resolve_recipe(init_from, image_size, lr, warmup, crop_size, batch_size, device, precision, decoder_only)
-        torch.manual_seed(seed)
-        model = build_tokenizer(init_from, width, num_res_blocks, image_size, log).to(recipe.device).train()
+def train_tokenizer(options: TokenizerOptions, *, foundation: Callable[[], nn.Module] | None = None,
+                    max_val_images: int = 256, log_every: int = 25, progress: bool = True, log=print) -> dict:
+    """The tokenizer trainer with its flags (tokenizer/cli.py): train (or fine-tune), report held-out PSNR
+    before and after, write fp16 safetensors to options.output_path; returns a summary. `foundation` (tests):
+    a module in place of --align_weights' network. Raises PipelineError for another run writing the same
+    output_path (its lock_path)."""
+    o = options
+    with run_lock(lock_path(o.output_path), "tokenizer training", "another --output_path", log=log):
+        recipe = resolve_recipe(o.init_from, o.image_size, o.lr, o.warmup, o.crop_size, o.batch_size, o.device,
+                                o.precision, o.decoder_only)
+        torch.manual_seed(o.seed)
+        model = build_tokenizer(o.init_from, o.width, o.num_res_blocks, o.image_size, log).to(recipe.device).train()
         # before the images load: a missing VGG-16 or a too-small crop fails at once
-        texture = texture_terms(init_from, recipe, perceptual_weight, lpips_vgg, disc_weight, disc_start, disc_lr, log)
-        train_bank, val_bank = load_banks(data_dir, val_fraction, image_size, recipe.device, log)
+        texture = texture_terms(o.init_from, recipe, o.perceptual_weight, o.lpips_vgg, o.disc_weight, o.disc_start,
+                                o.disc_lr, log)
+        train_bank, val_bank = load_banks(o.data_dir, o.val_fraction, o.image_size, recipe.device, log)
         psnr_before = None
-        if init_from is not None:
+        if o.init_from is not None:
             psnr_before = mean_reconstruction_psnr(model, val_bank, autocast=recipe.autocast)
             log(f"held-out PSNR before fine-tuning: {psnr_before:.2f} dB")
-        n_params = set_trainable(model, decoder_only, image_size, recipe.crop_size, log)
-        fm, proj = alignment_term(foundation, align_weights, align_weight, model.config["embed_dim"], image_size,
+        n_params = set_trainable(model, o.decoder_only, o.image_size, recipe.crop_size, log)
+        fm, proj = alignment_term(foundation, o.align_weights, o.align_weight, model.config["embed_dim"], o.image_size,
                                   recipe.device, log)
 
-        run = run_training(model, proj, fm, train_bank, val_bank[:max_val_images], recipe, steps=steps,
-                           l1_weight=l1_weight, align_weight=align_weight, eval_every=eval_every,
-                           max_minutes=max_minutes, compile_model=compile_model, seed=seed, log_every=log_every,
+        run = run_training(model, proj, fm, train_bank, val_bank[:max_val_images], recipe, steps=o.steps,
+                           l1_weight=o.l1_weight, align_weight=o.align_weight, eval_every=o.eval_every,
+                           max_minutes=o.max_minutes, compile_model=o.compile, seed=o.seed, log_every=log_every,
                            progress=progress, texture=texture, log=log)
 
         # The file stores fp16 weights: measure the model the file holds, so that the PSNR in its metadata is the
@@ -240,14 +238,14 @@ def train_tokenizer(data_dir: str | Path, output_path: str | Path, width: int = 
         change = f" (from {psnr_before:.2f} dB before fine-tuning)" if psnr_before is not None else ""
         log(f"held-out PSNR over {len(val_bank)} val images never trained on: {val_psnr:.2f} dB{change}")
         meta = tokenizer_metadata(val_psnr=val_psnr, psnr_before=psnr_before, num_train=len(train_bank),
-                                  num_val=len(val_bank), run=run, recipe=recipe, seed=seed,
-                                  image_size=image_size, params=n_params, align_weights=align_weights,
-                                  custom_foundation=foundation is not None, aligned=fm is not None, l1_weight=l1_weight,
-                                  align_weight=align_weight, init_from=init_from, decoder_only=decoder_only,
-                                  texture=texture)
-        save_vavae(model.cpu(), output_path, meta, half=True)
-        size = Path(output_path).stat().st_size
-        log(f"wrote {output_path} ({size / 2**20:.2f} MiB, fp16 weights)")
+                                  num_val=len(val_bank), run=run, recipe=recipe, seed=o.seed,
+                                  image_size=o.image_size, params=n_params, align_weights=o.align_weights,
+                                  custom_foundation=foundation is not None, aligned=fm is not None,
+                                  l1_weight=o.l1_weight, align_weight=o.align_weight, init_from=o.init_from,
+                                  decoder_only=o.decoder_only, texture=texture)
+        save_vavae(model.cpu(), o.output_path, meta, half=True)
+        size = Path(o.output_path).stat().st_size
+        log(f"wrote {o.output_path} ({size / 2**20:.2f} MiB, fp16 weights)")
         return {"val_psnr_db": val_psnr, "val_psnr_before_db": psnr_before, "history": run.history, "evals": run.evals,
                 "file_bytes": size, "params": n_params, "steps": run.steps, "seconds": run.seconds, "config": model.config}
 

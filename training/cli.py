@@ -1,10 +1,9 @@
 """The command line of stage 2 (stage2_train_dit.py), with the options it hands to training/train_dit.py."""
 import argparse
-from dataclasses import fields, make_dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 from common.config import (add_config_flag, below_one, ema_width, new_parser, non_negative_float, non_negative_int,
-                           parse_args, positive_float, positive_int, probability, seed)
+                           options_class, parse_args, positive_float, positive_int, probability, seed)
 from common.device import PRECISIONS, device_word, precision_word
 from models.lightningdit import DEFAULT_MODEL, LightningDiT_models
 from models.latent_classifier import CLASSIFIER_STEPS
@@ -102,17 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class _FromArgs:
-    @classmethod
-    def from_args(cls, args: argparse.Namespace):
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
-
-
 # Every stage 2 flag by name, as a frozen dataclass derived from build_parser, where each flag, its type and its
 # default are written once. train(), DiTTrainingModule and the memory estimate read it.
-TrainOptions = make_dataclass(
-    "TrainOptions", [(a.dest, Any) for a in build_parser()._actions if a.dest not in ("help", "config")],
-    bases=(_FromArgs,), frozen=True, namespace={"__module__": __name__})
+TrainOptions = options_class("TrainOptions", build_parser, REQUIRED, __name__)
 
 
 def training_options(argv: Sequence[str], required: Sequence[str] = REQUIRED) -> TrainOptions:
