@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # Question: how does the pipeline do on real radar recordings, run as a CPU user would? The mmGait recordings
 # (../shared/data/mmgait60: 7 people walking, 60 GHz) rendered in the stage 1 layout, stage 1's tokenizer check
-# with the demo tokenizer, a 10-minute tokenizer fine-tune, stage 1 again, the demo recipe (configs/demo.yaml),
-# stage 3 (SAMPLES per person) and stage 4. Numbers: OUT/eval/report.json.
-# Usage: OUT=/tmp/real SOURCE=../shared/data/mmgait60 [TUNE_MINUTES=10 MAX_STEPS=1400 SAMPLES=30] \
+# with the demo tokenizer, a 25-minute tokenizer fine-tune, stage 1 again, the demo recipe (configs/demo.yaml: its
+# 200 epochs are 5,400 steps on these 892 images), stage 3 (SAMPLES per person) and stage 4. ~52 minutes on an idle
+# 2-core CPU. Numbers: OUT/eval/report.json.
+# Usage: OUT=/tmp/real SOURCE=../shared/data/mmgait60 [TUNE_MINUTES=25 MAX_STEPS=5600 SAMPLES=30] \
 #        experiments/real_recordings.sh [extra stage 2 flags]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/real_recordings}
 SOURCE=${SOURCE:-../shared/data/mmgait60}
 SAMPLES=${SAMPLES:-30}
-TUNE_MINUTES=${TUNE_MINUTES:-10}
-MAX_STEPS=${MAX_STEPS:-1400}     # the demo's step count (its 200 epochs are 5,600 steps on ~900 images)
+TUNE_MINUTES=${TUNE_MINUTES:-25}
+MAX_STEPS=${MAX_STEPS:-5600}     # a cap; the demo's 200 epochs end first here (5,400 steps)
 mkdir -p "$OUT"
 [ -d "$OUT/data/train" ] || python experiments/render_mmgait.py --source "$SOURCE" --output_dir "$OUT/data"
 users=$(ls "$OUT/data/train" | sed 's/ID_//' | sort -n | tr '\n' ' ')
