@@ -141,7 +141,7 @@ def tokenizer_psnr_check(vavae_path: str, users: list[User], image_size: int, nu
             "generated images will not look like your people either. Either use the published\n"
             "vavae-imagenet256-f16d32-dinov2.pt, or fine-tune this tokenizer on your images first (minutes on a CPU):\n"
             f"  python train_tokenizer.py --data_dir <your data> --init_from {vavae_path} "
-            "--output_path my_tokenizer.safetensors --max_minutes 10\nthen rerun stage 1 with "
+            "--output_path my_tokenizer.safetensors --max_minutes 25\nthen rerun stage 1 with "
             "--vavae_path my_tokenizer.safetensors.\n" + "!" * 100)
     return result
 
