@@ -218,9 +218,14 @@ def load_project_config(path: str | Path) -> dict:
     return load_config(path, merged)
 
 
+def missing_flags(values: dict[str, Any], required: Sequence[str]) -> list[str]:
+    """The names in `required` whose value in `values` (parsed flags by name) is unset: None, [] or ""."""
+    return [name for name in required if values.get(name) in (None, [], "")]
+
+
 def require_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, required: Sequence[str]) -> None:
     """Exit 2 naming the flags in `required` that neither the command line nor --config set."""
-    missing = [name for name in required if getattr(args, name, None) in (None, [], "")]
+    missing = missing_flags(vars(args), required)
     if missing:
         parser.error("missing required flag(s): " + " ".join(f"--{m}" for m in missing)
                      + " (on the command line or in --config)")
@@ -263,7 +268,7 @@ class Options:
         if unknown:
             raise TypeError(f"{cls.__name__} has no field(s) {unknown}; its fields are the flags of its command")
         args = vars(cls.build_parser().parse_args([])) | given
-        missing = [name for name in cls.required if args.get(name) in (None, [], "")]
+        missing = missing_flags(args, cls.required)
         if missing:
             raise TypeError(f"{cls.__name__} needs {missing} (required flags of its command)")
         return cls(**{name: args[name] for name in names})
