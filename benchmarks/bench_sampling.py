@@ -22,7 +22,8 @@ from data.images import scan_dataset  # noqa: E402
 from evaluation import classifier as clf  # noqa: E402
 from evaluation.imageset import load_set, resize  # noqa: E402
 from evaluation.metrics import frechet_distance  # noqa: E402
-from generation.generate import load_generator, sample_images  # noqa: E402
+from generation.generate import load_generator  # noqa: E402
+from models.sampling import sample_images  # noqa: E402
 from models.vavae import load_vavae  # noqa: E402
 
 DEFAULT_CONFIGS = ("euler:250 euler:8 euler:16 euler:32 heun:4 heun:8 heun:16 ab2:8 ab2:16 ab2:32 "

@@ -1,6 +1,6 @@
 """Stage 3 throughput: images/s of guided sampling (LightningDiT + ODE sampler) and VA-VAE decoding.
 
-The loop is generation.generate's: bf16 (fp16 without bf16) autocast on CUDA, guided_velocity with one
+The loop is models.sampling.sample_images's: bf16 (fp16 without bf16) autocast on CUDA, guided_velocity with one
 batched cond+uncond forward per evaluation, sample_ode, then an fp32 decode. Random weights (the adaLN
 and output layers are re-initialised away from zero so that the work is not trivial): speed only.
 

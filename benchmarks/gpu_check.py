@@ -9,7 +9,7 @@
   ~30 steps each of LightningDiT-B/1 in 16-mixed and bf16-mixed and XL/1 in bf16-mixed with
   --grad_checkpointing, all with --grad_clip 1.0: latents/s (steps after the first 10), peak memory, MFU
   (analytic FLOPs of benchmarks/bench_train.py over the card's dense bf16/fp16 peak), ok or the error;
-- stage 3: generation.generate.sample_images (sampling + decoding) with the B/1 model trained above:
+- stage 3: models.sampling.sample_images (sampling + decoding) with the B/1 model trained above:
   images/s at the default sampler and at the seed's 250 Euler steps.
 
 Writes benchmarks/results/gpu_check.json (--cpu_smoke: /tmp/gpu_check_cpu_smoke.json): device, torch, lightning,
@@ -187,7 +187,8 @@ def check_stage2(latents: Path, out: Path, model: str, precision: str, grad_chec
 
 def check_stage3(checkpoint: Path, model_name: str, tokenizer: Path, sizes: dict,
                  device: str) -> list[dict[str, Any]]:
-    from generation.generate import load_generator, sample_images
+    from generation.generate import load_generator
+    from models.sampling import sample_images
     from models.transport import DEFAULT_SAMPLER, DEFAULT_SHIFT, DEFAULT_STEPS
     from models.vavae import load_vavae
     model, info = load_generator(str(checkpoint), device)

@@ -151,7 +151,7 @@ def function_defaults_agree(function, parser: argparse.ArgumentParser, rename: d
 
 def test_sampler_defaults_are_the_parsers():
     """sample_images is the sampler stage 3 and the training grids share; the defaults it keeps are stage 3's."""
-    from generation.generate import sample_images
+    from models.sampling import sample_images
     function_defaults_agree(sample_images, generation.cli.build_parser(), {"device": "resolved device"})
 
 

@@ -131,7 +131,7 @@ def fake_gpu(monkeypatch, capability: tuple[int, int]) -> None:
 
 
 def test_bf16_means_native_support(monkeypatch):
-    from generation.generate import sampling_dtype
+    from models.sampling import sampling_dtype
     fake_gpu(monkeypatch, (7, 5))   # T4
     assert not bf16_supported("cuda") and sampling_dtype("cuda") == torch.float16
     with pytest.warns(UserWarning, match="no native bf16"):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import generation.generate as gen
+import models.sampling as sampling
 from generation.cli import GenerateOptions
 from common.errors import PipelineError, cli_entry, is_out_of_space
 from common.io import save_safetensors, save_torch, write_text
@@ -150,8 +151,8 @@ def nan_under_autocast(real):
 def test_stage3_resamples_a_nonfinite_half_precision_batch_in_fp32(tmp_path, files, monkeypatch):
     """fp16 autocast on a T4 can overflow to NaN, which was written as black PNGs with exit code 0."""
     run_generate(files, tmp_path / "fp32", [1, 2])
-    monkeypatch.setattr(gen, "sampling_dtype", lambda device: torch.bfloat16)   # autocast on this CPU
-    monkeypatch.setattr(gen, "sample_ode", nan_under_autocast(gen.sample_ode))
+    monkeypatch.setattr(sampling, "sampling_dtype", lambda device: torch.bfloat16)   # autocast on this CPU
+    monkeypatch.setattr(sampling, "sample_ode", nan_under_autocast(sampling.sample_ode))
     with pytest.warns(UserWarning, match=r"gave NaN/inf latents for user\(s\) 1, 2; this batch is sampled again "
                                          r"in fp32"):
         run_generate(files, tmp_path / "half", [1, 2])
@@ -159,12 +160,12 @@ def test_stage3_resamples_a_nonfinite_half_precision_batch_in_fp32(tmp_path, fil
 
 
 def test_stage3_refuses_to_write_nonfinite_samples(tmp_path, files, monkeypatch):
-    real = gen.sample_ode
-    monkeypatch.setattr(gen, "sample_ode", lambda *a, **k: real(*a, **k) * float("nan"))
+    real = sampling.sample_ode
+    monkeypatch.setattr(sampling, "sample_ode", lambda *a, **k: real(*a, **k) * float("nan"))
     with pytest.raises(PipelineError, match=r"latents of user\(s\) 2 are NaN/inf even in fp32.*Nothing was written"):
         run_generate(files, tmp_path / "gen", [2])
     assert not (tmp_path / "gen").exists()
-    monkeypatch.setattr(gen, "sample_ode", real)
+    monkeypatch.setattr(sampling, "sample_ode", real)
     with warnings.catch_warnings():
         warnings.simplefilter("error")   # a finite run warns of nothing
         run_generate(files, tmp_path / "gen", [2])

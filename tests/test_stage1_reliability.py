@@ -143,7 +143,7 @@ def _foreign_latents(folder: Path, train_ids: list[int], val_ids: list[int], met
 
 def test_ids_without_metadata_are_the_users_and_every_class_is_trained(tmp_path):
     """Ids 1..3 from another tool gave 4 classes (class 0 never trained) named ID_1..ID_4, off by one."""
-    from generation.generate import class_indices
+    from models.sampling import class_indices
     folder = _foreign_latents(tmp_path, [1, 2, 3, 1, 2, 3, 3], [1, 2, 3])
     module = make_module(folder)
     assert module.model.num_classes == 3

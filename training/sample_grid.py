@@ -24,6 +24,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from common.errors import PipelineError
 from common.io import atomic_path, file_sha256, require_file
 from models.checkpoint import PipelineInfo
+from models.sampling import grid_image, sample_images
 
 GRID_DIR = "val_grids"
 LATEST = "latest.png"
@@ -60,7 +61,6 @@ class ValidationGrid(pl.Callback):
         if not grid_due(self.spent, self.last_cost, begin - self.started, self.time_share):
             return
         pixels, users = self.sample(pl_module)
-        from generation.generate import grid_image
         step = trainer.global_step
         image = grid_image(dict(zip(self.jobs(users), pixels)), users, self.samples)
         for path in (self.folder / f"step_{step:06d}.png", self.folder / LATEST):
@@ -78,7 +78,6 @@ class ValidationGrid(pl.Callback):
 
     def sample(self, pl_module: pl.LightningModule) -> tuple[np.ndarray, list[int]]:
         """(N, H, W, 3) uint8 decoded EMA samples of the first users, and those users' numbers."""
-        from generation.generate import sample_images
         from models.vavae import load_vavae
         device = str(pl_module.device)
         if self.vae is None:
