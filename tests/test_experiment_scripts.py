@@ -1,0 +1,146 @@
+"""The study scripts' shared parts (experiments/lib.sh, experiments/stage_flags.py): each stage gets from a config
+what the orchestrator gives it, a finished step is skipped only while its command and the steps before it are
+unchanged, and every script parses."""
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import run_complete_pipeline
+from pipeline.demo import DEMO_CONFIG, DEMO_DATA
+from pipeline.orchestrate import STAGE_SCRIPTS, flag_groups
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDY_CONFIG = ROOT / "configs" / "studies" / "demo_lr5e-4.yaml"
+
+
+def load_stage_flags():
+    spec = importlib.util.spec_from_file_location("stage_flags", ROOT / "experiments" / "stage_flags.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.stage_flags
+
+
+def bash(script: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """`script` run after sourcing experiments/lib.sh, as a study script does (set -euo pipefail)."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run(["bash", "-c", f'set -euo pipefail; source "{ROOT}/experiments/lib.sh"; {script}'],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+
+
+#################################################################################
+#                  stage_flags: a config's flags, routed per stage              #
+#################################################################################
+
+def orchestrator_argv(config: Path, tmp_path: Path, monkeypatch) -> dict[int, list[str]]:
+    """stage -> the command line run_complete_pipeline.py --config gives it (stages not run, only recorded)."""
+    calls = {}
+
+    def record(command, **kwargs):
+        stage = next(s for s, script in STAGE_SCRIPTS.items() if command[1].endswith(script))
+        calls[stage] = command[2:]
+        return 0
+    monkeypatch.setattr("pipeline.orchestrate.subprocess.call", record)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "tokenizer.safetensors").write_bytes(b"x")
+    run_complete_pipeline.main(["--config", str(config), "--data_dir", str(tmp_path / "data"), "--vavae_path",
+                                str(tmp_path / "tokenizer.safetensors"), "--output_dir", str(tmp_path / "out"),
+                                "--generate_user_ids", "1"])
+    return calls
+
+
+@pytest.mark.parametrize("config", [DEMO_CONFIG, STUDY_CONFIG], ids=["demo", "study"])
+def test_stage_flags_are_what_the_orchestrator_gives_each_stage_from_the_config(config, tmp_path, monkeypatch):
+    import yaml
+    keys = {f"--{k}" for k in yaml.safe_load(Path(config).read_text())}
+    given = orchestrator_argv(config, tmp_path, monkeypatch)
+    flags = load_stage_flags()(str(config))
+    assert set(flags) == {1, 2, 3, 4}
+    for stage, argv in given.items():
+        from_config = [group for group in flag_groups(argv) if group[0] in keys]
+        assert flag_groups(flags[stage]) == from_config, stage
+    # The trap it exists for: batch_size is the DiT's (stages 1 and 2); stage 4's classifiers keep their own.
+    assert flag_groups(flags[2])[0] == ["--batch_size", "32"] and "--batch_size" not in flags[4]
+    assert ["--classifier_epochs", "8"] in flag_groups(flags[4])
+
+
+def test_the_study_config_is_the_demo_recipe_at_lr_5e_4_and_guidance_2(tmp_path):
+    import yaml
+    demo, study = (yaml.safe_load(Path(c).read_text()) for c in (DEMO_CONFIG, STUDY_CONFIG))
+    differing = {k for k in demo.keys() | study.keys() if demo.get(k) != study.get(k)}
+    assert differing == {"lr", "guidance_scale", "cfg_interval_start"}
+    assert (study["lr"], study["guidance_scale"], study["cfg_interval_start"]) == (5e-4, 2.0, 0.0)
+
+
+def test_stage_flags_refuses_a_bad_config_with_exit_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: -1\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "stage_flags.py"), str(bad)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "lr" in proc.stderr, proc.stderr
+    proc = bash(f'read_config "{bad}"; echo unreachable', tmp_path)
+    assert proc.returncode != 0 and "unreachable" not in proc.stdout
+
+
+#################################################################################
+#                         run_once: skip a finished step                        #
+#################################################################################
+
+def test_run_once_skips_only_the_same_finished_command(tmp_path):
+    count, marker = tmp_path / "count", tmp_path / "step.done"
+    step = f'run_once "{marker}" sh -c "echo ran >> {count}; echo \\$0" '
+    assert bash(step + "one", tmp_path).returncode == 0
+    second = bash(step + "one", tmp_path)
+    assert second.returncode == 0 and "done already" in second.stdout
+    assert count.read_text().count("ran") == 1
+    changed = bash(step + "two", tmp_path)                        # other flags: redone, said
+    assert "redone" in changed.stdout and count.read_text().count("ran") == 2
+    assert "two" in marker.read_text()
+
+
+def test_run_once_writes_no_marker_for_a_failed_step_and_stops_the_script(tmp_path):
+    marker = tmp_path / "step.done"
+    proc = bash(f'run_once "{marker}" false; echo unreachable', tmp_path)
+    assert proc.returncode != 0 and "unreachable" not in proc.stdout and not marker.exists()
+
+
+def test_run_once_redoes_a_step_whose_earlier_step_was_redone(tmp_path):
+    count, first, second = tmp_path / "count", tmp_path / "first.done", tmp_path / "second.done"
+
+    def run(word: str) -> None:
+        proc = bash(f'run_once "{first}" echo {word}; '
+                    f'run_once "{second}" --after "{first}" sh -c "echo ran >> {count}"', tmp_path)
+        assert proc.returncode == 0, proc.stderr
+    run("a")
+    run("a")
+    assert count.read_text().count("ran") == 1
+    run("b")                                  # the first step's command changed: it and the step after it rerun
+    assert count.read_text().count("ran") == 2
+
+
+def test_user_ids_are_the_numbers_of_the_user_folders_in_order(tmp_path):
+    for name in ("ID_10", "ID_2", "ID_1"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+    assert bash(f'user_ids "{tmp_path}"', tmp_path).stdout.split() == ["1", "2", "10"]
+
+
+@pytest.mark.slow
+def test_simulate_demo_data_writes_the_demos_people_once(tmp_path):
+    first = bash(f'simulate_demo_data "{tmp_path}/data"', tmp_path)
+    assert first.returncode == 0, first.stderr
+    images = list((tmp_path / "data").rglob("*.png"))
+    per_user = DEMO_DATA["train_per_user"] + DEMO_DATA["val_per_user"]
+    assert len(images) == DEMO_DATA["num_users"] * per_user
+    again = bash(f'simulate_demo_data "{tmp_path}/data"', tmp_path)
+    assert "already" in again.stdout
+
+
+def test_every_study_script_parses():
+    scripts = sorted((ROOT / "experiments").glob("*.sh"))
+    assert len(scripts) > 5
+    for script in scripts:
+        proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert proc.returncode == 0, (script.name, proc.stderr)
