@@ -2,17 +2,18 @@
 # Question: does autoguidance (Karras et al. 2024: guide with an earlier, weaker checkpoint of the same run)
 # raise identity and TSTR over classifier-free guidance at the same scale? Uses the checkpoints of
 # experiments/identity_vs_compute.sh: the GOOD one sampled with guidance SCALE, guided by the unconditional
-# model (its eval_<good>x, made by that script) or by the BAD checkpoint (here), then stage 4.
+# model (its eval_<good>x, made by that script) or by the BAD checkpoint (here), then stage 4. CONFIG (stage 3
+# and 4 flags) as in that script: configs/studies/demo_lr5e-4.yaml, the recipe of the published numbers.
 # Usage: OUT=/tmp/identity_vs_compute GOOD=4 BAD=1 SCALE=2.0 SAMPLES=30 experiments/autoguidance_vs_cfg.sh
 set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/lib.sh"
 OUT=${OUT:-/tmp/identity_vs_compute}
 GOOD=${GOOD:-4}; BAD=${BAD:-1}; SCALE=${SCALE:-2.0}; SAMPLES=${SAMPLES:-30}
-TOKENIZER=assets/demo_vavae.safetensors
+CONFIG=${CONFIG:-configs/studies/demo_lr5e-4.yaml}
+TOKENIZER=$DEMO_TOKENIZER
+DATA=$OUT/data
+read_config "$CONFIG"
 name="auto_${GOOD}x_by_${BAD}x_w${SCALE}"
-python stage3_inference.py --guidance_scale "$SCALE" --dit_checkpoint "$OUT/ckpt_${GOOD}x.ckpt" \
-    --guidance_checkpoint "$OUT/ckpt_${BAD}x.ckpt" --vavae_path "$TOKENIZER" --output_dir "$OUT/samples_$name" \
-    --user_ids 1 2 3 4 5 6 --num_samples_per_user "$SAMPLES"
-python stage4_evaluate.py --classifier_epochs 8 --data_dir "$OUT/data" --generated_dir "$OUT/samples_$name" \
-    --output_dir "$OUT/eval_$name" --vavae_path "$TOKENIZER"
+score_checkpoint "$OUT/ckpt_${GOOD}x.ckpt" "$OUT/ckpt_${GOOD}x.done" "$OUT/samples_$name" "$OUT/eval_$name" 0 \
+    --guidance_scale "$SCALE" --guidance_checkpoint "$OUT/ckpt_${BAD}x.ckpt"
 echo "done: $OUT/eval_$name"

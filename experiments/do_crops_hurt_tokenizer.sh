@@ -3,14 +3,11 @@
 # wall time with 64-px crops, 128-px crops and full frames (batch 32, lr 2e-4), each measured on the 60 full
 # held-out images (results: experiments/results/tokenizer_crops_cpu.json).   Usage: experiments/do_crops_hurt_tokenizer.sh WORK_DIR [MINUTES]
 set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/lib.sh"
 work=${1:?work folder}; minutes=${2:-4}
-mkdir -p "$work"
-[ -d "$work/data" ] || python -c "
-from data.simulate import write_dataset; from pipeline.demo import DEMO_DATA
-write_dataset('$work/data', **DEMO_DATA)"
+simulate_demo_data "$work/data"
 for crop in 64 128 256; do
   python train_tokenizer.py --data_dir "$work/data" --output_path "$work/tok_$crop.safetensors" \
-     --init_from assets/demo_vavae.safetensors --crop_size $crop --batch_size 32 --max_minutes "$minutes" \
+     --init_from "$DEMO_TOKENIZER" --crop_size $crop --batch_size 32 --max_minutes "$minutes" \
      --eval_every 0 --lr 2e-4 2>&1 | grep -E "^(trained|held-out PSNR over)"
 done

@@ -8,7 +8,7 @@
 #        (the CPU, tiny sizes; what tests/test_gpu_quality.py runs): SIZE=tiny OUT=/tmp/gq experiments/gpu_quality.sh
 # Env: SOURCE (the vol*.npz folder), STAGE2_FLAGS / STAGE3_FLAGS (the recipe, default the demo's levers).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/lib.sh"
 OUT=${OUT:-/tmp/gpu_quality}
 SOURCE=${SOURCE:-../shared/data/mmgait60}
 SIZE=${SIZE:-gpu}
@@ -16,20 +16,20 @@ STAGE2_FLAGS=${STAGE2_FLAGS:-}
 STAGE3_FLAGS=${STAGE3_FLAGS:-"--guidance_scale 2.0 --classifier_scale 4"}
 if [ "$SIZE" = gpu ]; then
     # B/1 at batch 32 in bf16 runs ~14 steps/s on an H200 (benchmarks/gpu_check.py): 3,000 steps ~3.5 minutes.
+    CONFIG=configs/sizes/b1.yaml
     TOKENIZER_FLAGS="--max_minutes 1.5 --device cuda"
-    IMAGE_FLAGS=""
-    STAGE2_SIZE="--model LightningDiT-B/1 --batch_size 32 --precision bf16-mixed --max_steps ${MAX_STEPS:-3000}
-      --val_every_n_epochs 10 --checkpoint_every_n_steps 1000"
+    STAGE2_SIZE="--precision bf16-mixed --max_steps ${MAX_STEPS:-3000} --val_every_n_epochs 10
+      --checkpoint_every_n_steps 1000"
     SAMPLES=30; CLASSIFIER_EPOCHS=8; DEVICE="--device cuda"
 elif [ "$SIZE" = tiny ]; then
+    CONFIG=configs/tiny_cpu.yaml
     TOKENIZER_FLAGS="--steps 2 --batch_size 2 --eval_every 0 --device cpu --precision 32-true --image_size 64"
-    IMAGE_FLAGS="--image_size 64"
-    STAGE2_SIZE="--model LightningDiT-S/2 --depth 1 --hidden_size 32 --num_heads 2 --batch_size 4 --precision 32-true
-      --accelerator cpu --max_steps 6 --classifier_steps 20"
+    STAGE2_SIZE="--max_steps 6 --classifier_steps 20"
     SAMPLES=2; CLASSIFIER_EPOCHS=1; DEVICE="--device cpu"
 else
     echo "SIZE must be gpu or tiny (got $SIZE)"; exit 2
 fi
+read_config "$CONFIG"
 mkdir -p "$OUT"
 : > "$OUT/milliseconds.txt"
 timed() {   # timed NAME command...: run it, append "NAME milliseconds" to OUT/milliseconds.txt
@@ -37,23 +37,23 @@ timed() {   # timed NAME command...: run it, append "NAME milliseconds" to OUT/m
     "$@"
     echo "$name $(( ($(date +%s%N) - start) / 1000000 ))" >> "$OUT/milliseconds.txt"
 }
-[ -d "$OUT/data/train" ] || timed render python experiments/render_mmgait.py --source "$SOURCE" --output_dir "$OUT/data"
-users=$(ls "$OUT/data/train" | sed 's/ID_//' | sort -n | tr '\n' ' ')
+run_once "$OUT/data.done" timed render python experiments/render_mmgait.py --source "$SOURCE" --output_dir "$OUT/data"
+users=$(user_ids "$OUT/data")
 # shellcheck disable=SC2086
-timed tokenizer python train_tokenizer.py --data_dir "$OUT/data" --init_from assets/demo_vavae.safetensors \
+timed tokenizer python train_tokenizer.py --data_dir "$OUT/data" --init_from "$DEMO_TOKENIZER" \
     --output_path "$OUT/tokenizer.safetensors" $TOKENIZER_FLAGS
 # shellcheck disable=SC2086
-timed stage1 python stage1_extract_features.py --data_dir "$OUT/data" --vavae_path "$OUT/tokenizer.safetensors" \
-    --output_path "$OUT/latents" $IMAGE_FLAGS
+timed stage1 python stage1_extract_features.py "${STAGE1_CONFIG[@]}" --data_dir "$OUT/data" \
+    --vavae_path "$OUT/tokenizer.safetensors" --output_path "$OUT/latents"
 # shellcheck disable=SC2086
-timed stage2 python stage2_train_dit.py $STAGE2_SIZE $STAGE2_FLAGS --latent_dir "$OUT/latents" \
+timed stage2 python stage2_train_dit.py "${STAGE2_CONFIG[@]}" $STAGE2_SIZE $STAGE2_FLAGS --latent_dir "$OUT/latents" \
     --output_dir "$OUT/train" --vavae_path "$OUT/tokenizer.safetensors" --restart
 # shellcheck disable=SC2086
-timed stage3 python stage3_inference.py $STAGE3_FLAGS $DEVICE --dit_checkpoint "$OUT/train/checkpoints/best.ckpt" \
+timed stage3 python stage3_inference.py "${STAGE3_CONFIG[@]}" $STAGE3_FLAGS $DEVICE --dit_checkpoint "$OUT/train/checkpoints/best.ckpt" \
     --vavae_path "$OUT/tokenizer.safetensors" --output_dir "$OUT/samples" --user_ids $users \
     --num_samples_per_user "$SAMPLES"
 # shellcheck disable=SC2086
-timed stage4 python stage4_evaluate.py $IMAGE_FLAGS $DEVICE --classifier_epochs "$CLASSIFIER_EPOCHS" \
+timed stage4 python stage4_evaluate.py "${STAGE4_CONFIG[@]}" $DEVICE --classifier_epochs "$CLASSIFIER_EPOCHS" \
     --data_dir "$OUT/data" --generated_dir "$OUT/samples" --output_dir "$OUT/eval" \
     --vavae_path "$OUT/tokenizer.safetensors"
 python - "$OUT" "$SIZE" "$STAGE2_FLAGS" "$STAGE3_FLAGS" <<'EOF'

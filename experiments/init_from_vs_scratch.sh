@@ -3,22 +3,25 @@
 # demo's simulated users. There is no published ImageNet file here, so the stand-in is a DiT pre-trained on
 # 12 *other* simulated people (seed 1). Prints the evaluation stage's numbers for each run and writes them to
 # $OUT/summary.json; with a fine-tune mode in RUNS, also trainable parameters and CPU time per step.
+# The recipe is the one the published numbers used (2026-11-26): configs/studies/demo_lr5e-4.yaml with the
+# demo's precision and samples of that day (RECIPE below; CONFIG and RECIPE="" measure another).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/lib.sh"
 OUT=${OUT:-outputs/init_from_experiment}
 EPOCHS=${EPOCHS:-20}            # fine-tuning epochs for every run (7 steps each on the demo data)
 RUNS=${RUNS:-"scratch init"}    # scratch, init (= --finetune full), partial, lora
 PY=${PYTHON:-python}
-TOK=assets/demo_vavae.safetensors
+CONFIG=${CONFIG:-configs/studies/demo_lr5e-4.yaml}
+RECIPE=${RECIPE-"--precision 32-true --num_samples_per_user 6"}
 INIT=$OUT/pretrain/trained_models/checkpoints/best.ckpt
-common=(--config configs/demo.yaml --vavae_path $TOK --generate_user_ids 1 2 3 4 5 6)
+# shellcheck disable=SC2206
+common=(--config "$CONFIG" $RECIPE --vavae_path "$DEMO_TOKENIZER")   # stage 3: every user
 
-[ -f $INIT ] || {
-  $PY -m data.simulate --output_dir $OUT/pretrain_data --num_users 12 --train_per_user 40 --val_per_user 5 --seed 1
-  $PY run_complete_pipeline.py "${common[@]}" --data_dir $OUT/pretrain_data --output_dir $OUT/pretrain \
-      --stages 1 2 --max_epochs ${PRETRAIN_EPOCHS:-30} --generate_user_ids 1
-}
-[ -d $OUT/data ] || $PY -m data.simulate --output_dir $OUT/data --num_users 6 --train_per_user 40 --val_per_user 10 --seed 0
+run_once "$OUT/pretrain_data.done" $PY -m data.simulate --output_dir "$OUT/pretrain_data" --num_users 12 \
+    --train_per_user 40 --val_per_user 5 --seed 1
+$PY run_complete_pipeline.py "${common[@]}" --data_dir "$OUT/pretrain_data" --output_dir "$OUT/pretrain" \
+    --stages 1 2 --max_epochs "${PRETRAIN_EPOCHS:-30}"
+simulate_demo_data "$OUT/data"
 first=""
 for run in $RUNS; do
   case $run in
@@ -33,10 +36,9 @@ for run in $RUNS; do
   $PY run_complete_pipeline.py "${common[@]}" --data_dir $OUT/data --output_dir $OUT/$run --max_epochs $EPOCHS "${extra[@]}"
 done
 modes=$(echo $RUNS | tr ' ' '\n' | sed 's/^init$/full/' | grep -v scratch | paste -sd, || true)
-if [ -n "$modes" ]; then   # the demo's stage 2 flags (configs/demo.yaml)
-  $PY experiments/finetune_modes_cost.py --modes $modes --json_out $OUT/modes.json --latent_dir $OUT/$first/latent_features \
-      --init_from $INIT --model LightningDiT-S/2 --depth 4 --hidden_size 192 --num_heads 3 --batch_size 32 \
-      --lr 0.0005 --precision 32-true --ema_decay 0.998 --accelerator cpu
+if [ -n "$modes" ]; then   # the runs' stage 2 flags, timed in fp32 on the CPU
+    $PY experiments/finetune_modes_cost.py --modes $modes --json_out $OUT/modes.json --latent_dir $OUT/$first/latent_features \
+        --init_from $INIT --config "$CONFIG" --precision 32-true --accelerator cpu
 fi
 $PY - "$OUT" $RUNS <<'PY'
 import json, os, sys

@@ -6,10 +6,12 @@
 # another GroupNorm regime (tokenizer/recipe.py, FINETUNE). Measure it with experiments/tokenizer_psnr_per_look.py.
 #   Usage: experiments/make_broad_tokenizer.sh WORK_DIR [MINUTES] [START]
 set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/lib.sh"
 work=${1:?work folder}; minutes=${2:-70}; start=${3:-assets/broad_vavae.safetensors}
-[ -d "$work/broad" ] || python -m data.simulate --output_dir "$work/broad" --num_users 64 --train_per_user 20 --val_per_user 1 --seed 101 --looks broad
-[ -d "$work/demolook" ] || python -m data.simulate --output_dir "$work/demolook" --num_users 64 --train_per_user 20 --val_per_user 1 --seed 202
+run_once "$work/broad.done" python -m data.simulate --output_dir "$work/broad" --num_users 64 --train_per_user 20 \
+    --val_per_user 1 --seed 101 --looks broad
+run_once "$work/demolook.done" python -m data.simulate --output_dir "$work/demolook" --num_users 64 \
+    --train_per_user 20 --val_per_user 1 --seed 202
 for split in train val; do
   mkdir -p "$work/mix/$split"
   for u in $(seq 1 64); do

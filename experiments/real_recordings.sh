@@ -11,7 +11,7 @@
 #        NAME=own_data TRAIN_NAME=own_data STAGE3="--guidance_scale 6 --cfg_interval_start 0.3"] \
 #        experiments/real_recordings.sh [extra stage 2 flags]
 set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/lib.sh"
 OUT=${OUT:-/tmp/real_recordings}
 SOURCE=${SOURCE:-../shared/data/mmgait60}
 SAMPLES=${SAMPLES:-30}
@@ -21,31 +21,36 @@ SEED=${SEED:-0}
 NAME=${NAME:-own_data}
 TRAIN_NAME=${TRAIN_NAME:-$NAME}
 STAGE3=${STAGE3-"--guidance_scale 2 --cfg_interval_start 0"}   # guidance 2 everywhere: see docs/experiments.md
+CONFIG=configs/demo.yaml
+DATA=$OUT/data
+TOKENIZER=$OUT/tokenizer.safetensors
 RUN="$OUT/${NAME}_s${SEED}_1x"
 TRAINED="$OUT/${TRAIN_NAME}_s${SEED}_1x"
-mkdir -p "$OUT"
-[ -d "$OUT/data/train" ] || python experiments/render_mmgait.py --source "$SOURCE" --output_dir "$OUT/data"
-users=$(ls "$OUT/data/train" | sed 's/ID_//' | sort -n | tr '\n' ' ')
+read_config "$CONFIG"
+run_once "$DATA.done" python experiments/render_mmgait.py --source "$SOURCE" --output_dir "$DATA"
 # The demo tokenizer's check on a look it never saw (stage 1 prints the PSNR; --tokenizer_check_images only).
-[ -f "$OUT/tokenizer.safetensors" ] || python train_tokenizer.py --data_dir "$OUT/data" \
-    --init_from assets/demo_vavae.safetensors --output_path "$OUT/tokenizer.safetensors" --max_minutes "$TUNE_MINUTES" \
-    | tee "$OUT/tokenizer_log.txt"
-[ -f "$OUT/latents/train.safetensors" ] || python stage1_extract_features.py --data_dir "$OUT/data" \
-    --vavae_path "$OUT/tokenizer.safetensors" --output_path "$OUT/latents" | tee "$OUT/stage1_log.txt"
-mkdir -p "$RUN" "$TRAINED"
-if [ ! -f "$TRAINED/stage2_seconds.txt" ]; then
-    [ "$TRAINED" = "$RUN" ] || { echo "train $TRAINED first"; exit 1; }
+run_once "$TOKENIZER.done" --after "$DATA.done" logged "$OUT/tokenizer_log.txt" python train_tokenizer.py \
+    --data_dir "$DATA" --init_from "$DEMO_TOKENIZER" --output_path "$TOKENIZER" --max_minutes "$TUNE_MINUTES"
+run_once "$OUT/latents.done" --after "$TOKENIZER.done" logged "$OUT/stage1_log.txt" python stage1_extract_features.py \
+    "${STAGE1_CONFIG[@]}" --data_dir "$DATA" --vavae_path "$TOKENIZER" --output_path "$OUT/latents"
+train() {   # train [stage 2 flags]: this seed's stage 2, its wall time in TRAINED/stage2_seconds.txt
+    local start
     start=$(date +%s)
-    python stage2_train_dit.py --config configs/demo.yaml --seed "$SEED" --latent_dir "$OUT/latents" \
-        --output_dir "$TRAINED/train" --vavae_path "$OUT/tokenizer.safetensors" --max_steps "$MAX_STEPS" "$@"
+    python stage2_train_dit.py "$@" --latent_dir "$OUT/latents" --output_dir "$TRAINED/train" --vavae_path "$TOKENIZER"
     echo $(( $(date +%s) - start )) > "$TRAINED/stage2_seconds.txt"
+}
+mkdir -p "$RUN" "$TRAINED"
+if [ "$TRAINED" = "$RUN" ]; then
+    run_once "$RUN/stage2.done" --after "$OUT/latents.done" \
+        train "${STAGE2_CONFIG[@]}" --seed "$SEED" --max_steps "$MAX_STEPS" "$@"
+elif [ ! -f "$TRAINED/stage2.done" ]; then
+    echo "train $TRAINED first (NAME=$TRAIN_NAME, same SEED)"; exit 2
 fi
+# Stage 4 at batch 32 as the published runs (the script then gave stage 4 configs/demo.yaml, whose batch_size is
+# the DiT's); the demo's own stage 4 trains its classifiers at 64.
 # shellcheck disable=SC2086
-python stage3_inference.py --config configs/demo.yaml $STAGE3 --seed "$SEED" \
-    --dit_checkpoint "$TRAINED/train/checkpoints/best.ckpt" --vavae_path "$OUT/tokenizer.safetensors" \
-    --output_dir "$RUN/samples" --user_ids $users --num_samples_per_user "$SAMPLES"
-python stage4_evaluate.py --config configs/demo.yaml --seed "$SEED" --data_dir "$OUT/data" \
-    --generated_dir "$RUN/samples" --output_dir "$RUN/eval" --vavae_path "$OUT/tokenizer.safetensors"
+score_checkpoint "$TRAINED/train/checkpoints/best.ckpt" "$TRAINED/stage2.done" "$RUN/samples" "$RUN/eval" "$SEED" \
+    $STAGE3 -- --batch_size 32
 printf '{"name": "%s", "trained_as": "%s", "seed": %s, "steps_x": 1, "stage1": "", "stage2": "%s", "stage3": "%s"}\n' \
     "$NAME" "$TRAIN_NAME" "$SEED" "$*" "$STAGE3" > "$RUN/setup.json"
 echo "done: $RUN"
