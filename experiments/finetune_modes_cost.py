@@ -5,7 +5,8 @@ AdamW, its EMA update, zero_grad (CPU: process CPU time per step, one thread, me
 
 Example (after experiments/init_from_vs_scratch.sh, which also runs this with RUNS="init partial lora"):
     python experiments/finetune_modes_cost.py --latent_dir OUT/init/latent_features \
-        --init_from OUT/pretrain/trained_models/checkpoints/best.ckpt --config configs/demo.yaml --json_out x.json
+        --init_from OUT/pretrain/trained_models/checkpoints/best.ckpt --config configs/studies/demo_lr5e-4.yaml \
+        --precision 32-true --json_out x.json
 """
 import argparse
 import sys
