@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=seed, default=0, help="same seed, same images")
     p.add_argument("--batch_size", type=positive_int, default=16, help="images sampled together")
     p.add_argument("--device", default="auto", type=device_word, help=DEVICE_WORDS)
+    p.add_argument("--devices", type=positive_int, default=1,
+                   help="processes that share the sampling, the same images as one: GPUs cuda:0..N-1 (CPU processes "
+                        "with --device cpu); under torchrun/srun every process it starts samples")
     return p
 
 

@@ -1,20 +1,25 @@
 """Stage 3 logic: sample latents per user with guidance, decode with the VA-VAE, write PNGs and a grid."""
+import contextlib
+import functools
 import warnings
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import torch
 from PIL import Image
 
 from common.device import resolve_device
 from common.errors import PipelineError, out_of_memory_advice
-from common.io import file_sha256, replaced_together
+from common.io import STAGING_DIR, file_sha256, out_of_space_as_error, replaced_together
 from common.lock import run_lock
 from data.samples import GRID_NAME, remove_stale_samples, sample_name
 from generation.cli import GenerateOptions
+from generation.ranks import Ranks, launched_ranks, spawn_ranks, uses_cuda
 from models.checkpoint import PipelineInfo, checkpoint_info, ema_state_dict, load_checkpoint
 from models.lightningdit import LightningDiT
 from models.latent_classifier import NoisyLatentClassifier, classifier_from_entry
-from models.sampling import grid_image, sample_images
+from models.sampling import GRID_COLUMNS, class_indices, grid_image, sample_images
 
 LOCK_NAME = "stage3.lock"   # one stage 3 run per --output_dir (common/lock.py)
 
@@ -118,47 +123,100 @@ def generate(options: GenerateOptions, log=print) -> list[Path]:
     classifier_scale > 0: classifier guidance with the checkpoint's noisy-latent user classifier (stage 2 trains it)
     where classifier_interval_start <= t <= classifier_interval_end; PipelineError for a checkpoint without one.
 
+    devices > 1, or a launcher (torchrun, srun) that started several processes: each process samples its share of
+    the batches (generation/ranks.py), the same files byte for byte as one process; with devices > 1 this process
+    starts them (GPUs cuda:0..devices-1, or CPU processes with device cpu) and rank 0's messages are printed.
+    PipelineError for more devices than GPUs, a device with an index, or a rank that failed or died.
+
     The folder then holds this run's samples only: those of an earlier run (other users, more samples,
     another checkpoint) are removed once the new ones are written, so stage 4 never scores a mix. The samples
     and the grid are written into a staging folder first and moved in together: a full disk (PipelineError)
     leaves the previous run's files as they were. Files of other names in the folder are left alone.
     """
     o = options
-    with run_lock(Path(o.output_dir) / LOCK_NAME, "stage 3", "another --output_dir", log=log):
-        device = str(resolve_device(o.device))
-        jobs = [(u, k) for u in o.user_ids for k in range(o.num_samples_per_user)]
-        with out_of_memory_advice("stage 3", f"a smaller --batch_size (now {o.batch_size}; e.g. 4), or --device cpu"):
-            model, info = load_generator(o.dit_checkpoint, device)
-            check_sampling(info, o.guidance_scale, o.num_steps, o.shift, o.cfg_interval_start, o.cfg_interval_end,
-                           autoguidance=o.guidance_checkpoint is not None)
-            guide_model = None
-            if o.guidance_checkpoint is not None:
-                guide_model, guide_info = load_generator(o.guidance_checkpoint, device)
-                check_guide(info, guide_info, o.guidance_checkpoint)
-            classifier = guidance_classifier(info, o.classifier_scale, o.classifier_interval_start,
-                                             o.classifier_interval_end, o.dit_checkpoint, device)
-            from models.vavae import check_tokenizer_fits, load_vavae
-            vae = load_vavae(o.vavae_path, device=device)
-            check_tokenizer_fits(vae, o.vavae_path, info.image_size, info.model_config["in_channels"],
-                                 info.model_config["input_size"], f"the model of {o.dit_checkpoint} takes latents of",
-                                 "Pass the tokenizer used in stage 1 as --vavae_path.")
-            check_same_tokenizer(info, o.vavae_path)
-            pixels, nfe = sample_images(model, vae, info, jobs, guidance_scale=o.guidance_scale, num_steps=o.num_steps,
-                                        sampler=o.sampler, shift=o.shift, cfg_interval_start=o.cfg_interval_start,
-                                        cfg_interval_end=o.cfg_interval_end, guide_model=guide_model,
-                                        classifier=classifier, classifier_scale=o.classifier_scale,
-                                        classifier_interval=(o.classifier_interval_start, o.classifier_interval_end),
-                                        seed=o.seed, batch_size=o.batch_size, device=device)
-        out = Path(o.output_dir)
-        names = [sample_name(u, k + 1) for u, k in jobs]
-        with replaced_together(out) as staging:
-            for name, arr in zip(names, pixels):
-                Image.fromarray(arr).save(staging / name, format="PNG")
-            grid = grid_image(dict(zip(jobs, pixels)), o.user_ids, o.num_samples_per_user)
-            grid.save(staging / GRID_NAME, format="PNG")
-        removed = remove_stale_samples(out, keep=set(names))
-        paths = [out / name for name in names]
-        log(f"stage 3 done: {len(paths)} images ({o.sampler}, {nfe} model evaluations each) and {GRID_NAME} in {out}"
-            + (f"; removed {removed} sample(s) of an earlier run" if removed else ""))
-        return paths
+    ranks = launched_ranks(o.device, o.devices)
+    if ranks is not None:
+        return generate_on_rank(o, ranks, log)
+    if o.devices > 1:
+        use_cuda = uses_cuda(o.device, o.devices)
+        log(f"stage 3: {o.devices} processes ({f'cuda:0-{o.devices - 1}' if use_cuda else 'CPU'}), each sampling a "
+            "share of the batches")
+        spawn_ranks(functools.partial(generate_on_rank, o), o.devices, use_cuda)
+        return [Path(o.output_dir) / sample_name(u, k + 1) for u, k in run_jobs(o)]
+    return generate_on_rank(o, Ranks(device=resolve_device(o.device)), log)
 
+
+def run_jobs(o: GenerateOptions) -> list[tuple[int, int]]:
+    """The run's (user number, sample index from 0) jobs, in the order of the files and of the batches."""
+    return [(u, k) for u in o.user_ids for k in range(o.num_samples_per_user)]
+
+
+def load_sampler(o: GenerateOptions, device: str, check_files: bool = True) -> Callable[..., tuple[np.ndarray, int]]:
+    """sample_images bound to the checkpoint's EMA model, guide, classifier and tokenizer on `device` and to the
+    sampling flags: call it with jobs (and progress). Raises PipelineError for files or settings that do not fit
+    (unknown user ids included); check_files=False leaves out the warning about another tokenizer's file."""
+    model, info = load_generator(o.dit_checkpoint, device)
+    check_sampling(info, o.guidance_scale, o.num_steps, o.shift, o.cfg_interval_start, o.cfg_interval_end,
+                   autoguidance=o.guidance_checkpoint is not None)
+    class_indices(o.user_ids, info.user_numbers, info.users)
+    guide_model = None
+    if o.guidance_checkpoint is not None:
+        guide_model, guide_info = load_generator(o.guidance_checkpoint, device)
+        check_guide(info, guide_info, o.guidance_checkpoint)
+    classifier = guidance_classifier(info, o.classifier_scale, o.classifier_interval_start,
+                                     o.classifier_interval_end, o.dit_checkpoint, device)
+    from models.vavae import check_tokenizer_fits, load_vavae
+    vae = load_vavae(o.vavae_path, device=device)
+    check_tokenizer_fits(vae, o.vavae_path, info.image_size, info.model_config["in_channels"],
+                         info.model_config["input_size"], f"the model of {o.dit_checkpoint} takes latents of",
+                         "Pass the tokenizer used in stage 1 as --vavae_path.")
+    if check_files:
+        check_same_tokenizer(info, o.vavae_path)
+    return functools.partial(sample_images, model, vae, info, guidance_scale=o.guidance_scale, num_steps=o.num_steps,
+                             sampler=o.sampler, shift=o.shift, cfg_interval_start=o.cfg_interval_start,
+                             cfg_interval_end=o.cfg_interval_end, guide_model=guide_model, classifier=classifier,
+                             classifier_scale=o.classifier_scale,
+                             classifier_interval=(o.classifier_interval_start, o.classifier_interval_end),
+                             seed=o.seed, batch_size=o.batch_size, device=device)
+
+
+def generate_on_rank(o: GenerateOptions, ranks: Ranks, log=print) -> list[Path]:
+    """generate() on one process of a run (a run of one: Ranks(device=...)): rank 0 takes the lock and the staging
+    folder, every rank samples its share into it, rank 0 adds the grid from the files there and moves the set in.
+    Every rank stops when one fails (Ranks.all_or_none); PipelineError as generate()."""
+    out, jobs = Path(o.output_dir), run_jobs(o)
+    names = [sample_name(u, k + 1) for u, k in jobs]
+    device = str(ranks.device)
+    memory_advice = functools.partial(out_of_memory_advice, "stage 3",
+                                      f"a smaller --batch_size (now {o.batch_size}; e.g. 4), or --device cpu")
+    with contextlib.ExitStack() as locked, contextlib.ExitStack() as staged:
+        with ranks.all_or_none():
+            if ranks.is_zero:
+                locked.enter_context(run_lock(out / LOCK_NAME, "stage 3", "another --output_dir", log=log))
+                staged.enter_context(replaced_together(out))
+            with memory_advice():
+                sampler = load_sampler(o, device, check_files=ranks.is_zero)
+        staging = out / STAGING_DIR
+        with ranks.all_or_none(), out_of_space_as_error(out, f"{out} was left as it was."):
+            share = ranks.share(jobs, o.batch_size)
+            with memory_advice():
+                pixels, nfe = sampler(share, progress=ranks.is_zero) if share else ([], 0)
+            for (u, k), arr in zip(share, pixels):
+                Image.fromarray(arr).save(staging / sample_name(u, k + 1), format="PNG")
+        per_rank = ranks.gather(len(share))
+        if ranks.is_zero:
+            missing = [name for name in names if not (staging / name).is_file()]
+            if missing:
+                raise PipelineError(f"{len(missing)} sample(s) of other processes are not in {staging} (e.g. "
+                                    f"{missing[0]}): with processes on several machines, --output_dir must be on a "
+                                    "file system they all see. Nothing was written.")
+            grid_jobs = [(u, k) for u in o.user_ids for k in range(min(o.num_samples_per_user, GRID_COLUMNS))]
+            tiles = {(u, k): np.asarray(Image.open(staging / sample_name(u, k + 1))) for u, k in grid_jobs}
+            grid_image(tiles, o.user_ids, o.num_samples_per_user).save(staging / GRID_NAME, format="PNG")
+        staged.close()   # rank 0: the set moves in, before the stale samples go (still under the lock)
+        if ranks.is_zero:
+            removed = remove_stale_samples(out, keep=set(names))
+            shares = f"; {ranks.world} processes sampled {' + '.join(map(str, per_rank))}" if ranks.world > 1 else ""
+            log(f"stage 3 done: {len(names)} images ({o.sampler}, {nfe} model evaluations each{shares}) and "
+                f"{GRID_NAME} in {out}" + (f"; removed {removed} sample(s) of an earlier run" if removed else ""))
+    return [out / name for name in names]

@@ -22,6 +22,8 @@ from models.transport import (DEFAULT_CLASSIFIER_INTERVAL, DEFAULT_GUIDANCE, DEF
                               DEFAULT_STEPS, CountedVelocity, classifier_guided_velocity, guidance_switches,
                               guided_velocity, sample_ode)
 
+GRID_COLUMNS = 8   # samples per user shown in the overview grid (the first ones)
+
 
 def class_indices(user_numbers: list[int], trained_numbers: list[int], trained_names: list[str]) -> list[int]:
     """Folder numbers (e.g. 3 for ID_3) -> class indices; an unknown number lists the valid ones."""
@@ -120,7 +122,7 @@ def check_finite_samples(latents: torch.Tensor, decoded: torch.Tensor, batch: li
 
 
 def grid_image(images: dict[tuple[int, int], np.ndarray], user_ids: list[int], per_user: int,
-               max_cols: int = 8, thumb: int = 128) -> Image.Image:
+               max_cols: int = GRID_COLUMNS, thumb: int = 128) -> Image.Image:
     """The overview grid: a row per user (its first `max_cols` samples as `thumb`-px tiles), labelled with its
     number on the left. `images` maps (user number, sample index from 0) to an (H, W, 3) uint8 array."""
     cols, label_w, pad = min(per_user, max_cols), 72, 4

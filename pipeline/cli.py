@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", default=None, help="each stage writes a folder here")
     p.add_argument("--batch_size", type=positive_int, default=32, help="stage 1 and 2 (per device)")
     p.add_argument("--max_epochs", type=positive_int, default=50, help="stage 2 (its own default is 100)")
-    p.add_argument("--devices", type=positive_int, default=1, help="stage 1 and 2: GPUs")
+    p.add_argument("--devices", type=positive_int, default=1, help="stages 1, 2 and 3: GPUs")
     p.add_argument("--generate_user_ids", type=non_negative_int, nargs="+", action=DistinctValues, default=None, help="stage 3 (default: every user)")
     p.add_argument("--num_samples_per_user", type=positive_int, default=4, help="stage 3")
     p.add_argument("--stages", type=int, nargs="+", action=DistinctValues, default=[1, 2, 3, 4], choices=[1, 2, 3, 4], help="which stages to run")

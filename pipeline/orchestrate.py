@@ -101,7 +101,7 @@ def stage_arguments(args: argparse.Namespace, out: Path) -> dict[int, list[str]]
             "--vavae_path", vavae_path],    # decodes the validation sample grids
         3: ["--dit_checkpoint", str(d[2] / "checkpoints" / "best.ckpt"), "--vavae_path", vavae_path,
             "--output_dir", str(d[3]), "--num_samples_per_user", str(args.num_samples_per_user),
-            "--user_ids", *users],
+            "--devices", str(args.devices), "--user_ids", *users],
         4: ["--data_dir", data_dir, "--generated_dir", str(d[3]), "--output_dir", str(d[4]), "--vavae_path", vavae_path],
     }
 

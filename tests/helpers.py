@@ -15,6 +15,7 @@ from PIL import Image
 
 from common.device import bf16_supported
 from common.io import save_safetensors
+from models.checkpoint import PipelineInfo
 from models.lightningdit import LightningDiT, model_config
 from models.vavae import VAVAE, save_vavae
 from training.cli import training_options
@@ -185,6 +186,17 @@ def tiny_dit(num_classes: int = PUBLISHED_CLASSES, seed: int = 0, **overrides) -
             if name != "pos_embed":
                 p.copy_(0.05 * torch.randn(p.shape, generator=g))
     return model
+
+
+def write_generator_checkpoint(path: Path, users: list[str] = USERS, user_numbers: list[int] = (1, 2, 3)) -> Path:
+    """A stage 2 checkpoint as stage 3 reads it: tiny_dit as the EMA model of `users`, latents (32, 4, 4) of
+    zero mean and unit std, 64 px images."""
+    config = model_config("LightningDiT-S/2", num_classes=len(users), input_size=4, **TINY_DIT)
+    info = PipelineInfo(model_config=config, users=list(users), user_numbers=list(user_numbers),
+                        latent_mean=torch.zeros(1, 32, 1, 1), latent_std=torch.ones(1, 32, 1, 1), image_size=IMAGE_SIZE)
+    ema = tiny_dit(num_classes=len(users)).state_dict()
+    torch.save({"state_dict": {f"ema.{k}": v for k, v in ema.items()}, "pipeline": info.to_dict()}, path)
+    return path
 
 
 def write_published(folder: Path) -> tuple[Path, dict, dict]:

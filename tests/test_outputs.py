@@ -15,9 +15,7 @@ import models.sampling as sampling
 from generation.cli import GenerateOptions
 from common.errors import PipelineError, cli_entry, is_out_of_space
 from common.io import save_safetensors, save_torch, write_text
-from helpers import PYTHON, ROOT, TINY_DIT, assert_user_error, make_tokenizer, tiny_dit
-from models.checkpoint import PipelineInfo
-from models.lightningdit import model_config
+from helpers import PYTHON, ROOT, assert_user_error, make_tokenizer, write_generator_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 USERS, NUMBERS = ["ID_1", "ID_2", "ID_3"], [1, 2, 3]
@@ -27,13 +25,7 @@ USERS, NUMBERS = ["ID_1", "ID_2", "ID_3"], [1, 2, 3]
 def files(tmp_path_factory) -> tuple[Path, Path]:
     """(stage 2 checkpoint of a tiny random LightningDiT for users 1-3, tiny tokenizer): latents (32, 4, 4)."""
     root = tmp_path_factory.mktemp("outputs")
-    config = model_config("LightningDiT-S/2", num_classes=len(USERS), input_size=4, **TINY_DIT)
-    info = PipelineInfo(model_config=config, users=USERS, user_numbers=NUMBERS,
-                        latent_mean=torch.zeros(1, 32, 1, 1), latent_std=torch.ones(1, 32, 1, 1), image_size=64)
-    ema = tiny_dit(num_classes=len(USERS)).state_dict()
-    ckpt = root / "tiny.ckpt"
-    torch.save({"state_dict": {f"ema.{k}": v for k, v in ema.items()}, "pipeline": info.to_dict()}, ckpt)
-    return ckpt, make_tokenizer(root / "tok.safetensors")
+    return write_generator_checkpoint(root / "tiny.ckpt", USERS, NUMBERS), make_tokenizer(root / "tok.safetensors")
 
 
 def run_generate(files, out: Path, user_ids: list[int], **kwargs) -> list[Path]:
