@@ -129,7 +129,9 @@ def run_training(model: VAVAE, proj: nn.Module | None, fm: nn.Module | None, tra
     latent = recipe.crop_size // model.downsample_factor
     history, evals = [], []
     start, done = time.time(), 0
-    bar = progress_bar(total=steps, disable=not progress, desc="tokenizer", dynamic_ncols=True)
+    # --max_minutes may end the run before `steps`: the bar's estimate follows whichever ends it
+    bar = progress_bar(total=steps, budget_s=60 * max_minutes if max_minutes else None, disable=not progress,
+                       desc="tokenizer", unit="step", dynamic_ncols=True)
     for step in range(1, steps + 1):
         elapsed = time.time() - start
         frac = max(step / steps, elapsed / (60 * max_minutes) if max_minutes else 0.0)
