@@ -3,7 +3,7 @@ import random
 import re
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -266,16 +266,23 @@ def crop_note(names: list[str], shapes: list[tuple[int, int]], image_size: int) 
 
 def load_bank(files: list[Path], size: int, workers: int = 8, log=print) -> torch.Tensor:
     """All readable images as one (N, 3, size, size) uint8 tensor: 192 KiB per 256x256 image keeps thousands in
-    memory. Unreadable files are named (log) as they are met and counted at the end."""
+    memory. Unreadable files are named (log) as they are met and counted at the end.
+
+    Each image becomes uint8 in the thread that decodes it and goes straight into the bank: the float32 reads
+    (4x the size: 3.7 GB for 31 users x 150 images at 256 px) are never all held at once."""
     reads = ImageFiles(files, size)
+
+    def read_uint8(index: int) -> ImageRead:
+        read = reads[index]
+        return read if read.image is None else replace(read, image=to_uint8(read.image))
+
+    bank, count = torch.empty(len(files), 3, size, size, dtype=torch.uint8), 0
     with ThreadPoolExecutor(workers) as pool:   # PIL decodes without the GIL
-        results = list(pool.map(reads.__getitem__, range(len(reads))))
-    images = []
-    for read in results:
-        if read.image is None:
-            log(skip_message(files[read.index], read.problem))
-        else:
-            images.append(to_uint8(read.image))
-    if len(images) < len(files):
-        log(skipped_count(len(files) - len(images)))
-    return torch.stack(images) if images else torch.empty(0, 3, size, size, dtype=torch.uint8)
+        for read in pool.map(read_uint8, range(len(reads))):    # in file order
+            if read.image is None:
+                log(skip_message(files[read.index], read.problem))
+            else:
+                bank[count], count = read.image, count + 1
+    if count < len(files):
+        log(skipped_count(len(files) - count))
+    return bank[:count]
