@@ -62,6 +62,15 @@ def flow_matching_loss(model: Callable, x1: torch.Tensor, y: torch.Tensor, t: to
     return loss
 
 
+def other_class_pairs(y: torch.Tensor) -> torch.Tensor:
+    """For each sample i of a batch, the index j of a random sample of another class (y[j] != y[i]), or -1
+    where the batch holds no other class: the negatives of contrastive flow matching (flow_matching_loss).
+    y: (N,) int64. Returns (N,) int64."""
+    scores = torch.rand(len(y), len(y), device=y.device).masked_fill(y[:, None] == y[None, :], -1.0)
+    best, index = scores.max(dim=1)
+    return torch.where(best >= 0, index, -1)
+
+
 #################################################################################
 #                                 Guidance                                      #
 #################################################################################

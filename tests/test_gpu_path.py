@@ -18,6 +18,7 @@ import common.device as device_mod
 from common.device import bf16_supported, resolve_precision
 from common.errors import PipelineError
 from training.callbacks import AtomicCheckpointIO
+from training.divergence import MAX_SKIPPED_IN_A_ROW, NonFiniteLoss
 from helpers import (PYTHON, ROOT, assert_user_error, make_dataset, make_tokenizer, run_main, run_stage,
                      stage1_args, stage2_args, write_malicious)
 
@@ -364,7 +365,7 @@ def test_fp16_persistent_nan_stops_with_advice_for_a_t4(tmp_path, latents, monke
         train_in_process(latents, out, "--precision", "16-mixed", "--max_steps", 60, "--checkpoint_every_n_steps", 5,
                          "--val_every_n_epochs", 1000)
     message = str(err.value)
-    assert re.search(rf"stayed NaN/inf for {dm.MAX_SKIPPED_IN_A_ROW} steps in a row up to step 22 "
+    assert re.search(rf"stayed NaN/inf for {MAX_SKIPPED_IN_A_ROW} steps in a row up to step 22 "
                      r"\(precision 16-mixed, .* 22 skipped in all", message), message
     assert re.search(r"last good checkpoint, \S*last\.ckpt \(step 20\), is kept", message), message
     assert "--precision 32-true" in message and "bf16-mixed" not in message and "--use_qknorm" in message
@@ -387,7 +388,7 @@ def test_divergence_advice_fits_the_device_and_the_weights(tmp_path, monkeypatch
                                                             expected, absent):
     fake_gpu(monkeypatch, capability)
     args = divergence_args(tmp_path, *(["--init_from", str(tmp_path / "published.pt")] if init_from else []))
-    message = resume_mod.divergence_message(dm.NonFiniteLoss(30, "skipped", 25), args, "16-mixed",
+    message = resume_mod.divergence_message(NonFiniteLoss(30, "skipped", 25), args, "16-mixed",
                                             tmp_path / "checkpoints")
     assert all(flag in message for flag in expected) and not any(flag in message for flag in absent), message
     assert "No checkpoint was written before it" in message and "is kept" not in message
@@ -398,7 +399,7 @@ def test_divergence_message_names_the_checkpoint_kept(tmp_path):
     from common.io import save_torch
     from models.checkpoint import CHECKPOINT_KIND
     save_torch({"global_step": 40, "pipeline": {"kind": CHECKPOINT_KIND}}, tmp_path / "checkpoints" / "last.ckpt")
-    message = resume_mod.divergence_message(dm.NonFiniteLoss(45), divergence_args(tmp_path, "--grad_clip", "0"),
+    message = resume_mod.divergence_message(NonFiniteLoss(45), divergence_args(tmp_path, "--grad_clip", "0"),
                                             "32-true", tmp_path / "checkpoints")
     assert f"last good checkpoint, {tmp_path / 'checkpoints' / 'last.ckpt'} (step 40), is kept" in message
     assert "--grad_clip 1.0" in message and "--precision" not in message   # nothing below fp32

@@ -11,8 +11,8 @@ from helpers import TINY_DIT_MODEL_FLAGS, assert_user_error, make_module, run_ma
 from models.checkpoint import load_checkpoint, checkpoint_info
 from models.latent_classifier import (NoisyLatentClassifier, classifier_entry, classifier_from_entry,
                                       classifier_log_prob_gradient)
-from models.transport import classifier_guided_velocity, flow_matching_loss
-from training.dit_module import other_class_pairs, power_ema_gamma
+from models.transport import classifier_guided_velocity, flow_matching_loss, other_class_pairs
+from training.ema import power_ema_gamma
 from training.latent_classifier import classifier_accuracy, train_latent_classifier
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
@@ -119,7 +119,7 @@ def test_power_ema_weights_each_step_by_its_power(latent_dir):
     """After T updates with beta_t = (1 - 1/t)^(g+1), the EMA is sum_t a_t theta_t / T^(g+1) with
     a_t = t^(g+1) - (t-1)^(g+1) (the recursion telescopes): fed theta_t = t, it lands on that average."""
     module = make_module(latent_dir, "--ema_std", "0.1")
-    gamma = module.ema_gamma
+    gamma = module.ema_schedule.gamma
     name, param = next((n, p) for n, p in module.model.named_parameters() if p.requires_grad)
     T = 50
     for step in range(1, T + 1):
@@ -132,7 +132,7 @@ def test_power_ema_weights_each_step_by_its_power(latent_dir):
     assert float(ema_param.flatten()[0]) == pytest.approx(expected, rel=1e-4)
     # The default keeps its constant decay with the (1 + t) / (10 + t) warm-up.
     plain = make_module(latent_dir, "--ema_decay", "0.99")
-    assert plain.ema_decay_at(5) == pytest.approx(6 / 15) and plain.ema_decay_at(10 ** 6) == 0.99
+    assert plain.ema_schedule(5) == pytest.approx(6 / 15) and plain.ema_schedule(10 ** 6) == 0.99
 
 
 def test_other_class_pairs_only_pick_other_users():

@@ -28,6 +28,7 @@ from common.errors import PipelineError
 from common.io import load_safetensors, read_safetensors_metadata, save_safetensors
 from helpers import (PYTHON, ROOT, TINY_DIT, TINY_PRECISION, assert_user_error, make_dataset, make_tokenizer,
                      run_main, run_stage, stage1_args, stage2_args, write_malicious)
+from training.divergence import NONFINITE_CHECK_EVERY
 
 pytestmark = pytest.mark.slow   # stages, kill -9 and resumes on a trained run
 
@@ -891,7 +892,7 @@ def test_nonfinite_loss_is_caught_between_checkpoints(tmp_path, latents, monkeyp
     with pytest.raises(PipelineError, match=rf"NaN/inf by step {nan_step} \(precision {TINY_PRECISION}") as err:
         _train_in_process(latents, out, "--max_steps", max_steps, "--checkpoint_every_n_steps", every,
                           "--val_every_n_epochs", 1 if every < nan_step else 1000)
-    assert len(calls) <= max(nan_step + 1, 10) + dm.NONFINITE_CHECK_EVERY
+    assert len(calls) <= max(nan_step + 1, 10) + NONFINITE_CHECK_EVERY
     if every < nan_step:
         ckpt = load_ckpt(out / "checkpoints" / "last.ckpt")   # the last one from before the NaN step is kept
         assert 0 < ckpt["global_step"] <= nan_step

@@ -9,6 +9,9 @@ The shift is circular (torch.roll), not crop + pad: every column stays real data
 invented at the border, and the map is a bijection (its inverse is the opposite shift). The only artefact is
 the seam where the last column meets the first, which the model sees at the column the condition names.
 """
+import functools
+from typing import Callable
+
 import torch
 
 from common.errors import PipelineError
@@ -33,3 +36,13 @@ def shift_time(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
     width = x.shape[-1]
     columns = (torch.arange(width, device=x.device) - shifts[:, None]) % width          # (B, W)
     return x.gather(-1, columns[:, None, None, :].expand_as(x))
+
+
+def time_shifted(x1: torch.Tensor, model: Callable, p: float) -> tuple[torch.Tensor, Callable, torch.Tensor | None]:
+    """(x1, the velocity model to train, the shifts or None): with probability p per latent (--time_shift_aug), the
+    (B, C, H, W) latents rolled along time and the model (a LightningDiT forward) told each shift; p = 0 draws
+    nothing and returns x1 and model unchanged."""
+    if p <= 0:
+        return x1, model, None
+    shifts = random_time_shifts(len(x1), x1.shape[-1], p, device=x1.device)
+    return shift_time(x1, shifts), functools.partial(model, time_shift=shifts), shifts

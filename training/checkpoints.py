@@ -27,6 +27,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from common.io import save_torch
 from models.checkpoint import load_checkpoint, sampling_checkpoint
 from training.cli import TrainOptions
+from training.optim import BETA1
 
 FLAGS_KEY = "stage2_flags"   # the flags of the run that wrote a last.ckpt (a dict of TrainOptions)
 LOCK_NAME = "stage2.lock"
@@ -164,6 +165,7 @@ class RunFlags(pl.Callback):
     the previous run's values in its parameter groups."""
     def __init__(self, args: TrainOptions):
         self.flags = comparable_flags(args)
+        self.betas, self.weight_decay = (BETA1, args.beta2), args.weight_decay
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
@@ -173,5 +175,5 @@ class RunFlags(pl.Callback):
         for optimizer in trainer.optimizers:
             for group, fresh in zip(optimizer.param_groups, pl_module.param_groups()):
                 group["lr"] = group["base_lr"] = fresh["lr"]   # the warm-up ramps from base_lr
-                group["betas"] = pl_module.betas
-                group["weight_decay"] = fresh.get("weight_decay", pl_module.weight_decay)
+                group["betas"] = self.betas
+                group["weight_decay"] = fresh.get("weight_decay", self.weight_decay)

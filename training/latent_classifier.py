@@ -3,13 +3,16 @@ score that stage 2 logs at each validation.
 
 The classifier is trained once per stage 2 run, before the DiT's first step, on the train latents only (the val
 latents only measure it), and travels inside every checkpoint's `pipeline` entry (PipelineInfo.latent_classifier),
-so that stage 3 can guide with it and a resume reuses it instead of training it again.
+so that stage 3 can guide with it and a resume reuses it instead of training it again (LatentClassifierTraining).
 """
 import math
+import time
+
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from models.latent_classifier import CLASSIFIER_STEPS, NoisyLatentClassifier
+from models.latent_classifier import CLASSIFIER_STEPS, NoisyLatentClassifier, classifier_entry
 from models.transport import DEFAULT_SHIFT, guided_velocity, sample_ode
 
 CLASSIFIER_BATCH = 64
@@ -43,6 +46,33 @@ def train_latent_classifier(train_x: torch.Tensor, train_y: torch.Tensor, num_cl
         loss.backward()
         optimizer.step()
     return classifier.eval().requires_grad_(False)
+
+
+class LatentClassifierTraining(pl.Callback):
+    """Before the DiT's first step (on_fit_start), train the noisy-latent user classifier on the module's train
+    latents, on the training device, the same on every rank (seeded by `seed`), and store it in the module's
+    PipelineInfo, which every checkpoint carries. Nothing to do with steps = 0 (--classifier_steps 0) or when the
+    info already holds one (a resume: training/resume.py takes it from last.ckpt). Global rank 0 prints its val
+    accuracy at REPORT_TIMES.
+
+    The module has `info` (PipelineInfo), `model` (its num_classes), and normalised `train_x`/`val_x` (N, C, H, W)
+    with their (N,) int64 classes `train_y`/`val_y`.
+    """
+    def __init__(self, steps: int = CLASSIFIER_STEPS, seed: int = 0):
+        self.steps, self.seed = steps, seed
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if pl_module.info.latent_classifier is not None or self.steps == 0:
+            return
+        started, num_classes = time.monotonic(), pl_module.model.num_classes
+        classifier = train_latent_classifier(pl_module.train_x, pl_module.train_y, num_classes, seed=self.seed,
+                                             steps=self.steps)
+        pl_module.info.latent_classifier = classifier_entry(classifier)
+        if trainer.is_global_zero:
+            accuracy = classifier_accuracy(classifier, pl_module.val_x, pl_module.val_y, seed=self.seed)
+            print(f"noisy-latent user classifier ({time.monotonic() - started:.0f} s): val accuracy "
+                  + ", ".join(f"{a:.2f} at t={t:g}" for t, a in accuracy.items())
+                  + f" (chance {1 / num_classes:.2f}; t = 1 clean)", flush=True)
 
 
 @torch.no_grad()

@@ -7,10 +7,13 @@ encoder's patch features of the clean image (stage 1 writes them: data/repa_targ
 at about a third of the depth (block 8 of SiT-XL's 28). HASTE (Wang et al. 2025) stops the term part-way:
 --repa_stop_step.
 """
+from typing import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common.errors import PipelineError
 from training.augment import shift_time
 
 PROJECTOR_MAX_WIDTH = 2048   # REPA's projector width (SiT-XL); narrower models get 2 x hidden_size
@@ -51,3 +54,45 @@ def repa_loss(projector: nn.Module, tokens: torch.Tensor, targets: torch.Tensor)
     (targets_on_tokens). Returns (N,) float32 in [-1, 1]."""
     projected = projector(tokens).float()
     return -F.cosine_similarity(projected, targets.float(), dim=-1).mean(dim=1)
+
+
+class RepaAlignment(Projector):
+    """REPA in stage 2's training step: the projector h_phi trained with the DiT, the train latents' targets, the
+    aligned block and the term's weight by step.
+
+    DiTTrainingModule registers it as `repa_projector`, so the projector's weights are the checkpoints'
+    repa_projector.* entries; the targets are a non-persistent buffer (on the training device, not in checkpoints),
+    stored in float16 (half the memory; REPA compares directions only).
+    targets: (N_train, g*g, D) rows in train-latent order (stage 1's repa_targets.safetensors); depth: the aligned
+    block (1..num_blocks; None: default_repa_depth); weight: --repa_weight; stop_step: --repa_stop_step (HASTE).
+    Raises PipelineError for a depth that is not a block of the model.
+    """
+    def __init__(self, hidden_size: int, num_blocks: int, targets: torch.Tensor, weight: float,
+                 depth: int | None = None, stop_step: int | None = None):
+        depth = depth or default_repa_depth(num_blocks)
+        if not 1 <= depth <= num_blocks:
+            raise PipelineError(f"--repa_depth {depth} is not a block of this {num_blocks}-block model: "
+                                f"pass 1..{num_blocks}")
+        super().__init__(hidden_size, targets.shape[-1])
+        self.depth, self.weight, self.stop_step = depth, weight, stop_step
+        self.register_buffer("targets", targets.half(), persistent=False)
+
+    def weight_at(self, step: int) -> float:
+        """The term's weight at a global step: --repa_weight, 0 from --repa_stop_step on. Weighted 0 rather than
+        skipped: under DDP every parameter, the projector's too, must take part in each backward."""
+        return self.weight if self.stop_step is None or step < self.stop_step else 0.0
+
+    def aligned(self, model: Callable, idx: torch.Tensor, shifts: torch.Tensor | None,
+                token_grid: int) -> tuple[Callable, dict]:
+        """(a velocity model for flow_matching_loss, a dict that receives its REPA loss (N,) under "loss"): the
+        same forward also returns the tokens after block `depth`, scored against the targets of the batch's
+        latents idx (N,) on the DiT's token_grid x token_grid tokens, rolled by the batch's time shifts (or None).
+        model: a LightningDiT forward (x, t, y, features_at=...) -> (velocity, tokens)."""
+        targets = targets_on_tokens(self.targets[idx], shifts, token_grid)
+        alignment = {}
+
+        def velocity(x, t, y):
+            v, tokens = model(x, t, y, features_at=self.depth)
+            alignment["loss"] = repa_loss(self, tokens, targets)
+            return v
+        return velocity, alignment

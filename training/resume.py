@@ -17,7 +17,9 @@ from common.errors import PipelineError
 from models.checkpoint import PipelineInfo, checkpoint_info, load_checkpoint
 from training.checkpoints import FLAGS_KEY, comparable_flags
 from training.cli import TrainOptions
-from training.dit_module import MAX_SKIPPED_IN_A_ROW, DiTTrainingModule, NonFiniteLoss
+from training.batches import steps_per_epoch
+from training.dit_module import DiTTrainingModule
+from training.divergence import MAX_SKIPPED_IN_A_ROW, NonFiniteLoss
 from training.launch import check_world_size, rank_zero_first
 
 
@@ -65,9 +67,8 @@ def resume_point(args: TrainOptions, module: DiTTrainingModule, ckpt_dir: Path, 
     module.info.latent_classifier = saved.latent_classifier   # trained on these latents: not trained again
     message = resume_message(previous, args, last)   # refuses the flags a resume cannot honour
     check_optimizer_layout(previous, module.param_groups(), last)
-    world = args.devices * args.num_nodes
-    steps_per_epoch = max(1, len(module.train_x) // (args.batch_size * world))
-    check_length(previous, min(args.max_steps or math.inf, args.max_epochs * steps_per_epoch), last)
+    epoch_steps = steps_per_epoch(len(module.train_x), args.batch_size, args.devices * args.num_nodes)
+    check_length(previous, min(args.max_steps or math.inf, args.max_epochs * epoch_steps), last)
     log(message)
     # Batches are a function of the global step, so a mid-epoch resume is exact, which Lightning cannot know
     # (its warning, the same text on Lightning 2.2.1, 2.3.3, 2.4.0, 2.5.0 and 2.6.6, says it is not resumable).

@@ -21,7 +21,9 @@ from training.callbacks import (AtomicCheckpointIO, HalfPrecisionBase, KeepMetri
                                 progress_callback, quiet_lightning_warnings)
 from training.checkpoints import LOCK_NAME, BestCheckpoint, EarlyCheckpoint, LastCheckpoint, RunFlags
 from training.cli import TrainOptions
-from training.dit_module import DiTTrainingModule, NonFiniteLoss
+from training.dit_module import DiTTrainingModule
+from training.divergence import DivergenceGuard, NonFiniteLoss
+from training.latent_classifier import LatentClassifierTraining
 from training.launch import (COLLECTIVE_TIMEOUT, WatchedDDPStrategy, global_rank, is_peer_lost,
                              peer_lost_message)
 from training.resume import check_devices, divergence_message, prepare_output_dir, resume_point
@@ -133,19 +135,21 @@ def world_line(args: TrainOptions) -> str:
 
 
 def build_trainer(args: TrainOptions, precision: str, out: Path, callbacks: Sequence[pl.Callback]) -> pl.Trainer:
-    """The Trainer with stage 2's checkpoints (training/checkpoints.py), logs, progress and DDP settings."""
+    """The Trainer with stage 2's checkpoints (training/checkpoints.py), divergence checks, noisy-latent classifier,
+    logs, progress and DDP settings."""
     ckpt_dir = out / "checkpoints"
     csv_logger = CSVLogger(out, name="lightning_logs", version="csv")
     loggers = [csv_logger, TensorBoardLogger(out, name="lightning_logs", version="tensorboard")]
-    callbacks = [LastCheckpoint(ckpt_dir / "last.ckpt", args.checkpoint_every_n_steps),
+    callbacks = [DivergenceGuard(), LatentClassifierTraining(args.classifier_steps, args.seed),
+                 LastCheckpoint(ckpt_dir / "last.ckpt", args.checkpoint_every_n_steps),
                  BestCheckpoint(ckpt_dir / "best.ckpt"), RunFlags(args), progress_callback(),
                  KeepMetricsHistory(csv_logger), *callbacks]
     if args.finetune == "lora":
         callbacks.append(HalfPrecisionBase())
     devices = args.devices
     distributed = devices * args.num_nodes > 1
-    # The latents, the fixed validation noise and the NaN flag are buffers: by default DDP would broadcast
-    # them from rank 0 before every forward (the whole dataset each step) and overwrite the other ranks' flag.
+    # The latents and the fixed validation noise are buffers: by default DDP would broadcast them from rank 0
+    # before every forward (the whole dataset each step).
     strategy = WatchedDDPStrategy(broadcast_buffers=False, timeout=COLLECTIVE_TIMEOUT,
                                   last_checkpoint=str(ckpt_dir / "last.ckpt")) if distributed else "auto"
     if distributed and args.accelerator == "cpu" and "OMP_NUM_THREADS" not in os.environ:
