@@ -24,12 +24,10 @@ from typing import Any, Callable, Iterator
 import torch
 from lightning_fabric.plugins.environments import (ClusterEnvironment, LightningEnvironment, LSFEnvironment,
                                                    SLURMEnvironment, TorchElasticEnvironment)
-# Private to Lightning, the same in 2.2.1 (requirements.txt's lowest) and 2.6: CI runs both (WatchedLauncher).
-from lightning_fabric.utilities.distributed import _set_num_threads_if_needed
 from pytorch_lightning.strategies import DDPStrategy
-from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
 from common.errors import PipelineError
+from training import lightning_private
 
 # How long a collective waits for a process that stopped answering before the job ends with an error. NCCL's own
 # watchdog would wait 30 minutes under Lightning's default (a lost GPU burning half an hour of a Kaggle session);
@@ -202,7 +200,12 @@ def watch_workers(workers: list[subprocess.Popen], world: int, last_checkpoint: 
     return thread
 
 
-class WatchedLauncher(_SubprocessScriptLauncher):
+# Lightning's private launcher (training/lightning_private.py); where this Lightning lacks it, WatchedLauncher is
+# never built (WatchedDDPStrategy keeps Lightning's own launcher), and `object` only lets this module import.
+_LAUNCHER_BASE: type = lightning_private.SubprocessScriptLauncher or object
+
+
+class WatchedLauncher(_LAUNCHER_BASE):
     """Lightning's launcher for plain `--devices N` (it starts the other ranks as copies of this command), with
     watch_workers in place of Lightning's observer. The body of `launch` is Lightning's, but for that line."""
 
@@ -215,20 +218,36 @@ class WatchedLauncher(_SubprocessScriptLauncher):
         if not self.cluster_environment.creates_processes_externally:
             self._call_children_scripts()
             watch_workers(self.procs, self.num_processes * self.num_nodes, self.last_checkpoint)
-        _set_num_threads_if_needed(num_processes=self.num_processes)
+        lightning_private.set_num_threads_if_needed(num_processes=self.num_processes)
         return function(*args, **kwargs)
+
+
+def unwatched_note(missing: list[str]) -> str:
+    """The one line a run prints when this Lightning lacks what WatchedLauncher needs."""
+    return (f"note: this PyTorch Lightning lacks {', '.join(missing)}: DDP workers run under Lightning's own "
+            "launcher, which ends the job with SIGKILL when one dies (rerunning the command still resumes)")
 
 
 class WatchedDDPStrategy(DDPStrategy):
     """Lightning's DDPStrategy, launching plain `--devices N` runs with WatchedLauncher (torchrun, srun and LSF
-    start the ranks themselves and keep their own watch)."""
+    start the ranks themselves and keep their own watch). Where this Lightning lacks the private names that needs
+    (training/lightning_private.py), it is Lightning's DDPStrategy with its own launcher, and `note` says so once
+    (note: a print-like function; pass a no-op on ranks other than 0)."""
 
-    def __init__(self, *args: Any, last_checkpoint: str, **kwargs: Any):
+    def __init__(self, *args: Any, last_checkpoint: str, note: Callable[[str], Any] = print, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.last_checkpoint = last_checkpoint
+        self.last_checkpoint, self.note = last_checkpoint, note
+        missing = lightning_private.missing_launcher_names()
+        if missing:
+            note(unwatched_note(missing))
 
     def _configure_launcher(self) -> None:
         super()._configure_launcher()
-        if type(self._launcher) is _SubprocessScriptLauncher:
-            self._launcher = WatchedLauncher(self.cluster_environment, self.num_processes, self.num_nodes,
-                                             last_checkpoint=self.last_checkpoint)
+        if lightning_private.missing_launcher_names() or isinstance(self.launcher, WatchedLauncher):
+            return
+        # isinstance, not type(...) is: a subclass of Lightning's launcher that a release might attach is watched too
+        if isinstance(self.launcher, lightning_private.SubprocessScriptLauncher):
+            watched = WatchedLauncher(self.cluster_environment, self.num_processes, self.num_nodes,
+                                      last_checkpoint=self.last_checkpoint)
+            if not lightning_private.replace_launcher(self, watched):
+                self.note(unwatched_note([f"DDPStrategy.{lightning_private.STRATEGY_LAUNCHER}"]))

@@ -101,7 +101,7 @@ def train(args: TrainOptions, log=print, callbacks: Sequence[pl.Callback] = ()) 
     callbacks = [*callbacks, EarlyCheckpoint(ckpt_dir, args.early_checkpoint_step, log),
                  *sample_grid_callbacks(args.vavae_path, args.val_grid_users, args.val_grid_samples, module.info, out, log),
                  *identity_callbacks(args.val_identity_samples, args.classifier_steps)]
-    trainer = build_trainer(args, precision, out, callbacks)
+    trainer = build_trainer(args, precision, out, callbacks, log)
     log(world_line(args))
     # Only the launching process holds it (global rank 0); the DDP workers it starts run under it.
     with run_lock(out / LOCK_NAME, "stage 2", "another --output_dir", hold=trainer.global_rank == 0, log=log):
@@ -134,9 +134,10 @@ def world_line(args: TrainOptions) -> str:
             f"{args.batch_size * world} in total")
 
 
-def build_trainer(args: TrainOptions, precision: str, out: Path, callbacks: Sequence[pl.Callback]) -> pl.Trainer:
+def build_trainer(args: TrainOptions, precision: str, out: Path, callbacks: Sequence[pl.Callback],
+                  log=print) -> pl.Trainer:
     """The Trainer with stage 2's checkpoints (training/checkpoints.py), divergence checks, noisy-latent classifier,
-    logs, progress and DDP settings."""
+    logs, progress and DDP settings; `log` takes its notes (global rank 0's, as train passes it)."""
     ckpt_dir = out / "checkpoints"
     csv_logger = CSVLogger(out, name="lightning_logs", version="csv")
     loggers = [csv_logger, TensorBoardLogger(out, name="lightning_logs", version="tensorboard")]
@@ -150,7 +151,7 @@ def build_trainer(args: TrainOptions, precision: str, out: Path, callbacks: Sequ
     distributed = devices * args.num_nodes > 1
     # The latents and the fixed validation noise are buffers: by default DDP would broadcast them from rank 0
     # before every forward (the whole dataset each step).
-    strategy = WatchedDDPStrategy(broadcast_buffers=False, timeout=COLLECTIVE_TIMEOUT,
+    strategy = WatchedDDPStrategy(broadcast_buffers=False, timeout=COLLECTIVE_TIMEOUT, note=log,
                                   last_checkpoint=str(ckpt_dir / "last.ckpt")) if distributed else "auto"
     if distributed and args.accelerator == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // devices))   # devices: processes on this node
