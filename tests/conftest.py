@@ -57,10 +57,34 @@ def latent_dir(tmp_path_factory):
     return write_latent_dir(tmp_path_factory.mktemp("latents"))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tokenizer(tmp_path_factory):
+    """A tiny project tokenizer (helpers.make_tokenizer), shared by the session: tests read it, never write it."""
     from helpers import make_tokenizer
     return make_tokenizer(tmp_path_factory.mktemp("tok") / "tok.safetensors")
+
+
+@pytest.fixture(scope="session")
+def latents(tmp_path_factory, tokenizer):
+    """Stage 1's folder from a real run of the script on helpers.make_dataset (users 1, 2, 10), shared by the
+    session: tests that change latents copy them first."""
+    from helpers import make_dataset, run_stage, stage1_args
+    ws = tmp_path_factory.mktemp("stage1")
+    proc = run_stage("stage1_extract_features.py", *stage1_args(make_dataset(ws / "data"), tokenizer, ws / "latents"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return ws / "latents"
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, latents):
+    """An uninterrupted stage 2 run of helpers.stage2_command (the reference of the kill -9 test), shared by the
+    session: tests copy its checkpoints before they change them; rerunning the same command changes nothing."""
+    import subprocess
+    from helpers import ROOT, stage2_command
+    out = tmp_path_factory.mktemp("stage2") / "trained"
+    proc = subprocess.run(stage2_command(latents, out), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
 
 
 @pytest.fixture(scope="module")

@@ -162,9 +162,15 @@ def stage1_args(data_dir, vavae_path, output_path, *extra) -> list[str]:
             "--image_size", str(IMAGE_SIZE), "--batch_size", "4", "--num_workers", "0", *map(str, extra)]
 
 
+# The noisy-latent user classifier stage 2 trains first: its default 600 steps are most of a tiny run's time (tens of
+# seconds on 2 cores); 20 still run its whole path (training, val_identity, the checkpoint entry). Tests of the
+# classifier itself pass their own count (a later flag wins).
+TINY_CLASSIFIER_FLAGS = ["--classifier_steps", "20"]
+
+
 def stage2_args(latent_dir, output_dir, *extra) -> list[str]:
     return ["--latent_dir", str(latent_dir), "--output_dir", str(output_dir), "--batch_size", "4",
-            *TINY_DIT_FLAGS, *map(str, extra)]
+            *TINY_DIT_FLAGS, *TINY_CLASSIFIER_FLAGS, *map(str, extra)]
 
 
 #################################################################################
@@ -228,3 +234,30 @@ def make_module(latent_dir: Path, *flags: str):
     args = training_options(
         ["--latent_dir", str(latent_dir), "--output_dir", "unused", *TINY_DIT_MODEL_FLAGS, *flags])
     return build_module(args, log=lambda m: None)
+
+
+#################################################################################
+#                       The reference stage 2 run (conftest)                    #
+#################################################################################
+
+STEPS, EVERY = 60, 5     # the reference run: 60 steps, last.ckpt every 5
+
+
+def stage2_command(latents: Path, out: Path, *extra) -> list[str]:
+    """Stage 2 as a subprocess command: STEPS steps, last.ckpt every EVERY. No validation (it also writes
+    last.ckpt, at epoch ends, after the EMA update), so that a resume starts from a mid-step checkpoint, where the
+    EMA update was once missed."""
+    flags = ("--max_steps", STEPS, "--checkpoint_every_n_steps", EVERY, "--log_every_n_steps", 1,
+             "--val_every_n_epochs", 1000)
+    return [PYTHON, "stage2_train_dit.py", *stage2_args(latents, out, *flags, *extra)]
+
+
+def train_in_process(latents: Path, out: Path, *extra):
+    """Stage 2's train() in this process with the tiny flags (stage2_args) and `extra`; returns what train returns."""
+    from training.cli import training_options
+    from training.train_dit import train
+    return train(training_options(list(map(str, stage2_args(latents, out, *extra)))), log=lambda m: None)
+
+
+def load_ckpt(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)

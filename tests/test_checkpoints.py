@@ -11,7 +11,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from helpers import PYTHON, ROOT, TINY_DIT_FLAGS, assert_user_error, run_main
+from helpers import PYTHON, ROOT, TINY_CLASSIFIER_FLAGS, TINY_DIT_FLAGS, assert_user_error, run_main
 from training.cli import training_options
 from training.train_dit import train
 
@@ -21,7 +21,7 @@ BATCH = 6    # the latent_dir fixture's 24 train latents: 4 steps an epoch
 
 def stage2_flags(latent_dir: Path, out: Path, *extra) -> list[str]:
     return ["--latent_dir", str(latent_dir), "--output_dir", str(out), "--batch_size", str(BATCH),
-            *TINY_DIT_FLAGS, "--log_every_n_steps", "1", *map(str, extra)]
+            *TINY_DIT_FLAGS, *TINY_CLASSIFIER_FLAGS, "--log_every_n_steps", "1", *map(str, extra)]
 
 
 def run(latent_dir: Path, out: Path, *extra, log=lambda m: None) -> Path:

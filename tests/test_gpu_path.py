@@ -20,7 +20,7 @@ from common.errors import PipelineError
 from training.callbacks import AtomicCheckpointIO
 from training.divergence import MAX_SKIPPED_IN_A_ROW, NonFiniteLoss
 from helpers import (PYTHON, ROOT, assert_user_error, make_dataset, make_tokenizer, run_main, run_stage,
-                     stage1_args, stage2_args, write_malicious)
+                     stage1_args, stage2_args, train_in_process, write_malicious)
 
 CLIP = 0.01   # far below this tiny model's gradient norms: every step must be clipped
 
@@ -49,12 +49,6 @@ def fp16_like_a_t4(monkeypatch) -> None:
 
     monkeypatch.setattr(td, "resolve_precision", lambda precision, accelerator: precision)
     monkeypatch.setattr(pl, "Trainer", trainer)
-
-
-def train_in_process(latents, out, *extra):
-    from training.cli import training_options
-    args = training_options(list(map(str, stage2_args(latents, out, *extra))))
-    return td.train(args, log=lambda m: None)
 
 
 #################################################################################

@@ -5,7 +5,7 @@ import torch
 import stage2_train_dit
 from common.errors import PipelineError
 from common.io import save_safetensors
-from helpers import TINY_DIT_MODEL_FLAGS, USERS, make_module, tiny_dit, write_malicious
+from helpers import TINY_CLASSIFIER_FLAGS, TINY_DIT_MODEL_FLAGS, USERS, make_module, tiny_dit, write_malicious
 from training.finetune import partial_trainable
 from training.init_from import CLASS_TABLE, initialise_from, load_pretrained, resize_class_table, suggest_flags
 
@@ -161,7 +161,7 @@ def test_stage2_end_to_end_with_init_from(published, latent_dir, tmp_path, capsy
     path, _, ema = published
     out = tmp_path / "run"
     stage2_train_dit.main(["--latent_dir", str(latent_dir), "--output_dir", str(out), *TINY_DIT_MODEL_FLAGS,
-                           "--precision", "32-true", "--accelerator", "cpu", "--max_steps", "4",
+                           *TINY_CLASSIFIER_FLAGS, "--precision", "32-true", "--accelerator", "cpu", "--max_steps", "4",
                            "--batch_size", "8", "--checkpoint_every_n_steps", "2", "--init_from", str(path),
                            "--finetune", "partial"])
     assert "initialised from" in capsys.readouterr().out

@@ -14,8 +14,8 @@ from common.errors import PipelineError
 from common.io import load_safetensors, save_safetensors
 from generation.cli import GenerateOptions
 from generation.generate import check_sampling, generate, load_generator
-from helpers import (TINY_DIT, TINY_DIT_MODEL_FLAGS, assert_user_error, make_module, make_tokenizer, run_main,
-                     tiny_dit)
+from helpers import (TINY_CLASSIFIER_FLAGS, TINY_DIT, TINY_DIT_MODEL_FLAGS, assert_user_error, make_module,
+                     make_tokenizer, run_main, tiny_dit)
 from models.checkpoint import PipelineInfo, load_checkpoint
 from models.lightningdit import TIME_SHIFT_TABLE, LightningDiT, model_config
 from models.transport import guidance_switches, guided_velocity, sample_ode
@@ -171,8 +171,8 @@ def test_time_shift_aug_must_be_a_probability(latent_dir, tmp_path, capsys):
 #################################################################################
 
 def stage2(latents, out, *extra) -> list[str]:
-    return ["--latent_dir", latents, "--output_dir", out, *TINY_DIT_MODEL_FLAGS, "--precision", "32-true",
-            "--accelerator", "cpu", "--batch_size", "4", *extra]
+    return ["--latent_dir", latents, "--output_dir", out, *TINY_DIT_MODEL_FLAGS, *TINY_CLASSIFIER_FLAGS,
+            "--precision", "32-true", "--accelerator", "cpu", "--batch_size", "4", *extra]
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import stage2_train_dit
 from common.errors import PipelineError
 from generation.cli import GenerateOptions
 from generation.generate import generate, load_generator
-from helpers import TINY_DIT_MODEL_FLAGS, make_module, make_tokenizer
+from helpers import TINY_CLASSIFIER_FLAGS, TINY_DIT_MODEL_FLAGS, make_module, make_tokenizer
 from models.lightningdit import LightningDiT
 from models.checkpoint import ema_state_dict, merge_lora_state
 from training.callbacks import HalfPrecisionBase
@@ -34,7 +34,8 @@ def inputs(n: int = 4, seed: int = 0):
 
 def stage2(latent_dir, out, path, *extra):
     stage2_train_dit.main(["--latent_dir", str(latent_dir), "--output_dir", str(out), *TINY_DIT_MODEL_FLAGS,
-                           "--precision", "32-true", "--accelerator", "cpu", "--batch_size", "8",
+                           *TINY_CLASSIFIER_FLAGS, "--precision", "32-true", "--accelerator", "cpu",
+                           "--batch_size", "8",
                            "--checkpoint_every_n_steps", "2", "--val_every_n_epochs", "1000", "--init_from", str(path),
                            "--finetune", "lora", "--lora_rank", str(RANK), "--lora_alpha", "8", "--lr", "1e-2", *extra])
 
@@ -165,7 +166,8 @@ def test_lora_resume_after_crash_is_exact(published, latent_dir, tmp_path, monke
 def test_lora_needs_init_from(latent_dir, tmp_path):
     with pytest.raises(PipelineError, match="--finetune lora.*--init_from"):
         stage2_train_dit.main.__wrapped__(["--latent_dir", str(latent_dir), "--output_dir", str(tmp_path),
-                                           *TINY_DIT_MODEL_FLAGS, "--finetune", "lora", "--accelerator", "cpu"])
+                                           *TINY_DIT_MODEL_FLAGS, *TINY_CLASSIFIER_FLAGS, "--finetune", "lora",
+                                           "--accelerator", "cpu"])
 
 
 @pytest.mark.slow

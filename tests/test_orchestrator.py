@@ -1,18 +1,20 @@
-"""The orchestrator redoes a stage whose input files changed, and prints commands a shell takes back (issue 18: 8
-and its smaller notes); the demo ends with its results (issue 21: 8)."""
+"""The orchestrator skips a finished stage only while its flags, its input files and the stage before it are
+unchanged, redoes it otherwise and says why, prints commands a shell takes back, takes paths as the user's shell
+means them, and the demo ends with its results. Stage processes are replaced by a recorder except where a test
+says it runs one."""
 import argparse
 import os
 import shlex
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
 import pipeline.orchestrate as orch
 from common.errors import PipelineError
-from helpers import make_dataset, track_image
-
-pytestmark = pytest.mark.slow   # the orchestrator runs stages as subprocesses
-
+from common.io import read_safetensors_metadata
+from helpers import PYTHON, ROOT, make_dataset, track_image
 
 def _fake_stages(monkeypatch) -> list[list[str]]:
     """Stage processes replaced by a recorder of their command lines (each 'succeeds')."""
@@ -92,6 +94,86 @@ def test_git_lfs_pointer_is_named_as_one(tmp_path):
         (tmp_path / name).write_text(pointer)
         with pytest.raises(PipelineError, match=r"is a Git LFS pointer .*git lfs pull"):
             load_vavae(tmp_path / name)
+
+#################################################################################
+#                     Interrupted, changed and forced stages                    #
+#################################################################################
+
+def test_orchestrator_reruns_a_stage_without_marker(tmp_path, monkeypatch):
+    calls, codes = [], [1, 0]
+    monkeypatch.setattr(orch.subprocess, "call", lambda cmd, cwd=None: calls.append(cmd) or codes.pop(0))
+    args = argparse.Namespace(output_dir=str(tmp_path), stages=[1], force=False, generate_user_ids=[1],
+                              data_dir="d", vavae_path="v", batch_size=4, devices=1, max_epochs=1,
+                              num_samples_per_user=1)
+    marker = tmp_path / orch.STAGE_DIRS[1] / orch.DONE_MARKER
+    with pytest.raises(PipelineError, match=r"stage 1 failed \(exit code 1\).*finished stages are skipped"):
+        orch.run_pipeline(args, [], log=lambda m: None)
+    assert not marker.exists() and len(calls) == 1
+    orch.run_pipeline(args, [], log=lambda m: None)            # interrupted stage: run again
+    assert marker.is_file() and len(calls) == 2
+    logged = []
+    orch.run_pipeline(args, [], log=logged.append)              # finished: skipped
+    assert len(calls) == 2 and "already complete" in logged[0]
+    marker.unlink()
+    codes.append(0)
+    orch.run_pipeline(args, [], log=lambda m: None)             # marker gone: the stage runs again
+    assert len(calls) == 3
+
+
+def _pipeline_args(out: Path, **overrides) -> argparse.Namespace:
+    values = dict(output_dir=str(out), stages=[2, 3], force=False, generate_user_ids=[1], data_dir="d",
+                  vavae_path="v", batch_size=4, devices=1, max_epochs=1, num_samples_per_user=1)
+    return argparse.Namespace(**{**values, **overrides})
+
+
+def test_orchestrator_reruns_a_stage_whose_flags_changed(tmp_path, monkeypatch):
+    calls, logged = _fake_stages(monkeypatch), []
+    orch.run_pipeline(_pipeline_args(tmp_path), ["--guidance_scale", "2"], log=lambda m: None)
+    assert len(calls) == 2
+    orch.run_pipeline(_pipeline_args(tmp_path), ["--guidance_scale", "2"], log=logged.append)    # same: both skipped
+    assert len(calls) == 2 and sum("already complete" in m for m in logged) == 2
+    logged.clear()
+    orch.run_pipeline(_pipeline_args(tmp_path, generate_user_ids=[2, 3]), ["--num_steps", "3"], log=logged.append)
+    assert len(calls) == 3 and calls[-1][1].endswith("stage3_inference.py")
+    assert calls[-1][calls[-1].index("--user_ids") + 1:][:2] == ["2", "3"]
+    redone = next(m for m in logged if "stage 3: redone" in m)
+    assert "--user_ids: 1 -> 2 3" in redone and "--num_steps 3 added" in redone and "--guidance_scale 2 removed" in redone
+    assert "stage 2: already complete" in logged[0]
+    # Stage 2 redone (its flags changed): stage 3, made from the old model, is redone too.
+    logged.clear()
+    orch.run_pipeline(_pipeline_args(tmp_path, max_epochs=2, generate_user_ids=[2, 3]), ["--num_steps", "3"],
+                      log=logged.append)
+    assert [c[1].rsplit("/", 1)[-1] for c in calls[3:]] == ["stage2_train_dit.py", "stage3_inference.py"]
+    assert any("--max_epochs: 1 -> 2" in m for m in logged)
+    assert any("stage 3: redone (the stage before it was redone since)" in m for m in logged)
+
+
+def test_orchestrator_force_trains_stage2_anew(tmp_path, monkeypatch):
+    calls = _fake_stages(monkeypatch)
+    orch.run_pipeline(_pipeline_args(tmp_path, stages=[2]), [], log=lambda m: None)
+    assert "--restart" not in calls[-1]                    # an interrupted run resumes
+    orch.run_pipeline(_pipeline_args(tmp_path, stages=[2], force=True), [], log=lambda m: None)
+    assert len(calls) == 2 and "--restart" in calls[-1]
+    logged = []
+    orch.run_pipeline(_pipeline_args(tmp_path, stages=[2]), [], log=logged.append)   # --restart is not a change
+    assert len(calls) == 2 and "already complete" in logged[0]
+
+
+@pytest.mark.slow
+def test_orchestrator_from_another_folder_with_relative_paths(tmp_path, tokenizer):
+    """Paths mean what they mean in the user's shell: data, tokenizer, outputs and markers."""
+    work = tmp_path / "work"
+    make_dataset(work / "data", users=("ID_1", "ID_2"), per_user=2, val_per_user=2)
+    shutil.copy(tokenizer, work / "tok.safetensors")
+    proc = subprocess.run([PYTHON, str(ROOT / "run_complete_pipeline.py"), "--data_dir", "data", "--vavae_path",
+                           "tok.safetensors", "--output_dir", "out", "--stages", "1", "--batch_size", "4",
+                           "--image_size", "64", "--num_workers", "0"],
+                          cwd=work, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stage1 = work / "out" / "latent_features"
+    assert (stage1 / "train.safetensors").is_file() and (stage1 / ".stage_complete.json").is_file()
+    assert read_safetensors_metadata(stage1 / "train.safetensors")["user_numbers"] == [1, 2]
 
 
 #################################################################################

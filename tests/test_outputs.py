@@ -1,5 +1,7 @@
 """Outputs are replaced together or not at all: a disk that fills up (here a file-size limit, `ulimit -f`) ends
-with a message naming the folder and leaves the previous result; stage 3 never writes NaN samples."""
+with a message naming the folder and leaves the previous result; a kill while files are written or moved in
+leaves no half-written file and is seen by the next stage; a rerun leaves only its own samples; stage 3 never
+writes NaN samples."""
 import os
 import resource
 import signal
@@ -15,7 +17,8 @@ import models.sampling as sampling
 from generation.cli import GenerateOptions
 from common.errors import PipelineError, cli_entry, is_out_of_space
 from common.io import save_safetensors, save_torch, write_text
-from helpers import PYTHON, ROOT, assert_user_error, make_tokenizer, write_generator_checkpoint
+from helpers import (PYTHON, ROOT, assert_user_error, load_ckpt, make_dataset, make_tokenizer,
+                     write_generator_checkpoint)
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 USERS, NUMBERS = ["ID_1", "ID_2", "ID_3"], [1, 2, 3]
@@ -161,3 +164,109 @@ def test_stage3_refuses_to_write_nonfinite_samples(tmp_path, files, monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("error")   # a finite run warns of nothing
         run_generate(files, tmp_path / "gen", [2])
+
+#################################################################################
+#                       Interrupted writes and reruns                           #
+#################################################################################
+
+@pytest.mark.slow
+def test_stage3_rerun_leaves_only_this_runs_samples(tmp_path, trained, tokenizer):
+    ckpt, out = str(trained / "checkpoints" / "last.ckpt"), tmp_path / "gen"
+    flags = dict(dit_checkpoint=ckpt, vavae_path=str(tokenizer), output_dir=str(out), num_steps=2, device="cpu")
+    gen.generate(GenerateOptions.defaults(user_ids=[1, 10], num_samples_per_user=2, **flags), log=lambda m: None)
+    mine = ["notes.txt", "micro_doppler_user01_001.jpg", "my_micro_doppler_user01_001.png"]
+    for name in mine:                          # the user's own files, not of the project's naming
+        (out / name).write_text("keep me")
+    logged = []
+    gen.generate(GenerateOptions.defaults(user_ids=[2], num_samples_per_user=1, **flags), log=logged.append)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["micro_doppler_grid.png", "micro_doppler_user02_001.png", *mine])
+    assert "removed 4 sample(s) of an earlier run" in logged[-1]
+
+
+def test_interrupted_write_leaves_no_final_file(tmp_path, monkeypatch):
+    import common.io
+    target = tmp_path / "sub" / "train.safetensors"
+
+    def dies_midway(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(common.io, "save_file", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        save_safetensors({"x": torch.zeros(3)}, target)
+    assert not target.exists() and not list(target.parent.iterdir())   # no temporary file left either
+    monkeypatch.undo()
+    save_safetensors({"x": torch.zeros(3)}, target)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask   # not mkstemp's 0600
+
+
+@pytest.mark.slow
+def test_interrupted_stage1_is_not_finished_work(tmp_path, tokenizer, monkeypatch):
+    import data.latents as latents_mod
+    from data.cli import ExtractOptions
+    real = latents_mod.encode_all
+
+    def dies_on_val(*args, **kwargs):
+        if args[-1] == "stage 1 val":
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(latents_mod, "encode_all", dies_on_val)
+    data = make_dataset(tmp_path / "data", users=("ID_1", "ID_2"), per_user=3)
+    with pytest.raises(KeyboardInterrupt):
+        latents_mod.extract_features(ExtractOptions.defaults(data_dir=str(data), vavae_path=str(tokenizer),
+                                                             output_path=str(tmp_path / "out"), batch_size=4,
+                                                             image_size=64), log=lambda m: None)
+    assert not (tmp_path / "out" / "val.safetensors").exists()
+    assert not (tmp_path / "out" / "latent_stats.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_stage3_killed_while_moving_its_samples_in_is_detected(tmp_path, trained, tokenizer, monkeypatch, capsys):
+    """Stage 3 and stage 1 share one staged write (common.io.replaced_together): a kill between two of its
+    renames leaves a marker that stage 4 refuses, naming stage 3."""
+    import common.io
+    real, moved = os.replace, []
+
+    def killed_after_the_first_sample(src, dst):
+        if Path(src).parent.name == common.io.STAGING_DIR:
+            if moved:
+                raise KeyboardInterrupt
+            moved.append(dst)
+        return real(src, dst)
+
+    monkeypatch.setattr(common.io.os, "replace", killed_after_the_first_sample)
+    gen = tmp_path / "gen"
+    with pytest.raises(KeyboardInterrupt):
+                gen.generate(GenerateOptions.defaults(dit_checkpoint=str(trained / "checkpoints" / "best.ckpt"),
+                                          vavae_path=str(tokenizer), output_dir=str(gen), user_ids=[1, 2],
+                                          num_samples_per_user=2, num_steps=2), log=lambda m: None)
+    monkeypatch.undo()
+    assert len(list(gen.glob("micro_doppler_*.png"))) == 1   # one of the five moved in
+    data = make_dataset(tmp_path / "data", users=("ID_1", "ID_2", "ID_10"), per_user=2, val_per_user=1)
+    proc = run_main(capsys, "stage4_evaluate.py", "--data_dir", data, "--generated_dir", gen, "--output_dir",
+                    tmp_path / "eval", "--image_size", 64)
+    assert_user_error(proc, r"a stage 3 run stopped while moving its samples", r"Rerun stage 3")
+
+
+def test_checkpoint_interrupted_mid_save_keeps_the_previous_one(tmp_path, monkeypatch):
+    """Stage 2's checkpoints go through atomic_path: a kill mid-save leaves last.ckpt as it was."""
+    import common.io
+    from training.callbacks import AtomicCheckpointIO
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"global_step": 5, "w": torch.ones(3)}, path)
+    real_save = torch.save
+
+    def dies_midway(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        Path(f).write_bytes(Path(f).read_bytes()[:100])   # truncated, then killed
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(common.io.torch, "save", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        AtomicCheckpointIO().save_checkpoint({"global_step": 10, "w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert load_ckpt(path)["global_step"] == 5 and [p.name for p in path.parent.iterdir()] == ["last.ckpt"]

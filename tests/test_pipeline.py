@@ -10,8 +10,8 @@ from PIL import Image
 from common.config import parse_args
 from common.io import file_sha256, load_safetensors
 from data.images import read_image
-from helpers import (IMAGE_SIZE, TINY_DIT_MODEL_FLAGS, make_dataset, make_tokenizer, run_stage, stage1_args,
-                     stage2_args)
+from helpers import (IMAGE_SIZE, TINY_CLASSIFIER_FLAGS, TINY_DIT_MODEL_FLAGS, make_dataset, make_tokenizer,
+                     run_stage, stage1_args, stage2_args)
 from models.vavae import load_vavae
 
 pytestmark = pytest.mark.slow   # every test runs stages
@@ -174,7 +174,7 @@ def test_orchestrator_runs_skips_and_passes_flags(trained, tmp_path):
     common = ["run_complete_pipeline.py", "--data_dir", trained["data"], "--vavae_path", trained["tokenizer"],
               "--output_dir", out, "--batch_size", 4, "--max_epochs", 1, "--generate_user_ids", 2,
               "--num_samples_per_user", 2, "--stages", 1, 2, 3, "--image_size", IMAGE_SIZE, *TINY_DIT_MODEL_FLAGS,
-              "--precision", "32-true", "--num_steps", 2]
+              *TINY_CLASSIFIER_FLAGS, "--precision", "32-true", "--num_steps", 2]
     r = run_stage(*common, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(p.name for p in (out / "generated_images").glob("*.png")) == [
