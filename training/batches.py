@@ -3,7 +3,7 @@
 The latents live on the training device for the whole run (DiTTrainingModule's buffers), so a "dataloader" is a
 list of indices. A training batch is a pure function of (seed, global step, rank): epoch-wise permutations seeded
 by (seed, epoch), cut into world x batch_size slices. That makes a resume exact even mid-epoch (Lightning's own
-sampler could not know) and keeps the step free of host-to-device copies. tests/test_robustness.py's kill -9
+sampler could not know) and keeps the step free of host-to-device copies. tests/test_resume.py's kill -9
 tests check that a resumed run ends with an uninterrupted run's weights.
 """
 import math

@@ -153,7 +153,7 @@ class KeepMetricsHistory(pl.Callback):
         # without gradient accumulation it is the global step, as in an uninterrupted run. A private attribute
         # (no public setter; logging a "step" metric would drop the step column's meaning for epoch-end rows),
         # behind training/lightning_private.py's fence: checked on Lightning 2.2.1, 2.3.3, 2.4.0, 2.5.0 and 2.6.6;
-        # test_robustness's kill -9 test, which the minimum-version CI run (.ci/run) includes, compares
+        # tests/test_resume.py's kill -9 test, which the minimum-version CI run (.ci/run) includes, compares
         # metrics.csv with an uninterrupted run's.
         stepped = lightning_private.set_logging_step(trainer, trainer.global_step)
         if not stepped and self.resumed and not self.noted and trainer.is_global_zero:
