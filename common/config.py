@@ -6,6 +6,7 @@ decay of 1.5) stops with exit code 2 and the flag's name before any model is loa
 """
 import argparse
 import importlib
+import inspect
 import math
 import sys
 from dataclasses import fields, make_dataclass
@@ -52,6 +53,10 @@ class Number:
                  low_open: bool = False, high_open: bool = False, name: str = "number"):
         self.kind, self.low, self.high, self.low_open, self.high_open = kind, low, high, low_open, high_open
         self.__name__ = name   # argparse names the type by it
+        # What inspect.signature reports for this checker (options_class types a field by it): text -> `kind`,
+        # where __call__'s own annotation can only say int | float.
+        self.__signature__ = inspect.Signature(
+            [inspect.Parameter("text", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str)], return_annotation=kind)
 
     def describe(self) -> str:
         what = "an integer" if self.kind is int else "a finite number"
@@ -274,11 +279,45 @@ class Options:
         return cls(**{name: args[name] for name in names})
 
 
+def returned_type(convert: Callable[[str], Any]) -> Any:
+    """What an argparse `type=` returns: a class itself (str, int), else the callable's return annotation
+    (the Number checkers report their kind through their signature); Any when it has none."""
+    if isinstance(convert, type):
+        return convert
+    try:
+        returned = inspect.signature(convert, eval_str=True).return_annotation
+    except (TypeError, ValueError, NameError):   # no signature to read (some builtins), or an unresolvable name
+        return Any
+    return Any if returned is inspect.Signature.empty else returned
+
+
+def flag_type(action: argparse.Action, required: bool = False) -> Any:
+    """The type of the value parsing leaves for a flag: bool for a switch; else what its `type=` returns, the
+    type of its choices, of its default, or str (argparse hands the text on); list[...] of that for nargs "+"
+    or "*"; `| None` when it defaults to None and is not `required` (its command or argparse refuses it unset).
+    """
+    if action.nargs == 0:   # store_true / store_false
+        return bool
+    if action.type is not None:
+        item = returned_type(action.type)
+    elif action.choices is not None and len({type(c) for c in action.choices}) == 1:
+        item = type(next(iter(action.choices)))
+    elif action.default is not None and not isinstance(action.default, (list, tuple)):
+        item = type(action.default)
+    else:
+        item = str
+    value = list[item] if action.nargs in ("+", "*") else item
+    return value | None if action.default is None and not (required or action.required) else value
+
+
 def options_class(name: str, build_parser: Callable[[], argparse.ArgumentParser], required: Sequence[str],
                   module: str) -> type:
     """A frozen Options dataclass `name` (defined in `module`) with one field per flag of build_parser() but
-    --help and --config; `required` names the flags it cannot do without."""
-    flags = [(a.dest, Any) for a in build_parser()._actions if a.dest not in ("help", "config")]
+    --help and --config, typed as parsing leaves it (flag_type); `required` names the flags it cannot do
+    without (parse_args and defaults() refuse them unset, so their fields are not Optional; stage 2's
+    --check_memory alone builds TrainOptions without that check, and reads --latent_dir as optional)."""
+    flags = [(a.dest, flag_type(a, a.dest in required)) for a in build_parser()._actions
+             if a.dest not in ("help", "config")]
     return make_dataclass(name, flags, bases=(Options,), frozen=True,
                           namespace={"__module__": module, "build_parser": staticmethod(build_parser),
                                      "required": tuple(required)})
