@@ -6,9 +6,10 @@ import re
 import pytest
 
 from common import progress
-from helpers import make_dataset, track_image
+from helpers import make_dataset, track_image, train_in_process
 from tokenizer.cli import TokenizerOptions
 from tokenizer.train import train_tokenizer
+from training import callbacks
 
 STEPS, BUDGET_S = 10_000, 25 * 60       # the tokenizer's --steps default-sized run with --max_minutes 25
 INTERVAL = r"(?:(\d+):)?(\d+):(\d+)"     # tqdm.format_interval: [H:]MM:SS
@@ -100,3 +101,22 @@ def test_the_tokenizer_progress_follows_max_minutes(tmp_path, capsys, one_thread
         left = time_left(line)
         assert left == "?" or seconds(left.removeprefix("at most ")) <= 3, line
     assert seconds(time_left(lines[-1])) == 0 and "(100%)" in lines[-1], lines[-1]
+
+
+@pytest.mark.slow
+def test_stage2_terminal_bar_counts_the_run_not_the_epoch(tmp_path, latent_dir, monkeypatch, one_thread):
+    """In a terminal, stage 2's bar runs over all the run's steps across epochs (Lightning's own restarts every
+    epoch, so its time left was the epoch's), and a resumed run's bar starts at the resumed step."""
+    seen = []
+
+    def record_end(self, *args):
+        bar = self.train_progress_bar
+        seen.append((bar.initial, bar.n, bar.total))
+        bar.close()
+    monkeypatch.setattr(callbacks, "is_terminal", lambda: True)
+    monkeypatch.setattr(callbacks.RunProgressBar, "on_train_end", record_end)
+    flags = ("--val_every_n_epochs", 1000, "--classifier_steps", 0, "--val_identity_samples", 0)
+    # latent_dir: 24 train latents, batch 4 -> 6 steps an epoch; 9 steps span two epochs, then resume to 15.
+    train_in_process(latent_dir, tmp_path / "run", "--max_steps", 9, *flags)
+    train_in_process(latent_dir, tmp_path / "run", "--max_steps", 15, *flags)
+    assert seen == [(0, 9, 9), (9, 15, 15)]

@@ -52,8 +52,31 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def progress_callback() -> pl.callbacks.ProgressBar:
-    """A tqdm bar in a terminal; in a log (Kaggle, CI, nohup) a plain line now and then."""
-    return TQDMProgressBar(refresh_rate=10) if is_terminal() else LineProgress()
+    """A tqdm bar in a terminal; in a log (Kaggle, CI, nohup) a plain line now and then. Both count the run's
+    optimizer steps, so the time left is the run's, not the epoch's."""
+    return RunProgressBar(refresh_rate=10) if is_terminal() else LineProgress()
+
+
+class RunProgressBar(TQDMProgressBar):
+    """Lightning's terminal bar over the whole run: Lightning's own restarts at every epoch, so its "left" was the
+    epoch's (seconds) while the run had hours to go. Here the total is the run's optimizer steps
+    (trainer.estimated_stepping_batches: --max_steps, or epochs x steps per epoch), the count is the global step,
+    and a resumed run's rate counts only the steps this process trained."""
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)   # makes the bar; a resumed run's step is restored by now
+        bar = self.train_progress_bar
+        bar.reset(total=int(trainer.estimated_stepping_batches))
+        bar.initial = bar.n = trainer.global_step
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *_: Any) -> None:
+        self.train_progress_bar.set_description(f"stage 2, epoch {trainer.current_epoch}")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        bar, step, total = self.train_progress_bar, trainer.global_step, int(trainer.estimated_stepping_batches)
+        if step % self.refresh_rate == 0 or step >= total:
+            bar.total, bar.n = total, step
+            bar.set_postfix(self.get_metrics(trainer, pl_module))   # refreshes the bar
 
 
 class LineProgress(pl.callbacks.ProgressBar):

@@ -12,6 +12,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
+from common.progress import progress_bar
 from models.latent_classifier import CLASSIFIER_STEPS, NoisyLatentClassifier, classifier_entry
 from models.transport import DEFAULT_SHIFT, guided_velocity, sample_ode
 
@@ -24,16 +25,18 @@ IDENTITY_STEPS = 8           # sampler steps of the identity score: a preview, a
 
 def train_latent_classifier(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int, seed: int = 0,
                             steps: int = CLASSIFIER_STEPS, batch_size: int = CLASSIFIER_BATCH,
-                            lr: float = CLASSIFIER_LR) -> NoisyLatentClassifier:
+                            lr: float = CLASSIFIER_LR, progress: bool = False) -> NoisyLatentClassifier:
     """A NoisyLatentClassifier trained on (x_t, t) -> user, x_t = t x1 + (1 - t) x0 with t ~ U[0, 1] and fresh noise
     each step. train_x: (N, C, H, W) normalised latents on the training device; train_y: (N,) int64 classes.
     AdamW with a cosine lr; every draw comes from a generator seeded by `seed`, so every rank of a DDP run (and a
-    rerun) trains the same classifier. Returns it in eval mode, frozen, on train_x's device."""
+    rerun) trains the same classifier. progress: a bar (or a line now and then) over its steps, for the one rank
+    that shows it. Returns it in eval mode, frozen, on train_x's device."""
     device = train_x.device
     classifier = NoisyLatentClassifier(train_x.shape[1], num_classes).to(device)
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=lr, weight_decay=CLASSIFIER_WEIGHT_DECAY)
     generator = torch.Generator(device).manual_seed(seed + 777)
-    for step in range(steps):
+    for step in progress_bar(range(steps), desc="stage 2: noisy-latent user classifier", unit="step",
+                             disable=not progress):
         for group in optimizer.param_groups:
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
         idx = torch.randint(len(train_x), (batch_size,), device=device, generator=generator)
@@ -66,7 +69,7 @@ class LatentClassifierTraining(pl.Callback):
             return
         started, num_classes = time.monotonic(), pl_module.model.num_classes
         classifier = train_latent_classifier(pl_module.train_x, pl_module.train_y, num_classes, seed=self.seed,
-                                             steps=self.steps)
+                                             steps=self.steps, progress=trainer.is_global_zero)
         pl_module.info.latent_classifier = classifier_entry(classifier)
         if trainer.is_global_zero:
             accuracy = classifier_accuracy(classifier, pl_module.val_x, pl_module.val_y, seed=self.seed)
