@@ -1,11 +1,11 @@
 """Devices and precisions from the command line, and what the hardware really runs: the one vocabulary of
 every command.
 
-Devices: device_word (the flags' type: auto, cpu, cuda or cuda:N; "gpu" is cuda) and resolve_device (a word to a
-torch.device, with a message instead of a CUDA traceback). Precisions: precision_word (32-true, 16-mixed,
-bf16-mixed and their aliases) and resolve_precision (the one asked for, or the nearest this device runs
-natively). bf16_supported says where bf16 is native (not emulated); check_cuda_usable says why a GPU run cannot
-use CUDA here instead of letting it run on the CPU.
+Devices: device_word (the flags' type: auto, cpu, cuda or cuda:N; "gpu" is cuda), add_device_flag (the --device
+of every command that takes one) and resolve_device (a word to a torch.device, with a message instead of a CUDA
+traceback). Precisions: precision_word (32-true, 16-mixed, bf16-mixed and their aliases) and resolve_precision
+(the one asked for, or the nearest this device runs natively). bf16_supported says where bf16 is native (not
+emulated); check_cuda_usable says why a GPU run cannot use CUDA here instead of letting it run on the CPU.
 """
 import argparse
 import os
@@ -17,6 +17,7 @@ import warnings
 import torch
 
 from common.errors import PipelineError
+from common.flag_groups import FlagGroup
 
 DEVICE_WORDS = "auto (CUDA when present), cpu, cuda or cuda:N"
 # --precision values that train correctly, and the aliases Lightning also takes for them (fp32: the tokenizer's).
@@ -35,6 +36,12 @@ def device_word(text: str) -> str:
     if word in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", word):
         return word
     raise argparse.ArgumentTypeError(f"{text!r} is not a device; use {DEVICE_WORDS}")
+
+
+def add_device_flag(group: FlagGroup) -> None:
+    """--device, one device word (device_word), auto by default: the flag of every command that runs on one
+    device, or one per process (common/flag_groups.py holds the other flags several commands share)."""
+    group.add_argument("--device", type=device_word, default="auto", help=DEVICE_WORDS)
 
 
 def device_type(word: str) -> str:
