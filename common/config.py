@@ -130,10 +130,11 @@ def distinct_message(repeated: list[Any], dest: str) -> str:
 #                                  Config files                                 #
 #################################################################################
 
-def add_config_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=str, default=None,
-                        help="YAML file whose keys are flag names (without --); flags given here win. Keys of "
-                             "other stages are passed over with a note")
+def add_config_flag(parser: argparse.ArgumentParser,
+                    help: str = "YAML file whose keys are flag names (without --); flags given here win. Keys of "
+                                "other stages are passed over with a note") -> None:
+    """--config, a YAML file of flag values (load_config; the orchestrator's holds any command's keys)."""
+    parser.add_argument("--config", type=str, default=None, help=help)
 
 
 def flag_key(key: str) -> str:
