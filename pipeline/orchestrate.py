@@ -61,7 +61,11 @@ def flag_groups(tokens: list[str]) -> list[list[str]]:
 
 
 def split_extra_flags(extra: list[str], parsers: dict[int, argparse.ArgumentParser]) -> dict[int, list[str]]:
-    """Route each `--flag [values...]` to every stage whose parser knows it; unknown flags are an error."""
+    """Route each `--flag [values...]` to every stage whose parser knows it; unknown flags are an error.
+
+    The stage parsers are the one record of which stage takes what (a list of the flag groups each stage takes
+    would be a second one); a flag several stages share reads the one value given here alike in each, its
+    definition being common/flag_groups.py's (tests/test_options.py checks both)."""
     routed: dict[int, list[str]] = {s: [] for s in parsers}
     for group in flag_groups(extra):
         takers = [s for s, p in parsers.items() if group[0] in flag_names(p)]
