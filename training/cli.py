@@ -22,9 +22,8 @@ def accelerator_word(text: str) -> str:
     return word
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = new_parser(DESCRIPTION)
-    add_config_flag(p)
+def add_data_flags(p: argparse.ArgumentParser) -> None:
+    """Stage 2's "data" flags."""
     data = p.add_argument_group("data")
     data.add_argument("--latent_dir", help="stage 1 output (train/val.safetensors, latent_stats.safetensors)")
     add_output_dir_flag(data, "writes checkpoints/, lightning_logs/, loss_curve.png")
@@ -32,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--time_shift_aug", type=probability, default=0.0,
                       help="probability of shifting a training latent circularly along time, the shift given to the "
                            "DiT as a condition that is 0 at sampling (non-leaking augmentation; 0 = off)")
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """Stage 2's "model" flags."""
     model = p.add_argument_group("model")
     model.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(LightningDiT_models),
                        help="LightningDiT size/patch")
@@ -41,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--use_qknorm", action="store_true", help="RMS-normalise q and k (stabler at high lr)")
     model.add_argument("--grad_checkpointing", action="store_true", help="recompute activations: less memory")
     model.add_argument("--compile", action="store_true", help="torch.compile the model")
+
+
+def add_optimisation_flags(p: argparse.ArgumentParser) -> None:
+    """Stage 2's "optimisation" flags."""
     optimisation = p.add_argument_group("optimisation")
     add_max_epochs_flag(optimisation, 100, "passes over the train latents")
     optimisation.add_argument("--max_steps", type=positive_int, default=None,
@@ -53,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                               help="AdamW weight decay (not on norms, biases, class table)")
     optimisation.add_argument("--grad_clip", type=non_negative_float, default=1.0, help="0 disables")
     add_seed_flag(optimisation, "initial weights and every batch")
+
+
+def add_loss_flags(p: argparse.ArgumentParser) -> None:
+    """Stage 2's "loss" flags."""
     loss = p.add_argument_group("loss")
     loss.add_argument("--timestep_sampling", default="uniform", choices=["uniform", "logit_normal"],
                       help="training t distribution")
@@ -61,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     loss.add_argument("--contrastive_weight", type=non_negative_float, default=0.0,
                       help="contrastive flow matching (Delta-FM): push each user's flow away from other users' "
                            "targets with this weight (0 = off; the paper uses 0.05)")
+
+
+def add_precision_and_devices_flags(p: argparse.ArgumentParser) -> None:
+    """Stage 2's "precision and devices" flags."""
     devices = p.add_argument_group("precision and devices")
     add_devices_flag(devices, "processes (GPUs) per node; DDP when more than one")
     devices.add_argument("--num_nodes", type=positive_int, default=1, help="machines")
@@ -71,17 +86,29 @@ def build_parser() -> argparse.ArgumentParser:
                          help="32-true; 16-mixed (fp16 with loss scaling, e.g. a T4); bf16-mixed where bf16 is native "
                               "(GPUs of compute capability >= 8.0, CPUs with AVX512-BF16/AMX), else 16-mixed on a GPU "
                               "and 32-true on a CPU, with a warning. Aliases: 32, 16, bf16")
+
+
+def add_ema_flags(p: argparse.ArgumentParser) -> None:
+    """Stage 2's "EMA" flags."""
     ema = p.add_argument_group("EMA")
     ema.add_argument("--ema_decay", type=below_one, default=0.9995,
                      help="EMA of the weights (validation and sampling use it)")
     ema.add_argument("--ema_std", type=ema_width, default=None, metavar="SIGMA_REL",
                      help="power-function EMA of this relative width (EDM2; e.g. 0.05-0.15) instead of --ema_decay: "
                           "averages a fixed fraction of the run so far, so short runs are not held back")
+
+
+def add_guidance_training_flags(p: argparse.ArgumentParser) -> None:
+    """Stage 2's "guidance training" flags."""
     guidance = p.add_argument_group("guidance training")
     guidance.add_argument("--class_dropout_prob", type=below_one, default=0.1, help="label dropout for guidance")
     guidance.add_argument("--early_checkpoint_step", type=non_negative_int, default=None,
                           help="step at which checkpoints/early.ckpt (EMA weights, the guide of stage 3's "
                                "--guidance_checkpoint) is kept (default: 1/8 of the run; 0 = none)")
+
+
+def add_noisy_latent_classifier_flags(p: argparse.ArgumentParser) -> None:
+    """Stage 2's "noisy-latent classifier" flags."""
     classifier = p.add_argument_group("noisy-latent classifier")
     classifier.add_argument("--classifier_steps", type=non_negative_int, default=CLASSIFIER_STEPS,
                             help="steps of the noisy-latent user classifier trained on the train latents before the "
@@ -89,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     classifier.add_argument("--val_identity_samples", type=non_negative_int, default=8,
                             help="unguided EMA samples per user scored by that classifier at each validation: the "
                                  "val_identity metric (0 = off)")
+
+
+def add_repa_flags(p: argparse.ArgumentParser) -> None:
+    """Stage 2's "REPA" flags."""
     repa = p.add_argument_group("REPA")
     repa.add_argument("--repa_weight", type=non_negative_float, default=0.0,
                       help="REPA: align block --repa_depth's tokens with stage 1's repa_targets.safetensors (stage 1 "
@@ -97,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="REPA: the block whose tokens are aligned (default: a third of the depth, at least 1)")
     repa.add_argument("--repa_stop_step", type=non_negative_int, default=None,
                       help="REPA: weight the term 0 from this step on (HASTE's early stop; default: never)")
+
+
+def add_checkpoints_and_validation_flags(p: argparse.ArgumentParser) -> None:
+    """Stage 2's "checkpoints and validation" flags."""
     checkpoints = p.add_argument_group("checkpoints and validation")
     add_tokenizer_flag(checkpoints, "the stage 1 tokenizer: lets each validation decode a grid of samples (val_grids/)")
     checkpoints.add_argument("--val_every_n_epochs", type=positive_int, default=1,
@@ -109,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoints.add_argument("--log_every_n_steps", type=positive_int, default=10, help="metrics.csv cadence")
     checkpoints.add_argument("--restart", action="store_true",
                              help="start over: remove the previous run's last.ckpt and best.ckpt")
+
+
+def add_init_and_fine_tuning_flags(p: argparse.ArgumentParser) -> None:
+    """Stage 2's "init and fine-tuning" flags."""
     finetune = p.add_argument_group("init and fine-tuning")
     finetune.add_argument("--init_from", default=None, help="published LightningDiT weights to start from")
     finetune.add_argument("--finetune", default="full", choices=["full", "partial", "lora"],
@@ -119,11 +158,26 @@ def build_parser() -> argparse.ArgumentParser:
                           help="--finetune lora: scale alpha/rank (default rank)")
     finetune.add_argument("--backbone_lr_scale", type=non_negative_float, default=1.0,
                           help="lr factor for the transformer blocks")
+
+
+def add_memory_check_flags(p: argparse.ArgumentParser) -> None:
+    """Stage 2's "memory check" flags."""
     memory = p.add_argument_group("memory check")
     memory.add_argument("--check_memory", type=positive_float, default=None, metavar="GB",
                         help="only estimate the peak memory per device for these flags; exit 0 if it fits in GB")
     memory.add_argument("--skip_memory_check", action="store_true",
                         help="train on CUDA even if the estimate exceeds the free memory")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = new_parser(DESCRIPTION)
+    add_config_flag(p)
+    # One function per argument group (--help shows them in this order): a reader finds a flag by its concern.
+    for add_group in (add_data_flags, add_model_flags, add_optimisation_flags, add_loss_flags,
+                      add_precision_and_devices_flags, add_ema_flags, add_guidance_training_flags,
+                      add_noisy_latent_classifier_flags, add_repa_flags, add_checkpoints_and_validation_flags,
+                      add_init_and_fine_tuning_flags, add_memory_check_flags):
+        add_group(p)
     return p
 
 
