@@ -19,6 +19,7 @@ from data.cli import ExtractOptions
 from data.images import ImageFiles, User, crop_note, load_bank, scan_dataset, skip_message, skipped_count
 from data.latent_files import RUN_KEY, STAGE1_FILES, check_finite
 from data.repa_targets import TARGETS_FILE, build_targets
+from models.vavae import load_vavae, reconstruction_psnr
 
 LOCK_NAME = "stage1.lock"   # one stage 1 run per --output_path (common/lock.py)
 
@@ -70,7 +71,6 @@ def encode_items(vae, items: list[tuple[Path, int]], image_size: int, batch_size
 
 def _encode_shard(rank: int, world: int, vavae_path: str, items, image_size, batch_size, num_workers, out_dir: str):
     """One GPU's share of the files (spawned per device); results go to a temporary file."""
-    from models.vavae import load_vavae
     vae = load_vavae(vavae_path, device=f"cuda:{rank}")
     part = encode_items(vae, items[rank::world], image_size, batch_size, num_workers, f"cuda:{rank}", f"gpu{rank}",
                         position=rank)
@@ -82,7 +82,6 @@ def _encode_shard(rank: int, world: int, vavae_path: str, items, image_size, bat
 def encode_all(vavae_path: str, items: list[tuple[Path, int]], image_size: int, batch_size: int,
                num_workers: int, device: torch.device, devices: int, desc: str) -> Encoded:
     """Encode on `device`, or split the files over `devices` GPUs when it is CUDA without an index (order is kept)."""
-    from models.vavae import load_vavae
     n_gpu = torch.cuda.device_count() if device.type == "cuda" and device.index is None else 0
     if devices > 1 and n_gpu >= 2:
         devices = min(devices, n_gpu)
@@ -118,7 +117,6 @@ TOKENIZER_WARN_DB = 24.0
 def tokenizer_psnr_check(vavae_path: str, users: list[User], image_size: int, num_images: int, device: str,
                     log=print) -> dict[str, Any]:
     """Reconstruct ~num_images train images spread over the users; PSNR overall and for the worst user."""
-    from models.vavae import load_vavae, reconstruction_psnr
     per_user = max(1, -(-num_images // len(users)))
     picked = []     # per user, evenly spaced train files
     for user in users:
@@ -186,7 +184,6 @@ def extract_features(options: ExtractOptions, log=print) -> dict[str, Any]:
         users = scan_dataset(options.data_dir, log=log)
         dev = resolve_device(options.device)
         require_file(options.vavae_path, "tokenizer (--vavae_path)")
-        from models.vavae import load_vavae
         load_vavae(options.vavae_path)  # fail fast, before any work, on a wrong or broken file
         tokenizer_sha = file_sha256(options.vavae_path)
         out = Path(options.output_path)

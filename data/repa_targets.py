@@ -15,6 +15,7 @@ from common.errors import PipelineError
 from common.io import load_safetensors, require_file
 from common.progress import progress_bar
 from models.repa_encoders import SpectrogramEncoder, dinov2_from_state_dict
+from models.vavae import read_tokenizer_file
 
 TARGETS_FILE = "repa_targets.safetensors"
 REPA_ENCODERS = ("none", "auto", "dinov2", "spectrogram")
@@ -24,7 +25,6 @@ ENCODER_BATCH = 64
 
 def dinov2_of_tokenizer(vavae_path: str | Path):
     """The DINOv2 carried by the tokenizer file (models/repa_encoders.dinov2_from_state_dict), or None."""
-    from models.vavae import read_tokenizer_file
     tensors, _ = read_tokenizer_file(Path(vavae_path))
     return dinov2_from_state_dict(tensors)
 

@@ -20,6 +20,7 @@ from models.checkpoint import PipelineInfo, checkpoint_info, ema_state_dict, loa
 from models.lightningdit import LightningDiT
 from models.latent_classifier import NoisyLatentClassifier, classifier_from_entry
 from models.sampling import GRID_COLUMNS, class_indices, grid_image, sample_images
+from models.vavae import check_tokenizer_fits, load_vavae
 
 LOCK_NAME = "stage3.lock"   # one stage 3 run per --output_dir (common/lock.py)
 
@@ -165,7 +166,6 @@ def load_sampler(o: GenerateOptions, device: str, check_files: bool = True) -> C
         check_guide(info, guide_info, o.guidance_checkpoint)
     classifier = guidance_classifier(info, o.classifier_scale, o.classifier_interval_start,
                                      o.classifier_interval_end, o.dit_checkpoint, device)
-    from models.vavae import check_tokenizer_fits, load_vavae
     vae = load_vavae(o.vavae_path, device=device)
     check_tokenizer_fits(vae, o.vavae_path, info.image_size, info.model_config["in_channels"],
                          info.model_config["input_size"], f"the model of {o.dit_checkpoint} takes latents of",
