@@ -38,8 +38,8 @@ def main() -> None:
     p.add_argument("--samples_per_user", type=int, default=20)
     p.add_argument("--guidance_scale", type=float, default=2.0)
     p.add_argument("--configs", default=DEFAULT_CONFIGS, help="sampler:steps[:shift] ...; the first is the reference")
-    p.add_argument("--classifier_size", type=int, default=128)
-    p.add_argument("--classifier_epochs", type=int, default=8)
+    p.add_argument("--classifier_size", type=int, default=clf.ClassifierConfig.size)
+    p.add_argument("--classifier_max_steps", type=int, default=clf.ClassifierConfig.max_steps)
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--device", default="auto")
     p.add_argument("--json_out", default=None)
@@ -53,7 +53,7 @@ def main() -> None:
     train_labels = [c for c, u in enumerate(users) for _ in u.files["train"]]
     size = info.get("image_size", 256)
     train = load_set(train_files, train_labels, size, args.classifier_size)
-    cfg = clf.ClassifierConfig(image_size=size, size=args.classifier_size, epochs=args.classifier_epochs)
+    cfg = clf.ClassifierConfig(image_size=size, size=args.classifier_size, max_steps=args.classifier_max_steps)
     judge, _ = clf.load_or_train(Path(args.data_dir), Path(args.data_dir), [u.name for u in users], train.paths,
                                  train.images, train.labels, cfg, device)
     real_feats, _ = clf.extract(judge, train.images, 64, device)

@@ -19,12 +19,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--generated_dir", type=str, default=None, help="folder of micro_doppler_userNN_KKK.png files")
     parser.add_argument("--output_dir", type=str, default=None, help="report.json, report.md and plots go here")
     parser.add_argument("--image_size", type=positive_int, default=256, help="size images are decoded at (the generator's)")
-    parser.add_argument("--classifier_size", type=positive_int, default=128,
-                        help="resolution the user classifier works at (128: 4x cheaper than 256 on CPU)")
+    parser.add_argument("--classifier_size", type=positive_int, default=32,
+                        help="resolution the user classifier works at")
     parser.add_argument("--batch_size", type=positive_int, default=64, help="images per classifier/feature batch")
     parser.add_argument("--device", type=device_word, default="auto", help=DEVICE_WORDS)
-    parser.add_argument("--classifier_epochs", type=positive_int, default=10, help="epochs of the user classifier")
-    parser.add_argument("--seed", type=seed, default=0, help="classifier, TSTR and sampling seeds")
+    parser.add_argument("--classifier_max_steps", type=positive_int, default=600,
+                        help="most steps of each classifier; it stops earlier once its top-1 on held-out train "
+                             "images stops rising")
+    parser.add_argument("--seed", type=seed, default=0,
+                        help="the judge's seed (the first of --gain_seeds) and the intervals' bootstrap seed")
+    parser.add_argument("--gain_seeds", type=positive_int, default=5,
+                        help="classifier seeds of the augmentation gain and TSTR (each trains 3 arms per regime "
+                             "plus a TSTR classifier); the judge's real-val top-1 gets its interval over them")
+    parser.add_argument("--low_data_per_user", type=non_negative_int, default=20,
+                        help="real train images per user in the augmentation gain's low-data regime (0: off)")
     parser.add_argument("--inception_weights", type=str, default=None,
                         help="local torchvision Inception-v3 state dict for standard FID/KID; skipped when absent")
     parser.add_argument("--vavae_path", type=str, default=None,

@@ -21,8 +21,13 @@ HEADLINE = (
     ("identity: generated / ceiling", ("identity", "relative_to_ceiling"), ("identity", "relative_to_ceiling_ci")),
     ("identity: tokenizer reconstructions top-1", ("identity", "tokenizer_reconstructions", "top1"),
      ("identity", "tokenizer_reconstructions", "top1_ci")),
+    ("identity: real val top-1 over classifier seeds", ("classifier", "real_val_top1_over_seeds", "top1"),
+     ("classifier", "real_val_top1_over_seeds", "top1_ci")),
     ("TSTR top-1", ("tstr", "top1"), ("tstr", "top1_ci")),
-    ("augmentation gain", ("augmentation", "gain"), ("augmentation", "gain_ci")),
+    ("augmentation gain (generated - classical)", ("augmentation", "gain"), ("augmentation", "gain_ci")),
+    ("augmentation gain, low data (generated - classical)",
+     ("augmentation", "regimes", "low_data", "comparisons", "generated-classical", "mean"),
+     ("augmentation", "regimes", "low_data", "comparisons", "generated-classical", "ci")),
 )
 
 

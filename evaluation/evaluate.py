@@ -3,8 +3,9 @@
 evaluate() is the whole stage: stage4_evaluate.py calls it (the orchestrator runs that script). It runs the
 report families in turn, each in its own module:
   inputs.py             the flags' files, the real and generated images
-  classifier.py         the user classifier (ResNet-18 on real train images, cached) that judges identity
-  identity.py           identity against the real-val ceiling, TSTR, the augmentation gain (with intervals)
+  classifier.py         the user classifier (trained on real train images until it has learned, cached), the judge
+  identity.py           identity against the real-val ceiling (with intervals)
+  gain.py               the augmentation gain (paired arms over seeds, two regimes) and TSTR
   tokenizer_ceiling.py  identity of the tokenizer's own reconstructions (--vavae_path)
   distribution.py       FD, KID, precision/recall, density/coverage, Inception Score, diversity
   memorization.py       copies of training images
@@ -20,14 +21,15 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from common.device import resolve_device
+from common.device import bf16_supported, resolve_device
 from common.lock import run_lock
 from evaluation import classifier as clf
 from evaluation import intervals
 from evaluation.cli import EvaluateOptions
 from evaluation.distribution import distribution_report, inception_report
 from evaluation.export import accepted_samples, export_report
-from evaluation.identity import augmentation_report, identity_report, tstr_report
+from evaluation.gain import augmentation_report, mean_with_interval, tstr_report
+from evaluation.identity import correct, identity_report
 from evaluation.inputs import Inputs, check_files, load_inputs
 from evaluation.memorization import memorization_report
 from evaluation.report import write_outputs
@@ -35,9 +37,12 @@ from evaluation.tokenizer_ceiling import tokenizer_report
 
 REPORT_VERSION = 1
 INTERVALS = {"level": intervals.LEVEL, "proportions": "Wilson score interval over the images scored",
-             "ratio_and_gain": f"percentile bootstrap over the images ({intervals.RESAMPLES} resamples, seed --seed); "
-                               "the gain pairs each real val image's two verdicts",
-             "covers": "which samples were drawn and which real val images exist; not the classifier's training seed"}
+             "ratio": f"percentile bootstrap over the images ({intervals.RESAMPLES} resamples, seed --seed)",
+             "over_seeds": "augmentation gains, TSTR and the judge's mean real-val top-1: percentile bootstrap over "
+                           "the --gain_seeds classifier seeds and the real val images together (paired: a draw takes "
+                           "the same seeds and images for every arm)",
+             "covers": "single-classifier intervals: which samples were drawn and which real val images exist, not "
+                       "the classifier's training seed; over-seeds intervals cover the seed too"}
 
 
 def _set_seed(seed: int) -> None:
@@ -63,7 +68,7 @@ def _classify(data: Inputs, data_dir: Path, output_dir: Path, cfg: clf.Classifie
     return model, info, outputs
 
 
-def _header(data: Inputs, inputs: dict, classifier_info: dict) -> dict:
+def _header(data: Inputs, inputs: dict, cfg: clf.ClassifierConfig, classifier_info: dict) -> dict:
     """The report's version, inputs, dataset and classifier blocks."""
     num_classes = len(data.users)
     return {
@@ -72,8 +77,9 @@ def _header(data: Inputs, inputs: dict, classifier_info: dict) -> dict:
                     "users": [{"number": u.number, "name": u.name, "n_train": int((data.train.labels == c).sum()),
                                "n_val": int((data.val.labels == c).sum()), "n_generated": int((data.gen.labels == c).sum())}
                               for c, u in enumerate(data.users)]},
-        "classifier": {"arch": "resnet18", "resolution": inputs["classifier_size"], "epochs": inputs["classifier_epochs"],
-                       **classifier_info},
+        "classifier": {"arch": cfg.arch, "resolution": cfg.size, "max_steps": cfg.max_steps,
+                       "held_out_fraction": cfg.held_out_fraction, "patience": cfg.patience,
+                       "eval_every": cfg.eval_every, "augment": vars(cfg.augment), **classifier_info},
     }
 
 
@@ -84,7 +90,8 @@ def evaluate(options: EvaluateOptions, *, tstr: bool = True, augmentation: bool 
              log: Callable[[str], None] = print) -> dict:
     """Stage 4 with its flags (evaluation/cli.py; --compare_to is the script's): score generated spectrograms
     against the real data; write report.json, report.md and plots into options.output_dir. tstr / augmentation
-    False skip those two blocks (each trains a classifier; the report says they were skipped).
+    False skip those two blocks (they train --gain_seeds classifiers each, three per regime for the gain; the
+    report says they were skipped).
 
     data_dir: stage 1 layout (train/ID_n/, val/ID_n/); generated_dir: stage 3's micro_doppler_userNN_KKK.png.
     Returns the report (the dict written to output_dir/report.json); accuracies are in [0, 1], each headline
@@ -94,6 +101,7 @@ def evaluate(options: EvaluateOptions, *, tstr: bool = True, augmentation: bool 
     """
     o = options
     timing: dict[str, float] = {}
+    started = time.perf_counter()
     data_dir, output_dir = Path(o.data_dir), Path(o.output_dir)
     image_size, batch_size, seed = o.image_size, o.batch_size, o.seed
     with run_lock(output_dir / LOCK_NAME, "stage 4", "another --output_dir", log=log):
@@ -107,8 +115,9 @@ def evaluate(options: EvaluateOptions, *, tstr: bool = True, augmentation: bool 
             output_dir.mkdir(parents=True, exist_ok=True)
             _set_seed(seed)
             dev = resolve_device(o.device)
-        cfg = clf.ClassifierConfig(image_size=image_size, size=classifier_size, epochs=o.classifier_epochs,
-                                   batch_size=batch_size, seed=seed)
+        cfg = clf.ClassifierConfig(image_size=image_size, size=classifier_size, max_steps=o.classifier_max_steps,
+                                   batch_size=batch_size, bf16=bf16_supported(dev), seed=seed)
+        seeds = list(range(seed, seed + o.gain_seeds))
         with _timed(timing, "classifier"):
             model, clf_info, out = _classify(data, data_dir, output_dir, cfg, dev, log)
         (train_feats, train_logits), (val_feats, val_logits), (gen_feats, gen_logits) = out["train"], out["val"], out["gen"]
@@ -127,24 +136,31 @@ def evaluate(options: EvaluateOptions, *, tstr: bool = True, augmentation: bool 
             inception = inception_report(data, o.inception_weights, image_size, batch_size, o.num_workers, dev, seed)
         if not inception["available"]:
             log(inception["message"])
-        with _timed(timing, "tstr"):
-            tstr_block = tstr_report(data, cfg, dev, batch_size, identity["real_val_top1"]) if tstr else \
-                {"top1": None, "top1_ci": None, "note": "skipped (tstr=False)"}
         accepted, confident = accepted_samples(data.gen, gen_logits.softmax(1), copies, o.min_confidence,
                                                o.min_margin)
-        with _timed(timing, "augmentation"):
-            augment = augmentation_report(data, accepted, cfg, dev, batch_size, val_logits, seed) if augmentation else \
-                {"real_only_top1": None, "with_generated_top1": None, "gain": None, "gain_ci": None,
-                 "note": "skipped (augmentation=False)"}
+        judge = (correct(val_logits, data.val.labels).numpy(),
+                 {"best_step": clf_info["best_step"], "steps": clf_info["steps"], "seconds": clf_info["train_seconds"]})
+        classical = None
+        if augmentation:
+            augment, classical = augmentation_report(data, accepted, cfg, dev, seeds, o.low_data_per_user, judge,
+                                                     timing, log)
+        else:
+            augment = {"gain": None, "gain_ci": None, "regimes": {}, "note": "skipped (augmentation=False)"}
+        clf_info["real_val_top1_over_seeds"] = (None if classical is None else
+                                                {**mean_with_interval(classical, seed), "seeds": seeds})
+        with _timed(timing, "tstr"):
+            tstr_block = tstr_report(data, cfg, dev, seeds, classical, log) if tstr else \
+                {"top1": None, "top1_ci": None, "note": "skipped (tstr=False)"}
         export = export_report(data.users, data.gen, accepted, confident, copies, o.export_dir, o.min_confidence,
                                o.min_margin, log)
 
         inputs = {"data_dir": str(data_dir), "generated_dir": str(o.generated_dir), "output_dir": str(output_dir),
                   "image_size": image_size, "classifier_size": classifier_size, "batch_size": batch_size,
-                  "device": str(dev), "classifier_epochs": o.classifier_epochs, "seed": seed,
+                  "device": str(dev), "classifier_max_steps": o.classifier_max_steps, "seed": seed,
+                  "gain_seeds": o.gain_seeds, "low_data_per_user": o.low_data_per_user,
                   "nearest_k": o.nearest_k, "min_user_samples": o.min_user_samples}
         report = {
-            **_header(data, inputs, clf_info), "identity": identity, "intervals": INTERVALS,
+            **_header(data, inputs, cfg, clf_info), "identity": identity, "intervals": INTERVALS,
             "fd": {**dist["fd"], "inception": inception["fd"], "inception_real_val": inception["fd_real_val"]},
             "kid": {**dist["kid"], "inception": inception["kid"], "inception_real_val": inception["kid_real_val"]},
             "inception_score": dist["inception_score"], "manifold": dist["manifold"], "diversity": dist["diversity"],
@@ -152,6 +168,7 @@ def evaluate(options: EvaluateOptions, *, tstr: bool = True, augmentation: bool 
             "tstr_top1": tstr_block["top1"], "tstr": tstr_block, "augmentation": augment, "export": export,
             "notes": data.notes + dist["notes"], "timing": timing,
         }
+        timing["total"] = time.perf_counter() - started      # all but the plots and report files below
         report = write_outputs(report, output_dir, data.users, data.train, data.gen, nearest_pairs)
         log(f"report: {output_dir / 'report.md'}")
         return report

@@ -1,12 +1,11 @@
-"""Does a sample look like its person? The user classifier's verdicts on real and generated images, and what
-the samples teach a classifier: TSTR (trained on samples only) and the augmentation gain (real + samples).
+"""Does a sample look like its person? The user classifier's verdicts on real and generated images.
 
 Each top-1 comes with its 95 % interval (evaluation/intervals.py): Wilson over the images scored, a bootstrap
-over images for the ratio to the ceiling and the gain.
+over images for the ratio to the ceiling. What the samples teach a classifier (TSTR, the augmentation gain) is
+evaluation/gain.py's.
 """
 import torch
 
-from evaluation import classifier as clf
 from evaluation import metrics as M
 from evaluation import intervals as ci
 from evaluation.inputs import Inputs
@@ -57,50 +56,3 @@ def identity_report(data: Inputs, train_logits: torch.Tensor, val_logits: torch.
         "confusion_labels": [u.number for u in data.users],
         "confusion_generated": id_gen["confusion"], "confusion_real_val": id_val["confusion"],
     }
-
-
-def tstr_report(data: Inputs, cfg: clf.ClassifierConfig, dev: torch.device, batch_size: int,
-                real_top1: float | None) -> dict:
-    """Train on synthetic, test on real: the classifier trained on generated images only, tested on real val."""
-    if len(data.val) == 0 or len(data.gen) < 2:
-        return {"top1": None, "top1_ci": None, "note": "skipped: needs val images and at least two generated images"}
-    # Same number of optimizer steps as the real classifier, so the two differ only in the data.
-    steps = clf.steps_for(len(data.train), cfg)
-    synth = clf.train_classifier(data.gen.images, data.gen.labels, len(data.users), cfg, dev, steps=steps, desc="TSTR")
-    tstr_id = identity_scores(clf.extract(synth, data.val.images, batch_size, dev)[1], data.val.labels,
-                              len(data.users))
-    return {"top1": tstr_id["top1"], "top1_ci": tstr_id["top1_ci"], "top5": tstr_id["top5"], "steps": steps,
-            "real_classifier_top1": real_top1,
-            "per_user": {str(u.number): tstr_id["per_class"][c] for c, u in enumerate(data.users)},
-            "note": "trained on generated images only, tested on real val"}
-
-
-def augmentation_report(data: Inputs, accepted: torch.Tensor, cfg: clf.ClassifierConfig, dev: torch.device,
-                        batch_size: int, real_only_logits: torch.Tensor, seed: int = 0) -> dict:
-    """What users want most: does adding the accepted samples to the real train images help a classifier?
-
-    The real-only classifier is the judge itself (real_only_logits: its (N_val, K) logits on real val); the
-    augmented one is the same architecture, seed and number of optimizer steps on real train + accepted
-    samples, so the two differ only in the data. gain_ci: paired bootstrap over the real val images.
-    """
-    if len(data.val) == 0:
-        return {"real_only_top1": None, "with_generated_top1": None, "gain": None, "gain_ci": None,
-                "note": "skipped: no val images"}
-    real_only_top1 = M.topk_accuracy(real_only_logits, data.val.labels, 1)
-    extra = data.gen.select(accepted)
-    if len(extra) == 0:
-        return {"real_only_top1": real_only_top1, "with_generated_top1": real_only_top1, "gain": 0.0,
-                "gain_ci": [0.0, 0.0], "generated_images": 0,
-                "note": "no generated image passed the filter: nothing to add"}
-    steps = clf.steps_for(len(data.train), cfg)
-    model = clf.train_classifier(torch.cat([data.train.images, extra.images]),
-                                 torch.cat([data.train.labels, extra.labels]), len(data.users), cfg, dev,
-                                 steps=steps, desc="real + generated")
-    logits = clf.extract(model, data.val.images, batch_size, dev)[1]
-    gain_ci = ci.paired_difference_interval(correct(logits, data.val.labels).numpy(),
-                                            correct(real_only_logits, data.val.labels).numpy(), seed)
-    top1 = M.topk_accuracy(logits, data.val.labels, 1)
-    return {"real_only_top1": real_only_top1, "with_generated_top1": top1, "gain": top1 - real_only_top1,
-            "gain_ci": ci.as_list(gain_ci), "generated_images": len(extra), "real_images": len(data.train),
-            "steps": steps,
-            "note": "same classifier, seed and steps; real train alone vs real train + accepted samples, tested on real val"}

@@ -155,10 +155,19 @@ def _identity_section(report: dict) -> list[str]:
     if 5 < report["dataset"]["num_users"] / 2:
         rows.append(["top-5", ident["real_val_top5"], ident["generated_top5"]])
     rows.append(["mean confidence", ident["real_val_mean_confidence"], ident["generated_mean_confidence"]])
-    return ["## Identity (user classifier: ResNet-18 trained on real train images)", "",
+    judge = report["classifier"]
+    over_seeds = judge.get("real_val_top1_over_seeds")
+    seeds_line = ([f"Over {len(over_seeds['seeds'])} classifier seeds of the same recipe, real-val top-1 "
+                   f"{_ci(over_seeds['top1'], over_seeds['top1_ci'])} (mean; interval over seeds and val images)."]
+                  if over_seeds else [])
+    return ["## Identity (user classifier trained on real train images)", "",
             "Top-1 = share of images the classifier assigns to their (intended) user; real val top-1 is the ceiling "
             "a perfect generator could reach. Brackets: 95 % interval (Wilson) over the images scored; two runs "
             "whose intervals overlap do not differ beyond their noise (python -m evaluation.compare).", "",
+            f"The classifier ({judge['arch']} at {judge['resolution']} px) trained until its top-1 on "
+            f"{judge['held_out_fraction']:.0%} of the train images held out stopped rising: best at step "
+            f"{judge.get('best_step')} of {judge.get('steps')} (at most {judge['max_steps']}), held-out top-1 "
+            f"{_f(judge.get('held_out_top1'))}.", *seeds_line, "",
             _table(["", "real val (ceiling)", "generated"], rows),
             *_tokenizer_lines(ident.get("tokenizer_reconstructions")),
             "", f"Generated top-1 relative to the ceiling: "
@@ -204,24 +213,44 @@ def _memorization_section(report: dict) -> list[str]:
             "Closest pairs: nearest_neighbours.png.", ""]
 
 
+ARM_LABELS = {"real": "real", "classical": "real + classical", "generated": "real + classical + generated"}
+
+
+def _gain_cell(gain: dict) -> str:
+    return f"{_ci(gain['mean'], gain['ci'], 3)} ({gain['wins']}/{gain['of']} wins)"
+
+
 def _usefulness_section(report: dict) -> list[str]:
     tstr, aug, ds = report["tstr"], report["augmentation"], report["dataset"]
-    return ["## Are the samples useful? (TSTR and augmentation)", "",
-            "TSTR: the same classifier trained on generated images only, tested on real val images: high when the "
-            "samples carry each user's real traits. Augmentation: trained on real train images plus the samples the "
-            "export filter accepts (same steps and seed as the real-only one), tested on real val: what adding the "
-            "samples to a recognition model's training set buys.", "",
-            _table(["classifier trained on", "real val top-1 [95 % interval]"],
-                   [["real train (ceiling of TSTR)", _ci(report["identity"]["real_val_top1"],
-                                                         report["identity"].get("real_val_top1_ci"))],
-                    ["generated only (TSTR)", _ci(tstr.get("top1"), tstr.get("top1_ci"))],
-                    [f"real train + {aug.get('generated_images', 0)} accepted generated (augmentation)",
-                     aug.get("with_generated_top1")],
-                    ["augmentation gain (paired bootstrap over real val)", _ci(aug.get("gain"), aug.get("gain_ci"))],
-                    ["chance", ds["chance"]]]),
-            # The caption above says what each row is; a block's note adds only why a number is missing.
-            *[f"\n{block['note']}" for block, key in ((tstr, "top1"), (aug, "gain"))
-              if block.get("note") and (block.get(key) is None or block.get("generated_images") == 0)], ""]
+    lines = ["## Are the samples useful? (augmentation gain and TSTR)", "",
+             f"Three classifiers of the judge's recipe per seed, tested on real val: real train images alone; with "
+             f"classical augmentation ({', '.join(f'{k} {v}' for k, v in aug.get('recipe', {}).items())}); and with "
+             f"classical augmentation plus the {aug.get('generated_images', 0)} generated samples the export filter "
+             "accepts. Within a seed they share initial weights, batch order and held-out split. Gains are mean paired "
+             "differences of real-val top-1 with a 95 % interval over seeds and val images, and wins out of the seeds. "
+             f"Note: {aug.get('generator', '')}.", ""]
+    rows = []
+    for name, regime in aug.get("regimes", {}).items():
+        if "arms" not in regime:
+            rows.append([name, regime.get("note"), None, None, None, None, None])
+            continue
+        per_user = regime["real_images_per_user"]
+        label = f"{name} ({regime['real_images']} real{'' if per_user is None else f', {per_user} per user'})"
+        arms = [_ci(regime["arms"][a]["top1"], regime["arms"][a]["top1_ci"]) for a in ARM_LABELS]
+        rows.append([label, *arms, *(_gain_cell(regime["comparisons"][c])
+                                     for c in ("classical-real", "generated-classical", "generated-real"))])
+    if rows:
+        lines += [_table(["regime", *ARM_LABELS.values(), "classical - real", "generated - classical",
+                          "generated - real"], rows), ""]
+    tstr_row = _ci(tstr.get("top1"), tstr.get("top1_ci"))
+    if tstr.get("of_real") is not None:
+        tstr_row += f", {_ci(tstr['of_real'], tstr.get('of_real_ci'), 2)} of real + classical"
+    lines += [f"TSTR (the same recipe trained on generated images only, tested on real val; mean over seeds): "
+              f"{tstr_row}. Chance: {_f(ds['chance'])}."]
+    # A block's note adds only why a number is missing.
+    lines += [f"\n{block['note']}" for block, key in ((tstr, "top1"), (aug, "gain"))
+              if block.get("note") and block.get(key) is None]
+    return lines + [""]
 
 
 def _per_user_section(report: dict) -> list[str]:

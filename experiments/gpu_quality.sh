@@ -20,12 +20,12 @@ if [ "$SIZE" = gpu ]; then
     TOKENIZER_FLAGS="--max_minutes 1.5 --device cuda"
     STAGE2_SIZE="--precision bf16-mixed --max_steps ${MAX_STEPS:-3000} --val_every_n_epochs 10
       --checkpoint_every_n_steps 1000"
-    SAMPLES=30; CLASSIFIER_EPOCHS=8; DEVICE="--device cuda"
+    SAMPLES=30; DEVICE="--device cuda"
 elif [ "$SIZE" = tiny ]; then
     CONFIG=configs/tiny_cpu.yaml
     TOKENIZER_FLAGS="--steps 2 --batch_size 2 --eval_every 0 --device cpu --precision 32-true --image_size 64"
     STAGE2_SIZE="--max_steps 6 --classifier_steps 20"
-    SAMPLES=2; CLASSIFIER_EPOCHS=1; DEVICE="--device cpu"
+    SAMPLES=2; DEVICE="--device cpu"
 else
     echo "SIZE must be gpu or tiny (got $SIZE)"; exit 2
 fi
@@ -53,7 +53,7 @@ timed stage3 python stage3_inference.py "${STAGE3_CONFIG[@]}" $STAGE3_FLAGS $DEV
     --vavae_path "$OUT/tokenizer.safetensors" --output_dir "$OUT/samples" --user_ids $users \
     --num_samples_per_user "$SAMPLES"
 # shellcheck disable=SC2086
-timed stage4 python stage4_evaluate.py "${STAGE4_CONFIG[@]}" $DEVICE --classifier_epochs "$CLASSIFIER_EPOCHS" \
+timed stage4 python stage4_evaluate.py "${STAGE4_CONFIG[@]}" $DEVICE \
     --data_dir "$OUT/data" --generated_dir "$OUT/samples" --output_dir "$OUT/eval" \
     --vavae_path "$OUT/tokenizer.safetensors"
 python - "$OUT" "$SIZE" "$STAGE2_FLAGS" "$STAGE3_FLAGS" <<'EOF'

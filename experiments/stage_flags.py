@@ -9,7 +9,7 @@ where the demo trains them at stage 4's own 64. Through this, a study's stage se
     --batch_size 32                                         (stage 1)
     --batch_size 32 --max_epochs 200 --val_every_n_epochs 5 ...   (stage 2)
     --num_samples_per_user 20 --guidance_scale 6.0 ...      (stage 3)
-    --classifier_epochs 8                                   (stage 4)
+    (no line for stage 4: configs/demo.yaml leaves its flags at their defaults)
 
 Exit code 2 with the config's error (an unknown key, a value the flag refuses, a missing file).
 """

@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.errors import PipelineError  # noqa: E402
 from data.images import scan_dataset  # noqa: E402
+from evaluation import augment as A  # noqa: E402
 from evaluation import classifier as clf  # noqa: E402
 from evaluation import metrics as M  # noqa: E402
 from evaluation.cli import EvaluateOptions  # noqa: E402
@@ -26,7 +27,8 @@ from helpers import make_dataset  # noqa: E402
 SIZE = 32
 USERS = [1, 2, 5, 7]            # not 1..N on purpose: user numbers are not class indices
 N_TRAIN, N_VAL, N_HELD_OUT = 16, 6, 6
-FAST = dict(image_size=SIZE, classifier_size=SIZE, batch_size=16, classifier_epochs=3, seed=0,
+FAST = dict(image_size=SIZE, classifier_size=SIZE, batch_size=16, classifier_max_steps=30, gain_seeds=2,
+            low_data_per_user=6, seed=0,
             min_user_samples=4)
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")   # the module-scoped fixtures train too
 
@@ -87,7 +89,8 @@ def runs(dataset):
 
     def counting(*args, **kwargs):
         calls.append(kwargs.get("desc"))
-        sizes.append(len(args[0]))
+        extra = kwargs.get("extra")
+        sizes.append((len(args[0]), len(kwargs["held_out"][0]), 0 if extra is None else len(extra[0])))
         return real_train(*args, **kwargs)
 
     sizes = []
@@ -135,7 +138,12 @@ def test_copies_flagged_held_out_not(runs):
 
 @pytest.mark.slow
 def test_classifier_cached_not_retrained(runs):
-    assert runs["calls_first"] == ["user classifier", "TSTR", "real + generated"]
+    # The judge, then per seed the 3 arms of each regime (the judge is the classical arm of seed 0 on all
+    # images), then TSTR per seed.
+    assert runs["calls_first"][0] == "user classifier"
+    assert runs["calls_first"][1:6] == ["all real seed 0", "all generated seed 0", "all real seed 1",
+                                        "all classical seed 1", "all generated seed 1"]
+    assert runs["calls_first"][-2:] == ["TSTR seed 0", "TSTR seed 1"] and len(runs["calls_first"]) == 1 + 5 + 6 + 2
     assert runs["calls"] == runs["calls_first"]            # later runs trained nothing
     assert runs["noise"]["classifier"]["cached"] and runs["copies"]["classifier"]["cached"]
     assert runs["cache"].stat().st_mtime_ns == runs["mtime"]
@@ -159,17 +167,25 @@ def test_report_files_and_keys(runs):
 
 @pytest.mark.slow
 def test_augmentation_adds_accepted_samples_to_real_train(runs):
-    """The augmented classifier trains on real train + exactly the accepted samples; real-only is the judge."""
+    """The generated arm trains on the real train images (less the held-out fifth) + exactly the accepted
+    samples; the classical arm of the first seed is the judge."""
     good = runs["good"]
     aug = good["augmentation"]
-    assert aug["real_only_top1"] == good["identity"]["real_val_top1"]
+    all_images = aug["regimes"]["all"]
+    assert all_images["arms"]["classical"]["per_seed"][0] == good["identity"]["real_val_top1"]
     assert aug["generated_images"] == good["export"]["accepted"] > 0
-    assert runs["sizes_first"][-1] == N_TRAIN * len(USERS) + aug["generated_images"]
+    # (fit, held-out, extra) images: a fifth of each user's real images held out (all of them, or 6 at low data).
+    n = len(USERS)
+    expected = {"all": (N_TRAIN * n - 3 * n, 3 * n), "low_data": (6 * n - 1 * n, 1 * n)}
+    for desc, (n_fit, n_held, n_extra) in zip(runs["calls_first"], runs["sizes_first"]):
+        if not desc.startswith("TSTR"):
+            assert (n_fit, n_held) == expected["low_data" if desc.startswith("low_data") else "all"], desc
+            assert n_extra == (aug["generated_images"] if "generated" in desc else 0), desc
     # Held-out real images of the right users as "samples": adding them must not hurt a classifier.
-    assert aug["with_generated_top1"] >= aug["real_only_top1"] - 0.1
-    assert aug["gain"] == pytest.approx(aug["with_generated_top1"] - aug["real_only_top1"])
+    assert all_images["arms"]["generated"]["top1"] >= all_images["arms"]["classical"]["top1"] - 0.1
+    assert aug["gain"] == pytest.approx(all_images["arms"]["generated"]["top1"] - all_images["arms"]["classical"]["top1"])
     md = (runs["root"] / "out_good" / "report.md").read_text()
-    assert "augmentation gain" in md and runs["noise"]["augmentation"]["with_generated_top1"] is None
+    assert "augmentation gain" in md and runs["noise"]["augmentation"]["gain"] is None
 
 
 @pytest.mark.slow
@@ -318,8 +334,9 @@ def test_read_only_data_dir_caches_in_output_dir(dataset, tmp_path, monkeypatch)
         return real_save(tensors, path, metadata)
 
     monkeypatch.setattr(clf, "save_safetensors", refuse_data_dir)
-    monkeypatch.setattr(clf, "train_classifier", lambda *a, **kw: clf.build_classifier(len(users)))
-    cfg = clf.ClassifierConfig(image_size=SIZE, size=SIZE, epochs=1, seed=123)
+    monkeypatch.setattr(clf, "train_judge", lambda *a, **kw: clf.Fit(clf.build_classifier(len(users)), 0, 0, None,
+                                                                      False, 0.0))
+    cfg = clf.ClassifierConfig(image_size=SIZE, size=SIZE, max_steps=1, seed=123)
     images, labels = torch.zeros(4, 3, SIZE, SIZE, dtype=torch.uint8), torch.arange(4)
     args = (root / "data", tmp_path, [u.name for u in users], files, images, labels, cfg, torch.device("cpu"))
     _, first = clf.load_or_train(*args, log=lambda *_: None)
@@ -336,7 +353,7 @@ def test_cache_key_follows_file_content_not_size_or_mtime(tmp_path):
         path = data / "train" / "ID_1" / name
         Image.fromarray(np.full((8, 8), value, np.uint8)).save(path)
         files.append(path)
-    cfg = clf.ClassifierConfig(image_size=SIZE, size=SIZE, epochs=1)
+    cfg = clf.ClassifierConfig(image_size=SIZE, size=SIZE, max_steps=1)
     key = lambda: clf.fingerprint(data, ["ID_1"], files, cfg)
     before, stat = key(), files[0].stat()
     # Another image of the same size, its mtime put back (rsync -t, an archive, a coarse clock).
@@ -355,14 +372,15 @@ def test_training_is_deterministic_and_never_flips(dataset):
     users = scan_dataset(root / "data", log=lambda *_: None)
     files = [u.files["train"][0] for u in users] * 2
     images = load_set(files, [0, 1, 2, 3] * 2, SIZE, SIZE)
-    cfg = clf.ClassifierConfig(image_size=SIZE, size=SIZE, batch_size=4, seed=3)
-    a = clf.train_classifier(images.images, images.labels, 4, cfg, torch.device("cpu"), steps=2, desc="t")
-    b = clf.train_classifier(images.images, images.labels, 4, cfg, torch.device("cpu"), steps=2, desc="t")
+    cfg = clf.ClassifierConfig(image_size=SIZE, size=SIZE, batch_size=4, max_steps=2, seed=3)
+    a = clf.train_classifier(images.images, images.labels, 4, cfg, torch.device("cpu"), desc="t").model
+    b = clf.train_classifier(images.images, images.labels, 4, cfg, torch.device("cpu"), desc="t").model
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
-    # Shifts only: each augmented row is a translated copy, so row order along time is kept.
-    ramp = torch.linspace(-1, 1, SIZE).expand(1, 3, SIZE, SIZE).contiguous()
-    shifted = clf.augment(ramp, cfg, torch.Generator().manual_seed(0))
-    assert (shifted[0, 0, 0].diff() >= 0).all()
+    # Rolls only: each augmented row is a rotated copy, so the order along time is kept, never reversed.
+    ramp = torch.arange(SIZE, dtype=torch.uint8).expand(4, 3, SIZE, SIZE).contiguous()
+    rolled = A.augment(ramp, A.Classical(time_roll=0.5), torch.Generator().manual_seed(0))
+    for row in rolled[:, 0, 0]:
+        assert any(torch.equal(row, ramp[0, 0, 0].roll(k)) for k in range(SIZE))
 
 
 @pytest.mark.slow
