@@ -1,13 +1,11 @@
 """Non-finite losses (training/divergence.py): a NaN stops the run with advice and keeps the last good checkpoint,
 caught between checkpoints too; fp16 uses loss scaling."""
-import time
-
 import pytest
 import torch
 
 from common.errors import PipelineError
+from helpers import TINY_PRECISION, assert_user_error, load_ckpt, run_stage, stage2_args, train_in_process
 from training.divergence import NONFINITE_CHECK_EVERY
-from helpers import TINY_PRECISION, assert_user_error, load_ckpt, run_stage, stage2_args
 
 S2 = "stage2_train_dit.py"
 

@@ -8,7 +8,6 @@ from common.errors import PipelineError
 from generation.generate import check_sampling
 from models.checkpoint import PipelineInfo
 from models.latent_classifier import NoisyLatentClassifier, classifier_log_prob_gradient
-from models.lightningdit import model_config
 from models.transport import classifier_guided_velocity, guidance_switches, guided_velocity, sample_ode
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")

@@ -17,7 +17,7 @@ import models.sampling as sampling
 from generation.cli import GenerateOptions
 from common.errors import PipelineError, cli_entry, is_out_of_space
 from common.io import save_safetensors, save_torch, write_text
-from helpers import (PYTHON, ROOT, assert_user_error, load_ckpt, make_dataset, make_tokenizer,
+from helpers import (PYTHON, ROOT, assert_user_error, load_ckpt, make_dataset, make_tokenizer, run_main,
                      write_generator_checkpoint)
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from common.io import load_safetensors, save_safetensors
-from helpers import EVERY, ROOT, STEPS, assert_user_error, load_ckpt, run_main, stage2_args, stage2_command
+from helpers import (EVERY, ROOT, STEPS, assert_user_error, load_ckpt, run_main, stage2_args, stage2_command,
+                     train_in_process)
 
 S2 = "stage2_train_dit.py"
 

@@ -16,7 +16,7 @@ from generation.generate import generate, load_generator
 from helpers import (TINY_CLASSIFIER_FLAGS, TINY_DIT_MODEL_FLAGS, assert_user_error, make_module, make_tokenizer,
                      run_main)
 from models.checkpoint import checkpoint_info, load_checkpoint
-from models.lightningdit import TIME_SHIFT_TABLE, model_config
+from models.lightningdit import TIME_SHIFT_TABLE
 from training.checkpoints import early_step
 from training.sample_grid import grid_due
 
