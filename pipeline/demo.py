@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import PipelineError
+from common.io import write_text
 from common.progress import print_line
+from data.simulate import write_dataset
 from pipeline.orchestrate import ROOT, absolute, pipeline_lock, run_pipeline
 
 DEMO_TOKENIZER = ROOT / "assets" / "demo_vavae.safetensors"
@@ -17,8 +19,6 @@ DEMO_DATA = dict(num_users=6, train_per_user=40, val_per_user=10, seed=0)
 
 def simulate_once(data_dir: Path, log=print_line, **sizes) -> None:
     """Write the simulated dataset unless a finished one (marker present) is already there."""
-    from common.io import write_text
-    from data.simulate import write_dataset
     marker = data_dir / ".simulated.json"
     if marker.is_file() and marker.read_text() == repr(sizes):
         log(f"== simulated data: already in {data_dir}")

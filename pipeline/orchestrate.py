@@ -20,11 +20,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import data.cli
+import evaluation.cli
+import generation.cli
+import training.cli
 from common.config import load_project_config
 from common.errors import PipelineError
-from common.io import write_text
+from common.io import file_sha256, read_safetensors_metadata, require_file, write_text
 from common.lock import run_lock
 from common.progress import print_line
+from data.images import IMAGE_EXTENSIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGE_SCRIPTS = {1: "stage1_extract_features.py", 2: "stage2_train_dit.py", 3: "stage3_inference.py",
@@ -39,7 +44,6 @@ INPUT_FLAGS = ("--data_dir", "--vavae_path", "--init_from")
 
 
 def stage_parsers() -> dict[int, argparse.ArgumentParser]:
-    import data.cli, evaluation.cli, generation.cli, training.cli
     return {i + 1: m.build_parser() for i, m in enumerate([data.cli, training.cli, generation.cli, evaluation.cli])}
 
 
@@ -121,7 +125,6 @@ def repa_asked(stage2_argv: list[str]) -> bool:
 
 def default_user_ids(out: Path) -> list[int]:
     """All users of the trained model, when --generate_user_ids is not given."""
-    from common.io import read_safetensors_metadata, require_file
     path = require_file(out / STAGE_DIRS[1] / "train.safetensors", "stage 1 latents (run stage 1 first)")
     return read_safetensors_metadata(path)["user_numbers"]
 
@@ -161,7 +164,6 @@ def fingerprint(path: Path, previous: dict[str, Any] | None = None) -> dict[str,
     """What a stage reads at `path`, cheaply: a folder's image files (count and a digest of their names,
     sizes and mtimes; hidden ones skipped, as scan_dataset does), a file's sha256 (reused from `previous`
     while its size and mtime are unchanged), or {'missing': True}."""
-    from data.images import IMAGE_EXTENSIONS
     if path.is_dir():
         digest, count = hashlib.sha256(), 0
         for file in sorted(path.rglob("*")):
@@ -184,7 +186,6 @@ def fingerprint(path: Path, previous: dict[str, Any] | None = None) -> dict[str,
 @functools.lru_cache(maxsize=16)
 def _sha256(path: str, size: int, mtime_ns: int) -> str:
     """file_sha256, once per file version in this process (stages 1, 3 and 4 all read the tokenizer)."""
-    from common.io import file_sha256
     return file_sha256(path)
 
 
