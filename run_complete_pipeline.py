@@ -17,17 +17,16 @@ def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    from pipeline.orchestrate import apply_config, run_pipeline
+    # after parsing: --help and a flag error stay torch-free (pipeline.orchestrate imports torch, ~2 s)
+    from pipeline.demo import DEMO_CONFIG, run_demo
+    from pipeline.orchestrate import apply_config, check_memory_only, run_pipeline
     if args.demo and not args.config:
-        from pipeline.demo import DEMO_CONFIG
         args.config = str(DEMO_CONFIG)
     extra = apply_config(args, parser, argv, extra)
     if args.demo:
-        from pipeline.demo import run_demo
         run_demo(args, extra)
         return
     if any(t.split("=", 1)[0] == "--check_memory" for t in extra):
-        from pipeline.orchestrate import check_memory_only
         sys.exit(check_memory_only(args, extra))
     missing = [f"--{k}" for k in ("data_dir", "vavae_path", "output_dir") if not getattr(args, k)]
     if missing:
