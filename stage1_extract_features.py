@@ -3,12 +3,12 @@ The flags are in data/cli.py."""
 from common.config import parse_args
 from common.errors import cli_entry
 from data.cli import REQUIRED, ExtractOptions, build_parser
+from data.latents import extract_features
 
 
 @cli_entry
 def main(argv=None) -> None:
     args = parse_args(build_parser(), argv, required=REQUIRED)
-    from data.latents import extract_features
     extract_features(ExtractOptions.from_args(args))
 
 

@@ -3,12 +3,12 @@ The flags are in generation/cli.py."""
 from common.config import parse_args
 from common.errors import cli_entry
 from generation.cli import REQUIRED, GenerateOptions, build_parser
+from generation.generate import generate
 
 
 @cli_entry
 def main(argv=None) -> None:
     args = parse_args(build_parser(), argv, required=REQUIRED)
-    from generation.generate import generate
     generate(GenerateOptions.from_args(args))
 
 

@@ -6,12 +6,12 @@ The flags are in evaluation/cli.py.
 from common.config import parse_args
 from common.errors import cli_entry
 from evaluation.cli import REQUIRED, EvaluateOptions, build_parser
+from evaluation.compare import compare, load_report, render
 
 
 @cli_entry
 def main(argv=None) -> int:
     args = parse_args(build_parser(), argv, required=REQUIRED)
-    from evaluation.compare import compare, load_report, render
     other = load_report(args.compare_to) if args.compare_to else None   # a wrong path fails before the work
     from evaluation.evaluate import evaluate   # heavy (torchvision); keep --help and the orchestrator fast
     report = evaluate(EvaluateOptions.from_args(args))

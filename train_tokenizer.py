@@ -8,12 +8,12 @@ The flags are in tokenizer/cli.py.
 from common.config import parse_args
 from common.errors import cli_entry
 from tokenizer.cli import REQUIRED, TokenizerOptions, build_parser
+from tokenizer.train import train_tokenizer
 
 
 @cli_entry
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(build_parser(), argv, required=REQUIRED)
-    from tokenizer.train import train_tokenizer     # torch import after argument errors
     train_tokenizer(TokenizerOptions.from_args(args))
 
 
