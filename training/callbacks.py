@@ -190,9 +190,10 @@ def plot_loss_curve(metrics_csv: Path, png: Path) -> None:
     """Train loss per step (and its epoch mean) and EMA val loss per epoch, from Lightning's CSV log."""
     if not metrics_csv.is_file():
         return
+    # Agg (a file, no display) is chosen when a curve is drawn: importing training/ (a notebook) keeps its backend
     import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt   # after use("Agg"), so no display is opened
     series: dict[str, list[tuple[float, float]]] = {}
     with open(metrics_csv) as f:
         for row in csv.DictReader(f):

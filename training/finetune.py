@@ -94,7 +94,7 @@ def apply_lora(module, rank: int = DEFAULT_RANK, alpha: float | None = None) -> 
     if rank < 1:
         raise PipelineError(f"--lora_rank must be at least 1, not {rank}")
     alpha = float(rank if alpha is None else alpha)
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import LoraConfig, inject_adapter_in_model   # optional: only --finetune lora needs peft (~3 s)
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=f".*{TARGET_PATTERN}", lora_dropout=0.0,
                         bias="none")
     inject_adapter_in_model(config, module.model)

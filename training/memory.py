@@ -18,11 +18,14 @@ full/partial/LoRA), measured with measured_peak. This module is the pure estimat
 sizes); what a user sees of it (--check_memory's report, the flags that would fit, the refusal before a CUDA
 run) is training/memory_check.py.
 """
+import gc
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+from torch.profiler import ProfilerActivity, profile
 
+from models.latent_classifier import NoisyLatentClassifier
 from models.lightningdit import LightningDiT
 from training.finetune import GRID_TABLES, is_lora_target, partial_trainable
 
@@ -255,7 +258,6 @@ def checkpoint_bytes(setup: TrainingSetup) -> dict[str, int]:
 
 def classifier_parameters(model_config: dict) -> int:
     """Parameters in the state dict of stage 2's noisy-latent user classifier for this model's latents and users."""
-    from models.latent_classifier import NoisyLatentClassifier
     classifier = NoisyLatentClassifier(model_config["in_channels"], model_config["num_classes"])
     return sum(v.numel() for v in classifier.state_dict().values())
 
@@ -276,8 +278,6 @@ def measured_peak(fn) -> tuple[float, object]:
     The profiler records every CPU allocation and free with its size; their running sum is exactly what
     torch holds (unlike RSS, which also counts the allocator's cached pages and the libraries).
     """
-    import gc
-    from torch.profiler import ProfilerActivity, profile
     gc.collect()   # else garbage of earlier work, freed during fn(), would count as negative allocations
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()

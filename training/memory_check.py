@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from common.device import resolve_precision
+from common.errors import PipelineError
 from models.lightningdit import LightningDiT_models, model_config
 from training.memory import GB, TrainingSetup, checkpoint_report, estimate_memory
 
@@ -19,8 +20,7 @@ DEFAULT_LATENT = dict(in_channels=32, input_size=16, users=31, latents=31 * 150)
 
 def check_cuda_memory(args: argparse.Namespace, log=print) -> None:
     """Before a CUDA training: refuse (with advice) a run whose estimate exceeds this device's free memory."""
-    from common.errors import PipelineError
-    from training.launch import local_rank
+    from training.launch import local_rank   # Lightning (~6 s): loaded by then in training; not for --check_memory
     # This rank's GPU, as Lightning assigns them (srun sets SLURM_LOCALID, not LOCAL_RANK); modulo for a task
     # that sees only its own GPU (srun --gpus-per-task, CUDA_VISIBLE_DEVICES per rank).
     device = local_rank() % max(1, torch.cuda.device_count())

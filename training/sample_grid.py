@@ -24,7 +24,10 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from common.errors import PipelineError
 from common.io import atomic_path, file_sha256, require_file
 from models.checkpoint import PipelineInfo
+from models.latent_classifier import classifier_from_entry
 from models.sampling import grid_image, sample_images
+from models.vavae import check_tokenizer_fits, load_vavae
+from training.latent_classifier import sample_identity
 
 GRID_DIR = "val_grids"
 LATEST = "latest.png"
@@ -78,7 +81,6 @@ class ValidationGrid(pl.Callback):
 
     def sample(self, pl_module: pl.LightningModule) -> tuple[np.ndarray, list[int]]:
         """(N, H, W, 3) uint8 decoded EMA samples of the first users, and those users' numbers."""
-        from models.vavae import load_vavae
         device = str(pl_module.device)
         if self.vae is None:
             self.vae = load_vavae(self.vavae_path, device=device)
@@ -114,8 +116,6 @@ class ValidationIdentity(pl.Callback):
         begin = time.monotonic()
         if not grid_due(self.spent, self.last_cost, begin - self.started, GRID_TIME_SHARE):
             return
-        from models.latent_classifier import classifier_from_entry
-        from training.latent_classifier import sample_identity
         if self.scorer is None or next(self.scorer.parameters()).device != pl_module.device:
             self.scorer = classifier_from_entry(info.latent_classifier, pl_module.device)
         ema = pl_module.ema
@@ -153,7 +153,6 @@ def sample_grid_callbacks(vavae_path: str | None, users: int, samples: int, info
                             f"({info.tokenizer or '?'}, sha256 {info.tokenizer_sha256[:12]}...): its grids would "
                             "decode to noise. Pass the tokenizer used in stage 1, or leave --vavae_path out.")
     if not info.tokenizer_sha256:   # latents of another tool: the sha256 check above could not tell
-        from models.vavae import check_tokenizer_fits, load_vavae
         check_tokenizer_fits(load_vavae(vavae_path), vavae_path, info.image_size, info.model_config["in_channels"],
                              info.model_config["input_size"], "the stage 1 latents are of",
                              "Pass the tokenizer that made them, or leave --vavae_path out.")

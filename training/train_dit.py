@@ -15,6 +15,7 @@ from common.device import resolve_precision
 from common.errors import PipelineError, out_of_memory_advice
 from common.lock import run_lock
 from data.latent_files import RUN_KEY, check_latents_agree, load_latents, load_stats
+from data.repa_targets import load_targets
 from models.checkpoint import PipelineInfo
 from models.lightningdit import model_config
 from training.callbacks import (AtomicCheckpointIO, HalfPrecisionBase, KeepMetricsHistory, plot_loss_curve,
@@ -23,9 +24,11 @@ from training.checkpoints import LOCK_NAME, BestCheckpoint, EarlyCheckpoint, Las
 from training.cli import TrainOptions
 from training.dit_module import DiTTrainingModule
 from training.divergence import DivergenceGuard, NonFiniteLoss
+from training.init_from import initialise_from
 from training.latent_classifier import LatentClassifierTraining
 from training.launch import (COLLECTIVE_TIMEOUT, WatchedDDPStrategy, global_rank, is_peer_lost,
                              peer_lost_message)
+from training.memory_check import check_cuda_memory
 from training.resume import check_devices, divergence_message, prepare_output_dir, resume_point
 from training.sample_grid import identity_callbacks, sample_grid_callbacks
 
@@ -57,7 +60,6 @@ def build_module(args: TrainOptions, log=print) -> DiTTrainingModule:
                         image_size=meta.get("image_size", 256))
     repa_targets = None
     if args.repa_weight > 0:
-        from data.repa_targets import load_targets
         repa_targets = load_targets(args.latent_dir, len(train_x), meta.get(RUN_KEY))
     module = DiTTrainingModule(info, train_x, train_y, val_x, val_y, args, repa_targets)
     n_params = sum(p.numel() for p in module.model.parameters())
@@ -90,11 +92,9 @@ def train(args: TrainOptions, log=print, callbacks: Sequence[pl.Callback] = ()) 
         raise PipelineError("--finetune lora trains low-rank adapters on a pretrained model: pass --init_from "
                             "with the weights to adapt (e.g. the published lightningdit-xl-imagenet256-*.pt)")
     if torch.cuda.is_available() and args.accelerator != "cpu" and not args.skip_memory_check:
-        from training.memory_check import check_cuda_memory
         check_cuda_memory(args, log)
     module = build_module(args, log)
     if args.init_from:
-        from training.init_from import initialise_from
         initialise_from(module, args.init_from, args.finetune, log, args.lora_rank, args.lora_alpha)
     elif args.finetune != "full":
         warnings.warn(f"--finetune {args.finetune} only applies with --init_from; training every weight")
