@@ -30,7 +30,7 @@ def is_out_of_space(err: BaseException) -> bool:
 @contextmanager
 def out_of_memory_advice(what: str, flags: str) -> Iterator[None]:
     """A CUDA out-of-memory error inside becomes a PipelineError naming the flags that need less memory."""
-    import torch
+    import torch   # here only: common.errors is imported by the torch-free orchestrator parser (pipeline/cli.py)
     try:
         yield
     except torch.cuda.OutOfMemoryError as err:

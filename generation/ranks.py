@@ -120,6 +120,7 @@ def launched_ranks(device_word: str, devices: int) -> Ranks | None:
     Raises PipelineError for a --devices or --device that does not fit the launcher."""
     if not any(name in os.environ for name in LAUNCHER_VARIABLES):
         return None
+    # a launcher's variables are set: only now pay for Lightning's import (~6 s), which training.launch needs
     from training.launch import cluster_environment, join_process_group, started_by_launcher
     env = cluster_environment()
     if not (started_by_launcher(env) and env.world_size() > 1):
@@ -149,6 +150,7 @@ def spawn_ranks(entry: Callable[[Ranks], object], devices: int, use_cuda: bool) 
     RankFailedElsewhere, comes after), or one naming a process that died (killed, out of memory). Another
     exception in a rank (a bug) comes back as torch's ProcessRaisedException with that rank's traceback.
     """
+    # several processes only: a one-process stage 3 never imports Lightning (~6 s; tests/test_cli.py)
     from lightning_fabric.plugins.environments import LightningEnvironment
     port = LightningEnvironment().main_port   # a free port (or MASTER_PORT), the same for every rank
     errors = torch.multiprocessing.get_context("spawn").SimpleQueue()
@@ -173,6 +175,7 @@ def _run_rank(rank: int, world: int, port: int, use_cuda: bool, threads: int, en
     """One spawned rank: join the process group, run entry; a PipelineError goes to `errors` as
     (stopped only because another rank failed, rank, message), and the process ends normally (all ranks stop
     together through Ranks.all_or_none, so the spawner has nobody to stop)."""
+    # a spawned rank (a fresh process): Lightning is imported here, never by a one-process stage 3
     from lightning_fabric.plugins.environments import LightningEnvironment
     from training.launch import join_process_group
     if getattr(sys.stdout, "line_buffering", True) is False and hasattr(sys.stdout, "reconfigure"):

@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.errors import PipelineError
+from common.io import load_any_weights
 
 COS_MARGIN, DISTMAT_MARGIN = 0.5, 0.25    # VA-VAE's margins for the alignment term
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -44,8 +45,7 @@ class FoundationFeatures(nn.Module):
 
 def build_foundation(path: str | Path) -> FoundationFeatures:
     """A torchvision ResNet or ViT from a local state-dict file; nothing is downloaded."""
-    import torchvision.models as tvm
-    from common.io import load_any_weights
+    import torchvision.models as tvm   # optional: only the alignment term (--align_weights) needs it (~1.5 s)
     sd, _ = load_any_weights(path, "a torchvision ResNet or ViT state dict")
     sd = sd.get("state_dict", sd.get("model", sd))
     if "conv_proj.weight" in sd:

@@ -161,7 +161,7 @@ class _VGGSlices(nn.Module):
     each keeping torchvision's layer indices so that `features.N.*` maps to `sliceK.N.*`)."""
     def __init__(self, widths=VGG16_WIDTHS):
         super().__init__()
-        from torchvision.models.vgg import make_layers
+        from torchvision.models.vgg import make_layers   # optional: only LPIPS (--perceptual_weight) needs it (~1.5 s)
         w1, w2, w3, w4, w5 = widths
         features = make_layers([w1, w1, "M", w2, w2, "M", w3, w3, w3, "M", w4, w4, w4, "M", w5, w5, w5, "M"])
         for k in range(5):
