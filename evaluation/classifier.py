@@ -8,6 +8,7 @@ classifiers (evaluation/gain.py): one recipe, so that the gain is measured on cl
 import hashlib
 import json
 import math
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from evaluation import augment as A
 
 CACHE_DIR = ".eval_cache"   # hidden, so scan_dataset never takes it for a user folder
 CACHE_VERSION = 2           # bump when training code changes what a cached model would be (2: early stopping)
+_SEEDING = threading.Lock()  # initial weights come from the global generator: one thread at a time seeds and draws
 
 
 #################################################################################
@@ -208,14 +210,18 @@ def training_batches(images: torch.Tensor, labels: torch.Tensor, cfg: Classifier
 
 
 def initial_model(num_classes: int, cfg: ClassifierConfig, device: torch.device) -> Classifier:
-    """The untrained classifier of cfg.arch, its weights drawn from cfg.seed (the same for every arm of a seed)."""
-    torch.manual_seed(cfg.seed)
-    return build_classifier(num_classes, cfg.arch).to(device)
+    """The untrained classifier of cfg.arch, its weights drawn from cfg.seed (the same for every arm of a seed,
+    also when classifiers are built on several threads at once)."""
+    with _SEEDING:
+        torch.manual_seed(cfg.seed)
+        model = build_classifier(num_classes, cfg.arch)
+    return model.to(device)
 
 
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: ClassifierConfig,
                      device: torch.device, held_out: tuple[torch.Tensor, torch.Tensor] | None = None,
-                     extra: tuple[torch.Tensor, torch.Tensor] | None = None, desc: str = "classifier") -> Fit:
+                     extra: tuple[torch.Tensor, torch.Tensor] | None = None, desc: str = "classifier",
+                     progress: bool = True) -> Fit:
     """Train a classifier on uint8 images (N, 3, S, S) with labels (N,) int64, stopping early on `held_out`.
 
     AdamW with a linear warmup, then a constant learning rate (forward passes in bf16 autocast with cfg.bf16):
@@ -228,8 +234,9 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: in
     cfg.max_steps. Without held_out it runs cfg.max_steps steps.
 
     cfg.seed fixes the initial weights (initial_model) and the batches (training_batches, which adds `extra`), so
-    the arms of the augmentation gain, which differ only in `extra` or cfg.augment, are paired.
-    Raises ValueError with fewer than two images.
+    the arms of the augmentation gain, which differ only in `extra` or cfg.augment, are paired. Every random draw
+    comes from the seed's own generators, so classifiers trained on several threads at once come out the same.
+    progress: show a progress bar. Raises ValueError with fewer than two images.
     """
     if images.shape[0] < 2:
         raise ValueError("need at least two images to train a classifier")
@@ -242,7 +249,8 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: in
     kept = model if ema is None else ema.module         # the model scored, kept and returned
     scoring = held_out is not None and len(held_out[0]) > 0
     best, best_state, best_step, since_best, step = (-1.0, math.inf), None, 0, 0, 0
-    with progress_bar(total=cfg.max_steps, desc=f"training {desc}", unit="step", leave=False) as bar:
+    with progress_bar(total=cfg.max_steps, desc=f"training {desc}", unit="step", leave=False, upper_bound=True,
+                      disable=not progress) as bar:
         while step < cfg.max_steps:
             model.train()
             x, y = next(batches)

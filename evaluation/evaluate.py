@@ -28,7 +28,7 @@ from evaluation import intervals
 from evaluation.cli import EvaluateOptions
 from evaluation.distribution import distribution_report, inception_report
 from evaluation.export import accepted_samples, export_report
-from evaluation.gain import augmentation_report, mean_with_interval, tstr_report
+from evaluation.gain import usefulness_report
 from evaluation.identity import correct, identity_report
 from evaluation.inputs import Inputs, check_files, load_inputs
 from evaluation.memorization import memorization_report
@@ -130,8 +130,9 @@ def evaluate(options: EvaluateOptions, *, tstr: bool = True, augmentation: bool 
         with _timed(timing, "metrics"):
             dist = distribution_report(data, train_feats, val_feats, gen_feats, gen_logits, val_logits, o.nearest_k,
                                        seed, o.min_user_samples)
-        memo, copies, nearest_pairs = memorization_report(data.gen, gen_feats, data.train, train_feats, data.val,
-                                                          val_feats, o.copy_percentile, o.copy_factor, data.users)
+        with _timed(timing, "memorization"):
+            memo, copies, nearest_pairs = memorization_report(data.gen, gen_feats, data.train, train_feats, data.val,
+                                                              val_feats, o.copy_percentile, o.copy_factor, data.users)
         with _timed(timing, "inception"):
             inception = inception_report(data, o.inception_weights, image_size, batch_size, o.num_workers, dev, seed)
         if not inception["available"]:
@@ -140,17 +141,10 @@ def evaluate(options: EvaluateOptions, *, tstr: bool = True, augmentation: bool 
                                                o.min_margin)
         judge = (correct(val_logits, data.val.labels).numpy(),
                  {"best_step": clf_info["best_step"], "steps": clf_info["steps"], "seconds": clf_info["train_seconds"]})
-        classical = None
-        if augmentation:
-            augment, classical = augmentation_report(data, accepted, cfg, dev, seeds, o.low_data_per_user, judge,
-                                                     timing, log)
-        else:
-            augment = {"gain": None, "gain_ci": None, "regimes": {}, "note": "skipped (augmentation=False)"}
-        clf_info["real_val_top1_over_seeds"] = (None if classical is None else
-                                                {**mean_with_interval(classical, seed), "seeds": seeds})
-        with _timed(timing, "tstr"):
-            tstr_block = tstr_report(data, cfg, dev, seeds, classical, log) if tstr else \
-                {"top1": None, "top1_ci": None, "note": "skipped (tstr=False)"}
+        # Classifiers at once on the CPU: one per core (gain.run_jobs); a GPU takes them one by one.
+        workers = torch.get_num_threads() if dev.type == "cpu" else 1
+        augment, tstr_block, clf_info["real_val_top1_over_seeds"] = usefulness_report(
+            data, accepted, cfg, dev, seeds, o.low_data_per_user, judge, augmentation, tstr, workers, timing, log)
         export = export_report(data.users, data.gen, accepted, confident, copies, o.export_dir, o.min_confidence,
                                o.min_margin, log)
 

@@ -108,6 +108,26 @@ def test_arms_of_a_seed_share_initial_weights_and_batch_order():
     assert not torch.equal(other_seed[0], first["classical"][0])
 
 
+@pytest.mark.slow
+def test_classifiers_trained_at_once_on_threads_come_out_as_one_by_one():
+    from evaluation.imageset import ImageSet
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(40) % 2
+    images = torch.randint(0, 60, (40, 3, 16, 16), generator=gen, dtype=torch.uint8)
+    images[labels == 1, :, :8] += 120                       # learnable: user 1 is bright on top
+    as_set = lambda x, y: ImageSet([Path(f"{i}.png") for i in range(len(y))], y, x, torch.zeros(len(y), 1))
+    train, extra, val = as_set(images[:24], labels[:24]), as_set(images[24:32], labels[24:32]), as_set(images[32:],
+                                                                                                       labels[32:])
+    cfg = clf.ClassifierConfig(size=16, batch_size=8, max_steps=20, eval_every=5, patience=2)
+    jobs = gain.regime_jobs(train, extra, cfg, [0, 1], None, "all") + gain.tstr_jobs(extra, cfg, [0])
+    one_by_one = gain.run_jobs(jobs, val, 2, torch.device("cpu"), workers=1, log=lambda *_: None)
+    at_once = gain.run_jobs(jobs, val, 2, torch.device("cpu"), workers=3, log=lambda *_: None)
+    assert len(at_once) == len(jobs) == 7
+    for (a, info_a), (b, info_b) in zip(one_by_one, at_once):
+        assert np.array_equal(a, b) and (info_a["best_step"], info_a["steps"]) == (info_b["best_step"], info_b["steps"])
+    assert torch.get_num_threads() == 1                      # the module's one thread, restored after the pool
+
+
 def test_low_data_subset_takes_n_per_user_drawn_by_seed():
     labels = torch.tensor([0] * 30 + [1] * 30 + [2] * 5)
     chosen = gain.low_data_subset(labels, 20, seed=0)

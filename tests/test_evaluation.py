@@ -143,7 +143,8 @@ def test_classifier_cached_not_retrained(runs):
     assert runs["calls_first"][0] == "user classifier"
     assert runs["calls_first"][1:6] == ["all real seed 0", "all generated seed 0", "all real seed 1",
                                         "all classical seed 1", "all generated seed 1"]
-    assert runs["calls_first"][-2:] == ["TSTR seed 0", "TSTR seed 1"] and len(runs["calls_first"]) == 1 + 5 + 6 + 2
+    assert runs["calls_first"][-2:] == ["tstr classical seed 0", "tstr classical seed 1"]
+    assert len(runs["calls_first"]) == 1 + 5 + 6 + 2
     assert runs["calls"] == runs["calls_first"]            # later runs trained nothing
     assert runs["noise"]["classifier"]["cached"] and runs["copies"]["classifier"]["cached"]
     assert runs["cache"].stat().st_mtime_ns == runs["mtime"]
@@ -178,7 +179,7 @@ def test_augmentation_adds_accepted_samples_to_real_train(runs):
     n = len(USERS)
     expected = {"all": (N_TRAIN * n - 3 * n, 3 * n), "low_data": (6 * n - 1 * n, 1 * n)}
     for desc, (n_fit, n_held, n_extra) in zip(runs["calls_first"], runs["sizes_first"]):
-        if not desc.startswith("TSTR"):
+        if not desc.startswith("tstr"):
             assert (n_fit, n_held) == expected["low_data" if desc.startswith("low_data") else "all"], desc
             assert n_extra == (aug["generated_images"] if "generated" in desc else 0), desc
     # Held-out real images of the right users as "samples": adding them must not hurt a classifier.
