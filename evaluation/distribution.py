@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from evaluation import metrics as M
+from evaluation.inception import inception_features, load_inception
 from evaluation.inputs import Inputs
 
 
@@ -91,7 +92,6 @@ def inception_report(data: Inputs, inception_weights: str | Path | None, image_s
     if inception_weights is None:
         return {"available": False, "weights": None, "fd": None, "fd_real_val": None, "kid": None, "kid_real_val": None,
                 "message": "Inception FID/KID not computed: no --inception_weights given (nothing is downloaded)."}
-    from evaluation.inception import inception_features, load_inception
     net = load_inception(inception_weights, dev)
     feats = {name: inception_features(net, s.paths, image_size, batch_size, num_workers, dev, name)
              for name, s in (("train", data.train), ("val", data.val), ("generated", data.gen)) if len(s)}

@@ -13,6 +13,7 @@ from evaluation import classifier as clf
 from evaluation.identity import identity_scores
 from evaluation.imageset import resize
 from evaluation.inputs import Inputs
+from models import vavae
 
 
 def tokenizer_report(data: Inputs, vavae_path: str | Path, image_size: int, classifier_size: int,
@@ -22,12 +23,11 @@ def tokenizer_report(data: Inputs, vavae_path: str | Path, image_size: int, clas
     The val images are decoded at image_size, reconstructed by the tokenizer (bf16 autocast where native),
     then scored at classifier_size. Raises PipelineError (from load_vavae) for an unreadable tokenizer file.
     """
-    from models.vavae import load_vavae, reconstruct
     if len(data.val) == 0:
         return {"top1": None, "top1_ci": None, "psnr_db": None, "note": "no readable val images"}
     bank = load_bank(data.val.paths, image_size, log=lambda *_: None)
     autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if bf16_supported(dev) else nullcontext
-    recon = reconstruct(load_vavae(vavae_path, device=dev), bank, autocast=autocast)
+    recon = vavae.reconstruct(vavae.load_vavae(vavae_path, device=dev), bank, autocast=autocast)
     logits = clf.extract(model, to_uint8(resize(to_float(recon), classifier_size)), batch_size, dev)[1]
     scores = identity_scores(logits, data.val.labels, len(data.users))
     return {"top1": scores["top1"], "top1_ci": scores["top1_ci"],
