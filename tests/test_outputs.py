@@ -239,15 +239,15 @@ def test_stage3_killed_while_moving_its_samples_in_is_detected(tmp_path, trained
         return real(src, dst)
 
     monkeypatch.setattr(common.io.os, "replace", killed_after_the_first_sample)
-    gen = tmp_path / "gen"
+    gen_dir = tmp_path / "gen"
     with pytest.raises(KeyboardInterrupt):
-                gen.generate(GenerateOptions.defaults(dit_checkpoint=str(trained / "checkpoints" / "best.ckpt"),
-                                          vavae_path=str(tokenizer), output_dir=str(gen), user_ids=[1, 2],
-                                          num_samples_per_user=2, num_steps=2), log=lambda m: None)
+        gen.generate(GenerateOptions.defaults(dit_checkpoint=str(trained / "checkpoints" / "best.ckpt"),
+                                              vavae_path=str(tokenizer), output_dir=str(gen_dir), user_ids=[1, 2],
+                                              num_samples_per_user=2, num_steps=2), log=lambda m: None)
     monkeypatch.undo()
-    assert len(list(gen.glob("micro_doppler_*.png"))) == 1   # one of the five moved in
+    assert len(list(gen_dir.glob("micro_doppler_*.png"))) == 1   # one of the five moved in
     data = make_dataset(tmp_path / "data", users=("ID_1", "ID_2", "ID_10"), per_user=2, val_per_user=1)
-    proc = run_main(capsys, "stage4_evaluate.py", "--data_dir", data, "--generated_dir", gen, "--output_dir",
+    proc = run_main(capsys, "stage4_evaluate.py", "--data_dir", data, "--generated_dir", gen_dir, "--output_dir",
                     tmp_path / "eval", "--image_size", 64)
     assert_user_error(proc, r"a stage 3 run stopped while moving its samples", r"Rerun stage 3")
 
