@@ -38,8 +38,9 @@ class Classical:
                 or (self.freq_masks > 0 and self.freq_mask_width > 0))
 
 
-# The recipes compared on the demo's held-out train images (docs/experiments.md, "A judge that has learned"):
-# the strongest is the default of the judge and of the augmentation arms.
+# The recipes compared on the held-out fifth of the demo's train images, never on val (docs/experiments.md, "A
+# judge that has learned"): roll+shift scored highest (held-out top-1 0.99, the lowest cross-entropy, two seeds in
+# both regimes); masks on top of it lowered both. It is the judge's recipe and the augmentation arms'.
 RECIPES = {
     "none": Classical(),
     "roll": Classical(time_roll=0.5),
@@ -49,7 +50,7 @@ RECIPES = {
     "roll+shift+2x masks": Classical(time_roll=0.5, freq_shift=0.03, time_masks=2, time_mask_width=0.15,
                                      freq_masks=2, freq_mask_width=0.1),
 }
-DEFAULT = RECIPES["roll+shift+masks"]
+DEFAULT = RECIPES["roll+shift"]
 
 
 def _offsets(n: int, max_fraction: float, length: int, gen: torch.Generator) -> torch.Tensor:

@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_num_workers_flag(images, 0, "image decoding worker processes")
     judge = parser.add_argument_group("the user classifier (judge), the augmentation gain and TSTR")
     judge.add_argument("--classifier_size", type=positive_int, default=32, help="resolution the user classifier works at")
-    judge.add_argument("--classifier_max_steps", type=positive_int, default=600,
+    judge.add_argument("--classifier_max_steps", type=positive_int, default=400,
                        help="most steps of each classifier; it stops earlier once its top-1 on held-out train "
                             "images stops rising")
     add_seed_flag(judge, "the judge's seed (the first of --gain_seeds) and the intervals' bootstrap seed")
