@@ -45,7 +45,7 @@ class ClassifierConfig:
     (the highest top-1, among equals the lowest held-out cross-entropy).
     """
     image_size: int = 256           # decoding size (the generator's); images are then resized to `size`
-    size: int = 32                  # training/inference resolution (docs/experiments.md: 32 px against 48 and 64)
+    size: int = 48                  # training/inference resolution (docs/experiments.md: 48 px against 32 and 64)
     arch: str = "small_cnn"
     batch_size: int = 64
     lr: float = 5e-3
@@ -309,7 +309,7 @@ def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: in
 
 
 def train_judge(images: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: ClassifierConfig,
-                device: torch.device, desc: str = "user classifier") -> Fit:
+                device: torch.device, desc: str = "user classifier", progress: bool = True) -> Fit:
     """The recipe of every classifier stage 4 trains on real images: hold out cfg.held_out_fraction of each user's
     train images (drawn with cfg.seed), train on the rest until the held-out top-1 stops rising, keep the best.
 
@@ -319,7 +319,7 @@ def train_judge(images: torch.Tensor, labels: torch.Tensor, num_classes: int, cf
     """
     fit, held = held_out_split(labels, cfg.held_out_fraction, cfg.seed)
     return train_classifier(images[fit], labels[fit], num_classes, cfg, device,
-                            held_out=(images[held], labels[held]), desc=desc)
+                            held_out=(images[held], labels[held]), desc=desc, progress=progress)
 
 
 #################################################################################
@@ -364,10 +364,11 @@ def _load_cached(path: Path, key: str, num_classes: int, arch: str) -> tuple[Cla
 
 def load_or_train(data_dir: Path, output_dir: Path, class_names: list[str], train_files: list[Path],
                   images: torch.Tensor, labels: torch.Tensor, cfg: ClassifierConfig,
-                  device: torch.device, log: Callable[[str], None] = print) -> tuple[Classifier, dict]:
+                  device: torch.device, log: Callable[[str], None] = print,
+                  progress: bool = True) -> tuple[Classifier, dict]:
     """Load the user classifier (train_judge) for these training files and settings, training (and caching) it
     once. Returns the model and its info: cached, path, fingerprint, train_seconds, best_step, steps,
-    held_out_top1, stopped_early."""
+    held_out_top1, stopped_early. progress: show the training's progress bar."""
     key = fingerprint(data_dir, class_names, train_files, cfg)
     candidates = cache_candidates(data_dir, output_dir, key)
     for path in candidates:
@@ -381,7 +382,7 @@ def load_or_train(data_dir: Path, output_dir: Path, class_names: list[str], trai
                                                                       "held_out_top1", "stopped_early")}}
     log(f"classifier: training {cfg.arch} on {images.shape[0]} real images at {cfg.size}px until its top-1 on "
         f"{cfg.held_out_fraction:.0%} of them held out stops rising (at most {cfg.max_steps} steps)")
-    fit = train_judge(images, labels, len(class_names), cfg, device)
+    fit = train_judge(images, labels, len(class_names), cfg, device, progress=progress)
     info = {"train_seconds": fit.seconds, "best_step": fit.best_step, "steps": fit.steps,
             "held_out_top1": fit.held_out_top1, "stopped_early": fit.stopped_early}
     meta = {"fingerprint": key, "classes": class_names, "config": asdict(cfg), "device": str(device), **info}

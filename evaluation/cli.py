@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_batch_size_flag(images, 64, "images per classifier/feature batch")
     add_num_workers_flag(images, 0, "image decoding worker processes")
     judge = parser.add_argument_group("the user classifier (judge), the augmentation gain and TSTR")
-    judge.add_argument("--classifier_size", type=positive_int, default=32, help="resolution the user classifier works at")
+    judge.add_argument("--classifier_size", type=positive_int, default=48,
+                       help="resolution the user classifier (the judge) works at; the gain's classifiers work at 32")
     judge.add_argument("--classifier_max_steps", type=positive_int, default=400,
                        help="most steps of each classifier; it stops earlier once its top-1 on held-out train "
                             "images stops rising")

@@ -15,6 +15,7 @@ report families in turn, each in its own module:
 import random
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -28,7 +29,7 @@ from evaluation import intervals
 from evaluation.cli import EvaluateOptions
 from evaluation.distribution import distribution_report, inception_report
 from evaluation.export import accepted_samples, export_report
-from evaluation.gain import usefulness_report
+from evaluation.gain import mean_with_interval, usefulness_report
 from evaluation.identity import correct, identity_report
 from evaluation.inputs import Inputs, check_files, load_inputs
 from evaluation.memorization import memorization_report
@@ -36,6 +37,7 @@ from evaluation.report import write_outputs
 from evaluation.tokenizer_ceiling import tokenizer_report
 
 REPORT_VERSION = 1
+JUDGE_SEEDS = 3     # the judge trained with --seed and the next two: its real-val top-1's spread over seeds
 INTERVALS = {"level": intervals.LEVEL, "proportions": "Wilson score interval over the images scored",
              "ratio": f"percentile bootstrap over the images ({intervals.RESAMPLES} resamples, seed --seed)",
              "over_seeds": "augmentation gains, TSTR and the judge's mean real-val top-1: percentile bootstrap over "
@@ -66,6 +68,18 @@ def _classify(data: Inputs, data_dir: Path, output_dir: Path, cfg: clf.Classifie
     outputs = {name: clf.extract(model, s.images, cfg.batch_size, dev)
                for name, s in (("train", data.train), ("val", data.val), ("gen", data.gen))}
     return model, info, outputs
+
+
+def _sibling_judges(data: Inputs, data_dir: Path, output_dir: Path, cfg: clf.ClassifierConfig, dev: torch.device,
+                    seeds: list[int]) -> list[Callable[[], np.ndarray]]:
+    """Tasks that train (or load from the cache) the judge again with each of `seeds` and return its real-val
+    outcomes (N_val,) bool: the spread the judge's real-val top-1 has over training seeds."""
+    def task(seed: int) -> np.ndarray:
+        model, _ = clf.load_or_train(data_dir, output_dir, [u.name for u in data.users], data.train.paths,
+                                     data.train.images, data.train.labels, replace(cfg, seed=seed), dev,
+                                     log=lambda *_: None, progress=False)
+        return correct(clf.extract(model, data.val.images, cfg.batch_size, dev)[1], data.val.labels).numpy()
+    return [lambda seed=seed: task(seed) for seed in seeds]
 
 
 def _header(data: Inputs, inputs: dict, cfg: clf.ClassifierConfig, classifier_info: dict) -> dict:
@@ -139,12 +153,15 @@ def evaluate(options: EvaluateOptions, *, tstr: bool = True, augmentation: bool 
             log(inception["message"])
         accepted, confident = accepted_samples(data.gen, gen_logits.softmax(1), copies, o.min_confidence,
                                                o.min_margin)
-        judge = (correct(val_logits, data.val.labels).numpy(),
-                 {"best_step": clf_info["best_step"], "steps": clf_info["steps"], "seconds": clf_info["train_seconds"]})
-        # Classifiers at once on the CPU: one per core (gain.run_jobs); a GPU takes them one by one.
+        # Classifiers at once on the CPU: one per core (gain.run_tasks); a GPU takes them one by one.
         workers = torch.get_num_threads() if dev.type == "cpu" else 1
-        augment, tstr_block, clf_info["real_val_top1_over_seeds"] = usefulness_report(
-            data, accepted, cfg, dev, seeds, o.low_data_per_user, judge, augmentation, tstr, workers, timing, log)
+        judge_seeds = list(range(seed, seed + JUDGE_SEEDS)) if len(data.val) else []
+        augment, tstr_block, siblings = usefulness_report(
+            data, accepted, cfg, dev, seeds, o.low_data_per_user, augmentation, tstr, workers, timing,
+            _sibling_judges(data, data_dir, output_dir, cfg, dev, judge_seeds[1:]), log)
+        if judge_seeds:
+            outcomes = np.stack([correct(val_logits, data.val.labels).numpy(), *siblings])
+            clf_info["real_val_top1_over_seeds"] = {**mean_with_interval(outcomes, seed), "seeds": judge_seeds}
         export = export_report(data.users, data.gen, accepted, confident, copies, o.export_dir, o.min_confidence,
                                o.min_margin, log)
 

@@ -1,10 +1,10 @@
 """What the samples teach a classifier: the augmentation gain as a paired comparison over seeds, and TSTR.
 
 Three arms, each a classifier of the judge's recipe (evaluation/classifier.py: early stopping on held-out train
-images) tested on real val images:
+images) at SIZE px, tested on real val images:
   real        real train images only, no augmentation
   classical   real train images with classical augmentation (evaluation/augment.py: what a radar user does by
-              hand); this is the judge's own recipe
+              hand), the judge's augmentation
   generated   real train images plus the accepted samples, both with classical augmentation
 Within a seed the three arms share the held-out split, the initial weights and the order of the real batches
 (and their augmentation draws, between classical and generated): they differ only in their data. Each
@@ -18,7 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -28,12 +28,14 @@ from evaluation import augment as A
 from evaluation import classifier as clf
 from evaluation import intervals as ci
 from evaluation.identity import correct
-from evaluation.imageset import ImageSet
+from evaluation.imageset import THUMB_SIZE, ImageSet
 from evaluation.inputs import Inputs
 
+SIZE = THUMB_SIZE      # px: the gain's classifiers learn as well at 32 px as the judge at 48 (docs/experiments.md)
 ARMS = ("real", "classical", "generated")
 COMPARISONS = {"classical-real": ("classical", "real"), "generated-classical": ("generated", "classical"),
                "generated-real": ("generated", "real")}
+T = TypeVar("T")
 HEADLINE = "generated-classical"      # the question users ask: do samples add to what augmentation gives?
 GENERATOR_NOTE = ("the generator was trained on all train images (stages 1-2 by default), also in the low-data "
                   "regime: a low-data generator needs its own stages 1-2 run on the subset")
@@ -98,17 +100,17 @@ class Job:
 
 
 def regime_jobs(train: ImageSet, extra: ImageSet, cfg: clf.ClassifierConfig, seeds: list[int],
-                per_user: int | None, part: str, skip: set[tuple[str, str, int]] = frozenset()) -> list[Job]:
+                per_user: int | None, part: str) -> list[Job]:
     """The three arms of every seed in one regime (per_user: the low-data regime's images per user, None: all),
-    each seed with its own held-out split (and low-data subset), shared by its arms. (part, arm, seed) in `skip`
-    are left out (the judge, already trained), and so is the generated arm when there is no extra image."""
+    each seed with its own held-out split (and low-data subset), shared by its arms. The generated arm is left out
+    when there is no extra image (it would be the classical one)."""
     jobs = []
     for seed in seeds:
         index = low_data_subset(train.labels, per_user, seed) if per_user else torch.arange(len(train))
         images, labels = train.images[index], train.labels[index]
         fit, held = clf.held_out_split(labels, cfg.held_out_fraction, seed)
         for arm in ARMS:
-            if (part, arm, seed) in skip or (arm == "generated" and len(extra) == 0):
+            if arm == "generated" and len(extra) == 0:
                 continue
             jobs.append(Job(part, arm, seed, arm_config(cfg, arm, seed), (images[fit], labels[fit]),
                             (images[held], labels[held]), (extra.images, extra.labels) if arm == "generated" else None))
@@ -136,29 +138,29 @@ def _intra_op_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def run_jobs(jobs: list[Job], val: ImageSet, num_classes: int, dev: torch.device, workers: int,
-             log: Callable[[str], None] = print) -> list[tuple[np.ndarray, dict]]:
-    """Train every job and score it on real val: per job (val outcomes (N_val,) bool, info: best_step, steps,
-    seconds), in job order.
+def train_and_score(job: Job, val: ImageSet, num_classes: int, dev: torch.device,
+                    progress: bool = True) -> tuple[np.ndarray, dict]:
+    """Train one job's classifier and score it on real val: (val outcomes (N_val,) bool, info: best_step, steps,
+    seconds)."""
+    fit = clf.train_classifier(*job.train, num_classes, job.cfg, dev, held_out=job.held_out, extra=job.extra,
+                               desc=f"{job.part} {job.arm} seed {job.seed}", progress=progress)
+    return _val_correct(fit, val, job.cfg.batch_size, dev), {"best_step": fit.best_step, "steps": fit.steps,
+                                                              "seconds": fit.seconds}
 
-    workers > 1 trains that many classifiers at once on threads, each op on one core: small convolutions use a
-    second core poorly, two classifiers use it fully. The results do not depend on it (every draw is seeded).
-    """
-    def one(job: Job) -> tuple[np.ndarray, dict]:
-        fit = clf.train_classifier(*job.train, num_classes, job.cfg, dev, held_out=job.held_out, extra=job.extra,
-                                   desc=f"{job.part} {job.arm} seed {job.seed}", progress=workers <= 1)
-        return _val_correct(fit, val, job.cfg.batch_size, dev), {"best_step": fit.best_step, "steps": fit.steps,
-                                                                  "seconds": fit.seconds}
-    log(f"augmentation gain and TSTR: {len(jobs)} classifiers, {max(1, workers)} at a time")
-    with progress_bar(total=len(jobs), desc="gain and TSTR classifiers", unit="classifier") as bar:
+
+def run_tasks(tasks: list[Callable[[], T]], workers: int, desc: str) -> list[T]:
+    """Every task's result, in task order, `workers` tasks at a time on threads (each op on one core: small
+    convolutions use a second core poorly, two classifiers use it fully). Tasks that seed every draw they make
+    return the same results whatever `workers` is."""
+    with progress_bar(total=len(tasks), desc=desc, unit="classifier") as bar:
         if workers <= 1:
             results = []
-            for job in jobs:
-                results.append(one(job))
+            for task in tasks:
+                results.append(task())
                 bar.update(1)
             return results
         with _intra_op_threads(1), ThreadPoolExecutor(workers) as pool:
-            futures = [pool.submit(one, job) for job in jobs]
+            futures = [pool.submit(task) for task in tasks]
             for _ in as_completed(futures):
                 bar.update(1)
             return [f.result() for f in futures]
@@ -187,39 +189,45 @@ def _arms_of(part: str, seeds: list[int], done: dict) -> tuple[dict[str, np.ndar
 
 
 def usefulness_report(data: Inputs, accepted: torch.Tensor, cfg: clf.ClassifierConfig, dev: torch.device,
-                      seeds: list[int], low_data_per_user: int, judge: tuple[np.ndarray, dict],
-                      augmentation: bool, tstr: bool, workers: int, timing: dict[str, float],
-                      log: Callable[[str], None] = print) -> tuple[dict, dict, dict | None]:
-    """report.json's augmentation and TSTR blocks, and the judge's real-val top-1 over the seeds (None without
-    the augmentation block): every classifier of both trained in one pool (run_jobs).
+                      seeds: list[int], low_data_per_user: int, augmentation: bool, tstr: bool, workers: int,
+                      timing: dict[str, float], side_tasks: list[Callable[[], T]] = (),
+                      log: Callable[[str], None] = print) -> tuple[dict, dict, list[T]]:
+    """report.json's augmentation and TSTR blocks, every classifier of both trained in one pool (run_tasks) at
+    SIZE px with the judge's recipe `cfg` (its size replaced), and the results of `side_tasks` run in the same pool
+    (stage 4 runs the judge's other seeds there).
 
-    judge: the judge's val outcomes and info; it is the classical arm of seed cfg.seed on all images and is not
-    trained again. augmentation / tstr False leave a block out. Adds to `timing`: gain_all, gain_low_data and
-    tstr (summed seconds of their classifiers, `workers` of which ran at once) and gain_and_tstr (wall clock).
+    accepted: (N_gen,) bool, the samples the generated arm adds. augmentation / tstr False leave a block out.
+    Adds to `timing`: gain_all, gain_low_data and tstr (summed seconds of their classifiers, `workers` of which
+    ran at once) and gain_and_tstr (wall clock of the pool, side tasks included).
     """
-    if len(data.val) == 0:
-        return _skipped("skipped: no val images"), _tstr_skipped("skipped: no val images"), None
-    extra = data.gen.select(accepted)
-    most = int(torch.bincount(data.train.labels).max())
+    small = Inputs(data.users, data.train.thumbnails(), data.val.thumbnails(), data.gen.thumbnails(), data.notes)
+    cfg = replace(cfg, size=SIZE)
+    extra = small.gen.select(accepted)
+    most = int(torch.bincount(small.train.labels).max())
     regimes = {"all": None, "low_data": low_data_per_user if 0 < low_data_per_user < most else None}
     jobs = []
-    if augmentation:
-        jobs += regime_jobs(data.train, extra, cfg, seeds, None, "all", skip={("all", "classical", cfg.seed)})
+    have_val, tstr_possible = len(small.val) > 0, len(small.gen) >= 2
+    if augmentation and have_val:
+        jobs += regime_jobs(small.train, extra, cfg, seeds, None, "all")
         if regimes["low_data"]:
-            jobs += regime_jobs(data.train, extra, cfg, seeds, low_data_per_user, "low_data")
-    tstr_possible = len(data.gen) >= 2
-    if tstr and tstr_possible:
-        jobs += tstr_jobs(data.gen, cfg, seeds)
+            jobs += regime_jobs(small.train, extra, cfg, seeds, low_data_per_user, "low_data")
+    if tstr and have_val and tstr_possible:
+        jobs += tstr_jobs(small.gen, cfg, seeds)
+    quiet = workers > 1
+    tasks = list(side_tasks) + [lambda job=job: train_and_score(job, small.val, len(small.users), dev, not quiet)
+                                for job in jobs]
+    log(f"augmentation gain and TSTR: {len(tasks)} classifiers, {max(1, workers)} at a time")
     tick = time.perf_counter()
-    results = run_jobs(jobs, data.val, len(data.users), dev, workers, log)
+    results = run_tasks(tasks, workers, "gain and TSTR classifiers")
     timing["gain_and_tstr"] = time.perf_counter() - tick
+    side, results = results[:len(side_tasks)], results[len(side_tasks):]
     done = {(job.part, job.arm, job.seed): result for job, result in zip(jobs, results)}
-    done[("all", "classical", cfg.seed)] = judge
     for part in ("all", "low_data", "tstr"):
         timing[part if part == "tstr" else f"gain_{part}"] = sum(r[1]["seconds"] for j, r in zip(jobs, results)
                                                                  if j.part == part)
-    aug_block, over_seeds = _skipped("skipped (augmentation=False)"), None
-    if augmentation:
+    no_val = "skipped: no val images"
+    aug_block = _skipped("skipped (augmentation=False)" if not augmentation else no_val)
+    if augmentation and have_val:
         blocks = {}
         for part, per_user in regimes.items():
             if part == "low_data" and per_user is None:
@@ -227,24 +235,24 @@ def usefulness_report(data: Inputs, accepted: torch.Tensor, cfg: clf.ClassifierC
                                         f"the {most} train images of the largest user it would repeat the first regime)"}
                 continue
             outcomes, info = _arms_of(part, seeds, done)
-            n_real = int(sum(min(per_user or most, int(n)) for n in torch.bincount(data.train.labels)))
+            n_real = int(sum(min(per_user or most, int(n)) for n in torch.bincount(small.train.labels)))
             blocks[part] = regime_block(outcomes, info, cfg.seed, real_images_per_user=per_user, real_images=n_real)
             log(f"augmentation gain, {part} train images, real-val top-1 over {len(seeds)} seeds: "
                 + ", ".join(f"{arm} {blocks[part]['arms'][arm]['top1']:.3f}" for arm in ARMS))
-            if part == "all":
-                over_seeds = {**mean_with_interval(outcomes["classical"], cfg.seed), "seeds": seeds}
         headline = blocks["all"]["comparisons"][HEADLINE]
         aug_block = {"gain": headline["mean"], "gain_ci": headline["ci"], "headline": HEADLINE, "seeds": seeds,
-                     "generated_images": len(extra), "recipe": vars(cfg.augment), "regimes": blocks,
-                     "generator": GENERATOR_NOTE,
+                     "classifier_size": SIZE, "generated_images": len(extra), "recipe": vars(cfg.augment),
+                     "regimes": blocks, "generator": GENERATOR_NOTE,
                      "note": ("no generated image passed the filter: the generated arm is the classical one"
                               if len(extra) == 0 else
                               "paired arms per seed (same init, batch order, held-out split); tested on real val")}
     if not tstr:
-        return aug_block, _tstr_skipped("skipped (tstr=False)"), over_seeds
-    if not tstr_possible:
-        return aug_block, _tstr_skipped("skipped: needs at least two generated images"), over_seeds
-    return aug_block, _tstr_block(done, seeds, cfg.seed, outcomes_classical(done, seeds), log), over_seeds
+        tstr_block = _tstr_skipped("skipped (tstr=False)")
+    elif not have_val or not tstr_possible:
+        tstr_block = _tstr_skipped(no_val if not have_val else "skipped: needs at least two generated images")
+    else:
+        tstr_block = _tstr_block(done, seeds, cfg.seed, outcomes_classical(done, seeds), log)
+    return aug_block, tstr_block, side
 
 
 def outcomes_classical(done: dict, seeds: list[int]) -> np.ndarray | None:

@@ -59,6 +59,11 @@ class ImageSet:
         keep = mask.nonzero().flatten().tolist()
         return ImageSet([self.paths[i] for i in keep], self.labels[mask], self.images[mask], self.thumbs[mask])
 
+    def thumbnails(self) -> "ImageSet":
+        """The same set with the THUMB_SIZE thumbnails as its uint8 images (N, 3, THUMB_SIZE, THUMB_SIZE)."""
+        images = to_uint8(self.thumbs.view(len(self), 3, THUMB_SIZE, THUMB_SIZE))
+        return ImageSet(self.paths, self.labels, images, self.thumbs)
+
 
 def load_set(paths: list[Path], labels: list[int], image_size: int, classifier_size: int,
              batch_size: int = 64, num_workers: int = 0, log: Callable[[str], None] = print) -> ImageSet:
