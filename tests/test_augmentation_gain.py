@@ -181,14 +181,8 @@ def test_seeds_and_images_interval_widens_with_seed_spread():
 @pytest.mark.slow
 def test_report_block_has_the_documented_keys(tmp_path):
     from test_evaluation import run_evaluate
-    from helpers import make_dataset
-    from PIL import Image
-    make_dataset(tmp_path / "data", users=("ID_1", "ID_2"), per_user=10, val_per_user=4, seed=0)
-    make_dataset(tmp_path / "drawn", users=("ID_1", "ID_2"), per_user=4, seed=1)
-    (tmp_path / "gen").mkdir()
-    for user in (1, 2):
-        for k, path in enumerate(sorted((tmp_path / "drawn" / f"ID_{user}").iterdir())):
-            Image.open(path).save(tmp_path / "gen" / f"micro_doppler_user{user:02d}_{k:03d}.png")
+    from test_judge import write_two_users
+    write_two_users(tmp_path, per_user=10, val_per_user=4, samples=4)
     report = run_evaluate(tmp_path / "data", tmp_path / "gen", tmp_path / "out", classifier_max_steps=10,
                           gain_seeds=3, low_data_per_user=5, min_confidence=0.0, min_margin=0.0)
     aug = report["augmentation"]

@@ -31,6 +31,18 @@ def separable(n_per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return images.to(torch.uint8), labels
 
 
+def write_two_users(root: Path, per_user: int, val_per_user: int, samples: int) -> None:
+    """root/data (stage 1 layout, users ID_1 and ID_2) and root/gen: `samples` stage 3-named images per user
+    drawn like the real ones but apart from them (helpers.make_dataset)."""
+    from helpers import make_dataset
+    make_dataset(root / "data", users=("ID_1", "ID_2"), per_user=per_user, val_per_user=val_per_user, seed=0)
+    make_dataset(root / "drawn", users=("ID_1", "ID_2"), per_user=samples, seed=1)
+    (root / "gen").mkdir()
+    for user in (1, 2):
+        for k, path in enumerate(sorted((root / "drawn" / f"ID_{user}").iterdir())):
+            Image.open(path).save(root / "gen" / f"micro_doppler_user{user:02d}_{k:03d}.png")
+
+
 def held_out_top1(fit: clf.Fit, images: torch.Tensor, labels: torch.Tensor) -> float:
     logits = clf.extract(fit.model, images, 16, CPU)[1]
     return float((logits.argmax(1) == labels).float().mean())
@@ -89,13 +101,7 @@ def test_held_out_split_is_stratified_disjoint_and_seeded():
 def test_the_judge_holds_out_train_images_never_val_images(tmp_path, monkeypatch):
     """Stage 4 end to end: every image the classifiers are scored on while they train is a train image."""
     from test_evaluation import run_evaluate
-    from helpers import make_dataset
-    make_dataset(tmp_path / "data", users=("ID_1", "ID_2"), per_user=8, val_per_user=3, seed=0)
-    make_dataset(tmp_path / "drawn", users=("ID_1", "ID_2"), per_user=3, seed=1)
-    (tmp_path / "gen").mkdir()
-    for user in (1, 2):
-        for k, path in enumerate(sorted((tmp_path / "drawn" / f"ID_{user}").iterdir())):
-            Image.open(path).save(tmp_path / "gen" / f"micro_doppler_user{user:02d}_{k:03d}.png")
+    write_two_users(tmp_path, per_user=8, val_per_user=3, samples=3)
     seen = []
     real_train = clf.train_classifier
 
