@@ -192,6 +192,10 @@ def _run_rank(rank: int, world: int, port: int, use_cuda: bool, threads: int, en
         entry(Ranks(rank, world, join_process_group(env, use_cuda)))
     except PipelineError as err:
         errors.put((isinstance(err, RankFailedElsewhere), rank, str(err)))
+    finally:
+        # The rank's work and clean-up are done: a SIGTERM from now on (the spawner stopping the others while this
+        # one exits) just ends it, instead of raising inside an atexit finaliser (a traceback on stderr).
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _exit_on_sigterm(signum: int, frame) -> None:
