@@ -115,11 +115,12 @@ def _f(value, digits: int = 3) -> str:
     return str(value)
 
 
-def _ci(value: float | None, interval: list[float] | None, digits: int = 3) -> str:
-    """A value with its 95 % interval: `0.283 [0.210, 0.370]`; the value alone when there is no interval."""
+def _ci(value: float | None, interval: list[float] | None, digits: int = 3, sign: str = "") -> str:
+    """A value with its 95 % interval: `0.283 [0.210, 0.370]` (sign "+": `+0.010 [-0.037, +0.060]`, for
+    differences); the value alone when there is no interval."""
     if value is None or interval is None:
-        return _f(value, digits)
-    return f"{value:.{digits}f} [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"
+        return _f(value, digits) if value is None or not sign else f"{value:{sign}.{digits}f}"
+    return f"{value:{sign}.{digits}f} [{interval[0]:{sign}.{digits}f}, {interval[1]:{sign}.{digits}f}]"
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -138,13 +139,16 @@ def _intro(report: dict) -> list[str]:
             f"than those of any unseen image).", ""]
 
 
-def _tokenizer_lines(recon: dict | None) -> list[str]:
+def _tokenizer_lines(recon: dict | None, ceiling_ci: list[float] | None) -> list[str]:
     if not recon or recon.get("top1") is None:
         return []
+    # The advice only where the reconstructions are below the real-val ceiling beyond the noise of both.
+    below = ceiling_ci is not None and recon.get("top1_ci") is not None and recon["top1_ci"][1] < ceiling_ci[0]
     return ["", f"The tokenizer's own reconstructions of the real val images ({recon['psnr_db']:.1f} dB PSNR) score "
                 f"top-1 **{_ci(recon['top1'], recon.get('top1_ci'))}**: generated images are decoded by the same tokenizer, so this, not the "
-                "real-val column, is the most they can reach. Far below the ceiling, the tokenizer loses what tells "
-                "people apart: fine-tune it (train_tokenizer.py --init_from)."]
+                "real-val column, is the most they can reach."
+                + (" It is below the ceiling beyond both intervals: the tokenizer loses what tells people apart; "
+                   "fine-tune it (train_tokenizer.py --init_from)." if below else "")]
 
 
 def _identity_section(report: dict) -> list[str]:
@@ -169,7 +173,7 @@ def _identity_section(report: dict) -> list[str]:
             f"{judge.get('best_step')} of {judge.get('steps')} (at most {judge['max_steps']}), held-out top-1 "
             f"{_f(judge.get('held_out_top1'))}.", *seeds_line, "",
             _table(["", "real val (ceiling)", "generated"], rows),
-            *_tokenizer_lines(ident.get("tokenizer_reconstructions")),
+            *_tokenizer_lines(ident.get("tokenizer_reconstructions"), ident.get("real_val_top1_ci")),
             "", f"Generated top-1 relative to the ceiling: "
             f"{_ci(ident['relative_to_ceiling'], ident.get('relative_to_ceiling_ci'))} (bootstrap over both image sets). "
             f"Classifier: {report['classifier'].get('path')} ({'reused from cache' if report['classifier'].get('cached') else 'trained this run'}).", ""]
@@ -217,14 +221,16 @@ ARM_LABELS = {"real": "real", "classical": "real + classical", "generated": "rea
 
 
 def _gain_cell(gain: dict) -> str:
-    return f"{_ci(gain['mean'], gain['ci'], 3)} ({gain['wins']}/{gain['of']} wins)"
+    ties = f", {gain['ties']} tied" if gain["ties"] else ""
+    return f"{_ci(gain['mean'], gain['ci'], 3, '+')} ({gain['wins']}/{gain['of']} wins{ties})"
 
 
 def _usefulness_section(report: dict) -> list[str]:
     tstr, aug, ds = report["tstr"], report["augmentation"], report["dataset"]
     lines = ["## Are the samples useful? (augmentation gain and TSTR)", "",
-             f"Three classifiers of the judge's recipe per seed, tested on real val: real train images alone; with "
-             f"classical augmentation ({', '.join(f'{k} {v}' for k, v in aug.get('recipe', {}).items())}); and with "
+             f"Three classifiers of the judge's recipe per seed at {aug.get('classifier_size')} px, tested on real val: "
+             f"real train images alone; with classical augmentation "
+             f"({', '.join(f'{k} {v}' for k, v in aug.get('recipe', {}).items() if v)}); and with "
              f"classical augmentation plus the {aug.get('generated_images', 0)} generated samples the export filter "
              "accepts. Within a seed they share initial weights, batch order and held-out split. Gains are mean paired "
              "differences of real-val top-1 with a 95 % interval over seeds and val images, and wins out of the seeds. "

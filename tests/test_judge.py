@@ -138,3 +138,10 @@ def test_cache_key_holds_every_training_setting(tmp_path):
                dict(held_out_fraction=0.3), dict(lr=1.0), dict(augment=A.Classical(time_roll=0.1)), dict(seed=9)]
     keys = {key(TINY)} | {key(replace(TINY, **change)) for change in changes}
     assert len(keys) == len(changes) + 1
+
+
+def test_report_advises_a_tokenizer_fine_tune_only_below_the_ceiling_beyond_both_intervals():
+    from evaluation.report import _tokenizer_lines
+    recon = {"top1": 0.95, "top1_ci": [0.86, 0.98], "psnr_db": 22.7}
+    assert "fine-tune" not in " ".join(_tokenizer_lines(recon, [0.91, 1.0]))       # within the noise of both
+    assert "fine-tune" in " ".join(_tokenizer_lines({**recon, "top1_ci": [0.5, 0.6]}, [0.91, 1.0]))
