@@ -243,3 +243,111 @@ def test_gan_flags_run_a_decoder_only_fine_tune_end_to_end(tmp_path):
     assert meta["steps"] == 3 and meta["decoder_only"] is True
     assert (meta["disc_weight"], meta["disc_start"], meta["disc_lr"]) == (0.25, 1, 2e-4)
     assert math.isfinite(meta["val_psnr_db"])
+
+
+#################################################################################
+#                     Early stopping on held-out PSNR                            #
+#################################################################################
+
+# Early stopping at tiny size: an evaluation every step and a high constant-ish lr (2e-2, no warm-up) whose
+# held-out PSNR swings from step to step, so that with min_delta 0 a plateau (two evaluations below the best)
+# comes within a few steps; fp32, so that the trajectory does not depend on the CPU's bf16 support.
+EARLY = dict(TINY, eval_every=1, lr=2e-2, warmup=0, precision="32-true", log_every=1)
+
+
+def val_images(data):
+    """The held-out images the trainer scores (4 here: its eval bank is every val image)."""
+    from tokenizer.train import load_banks
+    return load_banks(data, 0.1, 32, torch.device("cpu"), log=lambda *a: None)[1]
+
+
+def stored_psnr(path, images) -> float:
+    """Mean PSNR (dB) of the tokenizer file at `path` over uint8 `images`, scored as the trainer scores."""
+    from tokenizer.train import mean_reconstruction_psnr
+    return mean_reconstruction_psnr(load_vavae(path), images)
+
+
+def test_early_stopping_counts_evaluations_without_progress_and_keeps_the_best():
+    from tokenizer.early_stopping import EarlyStopping
+    stop = EarlyStopping(patience=2, min_delta_db=0.1, floor_db=24.0)
+    # 24.55 is the best, but not progress (0.05 dB over 24.5): the plateau counts from step 20
+    decisions = [stop.update(step, db, {"w": torch.tensor(db)}) for step, db in
+                 [(10, 20.0), (20, 24.5), (30, 24.55), (40, 24.3)]]
+    assert decisions == [False, False, False, True]
+    assert (stop.best_step, stop.best_db, stop.best_state["w"].item()) == (30, 24.55, pytest.approx(24.55))
+    assert (stop.reference_step, stop.wait) == (20, 2)
+    assert "has not risen by more than 0.1 dB over 24.50 dB (step 20) for 2 evaluations; keeping step 30's " \
+           "weights (24.55 dB)" in stop.stop_message(40, 24.3)
+    # below the floor a plateau does not stop, said once; a later rise above it does
+    low = EarlyStopping(patience=1, min_delta_db=0.1, floor_db=24.0)
+    assert [low.update(s, db, {}) for s, db in [(1, 20.0), (2, 20.05)]] == [False, False]
+    assert "below the 24 dB floor" in low.below_floor_note() and low.below_floor_note() is None
+    assert [low.update(s, db, {}) for s, db in [(3, 24.2), (4, 24.25)]] == [False, True]
+    assert not EarlyStopping(patience=0, min_delta_db=0.1, floor_db=0).update(1, 30.0, {})
+
+
+@pytest.mark.slow
+def test_a_plateau_stops_the_run_and_the_file_holds_the_best_scored_weights(tmp_path, capsys):
+    data = make_dataset(tmp_path / "data", **TWO_USERS)
+    out, lines = tmp_path / "tok.safetensors", []
+    summary = run_trainer(data, out, steps=40, early_stop_patience=2, early_stop_min_delta_db=0.0,
+                          early_stop_floor_db=0.0, **{**EARLY, "progress": True, "log": lines.append})
+    evals = dict(summary["evals"])
+    best_step = max(evals, key=evals.get)
+    assert summary["stopped"] == "plateau" and summary["steps"] < 40
+    assert list(evals) == list(range(1, summary["steps"] + 1))
+    # with min_delta 0 the plateau is two evaluations below the best: the last weights are not the ones kept
+    assert summary["kept_step"] == best_step == summary["steps"] - 2
+    meta = read_safetensors_metadata(out)
+    assert (meta["stopped"], meta["kept_step"], meta["steps"]) == ("plateau", best_step, summary["steps"])
+    assert meta["early_stop_patience"] == 2 and meta["eval_images"] == 4 and meta["eval_every"] == 1
+    # the file's PSNR is the best evaluation's: it was scored as stored (fp16), on the same images
+    assert meta["val_psnr_db"] == meta["kept_eval_psnr_db"] == round(evals[best_step], 3)
+    assert stored_psnr(out, val_images(data)) == pytest.approx(evals[best_step], abs=1e-9)
+    assert stored_psnr(out, val_images(data)) > evals[summary["steps"]]
+    assert any(line.startswith(f"early stop at step {summary['steps']}: held-out PSNR") and
+               f"keeping step {best_step}'s weights ({evals[best_step]:.2f} dB)" in line for line in lines)
+    progress_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("tokenizer: ")]
+    assert progress_lines and all("/up to 40 step" in line for line in progress_lines)
+
+
+@pytest.mark.slow
+def test_early_stopping_never_stops_below_the_floor_and_leaves_the_schedule_alone(tmp_path):
+    data = make_dataset(tmp_path / "data", **TWO_USERS)
+    plain = run_trainer(data, tmp_path / "plain.safetensors", steps=8, **EARLY)
+    lines = []
+    # no rise counts as progress (50 dB), so every evaluation after the first is a plateau, all below the floor
+    floored = run_trainer(data, tmp_path / "floored.safetensors", steps=8, early_stop_patience=1,
+                          early_stop_min_delta_db=50.0, early_stop_floor_db=100.0, **{**EARLY, "log": lines.append})
+    assert floored["steps"] == 8 and floored["stopped"] == "steps"
+    assert any("below the 100 dB floor" in line for line in lines)
+    # the same steps at the same learning rates: early stopping only ends a run, the cosine runs over the caps
+    assert floored["history"] == plain["history"]
+    evals = dict(floored["evals"])
+    assert list(evals) == list(range(1, 9))                # the last step is scored too, and competes
+    best_step = max(evals, key=evals.get)
+    meta = read_safetensors_metadata(tmp_path / "floored.safetensors")
+    assert (meta["stopped"], meta["kept_step"], meta["val_psnr_db"]) == ("steps", best_step, round(evals[best_step], 3))
+    assert any(f"keeping step {best_step}'s weights, the best of 8 evaluations" in line for line in lines)
+
+
+@pytest.mark.slow
+def test_patience_0_trains_every_step_and_keeps_the_last_weights(tmp_path):
+    data = make_dataset(tmp_path / "data", **TWO_USERS)
+    evaluated = run_trainer(data, tmp_path / "evaluated.safetensors", steps=6, early_stop_patience=0,
+                            early_stop_min_delta_db=5.0, **{**EARLY, "eval_every": 2})
+    silent = run_trainer(data, tmp_path / "silent.safetensors", steps=6, **{**EARLY, "eval_every": 0})
+    assert (evaluated["steps"], evaluated["stopped"], evaluated["kept_step"]) == (6, "steps", 6)
+    assert [step for step, _ in evaluated["evals"]] == [2, 4]        # the last step is scored on every val image
+    # evaluations change nothing: both files hold the weights of step 6, as before early stopping existed
+    a, b = (load_vavae(tmp_path / f"{name}.safetensors").state_dict() for name in ("evaluated", "silent"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    meta = read_safetensors_metadata(tmp_path / "evaluated.safetensors")
+    assert meta["stopped"] == "steps" and "early_stop_patience" not in meta
+
+
+def test_early_stopping_needs_evaluations(tmp_path):
+    data = make_dataset(tmp_path / "data", **ONE_USER)
+    with pytest.raises(PipelineError, match="--eval_every"):
+        run_trainer(data, tmp_path / "t.safetensors", steps=1, early_stop_patience=3, **TINY)
+    assert not (tmp_path / "t.safetensors").exists()

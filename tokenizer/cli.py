@@ -6,6 +6,8 @@ from common.config import (add_config_flag, new_parser, non_negative_float, non_
                            options_class, positive_float, positive_int)
 from common.device import add_device_flag, precision_word
 from common.flag_groups import add_batch_size_flag, add_data_dir_flag, add_image_size_flag, add_seed_flag
+from data.latents import TOKENIZER_WARN_DB
+from tokenizer.recipe import EARLY_STOP_EVAL_EVERY, EVAL_EVERY, EVAL_IMAGES
 
 REQUIRED = ["data_dir", "output_path"]
 DESCRIPTION = """Train a VA-VAE tokenizer on a folder of spectrogram images, or fine-tune one on your own images.
@@ -59,9 +61,21 @@ def build_parser() -> argparse.ArgumentParser:
                               help="linear warmup steps before the cosine decay "
                                    "(default: 200 from scratch, 20 with --init_from)")
     optimisation.add_argument("--max_minutes", type=positive_float, default=None,
-                              help="stop after this many minutes; the cosine schedule then follows the clock")
-    optimisation.add_argument("--eval_every", type=non_negative_int, default=1000,
-                              help="val PSNR every this many steps (0: only at the end)")
+                              help="stop after this many minutes (a cap with early stopping); the cosine schedule "
+                                   "then follows the clock")
+    optimisation.add_argument("--eval_every", type=non_negative_int, default=None,
+                              help=f"held-out PSNR over {EVAL_IMAGES} val images every this many steps (0: only at "
+                                   f"the end; default: {EVAL_EVERY}, {EARLY_STOP_EVAL_EVERY} with early stopping)")
+    optimisation.add_argument("--early_stop_patience", type=non_negative_int, default=0,
+                              help="early stopping (0: off): stop once the held-out PSNR has not risen by more than "
+                                   "--early_stop_min_delta_db for this many evaluations, if it is at or above "
+                                   "--early_stop_floor_db; --steps and --max_minutes stay caps, and the file gets "
+                                   "the weights of the best evaluation")
+    optimisation.add_argument("--early_stop_min_delta_db", type=non_negative_float, default=0.1,
+                              help="the rise in held-out PSNR (dB) that counts as progress for early stopping")
+    optimisation.add_argument("--early_stop_floor_db", type=float, default=TOKENIZER_WARN_DB,
+                              help="early stopping never stops while the best held-out PSNR (dB) is below "
+                                   "this, by default the PSNR stage 1 asks of a tokenizer")
     add_seed_flag(optimisation, "initial weights, split and batches")
     loss = p.add_argument_group("loss")
     loss.add_argument("--align_weights", default=None,

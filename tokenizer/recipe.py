@@ -2,7 +2,8 @@
 (tokenizer_config), the defaults of a run from scratch and of a fine-tune (FROM_SCRATCH, FINETUNE)
 and the options they resolve into (Recipe, resolve_recipe), the model to train and what of it trains
 (build_tokenizer, set_trainable), the optional LPIPS and GAN terms (TextureTerms, texture_terms), the
-learning-rate schedule (learning_rate) and the train/held-out split of the image files (split_files). The loop
+held-out evaluations (EVAL_IMAGES, eval_cadence), the learning-rate schedule (learning_rate) and the
+train/held-out split of the image files (split_files). The loop
 that uses them is tokenizer/train.py."""
 import math
 from contextlib import nullcontext
@@ -26,6 +27,19 @@ from tokenizer.losses import LPIPS, Adversary, build_discriminator, build_lpips,
 # scratch beat 2e-4 by 1 dB in a 90 s H200 run.
 FROM_SCRATCH = dict(lr=6e-4, warmup=200, batch_size=32)
 FINETUNE = dict(lr=5e-4, warmup=20, batch_size=8)
+
+# Held-out PSNR while training: a fixed bank of EVAL_IMAGES val images spread evenly over the held-out set (every
+# user's share), scored every --eval_every steps; the PSNR written into the file is over every val image.
+# Measured with benchmarks/bench_tokenizer_eval.py (demo tokenizer, bf16, one thread of the team's 2-core CPU):
+# a fine-tune step of 8 images at 256 px took 7.1 CPU s, an evaluation 22.5 s over 64 images (3.2 steps) and 92 s
+# over 256 (13 steps). Early stopping must see a plateau inside a 25-minute fine-tune (~460 steps on real
+# recordings): every 50 steps over 64 images costs 6% of the run (10% at most asked), where 256 images would need
+# every 120 steps, 3 evaluations in the whole run. The same images at each evaluation make the comparisons paired
+# (a change between two evaluations is the model's, not a new draw's), which a small bank measures as well.
+# Without early stopping the evaluations are only a log: every 1000 steps of a 6000-step run from scratch.
+EVAL_IMAGES = 64
+EVAL_EVERY = 1000
+EARLY_STOP_EVAL_EVERY = 50
 
 
 @dataclass
@@ -141,8 +155,28 @@ def texture_terms(init_from: str | Path | None, recipe: Recipe, perceptual_weigh
     return terms
 
 
+def eval_cadence(eval_every: int | None, early_stop_patience: int) -> int:
+    """Steps between held-out PSNR evaluations: --eval_every, or by default EARLY_STOP_EVAL_EVERY with early
+    stopping and EVAL_EVERY without. Raises PipelineError for early stopping without evaluations (--eval_every 0)."""
+    if eval_every is None:
+        return EARLY_STOP_EVAL_EVERY if early_stop_patience else EVAL_EVERY
+    if early_stop_patience and not eval_every:
+        raise PipelineError("--early_stop_patience watches the held-out PSNR of periodic evaluations, and "
+                            f"--eval_every 0 turns them off: give --eval_every (e.g. {EARLY_STOP_EVAL_EVERY}) or "
+                            "--early_stop_patience 0.")
+    return eval_every
+
+
 def learning_rate(lr: float, warmup: int, step: int, frac: float) -> float:
-    """Linear warm-up, then cosine to zero over whichever runs out first (`frac` done): steps or minutes."""
+    """Linear warm-up, then cosine to zero over whichever runs out first (`frac` done): steps or minutes.
+
+    The same with early stopping on (--early_stop_patience): the cosine runs over the caps, not over a plateau no
+    one can foresee. A run that never plateaus (the look stays under the floor, or keeps rising) is then exactly the
+    run without early stopping, annealed to zero at the cap, and a plateau only cuts it short. A constant rate after
+    the warm-up (stage 4's judge) would leave every run that reaches the cap unannealed, and a tokenizer that stays
+    under the floor, where every dB counts, would lose what the decay gives at the end. A plateau seen while the
+    rate still decays is also the stricter test: even the smaller steps no longer buy --early_stop_min_delta_db.
+    """
     return lr * min(1.0, step / max(1, warmup)) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
 
 

@@ -24,8 +24,9 @@ from data.images import load_bank
 from models.vavae import VAVAE, reconstruction_psnr, save_vavae
 from tokenizer.align import alignment_loss, alignment_term
 from tokenizer.cli import TokenizerOptions
-from tokenizer.recipe import (Recipe, TextureTerms, build_tokenizer, learning_rate, resolve_recipe,
-                              set_trainable, split_files, texture_terms)
+from tokenizer.early_stopping import EarlyStopping, StoredScorer, stored_weights
+from tokenizer.recipe import (EVAL_IMAGES, Recipe, TextureTerms, build_tokenizer, eval_cadence, learning_rate,
+                              resolve_recipe, set_trainable, split_files, texture_terms)
 
 KL_WEIGHT = 1e-6            # LDM's weight on the KL of the summed per-image losses
 
@@ -41,6 +42,13 @@ def mean_reconstruction_psnr(model: VAVAE, images: torch.Tensor, batch_size: int
     value = reconstruction_psnr(model, images, batch_size, autocast).mean().item()
     model.train(was_training)
     return value
+
+
+def spread(bank: torch.Tensor, count: int) -> torch.Tensor:
+    """At most `count` rows of `bank`, evenly spaced: every user's share of a bank ordered by user."""
+    if len(bank) <= count:
+        return bank
+    return bank[torch.linspace(0, len(bank) - 1, count).round().long().to(bank.device)]
 
 
 #################################################################################
@@ -63,11 +71,15 @@ def random_crops(images: torch.Tensor, size: int, gen: torch.Generator) -> torch
 
 @dataclass
 class TrainingRun:
-    """What the loop hands back: the logged losses, the periodic held-out PSNRs, steps done, seconds taken."""
+    """What the loop hands back: the logged losses, the periodic held-out PSNRs (step, dB), steps done, seconds
+    taken, what ended it ("plateau", "clock" or "steps") and the step whose weights the model now holds (the best
+    evaluation's with early stopping, else the last step's)."""
     history: list[dict]
     evals: list[tuple[int, float]]
     steps: int
     seconds: float
+    stopped: str
+    kept_step: int
 
 
 def load_banks(data_dir: str | Path, val_fraction: float, image_size: int, device: torch.device,
@@ -107,9 +119,12 @@ def batch_sampler(bank: torch.Tensor, batch_size: int, crop_size: int,
 def run_training(model: VAVAE, proj: nn.Module | None, fm: nn.Module | None, train_bank: torch.Tensor,
                  eval_bank: torch.Tensor, recipe: Recipe, *, steps: int, l1_weight: float,
                  align_weight: float, eval_every: int, max_minutes: float | None, compile_model: bool, seed: int,
-                 log_every: int, progress: bool, texture: TextureTerms | None = None, log=print) -> TrainingRun:
-    """The optimisation loop: AdamW, the warm-up + cosine schedule, gradient clipping, held-out PSNR as it goes;
-    with a GAN, one discriminator step after each tokenizer step."""
+                 log_every: int, progress: bool, texture: TextureTerms | None = None,
+                 early_stop: EarlyStopping | None = None, log=print) -> TrainingRun:
+    """The optimisation loop: AdamW, the warm-up + cosine schedule, gradient clipping, held-out PSNR on
+    eval_bank (uint8, (N, 3, H, W)) every eval_every steps of the weights as stored (fp16); with a GAN, one
+    discriminator step after each tokenizer step. With early_stop (patience > 0, eval_every > 0) it also ends
+    on a plateau, the last weights are scored too, and the model ends holding the best-scored weights."""
     texture = texture or TextureTerms()
     adversary = texture.adversary
     device = recipe.device
@@ -127,16 +142,21 @@ def run_training(model: VAVAE, proj: nn.Module | None, fm: nn.Module | None, tra
     batch_size = recipe.batch_size
     next_batch = batch_sampler(train_bank, batch_size, recipe.crop_size, gen)
     latent = recipe.crop_size // model.downsample_factor
-    history, evals = [], []
-    start, done = time.time(), 0
-    # --max_minutes may end the run before `steps`: the bar's estimate follows whichever ends it
+    history, evals, notes = [], [], []
+    score = StoredScorer(model, eval_bank, recipe.autocast) if eval_every else None
+    early_stop = early_stop if early_stop is not None and early_stop.patience and eval_every else None
+    start, done, stopped = time.time(), 0, "steps"
+    # --max_minutes may end the run before `steps`, and early stopping before either: the bar's estimate follows
+    # whichever ends it, and says "up to" where a plateau may come first
     bar = progress_bar(total=steps, budget_s=60 * max_minutes if max_minutes else None, disable=not progress,
-                       desc="tokenizer", unit="step", dynamic_ncols=True)
+                       upper_bound=early_stop is not None, desc="tokenizer", unit="step", dynamic_ncols=True)
     for step in range(1, steps + 1):
         elapsed = time.time() - start
+        # the schedule with early stopping is this same cosine over the caps (learning_rate says why)
         frac = max(step / steps, elapsed / (60 * max_minutes) if max_minutes else 0.0)
         if frac > 1.0:
-            log(f"time budget of {max_minutes} min reached at step {step - 1}")
+            notes.append(f"time budget of {max_minutes} min reached at step {step - 1}")
+            stopped = "clock"
             break
         for group in opt.param_groups:
             group["lr"] = learning_rate(recipe.lr, recipe.warmup, step, frac)
@@ -156,16 +176,39 @@ def run_training(model: VAVAE, proj: nn.Module | None, fm: nn.Module | None, tra
             history.append({"step": step, **vals})
             bar.set_postfix(loss=f"{vals['loss']:.4f}", img_s=f"{step * batch_size / (time.time() - start):.1f}")
         bar.update(1)
+        # the last step is scored after the loop: on every val image in any case (train_tokenizer), and first on
+        # the eval bank with early stopping, where it competes for the weights kept
         if eval_every and step % eval_every == 0 and step != steps:
-            p = mean_reconstruction_psnr(model, eval_bank, autocast=recipe.autocast)
+            state = stored_weights(model)
+            p = score(state)
             evals.append((step, p))
             bar.write(f"step {step}: loss {history[-1]['loss']:.4f} (l1 {history[-1]['l1']:.4f} "
                       f"mse {history[-1]['mse']:.5f}) lr {opt.param_groups[0]['lr']:.2e} val PSNR {p:.2f} dB"
                       + gan_summary(history[-1]))
+            if early_stop is not None and early_stop.update(step, p, state):
+                notes.append(early_stop.stop_message(step, p))
+                stopped = "plateau"
+                break
+            if early_stop is not None and (note := early_stop.below_floor_note()):
+                with bar.external_write_mode():
+                    log(note)
     bar.close()
     seconds = time.time() - start
+    for note in notes:
+        log(note)
+    kept_step = done
+    if early_stop is not None:
+        if stopped != "plateau" and (not evals or evals[-1][0] != done):
+            state = stored_weights(model)
+            evals.append((done, score(state)))
+            early_stop.update(done, evals[-1][1], state)
+            log(f"step {done}: val PSNR {evals[-1][1]:.2f} dB")
+        if stopped != "plateau":
+            log(early_stop.kept_message())
+        kept_step = early_stop.best_step
+        model.load_state_dict(early_stop.best_state)
     log(f"trained {done} steps x {batch_size} in {seconds:.0f}s ({done * batch_size / max(seconds, 1e-9):.1f} images/s)")
-    return TrainingRun(history, evals, done, seconds)
+    return TrainingRun(history, evals, done, seconds, stopped, kept_step)
 
 
 def gan_summary(logged: dict) -> str:
@@ -180,15 +223,22 @@ def tokenizer_metadata(*, val_psnr: float, psnr_before: float | None, num_train:
                        run: TrainingRun, recipe: Recipe, seed: int, image_size: int, params: int,
                        align_weights: str | Path | None, custom_foundation: bool, aligned: bool, l1_weight: float,
                        align_weight: float, init_from: str | Path | None, decoder_only: bool,
-                       texture: TextureTerms | None = None) -> dict:
-    """The safetensors metadata of the written tokenizer: how it was trained and how well it reconstructs."""
+                       texture: TextureTerms | None = None, early_stop: EarlyStopping | None = None,
+                       eval_every: int = 0, eval_images: int = 0) -> dict:
+    """The safetensors metadata of the written tokenizer: how it was trained and how well it reconstructs, what
+    ended training (stopped: plateau, clock or steps) and whose weights it holds (kept_step)."""
     meta = {"val_psnr_db": round(val_psnr, 3), "num_train_images": num_train, "num_val_images": num_val,
-            "steps": run.steps, "batch_size": recipe.batch_size, "lr": recipe.lr, "seconds": round(run.seconds, 1),
+            "steps": run.steps, "stopped": run.stopped, "kept_step": run.kept_step, "batch_size": recipe.batch_size,
+            "lr": recipe.lr, "seconds": round(run.seconds, 1),
             "seed": seed, "precision": recipe.precision, "image_size": image_size, "crop_size": recipe.crop_size,
             "params": params,
             "align": str(Path(align_weights).name) if align_weights else ("custom" if custom_foundation else "off"),
             "loss": f"mse + {l1_weight} l1 + {KL_WEIGHT} kl" + (f" + {align_weight} vf" if aligned else ""),
             "written_by": "train_tokenizer.py"}
+    if early_stop is not None:
+        meta.update(early_stop_patience=early_stop.patience, early_stop_min_delta_db=early_stop.min_delta_db,
+                    early_stop_floor_db=early_stop.floor_db, eval_every=eval_every, eval_images=eval_images,
+                    kept_eval_psnr_db=round(early_stop.best_db, 3))
     texture = texture or TextureTerms()
     if texture.lpips is not None:
         meta["loss"] += f" + {texture.perceptual_weight} lpips"
@@ -205,15 +255,21 @@ def tokenizer_metadata(*, val_psnr: float, psnr_before: float | None, num_train:
 
 
 def train_tokenizer(options: TokenizerOptions, *, foundation: Callable[[], nn.Module] | None = None,
-                    max_val_images: int = 256, log_every: int = 25, progress: bool = True, log=print) -> dict:
+                    max_val_images: int = EVAL_IMAGES, log_every: int = 25, progress: bool = True,
+                    log=print) -> dict:
     """The tokenizer trainer with its flags (tokenizer/cli.py): train (or fine-tune), report held-out PSNR
-    before and after, write fp16 safetensors to options.output_path; returns a summary. `foundation` (tests):
-    a module in place of --align_weights' network. Raises PipelineError for another run writing the same
-    output_path (its lock_path)."""
+    before and after, write fp16 safetensors to options.output_path; returns a summary. The periodic
+    evaluations score max_val_images val images spread over the users; with --early_stop_patience the run may
+    end on a plateau and the file holds the best-scored weights. `foundation` (tests): a module in place of
+    --align_weights' network. Raises PipelineError for another run writing the same output_path (its
+    lock_path), or for early stopping without evaluations."""
     o = options
     with run_lock(lock_path(o.output_path), "tokenizer training", "another --output_path", log=log):
         recipe = resolve_recipe(o.init_from, o.image_size, o.lr, o.warmup, o.crop_size, o.batch_size, o.device,
                                 o.precision, o.decoder_only)
+        eval_every = eval_cadence(o.eval_every, o.early_stop_patience)
+        early_stop = EarlyStopping(o.early_stop_patience, o.early_stop_min_delta_db, o.early_stop_floor_db) \
+            if o.early_stop_patience else None
         torch.manual_seed(o.seed)
         model = build_tokenizer(o.init_from, o.width, o.num_res_blocks, o.image_size, log).to(recipe.device).train()
         # before the images load: a missing VGG-16 or a too-small crop fails at once
@@ -228,10 +284,16 @@ def train_tokenizer(options: TokenizerOptions, *, foundation: Callable[[], nn.Mo
         fm, proj = alignment_term(foundation, o.align_weights, o.align_weight, model.config["embed_dim"], o.image_size,
                                   recipe.device, log)
 
-        run = run_training(model, proj, fm, train_bank, val_bank[:max_val_images], recipe, steps=o.steps,
-                           l1_weight=o.l1_weight, align_weight=o.align_weight, eval_every=o.eval_every,
+        eval_bank = spread(val_bank, max_val_images)
+        if early_stop is not None:
+            caps = f"--steps {o.steps}" + (f" or --max_minutes {o.max_minutes:g}" if o.max_minutes else "")
+            log(f"early stopping: held-out PSNR over {len(eval_bank)} val images every {eval_every} steps; stops "
+                f"after {early_stop.patience} evaluations without a rise of more than {early_stop.min_delta_db:g} dB "
+                f"once at or above {early_stop.floor_db:g} dB, else at {caps}; keeps the best-scored weights")
+        run = run_training(model, proj, fm, train_bank, eval_bank, recipe, steps=o.steps,
+                           l1_weight=o.l1_weight, align_weight=o.align_weight, eval_every=eval_every,
                            max_minutes=o.max_minutes, compile_model=o.compile, seed=o.seed, log_every=log_every,
-                           progress=progress, texture=texture, log=log)
+                           progress=progress, texture=texture, early_stop=early_stop, log=log)
 
         # The file stores fp16 weights: measure the model the file holds, so that the PSNR in its metadata is the
         # PSNR anyone reloading it measures (fp32 weights scored ~0.002 dB apart from their fp16 rounding).
@@ -244,12 +306,14 @@ def train_tokenizer(options: TokenizerOptions, *, foundation: Callable[[], nn.Mo
                                   image_size=o.image_size, params=n_params, align_weights=o.align_weights,
                                   custom_foundation=foundation is not None, aligned=fm is not None,
                                   l1_weight=o.l1_weight, align_weight=o.align_weight, init_from=o.init_from,
-                                  decoder_only=o.decoder_only, texture=texture)
+                                  decoder_only=o.decoder_only, texture=texture, early_stop=early_stop,
+                                  eval_every=eval_every, eval_images=len(eval_bank))
         save_vavae(model.cpu(), o.output_path, meta, half=True)
         size = Path(o.output_path).stat().st_size
         log(f"wrote {o.output_path} ({size / 2**20:.2f} MiB, fp16 weights)")
         return {"val_psnr_db": val_psnr, "val_psnr_before_db": psnr_before, "history": run.history, "evals": run.evals,
-                "file_bytes": size, "params": n_params, "steps": run.steps, "seconds": run.seconds, "config": model.config}
+                "file_bytes": size, "params": n_params, "steps": run.steps, "seconds": run.seconds,
+                "config": model.config, "stopped": run.stopped, "kept_step": run.kept_step}
 
 
 def lock_path(output_path: str | Path) -> Path:
