@@ -42,6 +42,9 @@ class PipelineInfo:
     # {"config", "state_dict"} of the noisy-latent user classifier trained in stage 2 (training/latent_classifier.py):
     # stage 3's classifier guidance; absent in checkpoints written before it existed
     latent_classifier: dict[str, Any] | None = None
+    # the id of the stage 1 run whose latents trained it (data.latent_files.RUN_KEY): stage 3's real-anchored
+    # sampling refuses another run's latent folder; "" in checkpoints written before it was recorded
+    stage1_run: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """The plain dict stored under checkpoint["pipeline"] (weights_only-loadable)."""

@@ -57,7 +57,7 @@ def build_module(args: TrainOptions, log=print) -> DiTTrainingModule:
                             f"model with patch size 1 (e.g. LightningDiT-B/1) or a size that divides it.")
     info = PipelineInfo(model_config=config, users=users, user_numbers=numbers, latent_mean=mean, latent_std=std,
                         tokenizer=meta.get("tokenizer", ""), tokenizer_sha256=meta.get("tokenizer_sha256", ""),
-                        image_size=meta.get("image_size", 256))
+                        image_size=meta.get("image_size", 256), stage1_run=meta.get(RUN_KEY) or "")
     repa_targets = None
     if args.repa_weight > 0:
         repa_targets = load_targets(args.latent_dir, len(train_x), meta.get(RUN_KEY))
