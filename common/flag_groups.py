@@ -62,6 +62,11 @@ def add_tokenizer_flag(group: FlagGroup, help: str) -> None:
     group.add_argument("--vavae_path", help=help)
 
 
+def add_latent_dir_flag(group: FlagGroup, help: str) -> None:
+    """--latent_dir: stage 1's output folder (train/val.safetensors, latent_stats.safetensors, split.json)."""
+    group.add_argument("--latent_dir", help=help)
+
+
 def add_output_dir_flag(group: FlagGroup, help: str) -> None:
     """--output_dir: the folder a command writes its results to."""
     group.add_argument("--output_dir", help=help)

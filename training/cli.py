@@ -5,8 +5,8 @@ from typing import Sequence
 from common.config import (add_config_flag, below_one, ema_width, new_parser, non_negative_float, non_negative_int,
                            options_class, parse_args, positive_float, positive_int, probability)
 from common.device import PRECISIONS, device_word, precision_word
-from common.flag_groups import (add_batch_size_flag, add_devices_flag, add_max_epochs_flag, add_output_dir_flag,
-                                add_seed_flag, add_tokenizer_flag)
+from common.flag_groups import (add_batch_size_flag, add_devices_flag, add_latent_dir_flag, add_max_epochs_flag,
+                                add_output_dir_flag, add_seed_flag, add_tokenizer_flag)
 from models.lightningdit import DEFAULT_MODEL, LightningDiT_models
 from models.latent_classifier import CLASSIFIER_STEPS
 
@@ -25,7 +25,7 @@ def accelerator_word(text: str) -> str:
 def add_data_flags(p: argparse.ArgumentParser) -> None:
     """Stage 2's "data" flags."""
     data = p.add_argument_group("data")
-    data.add_argument("--latent_dir", help="stage 1 output (train/val.safetensors, latent_stats.safetensors)")
+    add_latent_dir_flag(data, "stage 1 output (train/val.safetensors, latent_stats.safetensors)")
     add_output_dir_flag(data, "writes checkpoints/, lightning_logs/, loss_curve.png")
     add_batch_size_flag(data, 32, "per device")
     data.add_argument("--time_shift_aug", type=probability, default=0.0,
