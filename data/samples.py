@@ -8,6 +8,9 @@ from pathlib import Path
 IMAGE_NAME = "micro_doppler_user{user:02d}_{sample:03d}.png"          # user: folder number (ID_3 -> 3); sample from 1
 IMAGE_PATTERN = re.compile(r"micro_doppler_user(\d+)_(\d+)\.png")    # every name IMAGE_NAME makes, and only those
 GRID_NAME = "micro_doppler_grid.png"
+# Each sample's recipe (guidance scale, real anchor: its train image), written with per-sample recipes only
+# (stage 3's --guidance_scale_range, --real_anchored_strength; generation/recipes.py)
+MANIFEST_NAME = "micro_doppler_samples.json"
 
 
 def sample_name(user: int, sample: int) -> str:

@@ -1,16 +1,18 @@
 """Stage 3's command line (stage3_inference.py)."""
 import argparse
 
-from common.config import (DistinctValues, add_config_flag, new_parser, non_negative_float, non_negative_int,
-                           open_fraction, options_class, positive_float, positive_int, probability)
+from common.config import (DistinctValues, Number, add_config_flag, new_parser, non_negative_float,
+                           non_negative_int, open_fraction, options_class, positive_float, positive_int, probability)
 from common.device import add_device_flag
-from common.flag_groups import (add_batch_size_flag, add_devices_flag, add_output_dir_flag, add_samples_per_user_flag,
-                                add_seed_flag, add_tokenizer_flag)
+from common.flag_groups import (add_batch_size_flag, add_devices_flag, add_latent_dir_flag, add_output_dir_flag,
+                                add_samples_per_user_flag, add_seed_flag, add_tokenizer_flag)
 from models.transport import (DEFAULT_CLASSIFIER_INTERVAL, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_SHIFT,
                               DEFAULT_STEPS, SAMPLERS)
 
 DESCRIPTION = "Stage 3: generate micro-Doppler images for chosen users from a stage 2 checkpoint."
 REQUIRED = ["dit_checkpoint", "vavae_path", "output_dir", "user_ids"]
+# SDEdit's strength: 1 starts from pure noise (today's sampling), towards 0 a copy of the real image (0 itself is one)
+anchor_strength = Number(float, low=0, high=1, low_open=True, name="anchor_strength")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     guidance = p.add_argument_group("guidance")
     guidance.add_argument("--guidance_scale", type=non_negative_float, default=DEFAULT_GUIDANCE,
                           help="classifier-free guidance; 1 = no guidance, 0 = unconditional")
+    guidance.add_argument("--guidance_scale_range", type=non_negative_float, nargs="+", default=None,
+                          metavar=("LOW", "HIGH"),
+                          help="draw each sample's classifier-free guidance scale uniformly in [LOW, HIGH] instead of "
+                               "one --guidance_scale (varied samples for training); recorded in "
+                               "micro_doppler_samples.json")
     guidance.add_argument("--cfg_interval_start", type=probability, default=0.0,
                           help="guide only where t >= this (0 noise, 1 image)")
     guidance.add_argument("--cfg_interval_end", type=probability, default=1.0, help="guide only where t <= this")
@@ -47,6 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
                                "(> 0: its weight (1 - t) / t grows towards noise)")
     guidance.add_argument("--classifier_interval_end", type=probability, default=DEFAULT_CLASSIFIER_INTERVAL[1],
                           help="classifier guidance only where t <= this")
+    anchored = p.add_argument_group("real-anchored sampling (SDEdit: samples for training near real images)")
+    anchored.add_argument("--real_anchored_strength", type=anchor_strength, nargs="+", default=None,
+                          metavar=("S", "S_HIGH"),
+                          help="start each sample from one of its user's train latents noised to t = 1 - S and "
+                               "integrate to the image: S in (0, 1], 1 = from pure noise (as without the flag), "
+                               "small = close to the real image; two values: S drawn per sample uniformly in "
+                               "[S, S_HIGH] (DA-Fusion). Needs --latent_dir; each sample's train image is recorded "
+                               "in micro_doppler_samples.json")
+    add_latent_dir_flag(anchored, "stage 1's folder that stage 2 trained --dit_checkpoint on (its train.safetensors): "
+                                  "the real latents --real_anchored_strength starts from")
     devices = p.add_argument_group("devices")
     add_device_flag(devices)
     add_devices_flag(devices, "processes that share the sampling, the same images as one: GPUs cuda:0..N-1 (CPU "

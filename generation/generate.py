@@ -1,6 +1,7 @@
 """Stage 3 logic: sample latents per user with guidance, decode with the VA-VAE, write PNGs and a grid."""
 import contextlib
 import functools
+import json
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -11,15 +12,17 @@ from PIL import Image
 
 from common.device import resolve_device
 from common.errors import PipelineError, out_of_memory_advice
-from common.io import STAGING_DIR, file_sha256, out_of_space_as_error, replaced_together
+from common.config import non_negative_float
+from common.io import STAGING_DIR, file_sha256, out_of_space_as_error, replaced_together, write_text
 from common.lock import run_lock
-from data.samples import GRID_NAME, remove_stale_samples, sample_name
-from generation.cli import GenerateOptions
+from data.samples import GRID_NAME, MANIFEST_NAME, remove_stale_samples, sample_name
+from generation.cli import GenerateOptions, anchor_strength
 from generation.ranks import Ranks, launched_ranks, spawn_ranks, uses_cuda
+from generation.recipes import flag_range, load_anchor_bank, per_sample_recipes, recipe_manifest
 from models.checkpoint import PipelineInfo, checkpoint_info, ema_state_dict, load_checkpoint
 from models.lightningdit import LightningDiT
 from models.latent_classifier import NoisyLatentClassifier, classifier_from_entry
-from models.sampling import GRID_COLUMNS, class_indices, grid_image, sample_images
+from models.sampling import GRID_COLUMNS, PerSampleRecipes, class_indices, grid_image, sample_images
 from models.vavae import check_tokenizer_fits, load_vavae
 
 LOCK_NAME = "stage3.lock"   # one stage 3 run per --output_dir (common/lock.py)
@@ -42,10 +45,11 @@ def load_generator(checkpoint_path: str, device: str) -> tuple[LightningDiT, Pip
     return model.to(device).eval().requires_grad_(False), info
 
 
-def check_sampling(info: PipelineInfo, guidance_scale: float, num_steps: int, shift: float,
+def check_sampling(info: PipelineInfo, guidance_scale: float | tuple[float, float], num_steps: int, shift: float,
                    cfg_interval_start: float = 0.0, cfg_interval_end: float = 1.0, autoguidance: bool = False) -> None:
     """Settings that would give NaNs, a division by zero or meaningless images: refused with the reason
-    (PipelineError). Autoguidance guides with another checkpoint, so it does not need the null class."""
+    (PipelineError). guidance_scale: the one scale, or the (low, high) range of --guidance_scale_range.
+    Autoguidance guides with another checkpoint, so it does not need the null class."""
     if shift <= 0:
         raise PipelineError(f"--shift must be > 0 (got {shift:g}): the time grid s t / (1 + (s - 1) t) "
                             "collapses at 0 and runs backwards below it. Values < 1 put more steps near the "
@@ -55,9 +59,12 @@ def check_sampling(info: PipelineInfo, guidance_scale: float, num_steps: int, sh
     if not 0.0 <= cfg_interval_start < cfg_interval_end <= 1.0:
         raise PipelineError(f"the guidance interval must satisfy 0 <= --cfg_interval_start < --cfg_interval_end <= 1 "
                             f"(got {cfg_interval_start:g} and {cfg_interval_end:g}; t = 0 is noise, 1 the image)")
-    if guidance_scale != 1.0 and not autoguidance and info.model_config.get("class_dropout_prob", 1.0) <= 0:
+    scales = guidance_scale if isinstance(guidance_scale, tuple) else (guidance_scale,)
+    if any(scale != 1.0 for scale in scales) and not autoguidance and info.model_config.get("class_dropout_prob", 1.0) <= 0:
+        given = (f"--guidance_scale_range {scales[0]:g} {scales[-1]:g}" if len(scales) > 1 else
+                 f"--guidance_scale {scales[0]:g}")
         raise PipelineError(
-            f"--guidance_scale {guidance_scale:g} needs the model's null class, but this checkpoint was trained "
+            f"{given} needs the model's null class, but this checkpoint was trained "
             "with --class_dropout_prob 0, so that class was never trained and guided samples would be "
             "meaningless. Pass --guidance_scale 1 (no guidance), --guidance_checkpoint <stage 2 output>/checkpoints/"
             "early.ckpt (autoguidance needs no null class), or retrain stage 2 with --class_dropout_prob 0.1.")
@@ -124,6 +131,13 @@ def generate(options: GenerateOptions, log=print) -> list[Path]:
     classifier_scale > 0: classifier guidance with the checkpoint's noisy-latent user classifier (stage 2 trains it)
     where classifier_interval_start <= t <= classifier_interval_end; PipelineError for a checkpoint without one.
 
+    Samples for training (models.sampling.PerSampleRecipes, generation/recipes.py): guidance_scale_range (low, high)
+    draws each sample's guidance scale; real_anchored_strength S (or a range drawn per sample) starts each sample
+    from one of its user's train latents in latent_dir (the checkpoint's stage 1 run, else PipelineError), noised to
+    t = 1 - S, and integrates from there. Each draw is a function of (seed, user, sample); the run then also writes
+    micro_doppler_samples.json (each sample's scale, strength and train image), and without them removes an
+    earlier run's.
+
     devices > 1, or a launcher (torchrun, srun) that started several processes: each process samples its share of
     the batches (generation/ranks.py), the same files byte for byte as one process; with devices > 1 this process
     starts them (GPUs cuda:0..devices-1, or CPU processes with device cpu) and rank 0's messages are printed.
@@ -152,14 +166,21 @@ def run_jobs(o: GenerateOptions) -> list[tuple[int, int]]:
     return [(u, k) for u in o.user_ids for k in range(o.num_samples_per_user)]
 
 
-def load_sampler(o: GenerateOptions, device: str, check_files: bool = True) -> Callable[..., tuple[np.ndarray, int]]:
-    """sample_images bound to the checkpoint's EMA model, guide, classifier and tokenizer on `device` and to the
-    sampling flags: call it with jobs (and progress). Raises PipelineError for files or settings that do not fit
-    (unknown user ids included); check_files=False leaves out the warning about another tokenizer's file."""
+Sampler = Callable[..., tuple[np.ndarray, int]]   # sample_images bound to a run's model, files and flags
+
+
+def load_sampler(o: GenerateOptions, device: str, check_files: bool = True) -> tuple[Sampler, dict | None]:
+    """sample_images bound to the checkpoint's EMA model, guide, classifier, tokenizer and per-sample recipes on
+    `device` and to the sampling flags (call it with jobs, and progress), and the run's manifest
+    (generation/recipes.py; None without per-sample recipes). Raises PipelineError for files or settings that do
+    not fit (unknown user ids and a latent folder of another stage 1 run included); check_files=False leaves out
+    the warning about another tokenizer's file."""
     model, info = load_generator(o.dit_checkpoint, device)
-    check_sampling(info, o.guidance_scale, o.num_steps, o.shift, o.cfg_interval_start, o.cfg_interval_end,
-                   autoguidance=o.guidance_checkpoint is not None)
+    guidance_range = flag_range(o.guidance_scale_range, "--guidance_scale_range", non_negative_float, counts=(2,))
+    check_sampling(info, guidance_range or o.guidance_scale, o.num_steps, o.shift, o.cfg_interval_start,
+                   o.cfg_interval_end, autoguidance=o.guidance_checkpoint is not None)
     class_indices(o.user_ids, info.user_numbers, info.users)
+    recipes, manifest = load_recipes(o, info, guidance_range)
     guide_model = None
     if o.guidance_checkpoint is not None:
         guide_model, guide_info = load_generator(o.guidance_checkpoint, device)
@@ -177,7 +198,26 @@ def load_sampler(o: GenerateOptions, device: str, check_files: bool = True) -> C
                              cfg_interval_end=o.cfg_interval_end, guide_model=guide_model, classifier=classifier,
                              classifier_scale=o.classifier_scale,
                              classifier_interval=(o.classifier_interval_start, o.classifier_interval_end),
-                             seed=o.seed, batch_size=o.batch_size, device=device)
+                             seed=o.seed, batch_size=o.batch_size, device=device, recipes=recipes), manifest
+
+
+def load_recipes(o: GenerateOptions, info: PipelineInfo,
+                 guidance_range: tuple[float, float] | None) -> tuple[PerSampleRecipes | None, dict | None]:
+    """The per-sample recipes of --guidance_scale_range and --real_anchored_strength (with --latent_dir's train
+    latents) and the run's manifest of them; (None, None) when neither flag is given. PipelineError for a strength
+    without --latent_dir, and as flag_range and load_anchor_bank (generation/recipes.py)."""
+    strength = flag_range(o.real_anchored_strength, "--real_anchored_strength", anchor_strength)
+    bank = None
+    if strength is not None:
+        if not o.latent_dir:
+            raise PipelineError("--real_anchored_strength starts each sample from a real train latent: pass "
+                                "--latent_dir, the stage 1 folder that stage 2 trained the checkpoint on "
+                                "(run_complete_pipeline.py writes it to <output_dir>/latent_features)")
+        bank = load_anchor_bank(o.latent_dir, info, o.user_ids, o.dit_checkpoint)
+    recipes = per_sample_recipes(o.guidance_scale, guidance_range, strength, bank)
+    if recipes is None:
+        return None, None
+    return recipes, recipe_manifest(recipes, bank, run_jobs(o), o.seed, o.dit_checkpoint)
 
 
 def generate_on_rank(o: GenerateOptions, ranks: Ranks, log=print) -> list[Path]:
@@ -195,7 +235,7 @@ def generate_on_rank(o: GenerateOptions, ranks: Ranks, log=print) -> list[Path]:
                 locked.enter_context(run_lock(out / LOCK_NAME, "stage 3", "another --output_dir", log=log))
                 staged.enter_context(replaced_together(out))
             with memory_advice():
-                sampler = load_sampler(o, device, check_files=ranks.is_zero)
+                sampler, manifest = load_sampler(o, device, check_files=ranks.is_zero)
         staging = out / STAGING_DIR
         with ranks.all_or_none(), out_of_space_as_error(out, f"{out} was left as it was."):
             share = ranks.share(jobs, o.batch_size)
@@ -213,10 +253,15 @@ def generate_on_rank(o: GenerateOptions, ranks: Ranks, log=print) -> list[Path]:
             grid_jobs = [(u, k) for u in o.user_ids for k in range(min(o.num_samples_per_user, GRID_COLUMNS))]
             tiles = {(u, k): np.asarray(Image.open(staging / sample_name(u, k + 1))) for u, k in grid_jobs}
             grid_image(tiles, o.user_ids, o.num_samples_per_user).save(staging / GRID_NAME, format="PNG")
+            if manifest is not None:
+                write_text(staging / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
         staged.close()   # rank 0: the set moves in, before the stale samples go (still under the lock)
         if ranks.is_zero:
+            if manifest is None:   # an earlier run's recipes would describe images no longer there
+                (out / MANIFEST_NAME).unlink(missing_ok=True)
             removed = remove_stale_samples(out, keep=set(names))
             shares = f"; {ranks.world} processes sampled {' + '.join(map(str, per_rank))}" if ranks.world > 1 else ""
             log(f"stage 3 done: {len(names)} images ({o.sampler}, {nfe} model evaluations each{shares}) and "
-                f"{GRID_NAME} in {out}" + (f"; removed {removed} sample(s) of an earlier run" if removed else ""))
+                f"{GRID_NAME} in {out}" + (f", each sample's recipe in {MANIFEST_NAME}" if manifest else "")
+                + (f"; removed {removed} sample(s) of an earlier run" if removed else ""))
     return [out / name for name in names]

@@ -252,6 +252,8 @@ def run_pipeline(args: argparse.Namespace, extra: list[str], log=print_line) -> 
             routed[2] = routed[2] + ["--restart"]     # --force trains anew; without it stage 2 would resume
         if repa_asked(routed[2]) and "--repa_encoder" not in routed[1]:
             routed[1] = routed[1] + ["--repa_encoder", "auto"]   # stage 2's REPA reads stage 1's targets
+        if "--real_anchored_strength" in routed[3] and "--latent_dir" not in routed[3]:
+            routed[3] = routed[3] + ["--latent_dir", str(out / STAGE_DIRS[1])]   # its anchors: stage 1's latents
         for stage in args.stages:
             folder = out / STAGE_DIRS[stage]
             marker = folder / DONE_MARKER
