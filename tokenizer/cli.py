@@ -2,7 +2,7 @@
 to tokenizer/train.py."""
 import argparse
 
-from common.config import (add_config_flag, new_parser, non_negative_float, non_negative_int, open_fraction,
+from common.config import (add_config_flag, finite_float, new_parser, non_negative_float, non_negative_int, open_fraction,
                            options_class, positive_float, positive_int)
 from common.device import add_device_flag, precision_word
 from common.flag_groups import add_batch_size_flag, add_data_dir_flag, add_image_size_flag, add_seed_flag
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the weights of the best evaluation")
     optimisation.add_argument("--early_stop_min_delta_db", type=non_negative_float, default=0.1,
                               help="the rise in held-out PSNR (dB) that counts as progress for early stopping")
-    optimisation.add_argument("--early_stop_floor_db", type=float, default=TOKENIZER_WARN_DB,
+    optimisation.add_argument("--early_stop_floor_db", type=finite_float, default=TOKENIZER_WARN_DB,
                               help="early stopping never stops while the best held-out PSNR (dB) is below "
                                    "this, by default the PSNR stage 1 asks of a tokenizer")
     add_seed_flag(optimisation, "initial weights, split and batches")
