@@ -7,7 +7,7 @@
 # Runs share OUT's data, tokenizer and latents; one run = stage 2 with SEED (trained once per TRAIN_NAME and seed),
 # stage 3 with STAGE3's flags and the same seed, stage 4: OUT/NAME_sSEED_1x/{samples,eval,setup.json}, the layout
 # of identity_levers.sh, so `python experiments/summarise_levers.py OUT` tabulates them.
-# Usage: OUT=/tmp/real SOURCE=../shared/data/mmgait60 [TUNE_MINUTES=25 MAX_STEPS=5600 SAMPLES=30 SEED=0 \
+# Usage: OUT=/tmp/real SOURCE=../shared/data/mmgait60 [TUNE_MINUTES=25 TUNE_FLAGS="--early_stop_patience 3" MAX_STEPS=5600 SAMPLES=30 SEED=0 \
 #        NAME=own_data TRAIN_NAME=own_data STAGE3="--guidance_scale 6 --cfg_interval_start 0.3"] \
 #        experiments/real_recordings.sh [extra stage 2 flags]
 set -euo pipefail
@@ -15,7 +15,8 @@ source "$(dirname "$0")/lib.sh"
 OUT=${OUT:-/tmp/real_recordings}
 SOURCE=${SOURCE:-../shared/data/mmgait60}
 SAMPLES=${SAMPLES:-30}
-TUNE_MINUTES=${TUNE_MINUTES:-25}
+TUNE_MINUTES=${TUNE_MINUTES:-25}    # the fine-tune's cap; it stops earlier on a held-out PSNR plateau (TUNE_FLAGS)
+TUNE_FLAGS=${TUNE_FLAGS-"--early_stop_patience 3"}
 MAX_STEPS=${MAX_STEPS:-5600}     # a cap; the demo's 200 epochs end first here (5,400 steps)
 SEED=${SEED:-0}
 NAME=${NAME:-own_data}
@@ -29,8 +30,9 @@ TRAINED="$OUT/${TRAIN_NAME}_s${SEED}_1x"
 read_config "$CONFIG"
 run_once "$DATA.done" python experiments/render_mmgait.py --source "$SOURCE" --output_dir "$DATA"
 # The demo tokenizer's check on a look it never saw (stage 1 prints the PSNR; --tokenizer_check_images only).
+# shellcheck disable=SC2086
 run_once "$TOKENIZER.done" --after "$DATA.done" logged "$OUT/tokenizer_log.txt" python train_tokenizer.py \
-    --data_dir "$DATA" --init_from "$DEMO_TOKENIZER" --output_path "$TOKENIZER" --max_minutes "$TUNE_MINUTES"
+    --data_dir "$DATA" --init_from "$DEMO_TOKENIZER" --output_path "$TOKENIZER" --max_minutes "$TUNE_MINUTES" $TUNE_FLAGS
 run_once "$OUT/latents.done" --after "$TOKENIZER.done" logged "$OUT/stage1_log.txt" python stage1_extract_features.py \
     "${STAGE1_CONFIG[@]}" --data_dir "$DATA" --vavae_path "$TOKENIZER" --output_path "$OUT/latents"
 train() {   # train [stage 2 flags]: this seed's stage 2, its wall time in TRAINED/stage2_seconds.txt

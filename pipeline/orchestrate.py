@@ -280,6 +280,7 @@ def run_pipeline(args: argparse.Namespace, extra: list[str], log=print_line) -> 
             record = {"argv": argv, "seconds": round(time.time() - started, 1), "finished": time.time(),
                       "upstream": upstream, "inputs": inputs}
             write_text(marker, json.dumps(record, indent=1))
+            log(f"== stage {stage}: finished in {record['seconds']:.0f} s")
         return out
 
 
