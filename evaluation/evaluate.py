@@ -100,6 +100,23 @@ def _header(data: Inputs, inputs: dict, cfg: clf.ClassifierConfig, classifier_in
 LOCK_NAME = "stage4.lock"   # one stage 4 run per --output_dir (common/lock.py)
 
 
+def _classifier_size(o: EvaluateOptions, log: Callable[[str], None]) -> int:
+    """The judge's input size in px: --classifier_size, at most --image_size (said when it is cut)."""
+    if o.classifier_size > o.image_size:
+        log(f"note: --classifier_size {o.classifier_size} > --image_size {o.image_size}; using {o.image_size}")
+    return min(o.classifier_size, o.image_size)
+
+
+def _inputs(o: EvaluateOptions, classifier_size: int, dev: torch.device) -> dict:
+    """The report's record of what was scored and how (folders as given, sizes in px, seeds)."""
+    return {"data_dir": str(Path(o.data_dir)), "generated_dir": str(o.generated_dir),
+            "output_dir": str(Path(o.output_dir)),
+            "image_size": o.image_size, "classifier_size": classifier_size, "batch_size": o.batch_size,
+            "device": str(dev), "classifier_max_steps": o.classifier_max_steps, "seed": o.seed,
+            "gain_seeds": o.gain_seeds, "low_data_per_user": o.low_data_per_user,
+            "nearest_k": o.nearest_k, "min_user_samples": o.min_user_samples}
+
+
 def evaluate(options: EvaluateOptions, *, tstr: bool = True, augmentation: bool = True,
              log: Callable[[str], None] = print) -> dict:
     """Stage 4 with its flags (evaluation/cli.py; --compare_to is the script's): score generated spectrograms
@@ -120,9 +137,7 @@ def evaluate(options: EvaluateOptions, *, tstr: bool = True, augmentation: bool 
     image_size, batch_size, seed = o.image_size, o.batch_size, o.seed
     with run_lock(output_dir / LOCK_NAME, "stage 4", "another --output_dir", log=log):
         check_files(o.inception_weights, o.vavae_path)
-        classifier_size = min(o.classifier_size, image_size)
-        if classifier_size < o.classifier_size:
-            log(f"note: --classifier_size {o.classifier_size} > --image_size {image_size}; using {image_size}")
+        classifier_size = _classifier_size(o, log)
         with _timed(timing, "load"):
             data = load_inputs(data_dir, o.generated_dir, image_size, classifier_size, batch_size, o.num_workers,
                                log)
@@ -165,13 +180,9 @@ def evaluate(options: EvaluateOptions, *, tstr: bool = True, augmentation: bool 
         export = export_report(data.users, data.gen, accepted, confident, copies, o.export_dir, o.min_confidence,
                                o.min_margin, log)
 
-        inputs = {"data_dir": str(data_dir), "generated_dir": str(o.generated_dir), "output_dir": str(output_dir),
-                  "image_size": image_size, "classifier_size": classifier_size, "batch_size": batch_size,
-                  "device": str(dev), "classifier_max_steps": o.classifier_max_steps, "seed": seed,
-                  "gain_seeds": o.gain_seeds, "low_data_per_user": o.low_data_per_user,
-                  "nearest_k": o.nearest_k, "min_user_samples": o.min_user_samples}
         report = {
-            **_header(data, inputs, cfg, clf_info), "identity": identity, "intervals": INTERVALS,
+            **_header(data, _inputs(o, classifier_size, dev), cfg, clf_info), "identity": identity,
+            "intervals": INTERVALS,
             "fd": {**dist["fd"], "inception": inception["fd"], "inception_real_val": inception["fd_real_val"]},
             "kid": {**dist["kid"], "inception": inception["kid"], "inception_real_val": inception["kid_real_val"]},
             "inception_score": dist["inception_score"], "manifold": dist["manifold"], "diversity": dist["diversity"],

@@ -154,3 +154,26 @@ def test_the_layering_refuses_an_upward_import():
         (1, "generation.generate"), (2, "pipeline.orchestrate"), (4, "stage3_inference")]
     assert forbidden_imports("pipeline", ast.parse("from training import cli\nfrom training import train_dit\n"),
                              scripts) == [(2, "training.train_dit")]
+
+
+MAX_FUNCTION_LINES = 80   # a function a reader takes in at once; longer ones get their parts named as functions
+
+
+def long_functions(source: str) -> list[tuple[str, int]]:
+    """(name, lines) of every function or method in `source` longer than MAX_FUNCTION_LINES (decorators aside)."""
+    return [(node.name, node.end_lineno - node.lineno + 1) for node in ast.walk(ast.parse(source))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
+
+
+def test_no_product_function_is_longer_than_a_screen():
+    too_long = [f"{where(path)}: {name} ({lines} lines)" for path in product_files()
+                for name, lines in long_functions(path.read_text())]
+    assert not too_long, f"functions over {MAX_FUNCTION_LINES} lines (split them into named parts):\n" + \
+        "\n".join(too_long)
+
+
+def test_the_length_scan_counts_a_long_method():
+    body = "".join(f"        x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES))
+    assert long_functions(f"class A:\n    def long(self):\n{body}\n    def short(self):\n        pass\n") == \
+        [("long", MAX_FUNCTION_LINES + 1)]

@@ -128,16 +128,7 @@ def run_training(model: VAVAE, proj: nn.Module | None, fm: nn.Module | None, tra
     texture = texture or TextureTerms()
     adversary = texture.adversary
     device = recipe.device
-    channels_last = device.type == "cuda"        # NHWC convs are the fast path for cuDNN in bf16
-    torch.backends.cudnn.benchmark = device.type == "cuda"
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    params = [p for p in model.parameters() if p.requires_grad] + (list(proj.parameters()) if proj is not None else [])
-    opt = torch.optim.AdamW(params, lr=recipe.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    step_fn = _make_step(model, proj, fm, recipe.autocast, l1_weight, align_weight, channels_last, texture)
-    if compile_model:
-        step_fn = torch.compile(step_fn)
-
+    params, opt, step_fn = _optimisation(model, proj, fm, recipe, l1_weight, align_weight, compile_model, texture)
     gen = torch.Generator(device="cpu").manual_seed(seed)       # batch order and crop offsets
     batch_size = recipe.batch_size
     next_batch = batch_sampler(train_bank, batch_size, recipe.crop_size, gen)
@@ -196,19 +187,38 @@ def run_training(model: VAVAE, proj: nn.Module | None, fm: nn.Module | None, tra
     seconds = time.time() - start
     for note in notes:
         log(note)
-    kept_step = done
-    if early_stop is not None:
-        if stopped != "plateau" and (not evals or evals[-1][0] != done):
-            state = stored_weights(model)
-            evals.append((done, score(state)))
-            early_stop.update(done, evals[-1][1], state)
-            log(f"step {done}: val PSNR {evals[-1][1]:.2f} dB")
-        if stopped != "plateau":
-            log(early_stop.kept_message())
-        kept_step = early_stop.best_step
-        model.load_state_dict(early_stop.best_state)
+    kept_step = done if early_stop is None else _keep_best(model, early_stop, evals, done, stopped, score, log)
     log(f"trained {done} steps x {batch_size} in {seconds:.0f}s ({done * batch_size / max(seconds, 1e-9):.1f} images/s)")
     return TrainingRun(history, evals, done, seconds, stopped, kept_step)
+
+
+def _optimisation(model: VAVAE, proj: nn.Module | None, fm: nn.Module | None, recipe: Recipe, l1_weight: float,
+                  align_weight: float, compile_model: bool,
+                  texture: TextureTerms) -> tuple[list[nn.Parameter], torch.optim.Optimizer, Callable]:
+    """(trained parameters, AdamW over them, the training step): the model in the device's fast memory layout."""
+    channels_last = recipe.device.type == "cuda"        # NHWC convs are the fast path for cuDNN in bf16
+    torch.backends.cudnn.benchmark = recipe.device.type == "cuda"
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    params = [p for p in model.parameters() if p.requires_grad] + (list(proj.parameters()) if proj is not None else [])
+    opt = torch.optim.AdamW(params, lr=recipe.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    step_fn = _make_step(model, proj, fm, recipe.autocast, l1_weight, align_weight, channels_last, texture)
+    return params, opt, torch.compile(step_fn) if compile_model else step_fn
+
+
+def _keep_best(model: VAVAE, early_stop: EarlyStopping, evals: list[tuple[int, float]], done: int, stopped: str,
+               score: Callable, log=print) -> int:
+    """End of an early-stopping run: a run that a cap ended has its last weights scored too (they compete for the
+    weights kept); the model gets the best-scored weights. Returns their step."""
+    if stopped != "plateau" and (not evals or evals[-1][0] != done):
+        state = stored_weights(model)
+        evals.append((done, score(state)))
+        early_stop.update(done, evals[-1][1], state)
+        log(f"step {done}: val PSNR {evals[-1][1]:.2f} dB")
+    if stopped != "plateau":
+        log(early_stop.kept_message())
+    model.load_state_dict(early_stop.best_state)
+    return early_stop.best_step
 
 
 def gan_summary(logged: dict) -> str:
