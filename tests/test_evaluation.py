@@ -30,7 +30,8 @@ N_TRAIN, N_VAL, N_HELD_OUT = 16, 6, 6
 FAST = dict(image_size=SIZE, classifier_size=SIZE, batch_size=16, classifier_max_steps=30, gain_seeds=2,
             low_data_per_user=6, seed=0,
             min_user_samples=4)
-pytestmark = pytest.mark.usefixtures("one_thread_per_module")   # the module-scoped fixtures train too
+# The module-scoped fixtures train too (one thread), and run stage 4 three times: one xdist worker builds them once.
+pytestmark = [pytest.mark.usefixtures("one_thread_per_module"), pytest.mark.xdist_group("evaluation_runs")]
 
 
 def run_evaluate(data_dir: Path, generated_dir: Path, output_dir: Path, *, tstr: bool = True,

@@ -14,7 +14,8 @@ from helpers import (IMAGE_SIZE, TINY_CLASSIFIER_FLAGS, TINY_DIT_MODEL_FLAGS, ma
                      run_stage, stage1_args, stage2_args)
 from models.vavae import load_vavae
 
-pytestmark = pytest.mark.slow   # every test runs stages
+# Every test runs stages; one xdist worker builds the module's stage 1 + 2 fixture once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("pipeline_run")]
 
 
 @pytest.fixture(scope="module")
