@@ -73,8 +73,12 @@ def test_the_study_config_is_the_demo_recipe_at_lr_5e_4_and_guidance_2(tmp_path)
     import yaml
     demo, study = (yaml.safe_load(Path(c).read_text()) for c in (DEMO_CONFIG, STUDY_CONFIG))
     differing = {k for k in demo.keys() | study.keys() if demo.get(k) != study.get(k)}
-    assert differing == {"lr", "guidance_scale", "cfg_interval_start"}
+    # The recipe's levers, and the demo's training length cut for its clock on 2026-12-06 (the studies keep the
+    # length they were measured at: 200 epochs, a validation every 5, the classifier's default steps).
+    assert differing == {"lr", "guidance_scale", "cfg_interval_start", "max_epochs", "val_every_n_epochs",
+                         "classifier_steps"}
     assert (study["lr"], study["guidance_scale"], study["cfg_interval_start"]) == (5e-4, 2.0, 0.0)
+    assert (study["max_epochs"], study["val_every_n_epochs"], "classifier_steps" in study) == (200, 5, False)
 
 
 def test_stage_flags_refuses_a_bad_config_with_exit_2(tmp_path):
