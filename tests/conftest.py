@@ -16,12 +16,6 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
-    """`-n auto`: one and a half workers per core (3 on 2 cores). Many tests wait on the stage processes
-    they start (imports, process start, a lock's poll), so a third worker fills cores the other two leave idle."""
-    return max(2, (os.cpu_count() or 1) * 3 // 2)
-
-
 def pytest_configure(config: pytest.Config) -> None:
     """The `slow` marker: `pytest -m "not slow"` is the inner loop (under a minute); CI runs everything."""
     config.addinivalue_line("markers", "slow: runs stages, trains models or launches processes (seconds to "
