@@ -3,8 +3,10 @@ every command.
 
 Devices: device_word (the flags' type: auto, cpu, cuda or cuda:N; "gpu" is cuda), add_device_flag (the --device
 of every command that takes one) and resolve_device (a word to a torch.device, with a message instead of a CUDA
-traceback). Precisions: precision_word (32-true, 16-mixed, bf16-mixed and their aliases) and resolve_precision
-(the one asked for, or the nearest this device runs natively). bf16_supported says where bf16 is native (not
+traceback). Precisions: precision_word (32-true, 16-mixed, bf16-mixed and their aliases), add_precision_flag and
+resolve_precision
+(the one asked for, or the nearest this device runs natively); inference_autocast (a frozen model's forward
+passes in a precision). bf16_supported says where bf16 is native (not
 emulated); check_cuda_usable says why a GPU run cannot use CUDA here instead of letting it run on the CPU.
 """
 import argparse
@@ -13,6 +15,8 @@ import re
 import shutil
 import subprocess
 import warnings
+from contextlib import nullcontext
+from typing import Callable, ContextManager
 
 import torch
 
@@ -116,6 +120,14 @@ def precision_word(text: str) -> str:
     raise argparse.ArgumentTypeError(f"{text!r} is not a precision; {choices}")
 
 
+def add_precision_flag(group: FlagGroup, default: str, help: str) -> None:
+    """--precision, one name of PRECISIONS (precision_word; aliases 32, 16, bf16): the flag of the stages, each
+    with its own default and with `help` saying what it runs in that precision (the tokenizer, which refuses
+    16-mixed, has its own)."""
+    group.add_argument("--precision", default=default, type=precision_word, metavar="{" + ",".join(PRECISIONS) + "}",
+                       help=help)
+
+
 def resolve_precision(precision: str, device: str | torch.device, warn: bool = True,
                       loss_scaling: bool = True) -> str:
     """The precision asked for (a name of PRECISIONS), or the nearest one `device` (a device word or
@@ -138,6 +150,20 @@ def resolve_precision(precision: str, device: str | torch.device, warn: bool = T
     if instead != precision and warn:
         warnings.warn(f"precision {precision}: {why}; training in {instead} instead")
     return instead
+
+
+def inference_autocast(precision: str, device: str | torch.device) -> Callable[[], ContextManager]:
+    """A factory of the context that runs a frozen model's forward passes (the tokenizer's encoding and
+    reconstructions) in `precision` (a name of PRECISIONS) on `device`: bf16 autocast for the mixed precisions
+    where the device runs bf16 natively (bf16_supported), else none (fp32).
+
+    16-mixed also means bf16 where it is native and fp32 elsewhere (a T4): no fp16 for a frozen encoder, whose
+    activations nobody checked against fp16's range, and without training there is no loss scale to protect it.
+    """
+    if precision == "32-true" or not bf16_supported(device):
+        return nullcontext
+    kind = torch.device(device).type
+    return lambda: torch.autocast(kind, dtype=torch.bfloat16)
 
 
 def check_cuda_usable(accelerator: str, devices: int, num_nodes: int = 1) -> None:

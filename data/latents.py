@@ -5,12 +5,13 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from contextlib import nullcontext
+from typing import Any, Callable, ContextManager
 
 import torch
 from torch.utils.data import DataLoader
 
-from common.device import resolve_device
+from common.device import inference_autocast, resolve_device
 from common.errors import PipelineError
 from common.io import file_sha256, replaced_together, require_file, save_safetensors, write_text
 from common.lock import run_lock
@@ -44,9 +45,10 @@ class Encoded:
 
 @torch.no_grad()
 def encode_items(vae, items: list[tuple[Path, int]], image_size: int, batch_size: int,
-                 num_workers: int, device: str, desc: str, position: int = 0) -> Encoded:
-    """Encode the (file, class index) items on one device; unreadable files are named as they are met and
-    listed in Encoded.skipped."""
+                 num_workers: int, device: str, desc: str, position: int = 0,
+                 autocast: Callable[[], ContextManager] = nullcontext) -> Encoded:
+    """Encode the (file, class index) items on one device, each batch's forward pass under autocast() (latents
+    returned in float32); unreadable files are named as they are met and listed in Encoded.skipped."""
     loader = DataLoader(ImageFiles([path for path, _ in items], image_size), batch_size=batch_size,
                         num_workers=num_workers, collate_fn=list, shuffle=False)
     latents, labels, positions, shapes, skipped = [], [], [], [], []
@@ -59,7 +61,8 @@ def encode_items(vae, items: list[tuple[Path, int]], image_size: int, batch_size
         if not good:
             continue
         x = torch.stack([read.image for read in good]).to(device)
-        latents.append(vae.encode(x).float().cpu())
+        with autocast():
+            latents.append(vae.encode(x).float().cpu())
         labels.append(torch.tensor([items[read.index][1] for read in good], dtype=torch.int64))
         positions.append(torch.tensor([read.index for read in good], dtype=torch.int64))
         shapes.append(torch.tensor([read.size_px for read in good], dtype=torch.int64))
@@ -69,25 +72,28 @@ def encode_items(vae, items: list[tuple[Path, int]], image_size: int, batch_size
     return Encoded(torch.cat(latents), torch.cat(labels), torch.cat(positions), torch.cat(shapes), skipped)
 
 
-def _encode_shard(rank: int, world: int, vavae_path: str, items, image_size, batch_size, num_workers, out_dir: str):
+def _encode_shard(rank: int, world: int, vavae_path: str, items, image_size, batch_size, num_workers, out_dir: str,
+                  precision: str):
     """One GPU's share of the files (spawned per device); results go to a temporary file."""
     vae = load_vavae(vavae_path, device=f"cuda:{rank}")
     part = encode_items(vae, items[rank::world], image_size, batch_size, num_workers, f"cuda:{rank}", f"gpu{rank}",
-                        position=rank)
+                        position=rank, autocast=inference_autocast(precision, f"cuda:{rank}"))
     # Positions back in the full list: shard r holds items r, r + world, ...
     part.positions = part.positions * world + rank
     torch.save(vars(part), Path(out_dir) / f"shard{rank}.pt")
 
 
 def encode_all(vavae_path: str, items: list[tuple[Path, int]], image_size: int, batch_size: int,
-               num_workers: int, device: torch.device, devices: int, desc: str) -> Encoded:
-    """Encode on `device`, or split the files over `devices` GPUs when it is CUDA without an index (order is kept)."""
+               num_workers: int, device: torch.device, devices: int, desc: str, precision: str = "32-true") -> Encoded:
+    """Encode on `device`, or split the files over `devices` GPUs when it is CUDA without an index (order is kept),
+    in `precision` (common.device.inference_autocast)."""
     n_gpu = torch.cuda.device_count() if device.type == "cuda" and device.index is None else 0
     if devices > 1 and n_gpu >= 2:
         devices = min(devices, n_gpu)
         with tempfile.TemporaryDirectory() as tmp:
             torch.multiprocessing.spawn(_encode_shard, nprocs=devices, join=True,
-                                        args=(devices, vavae_path, items, image_size, batch_size, num_workers, tmp))
+                                        args=(devices, vavae_path, items, image_size, batch_size, num_workers, tmp,
+                                              precision))
             parts = [torch.load(Path(tmp) / f"shard{r}.pt", weights_only=True) for r in range(devices)]
         order = torch.argsort(torch.cat([p["positions"] for p in parts]))   # back to file order
         joined = {key: torch.cat([p[key] for p in parts])[order] for key in ("latents", "labels", "positions", "shapes")}
@@ -95,7 +101,8 @@ def encode_all(vavae_path: str, items: list[tuple[Path, int]], image_size: int, 
     if devices > 1:
         print(f"note: --devices {devices} asked for but {n_gpu} GPU(s) to use; encoding on {device}")
     vae = load_vavae(vavae_path, device=str(device))
-    return encode_items(vae, items, image_size, batch_size, num_workers, str(device), desc)
+    return encode_items(vae, items, image_size, batch_size, num_workers, str(device), desc,
+                        autocast=inference_autocast(precision, device))
 
 
 def latent_stats(latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,8 +122,9 @@ TOKENIZER_WARN_DB = 24.0
 
 
 def tokenizer_psnr_check(vavae_path: str, users: list[User], image_size: int, num_images: int, device: str,
-                    log=print) -> dict[str, Any]:
-    """Reconstruct ~num_images train images spread over the users; PSNR overall and for the worst user."""
+                         log=print, precision: str = "32-true") -> dict[str, Any]:
+    """Reconstruct ~num_images train images spread over the users (in `precision`, as stage 1 encodes); PSNR
+    in dB overall and for the worst user."""
     per_user = max(1, -(-num_images // len(users)))
     picked = []     # per user, evenly spaced train files
     for user in users:
@@ -125,7 +133,8 @@ def tokenizer_psnr_check(vavae_path: str, users: list[User], image_size: int, nu
     banks = [load_bank(files, image_size, log=log) for files in picked]     # unreadable files are left out
     images = torch.cat(banks)
     labels = torch.cat([torch.full((len(bank),), cls) for cls, bank in enumerate(banks)])
-    psnr = reconstruction_psnr(load_vavae(vavae_path, device=device), images)
+    psnr = reconstruction_psnr(load_vavae(vavae_path, device=device), images,
+                               autocast=inference_autocast(precision, device))
     per_user_psnr = {users[c].name: psnr[labels == c].mean().item() for c in labels.unique().tolist()}
     worst = min(per_user_psnr, key=per_user_psnr.get)
     result = {"tokenizer_psnr_db": round(psnr.mean().item(), 2), "tokenizer_psnr_images": len(images),
@@ -170,7 +179,8 @@ def extract_features(options: ExtractOptions, log=print) -> dict[str, Any]:
     Each image (any size and mode; ADM centre crop to image_size, RGB, [-1, 1]) becomes the posterior mean of
     the VA-VAE: train.safetensors / val.safetensors hold `latents` (N, 32, image_size/16, image_size/16) float32
     and `user_ids` (N,) int64 (class index = position of the user folder in number order), and metadata (users,
-    their numbers, image paths, tokenizer sha256, tokenizer PSNR in dB); latent_stats.safetensors the
+    their numbers, image paths, tokenizer sha256, tokenizer PSNR in dB, encoder_autocast "bf16" or "none");
+    latent_stats.safetensors the
     per-channel train mean/std (1, 32, 1, 1). With repa_encoder (data/repa_targets.py), repa_targets.safetensors
     holds `targets` (N_train, (image_size/16)^2, D) float16, the encoder's patch features of each train image.
     Returns the metadata written.
@@ -195,12 +205,13 @@ def extract_features(options: ExtractOptions, log=print) -> dict[str, Any]:
             "tokenizer": Path(options.vavae_path).name,
             "tokenizer_sha256": tokenizer_sha,
             "data_dir": str(root),
+            "encoder_autocast": "bf16" if inference_autocast(options.precision, dev) is not nullcontext else "none",
             RUN_KEY: uuid.uuid4().hex,
         }
         log(f"{len(users)} users: " + ", ".join(f"{u.name}->class {i}" for i, u in enumerate(users)))
         if options.tokenizer_check_images > 0:
             meta.update(tokenizer_psnr_check(options.vavae_path, users, options.image_size,
-                                             options.tokenizer_check_images, str(dev), log))
+                                             options.tokenizer_check_images, str(dev), log, options.precision))
         summary: dict[str, Any] = {"users": len(users), **{k: v for k, v in meta.items() if k.startswith("tokenizer_psnr")}}
         all_names, all_shapes = [], []
         banks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}   # split -> (uint8 images, labels), for REPA
@@ -209,7 +220,8 @@ def extract_features(options: ExtractOptions, log=print) -> dict[str, Any]:
             for split in ("train", "val"):
                 items = [(f, cls) for cls, u in enumerate(users) for f in u.files.get(split, [])]
                 encoded = encode_all(options.vavae_path, items, options.image_size, options.batch_size,
-                                     options.num_workers, dev, options.devices, f"stage 1 {split}")
+                                     options.num_workers, dev, options.devices, f"stage 1 {split}",
+                                     options.precision)
                 _check_users_left(users, encoded.labels, split)
                 names = [relative_to(f, root) for f in encoded.files(items)]
                 check_finite(encoded.latents, names,

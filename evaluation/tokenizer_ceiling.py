@@ -1,12 +1,11 @@
 """The tokenizer's ceiling: how well the user classifier recognises the tokenizer's own reconstructions of the
 real val images. A generator's samples are decoded by the same tokenizer, so this, not the real-val top-1,
 is the most they can reach."""
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-from common.device import bf16_supported
+from common.device import inference_autocast
 from common.pixels import psnr_db, to_float, to_uint8
 from data.images import load_bank
 from evaluation import classifier as clf
@@ -26,8 +25,8 @@ def tokenizer_report(data: Inputs, vavae_path: str | Path, image_size: int, clas
     if len(data.val) == 0:
         return {"top1": None, "top1_ci": None, "psnr_db": None, "note": "no readable val images"}
     bank = load_bank(data.val.paths, image_size, log=lambda *_: None)
-    autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if bf16_supported(dev) else nullcontext
-    recon = vavae.reconstruct(vavae.load_vavae(vavae_path, device=dev), bank, autocast=autocast)
+    recon = vavae.reconstruct(vavae.load_vavae(vavae_path, device=dev), bank,
+                              autocast=inference_autocast("bf16-mixed", dev))
     # Batch by batch: all val reconstructions as float32 at once were 731 MB at the seed's 31 x 30 val images.
     small = torch.cat([to_uint8(resize(to_float(part), classifier_size)) for part in recon.split(batch_size)])
     logits = clf.extract(model, small, batch_size, dev)[1]

@@ -2,6 +2,7 @@
 name real users, and a folder never mixes two runs (issue 18: 1, 4, 5, 6)."""
 import json
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 from PIL import Image
 
 import data.latents as latents_mod
+from common.device import bf16_supported
 from common.errors import PipelineError
 from common.io import REPLACING_MARKER, load_safetensors, save_safetensors
 from data.images import scan_dataset
@@ -26,10 +28,10 @@ def tokenizer(tmp_path_factory) -> Path:
     return make_tokenizer(tmp_path_factory.mktemp("tok") / "tok.safetensors")
 
 
-def stage1(data: Path, tokenizer: Path, out: Path, log=lambda m: None) -> dict:
+def stage1(data: Path, tokenizer: Path, out: Path, log=lambda m: None, **flags) -> dict:
     return extract_features(ExtractOptions.defaults(data_dir=str(data), vavae_path=str(tokenizer), output_path=str(out),
                                                     batch_size=4, image_size=IMAGE_SIZE, num_workers=0,
-                                                    tokenizer_check_images=0), log=log)
+                                                    **{"tokenizer_check_images": 0, **flags}), log=log)
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -215,3 +217,35 @@ def test_non_square_images_are_centre_cropped_with_a_note(tmp_path, tokenizer):
     stage1(data, tokenizer, tmp_path / "out", logged.append)
     note = next(m for m in logged if "not square" in m)
     assert "1 of 9 images" in note and "long.png" in note and "keeps 40 of its 300 px" in note
+
+
+#################################################################################
+#                          The encoder's precision                              #
+#################################################################################
+
+@pytest.mark.skipif(not bf16_supported("cpu"), reason="without native bf16 every precision encodes in fp32")
+def test_mixed_precision_encodes_in_bf16_near_fp32_and_records_it(tmp_path, tokenizer):
+    data = make_dataset(tmp_path / "data", users=("ID_1", "ID_2"), per_user=4, val_per_user=1, draw=track_image)
+    runs = {}
+    for precision in ("32-true", "bf16-mixed", "16-mixed"):
+        summary = stage1(data, tokenizer, tmp_path / precision, precision=precision, tokenizer_check_images=4)
+        latents, _, meta = load_latents(tmp_path / precision, "train", log=lambda m: None)
+        runs[precision] = latents, meta, summary["tokenizer_psnr_db"]
+    fp32, bf16 = runs["32-true"][0], runs["bf16-mixed"][0]
+    assert [runs[p][1]["encoder_autocast"] for p in runs] == ["none", "bf16", "bf16"]
+    assert torch.equal(runs["16-mixed"][0], bf16)     # 16-mixed is bf16 where bf16 is native, never fp16
+    # bf16 keeps 8 significant bits (a 2^-9 relative rounding per operation): near, and not the same numbers
+    relative = ((bf16 - fp32).norm() / fp32.norm()).item()
+    assert 0 < relative < 0.05, relative
+    assert abs(runs["bf16-mixed"][2] - runs["32-true"][2]) < 1.0     # the check reconstructs in the same precision
+
+
+def test_mixed_precision_is_fp32_where_bf16_is_not_native(monkeypatch):
+    import common.device as device_mod
+    monkeypatch.setattr(device_mod, "bf16_supported", lambda device: False)
+    for precision in ("32-true", "16-mixed", "bf16-mixed"):
+        assert device_mod.inference_autocast(precision, "cpu") is nullcontext
+    monkeypatch.setattr(device_mod, "bf16_supported", lambda device: True)
+    assert device_mod.inference_autocast("32-true", "cpu") is nullcontext
+    with device_mod.inference_autocast("16-mixed", "cpu")():
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16

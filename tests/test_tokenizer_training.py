@@ -262,9 +262,10 @@ def val_images(data):
 
 
 def stored_psnr(path, images) -> float:
-    """Mean PSNR (dB) of the tokenizer file at `path` over uint8 `images`, scored as the trainer scores."""
+    """Mean PSNR (dB) of the tokenizer file at `path` over uint8 `images`, scored as the trainer scores (in its
+    NCHW layout: channels_last convolutions round in another order, ~1e-5 dB apart)."""
     from tokenizer.train import mean_reconstruction_psnr
-    return mean_reconstruction_psnr(load_vavae(path), images)
+    return mean_reconstruction_psnr(load_vavae(path, memory_format=torch.contiguous_format), images)
 
 
 def test_early_stopping_counts_evaluations_without_progress_and_keeps_the_best():

@@ -152,7 +152,7 @@ def test_published_layout_loads_and_drops_training_keys(tmp_path, monkeypatch):
     sd.update({"loss.x": torch.zeros(2), "foundation_model.model.y": torch.zeros(3),
                "linear_proj.weight": torch.zeros(8, 4, 1, 1)})
     torch.save({"state_dict": sd, "global_step": 5}, tmp_path / "vavae.pt")
-    loaded = load_vavae(tmp_path / "vavae.pt")
+    loaded = load_vavae(tmp_path / "vavae.pt", memory_format=torch.contiguous_format)   # exact: model's layout
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     with torch.no_grad():
@@ -188,7 +188,7 @@ def test_safetensors_round_trip_of_narrow_model(tmp_path):
                embed_dim=5, in_channels=3, out_channels=3, resolution=32, norm_groups=8)
     model = randomized(VAVAE(**cfg), seed=2)
     save_vavae(model, tmp_path / "tok.safetensors", extra_metadata={"val_psnr_db": 31.5})
-    loaded = load_vavae(tmp_path / "tok.safetensors")
+    loaded = load_vavae(tmp_path / "tok.safetensors", memory_format=torch.contiguous_format)   # model's layout
     assert loaded.config == model.config and loaded.downsample_factor == 4
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
     x = torch.rand(2, 3, 32, 32) * 2 - 1
@@ -228,3 +228,24 @@ def test_dit_checkpoint_is_refused(tmp_path):
 def test_missing_file_is_a_pipeline_error(tmp_path):
     with pytest.raises(PipelineError, match="not found"):
         load_vavae(tmp_path / "nope.pt")
+
+
+def test_loaded_tokenizer_is_channels_last_with_the_same_numbers_and_saves_unchanged(tmp_path):
+    """load_vavae's NHWC weights (the fast path of oneDNN and cuDNN) give the NCHW model's latents and images up
+    to float32 rounding, and saving them writes the weights that were read."""
+    save_vavae(randomized(VAVAE(**SMALL), seed=3), tmp_path / "tok.safetensors")
+    fast = load_vavae(tmp_path / "tok.safetensors")
+    plain = load_vavae(tmp_path / "tok.safetensors", memory_format=torch.contiguous_format)
+    weight = fast.encoder.conv_out.weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    assert plain.encoder.conv_out.weight.is_contiguous()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        z = plain.encode(x)
+        # Other convolution kernels sum in another order: fp32 rounding (2^-24 per operation) over ~20 layers,
+        # far below the 4e-3 that bf16 changes the latents by.
+        torch.testing.assert_close(fast.encode(x), z, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(fast.decode(z), plain.decode(z), rtol=1e-4, atol=1e-5)
+    save_vavae(fast, tmp_path / "again.safetensors")
+    again = load_vavae(tmp_path / "again.safetensors").state_dict()
+    assert all(torch.equal(v, again[k]) for k, v in plain.state_dict().items())

@@ -14,16 +14,8 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn as nn
 
 from models.vavae import VAVAE, reconstruction_psnr
-
-
-def stored_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict as save_vavae(..., half=True) writes it: floating tensors as fp16 copies, the rest cloned,
-    on the model's device."""
-    return {k: (v.detach().half() if v.is_floating_point() else v.detach().clone())
-            for k, v in model.state_dict().items()}
 
 
 class StoredScorer:
@@ -36,7 +28,7 @@ class StoredScorer:
         self.bank, self.autocast, self.batch_size = bank, autocast, batch_size
 
     def __call__(self, state: dict[str, torch.Tensor]) -> float:
-        """The mean PSNR (dB) over the bank of `state` (stored_weights of the model in training)."""
+        """The mean PSNR (dB) over the bank of `state` (storage_state_dict(model, half=True) of the model in training)."""
         self.model.load_state_dict(state)       # copy_ casts the fp16 values into the fp32 copy
         return reconstruction_psnr(self.model, self.bank, self.batch_size, self.autocast).mean().item()
 
@@ -62,7 +54,7 @@ class EarlyStopping:
     below_floor_noted: bool = False
 
     def update(self, step: int, psnr_db: float, state: dict[str, torch.Tensor]) -> bool:
-        """Record the evaluation at `step` of weights `state` (stored_weights); True when training should stop."""
+        """Record the evaluation at `step` of weights `state` (storage_state_dict(model, half=True)); True when training should stop."""
         self.evaluations += 1
         if psnr_db > self.best_db:
             self.best_db, self.best_step, self.best_state = psnr_db, step, state

@@ -97,7 +97,8 @@ def build_tokenizer(init_from: str | Path | None, width: int, num_res_blocks: in
     """A fresh narrow tokenizer, or an existing one (published .pt or project .safetensors) to fine-tune."""
     if init_from is None:
         return VAVAE(**tokenizer_config(width, num_res_blocks, image_size))
-    model = load_vavae(init_from).requires_grad_(True)
+    # its own layout: the trainer goes channels_last on CUDA only (tokenizer/train.py; 1.08x on the CPU)
+    model = load_vavae(init_from, memory_format=torch.contiguous_format).requires_grad_(True)
     log(f"fine-tuning {init_from} ({model.config['ch']} wide; --width/--num_res_blocks do not apply)")
     return model
 

@@ -21,10 +21,10 @@ from common.lock import run_lock
 from common.pixels import to_float
 from common.progress import progress_bar
 from data.images import load_bank
-from models.vavae import VAVAE, reconstruction_psnr, save_vavae
+from models.vavae import VAVAE, reconstruction_psnr, save_vavae, storage_state_dict
 from tokenizer.align import alignment_loss, alignment_term
 from tokenizer.cli import TokenizerOptions
-from tokenizer.early_stopping import EarlyStopping, StoredScorer, stored_weights
+from tokenizer.early_stopping import EarlyStopping, StoredScorer
 from tokenizer.recipe import (EVAL_IMAGES, Recipe, TextureTerms, build_tokenizer, eval_cadence, learning_rate,
                               resolve_recipe, set_trainable, split_files, texture_terms)
 
@@ -170,7 +170,7 @@ def run_training(model: VAVAE, proj: nn.Module | None, fm: nn.Module | None, tra
         # the last step is scored after the loop: on every val image in any case (train_tokenizer), and first on
         # the eval bank with early stopping, where it competes for the weights kept
         if eval_every and step % eval_every == 0 and step != steps:
-            state = stored_weights(model)
+            state = storage_state_dict(model, half=True)
             p = score(state)
             evals.append((step, p))
             bar.write(f"step {step}: loss {history[-1]['loss']:.4f} (l1 {history[-1]['l1']:.4f} "
@@ -211,7 +211,7 @@ def _keep_best(model: VAVAE, early_stop: EarlyStopping, evals: list[tuple[int, f
     """End of an early-stopping run: a run that a cap ended has its last weights scored too (they compete for the
     weights kept); the model gets the best-scored weights. Returns their step."""
     if stopped != "plateau" and (not evals or evals[-1][0] != done):
-        state = stored_weights(model)
+        state = storage_state_dict(model, half=True)
         evals.append((done, score(state)))
         early_stop.update(done, evals[-1][1], state)
         log(f"step {done}: val PSNR {evals[-1][1]:.2f} dB")

@@ -4,7 +4,7 @@ from typing import Sequence
 
 from common.config import (add_config_flag, below_one, ema_width, new_parser, non_negative_float, non_negative_int,
                            options_class, parse_args, positive_float, positive_int, probability)
-from common.device import PRECISIONS, device_word, precision_word
+from common.device import add_precision_flag, device_word
 from common.flag_groups import (add_batch_size_flag, add_devices_flag, add_latent_dir_flag, add_max_epochs_flag,
                                 add_output_dir_flag, add_seed_flag, add_tokenizer_flag)
 from models.lightningdit import DEFAULT_MODEL, LightningDiT_models
@@ -81,11 +81,10 @@ def add_precision_and_devices_flags(p: argparse.ArgumentParser) -> None:
     devices.add_argument("--num_nodes", type=positive_int, default=1, help="machines")
     devices.add_argument("--accelerator", default="auto", type=accelerator_word, metavar="{auto,cpu,cuda}",
                          help="auto: CUDA when present (gpu: cuda); --devices says how many")
-    devices.add_argument("--precision", default="bf16-mixed", type=precision_word,
-                         metavar="{" + ",".join(PRECISIONS) + "}",
-                         help="32-true; 16-mixed (fp16 with loss scaling, e.g. a T4); bf16-mixed where bf16 is native "
-                              "(GPUs of compute capability >= 8.0, CPUs with AVX512-BF16/AMX), else 16-mixed on a GPU "
-                              "and 32-true on a CPU, with a warning. Aliases: 32, 16, bf16")
+    add_precision_flag(devices, "bf16-mixed",
+                       "32-true; 16-mixed (fp16 with loss scaling, e.g. a T4); bf16-mixed where bf16 is native "
+                       "(GPUs of compute capability >= 8.0, CPUs with AVX512-BF16/AMX), else 16-mixed on a GPU and "
+                       "32-true on a CPU, with a warning. Aliases: 32, 16, bf16")
 
 
 def add_ema_flags(p: argparse.ArgumentParser) -> None:
