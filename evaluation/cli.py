@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write a ready dataset here: train/ID_n/ = real train + accepted samples, val/ID_n/ = real val")
     export.add_argument("--min_confidence", type=probability, default=0.5, help="export: least top-1 probability")
     export.add_argument("--min_margin", type=probability, default=0.1, help="export: least top-1 minus top-2 probability")
+    export.add_argument("--max_confidence", type=probability, default=1.0,
+                        help="export and the gain's generated arm: most top-1 probability (below 1: a confidence "
+                             "band, leaving out the samples the judge is surest of)")
     return parser
 
 

@@ -167,7 +167,7 @@ def evaluate(options: EvaluateOptions, *, tstr: bool = True, augmentation: bool 
         if not inception["available"]:
             log(inception["message"])
         accepted, confident = accepted_samples(data.gen, gen_logits.softmax(1), copies, o.min_confidence,
-                                               o.min_margin)
+                                               o.min_margin, o.max_confidence)
         # Classifiers at once on the CPU: one per core (gain.run_tasks); a GPU takes them one by one.
         workers = torch.get_num_threads() if dev.type == "cpu" else 1
         judge_seeds = list(range(seed, seed + JUDGE_SEEDS)) if len(data.val) else []
@@ -178,7 +178,7 @@ def evaluate(options: EvaluateOptions, *, tstr: bool = True, augmentation: bool 
             outcomes = np.stack([correct(val_logits, data.val.labels).numpy(), *siblings])
             clf_info["real_val_top1_over_seeds"] = {**mean_with_interval(outcomes, seed), "seeds": judge_seeds}
         export = export_report(data.users, data.gen, accepted, confident, copies, o.export_dir, o.min_confidence,
-                               o.min_margin, log)
+                               o.min_margin, o.max_confidence, log)
 
         report = {
             **_header(data, _inputs(o, classifier_size, dev), cfg, clf_info), "identity": identity,

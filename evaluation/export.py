@@ -12,15 +12,20 @@ from evaluation.imageset import ImageSet
 
 
 def accepted_samples(gen: ImageSet, probs: torch.Tensor, copies: torch.Tensor, min_confidence: float,
-                     min_margin: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(accepted, confident) masks: samples the classifier confidently gives their own user, minus copies.
+                     min_margin: float, max_confidence: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(accepted, confident) masks, (N_gen,) bool: samples the classifier gives their own user with a top-1
+    probability in [min_confidence, max_confidence] and a margin over the second of at least min_margin, minus
+    copies. probs: (N_gen, K) float softmax of the judge.
 
-    Copies of training images are left out: they would add nothing but duplicates.
+    Copies of training images are left out: they would add nothing but duplicates. max_confidence below 1 keeps a
+    confidence band rather than the top: the samples the judge is surest of are its prototypes, not the variety a
+    classifier learns from (AdaInf, Wang et al., ICLR 2024).
     """
     top2 = probs.topk(min(2, probs.shape[1]), dim=1)
     p1 = top2.values[:, 0]
     p2 = top2.values[:, 1] if probs.shape[1] > 1 else torch.zeros_like(p1)
-    confident = (top2.indices[:, 0] == gen.labels) & (p1 >= min_confidence) & (p1 - p2 >= min_margin)
+    confident = ((top2.indices[:, 0] == gen.labels) & (p1 >= min_confidence) & (p1 <= max_confidence)
+                 & (p1 - p2 >= min_margin))
     return confident & ~copies, confident
 
 
@@ -56,10 +61,11 @@ def export_dataset(users: list[User], gen: ImageSet, accepted: torch.Tensor, exp
 
 def export_report(users: list[User], gen: ImageSet, accepted: torch.Tensor, confident: torch.Tensor,
                   copies: torch.Tensor, export_dir: str | Path | None, min_confidence: float, min_margin: float,
-                  log: Callable[[str], None]) -> dict:
+                  max_confidence: float, log: Callable[[str], None]) -> dict:
     """The report's export block; writes the dataset (export_dataset) when export_dir is given."""
     export = {"enabled": export_dir is not None, "dir": str(export_dir) if export_dir else None,
-              "min_confidence": min_confidence, "min_margin": min_margin, "of": len(gen),
+              "min_confidence": min_confidence, "max_confidence": max_confidence, "min_margin": min_margin,
+              "of": len(gen),
               "accepted": int(accepted.sum()), "excluded_as_copies": int((confident & copies).sum())}
     if export_dir is not None:
         export.update(export_dataset(users, gen, accepted, Path(export_dir), log))

@@ -291,7 +291,7 @@ def _export_section(report: dict) -> list[str]:
     return ["## Exported dataset", "",
             f"{ex['dir']}/train/<user>/ holds the real train images plus {ex['total']} of {ex['of']} generated "
             f"images (named micro_doppler_userNN_KKK.png) that the classifier assigns to their own user with "
-            f"confidence >= {ex['min_confidence']} and margin (top-1 minus top-2 probability) >= {ex['min_margin']}; "
+            f"confidence in [{ex['min_confidence']}, {ex.get('max_confidence', 1.0)}] and margin (top-1 minus top-2 probability) >= {ex['min_margin']}; "
             f"{ex['excluded_as_copies']} confident images were left out as copies of training images. "
             f"{ex['dir']}/val/<user>/ holds the real val images. The folder is ready for stage 1 or any classifier.", ""]
 

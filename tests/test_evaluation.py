@@ -269,6 +269,10 @@ def test_export_keeps_only_confident_own_user_and_clears_the_old_selection(tmp_p
     copies = torch.tensor([False, False, False, True])
     accepted, confident = accepted_samples(gen, probs, copies, 0.5, 0.1)
     assert accepted.tolist() == [True, False, False, False] and (confident & copies).sum() == 1
+    # a band: the sample the judge is surest of (0.9) falls above 0.85; the copy stays out either way
+    banded, _ = accepted_samples(gen, probs, copies, 0.5, 0.1, max_confidence=0.85)
+    assert not banded.any()
+    assert accepted_samples(gen, probs, copies, 0.5, 0.1, max_confidence=0.9)[0].tolist() == accepted.tolist()
     stale = tmp_path / "exp" / "train" / "ID_1" / _generated_name(1, 99)
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"old")
