@@ -20,11 +20,15 @@ ROOT = Path(__file__).resolve().parents[1]
 STUDY_CONFIG = ROOT / "configs" / "studies" / "demo_lr5e-4.yaml"
 
 
-def load_stage_flags():
-    spec = importlib.util.spec_from_file_location("stage_flags", ROOT / "experiments" / "stage_flags.py")
+def load_study(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.stage_flags
+    return module
+
+
+def load_stage_flags():
+    return load_study("stage_flags").stage_flags
 
 
 def bash(script: str, tmp_path: Path) -> subprocess.CompletedProcess:
@@ -150,6 +154,46 @@ def test_every_study_script_parses():
     for script in scripts:
         proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
         assert proc.returncode == 0, (script.name, proc.stderr)
+
+#################################################################################
+#                 scale_study.py: what it measures, on what images              #
+#################################################################################
+
+# A child that holds MB megabytes (every page written, so resident) for a second, then starts a grandchild that
+# holds as much at the same time: the tree's peak is the sum, the child's alone half of it.
+HOLDER = ("import subprocess, sys, time\n"
+          "def hold(mb):\n"
+          "    b = bytearray(mb * 2**20); b[::4096] = b'x' * len(range(0, len(b), 4096)); return b\n"
+          "kept = hold(int(sys.argv[1])); time.sleep(0.6)\n"
+          "if sys.argv[2] == 'parent':\n"
+          "    subprocess.run([sys.executable, '-c', sys.argv[3], sys.argv[1], 'leaf', sys.argv[3]], check=True)\n"
+          "else:\n"
+          "    time.sleep(1.0)\n")
+
+
+def test_scale_study_peak_memory_is_the_whole_process_trees(tmp_path):
+    scale = load_study("scale_study")
+    measured = scale.run_measured([sys.executable, "-c", HOLDER, "200", "parent", HOLDER], tmp_path / "log")
+    assert measured["seconds"] >= 1.6
+    assert 400 <= measured["peak_pss_mb"] < 400 + 200, measured   # two 200 MB holders, each Python's own ~10-40 MB
+    with pytest.raises(subprocess.CalledProcessError):
+        scale.run_measured([sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "log")
+
+
+def test_scale_study_smaller_scales_are_the_first_people_and_images_of_the_largest(tmp_path):
+    scale = load_study("scale_study")
+    full = tmp_path / "full"
+    for split, count in (("train", 4), ("val", 2)):
+        for user in (1, 2, 3):
+            (full / split / f"ID_{user}").mkdir(parents=True)
+            for k in range(count):
+                (full / split / f"ID_{user}" / f"ID_{user}_{k:04d}.png").write_bytes(b"png")
+    out = scale.subset(full, tmp_path / "small", people=2, train_per_user=3, val_per_user=1)
+    assert sorted(p.name for p in (out / "train").iterdir()) == ["ID_1", "ID_2"]
+    assert sorted(p.name for p in (out / "train" / "ID_2").iterdir()) == [f"ID_2_{k:04d}.png" for k in range(3)]
+    assert [p.resolve() for p in (out / "val" / "ID_1").iterdir()] == [full / "val" / "ID_1" / "ID_1_0000.png"]
+    assert scale.parse_scale("31x150") == (31, 150)
+
 
 #################################################################################
 #                 gpu_quality.sh, the prepared GPU run, at tiny size           #
