@@ -59,6 +59,7 @@ class ClassifierConfig:
     augment: A.Classical = field(default_factory=lambda: A.DEFAULT)
     bf16: bool = False              # bf16 autocast in training, where the device runs it natively (1.4-1.8x on CPU)
     seed: int = 0
+    generated_share: float | None = None   # of each batch, for `extra` images; None: each seen as often as a real one
 
 
 #################################################################################
@@ -162,6 +163,17 @@ def batch_indices(n: int, batch_size: int, gen: torch.Generator) -> Iterator[tor
         yield from parts
 
 
+def steady_indices(n: int, size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    """Endless shuffled epochs over range(n) read `size` at a time across the epochs' ends: every part has `size`
+    indices (batch_indices' last part of an epoch is shorter)."""
+    pending = torch.empty(0, dtype=torch.int64)
+    while True:
+        while len(pending) < size:
+            pending = torch.cat([pending, torch.randperm(n, generator=gen)])
+        yield pending[:size]
+        pending = pending[size:]
+
+
 @dataclass
 class Fit:
     """A trained classifier and how its training went."""
@@ -190,15 +202,20 @@ def training_batches(images: torch.Tensor, labels: torch.Tensor, cfg: Classifier
     of its own, so two calls with the same seed that differ only in `extra` or cfg.augment see the same images in
     the same order. `extra` (images, labels: e.g. generated samples) join every batch after those of `images`,
     about batch_size * len(extra) / len(images) of them (their own streams), so that each is seen about as often
-    as each of `images`; they get the same augmentation.
+    as each of `images`, or, with cfg.generated_share s, batch_size * s / (1 - s) of them (at least one), so that
+    they make a share s of every batch whatever their number; they get the same augmentation.
     """
     order, order_aug = batch_indices(len(images), cfg.batch_size, _stream(cfg.seed, 0)), _stream(cfg.seed, 1)
-    per_batch = math.ceil(cfg.batch_size * len(extra[0]) / len(images)) if extra is not None and len(extra[0]) else 0
-    extra_order = batch_indices(len(extra[0]), per_batch, _stream(cfg.seed, 2)) if per_batch else None
+    extra_order = None
+    if extra is not None and len(extra[0]):
+        share, gen = cfg.generated_share, _stream(cfg.seed, 2)
+        extra_order = (batch_indices(len(extra[0]), math.ceil(cfg.batch_size * len(extra[0]) / len(images)), gen)
+                       if share is None else
+                       steady_indices(len(extra[0]), max(1, round(cfg.batch_size * share / (1 - share))), gen))
     extra_aug = _stream(cfg.seed, 3)
     # Mask fill colours once, not per batch: each image's median costs more than the rest of its augmentation.
     fill = A.background(images)
-    extra_fill = A.background(extra[0]) if per_batch else None
+    extra_fill = A.background(extra[0]) if extra_order is not None else None
     while True:
         index = next(order)
         x, y = A.augment(images[index], cfg.augment, order_aug, fill[index]), labels[index]

@@ -1,8 +1,8 @@
 """Stage 4's command line (stage4_evaluate.py)."""
 import argparse
 
-from common.config import (add_config_flag, new_parser, non_negative_int, options_class, percentile, positive_float,
-                           positive_int, probability)
+from common.config import (add_config_flag, new_parser, non_negative_int, open_fraction, options_class, percentile,
+                           positive_float, positive_int, probability)
 from common.device import add_device_flag
 from common.flag_groups import (add_batch_size_flag, add_data_dir_flag, add_image_size_flag, add_num_workers_flag,
                                 add_output_dir_flag, add_seed_flag, add_tokenizer_flag)
@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     judge.add_argument("--gain_seeds", type=positive_int, default=5,
                        help="classifier seeds of the augmentation gain and TSTR (each trains 3 arms per regime "
                             "plus a TSTR classifier); the judge's real-val top-1 gets its interval over them")
+    judge.add_argument("--generated_share", type=open_fraction, default=None,
+                       help="the samples' share of each batch of the gain's generated arm (default: each sample "
+                            "seen as often as each real image, so the share grows with their number)")
     judge.add_argument("--low_data_per_user", type=non_negative_int, default=20,
                        help="real train images per user in the augmentation gain's low-data regime (0: off)")
     add_device_flag(judge)

@@ -108,6 +108,23 @@ def test_arms_of_a_seed_share_initial_weights_and_batch_order():
     assert not torch.equal(other_seed[0], first["classical"][0])
 
 
+@pytest.mark.parametrize("share, samples, expected", [(0.5, 10, 8), (0.5, 100, 8), (0.2, 10, 2), (0.01, 10, 1)])
+def test_a_generated_share_fixes_the_samples_part_of_every_batch_whatever_their_number(share, samples, expected):
+    cfg = replace(clf.ClassifierConfig(size=16, batch_size=8, seed=3), generated_share=share)
+    images = torch.randint(0, 256, (30, 3, 16, 16), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    labels = torch.arange(30) % 3
+    extra = (torch.zeros(samples, 3, 16, 16, dtype=torch.uint8), torch.full((samples,), 2))
+    batches = clf.training_batches(images, labels, cfg, extra)
+    plain = clf.training_batches(images, labels, replace(cfg, generated_share=None))
+    for _ in range(5):
+        (x, y), (real_x, real_y) = next(batches), next(plain)
+        # the real part is the batch without samples (same order and augmentation), the rest `expected` samples:
+        # 8 * s / (1 - s) of them, at least one, in every batch (30 real images end each epoch with 6)
+        real = len(real_x)
+        assert torch.equal(x[:real], real_x) and torch.equal(y[:real], real_y)
+        assert len(x) == real + expected and (y[real:] == 2).all()
+
+
 @pytest.mark.slow
 def test_classifiers_trained_at_once_on_threads_come_out_as_one_by_one():
     from evaluation.imageset import ImageSet
