@@ -5,6 +5,7 @@ It is the judge of identity (is a sample recognised as its user?) and its penult
 which FD, KID, precision/recall and memorisation are measured. The same trainer trains the augmentation gain's
 classifiers (evaluation/gain.py): one recipe, so that the gain is measured on classifiers a user would accept.
 """
+import copy
 import hashlib
 import json
 import math
@@ -59,7 +60,15 @@ class ClassifierConfig:
     augment: A.Classical = field(default_factory=lambda: A.DEFAULT)
     bf16: bool = False              # bf16 autocast in training, where the device runs it natively (1.4-1.8x on CPU)
     seed: int = 0
-    generated_share: float | None = None   # of each batch, for `extra` images; None: each seen as often as a real one
+    # How `extra` images (the gain's samples) are used; no other classifier has them, so the cache fingerprint
+    # leaves these out (GAIN_ONLY): share of each batch (None: each seen as often as a real image), and "mixed"
+    # into the real batches or trained on "first", the real images then fine-tuning from those weights.
+    generated_share: float | None = None
+    generated_use: str = "mixed"
+
+
+GAIN_ONLY = ("generated_share", "generated_use")
+GENERATED_USES = ("mixed", "first")
 
 
 #################################################################################
@@ -238,7 +247,7 @@ def initial_model(num_classes: int, cfg: ClassifierConfig, device: torch.device)
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: ClassifierConfig,
                      device: torch.device, held_out: tuple[torch.Tensor, torch.Tensor] | None = None,
                      extra: tuple[torch.Tensor, torch.Tensor] | None = None, desc: str = "classifier",
-                     progress: bool = True) -> Fit:
+                     progress: bool = True, init: Classifier | None = None) -> Fit:
     """Train a classifier on uint8 images (N, 3, S, S) with labels (N,) int64, stopping early on `held_out`.
 
     AdamW with a linear warmup, then a constant learning rate (forward passes in bf16 autocast with cfg.bf16):
@@ -255,12 +264,13 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: in
     cfg.seed fixes the initial weights (initial_model) and the batches (training_batches, which adds `extra`), so
     the arms of the augmentation gain, which differ only in `extra` or cfg.augment, are paired. Every random draw
     comes from the seed's own generators, so classifiers trained on several threads at once come out the same.
+    init: start from a copy of these weights (a classifier trained before: fine-tuning) instead of the seed's.
     progress: show a progress bar. Raises ValueError with fewer than two images.
     """
     if images.shape[0] < 2:
         raise ValueError("need at least two images to train a classifier")
     start = time.perf_counter()
-    model = initial_model(num_classes, cfg, device)
+    model = initial_model(num_classes, cfg, device) if init is None else copy.deepcopy(init).to(device).train().requires_grad_(True)
     batches = training_batches(images, labels, cfg, extra)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
@@ -353,7 +363,8 @@ def fingerprint(data_dir: Path, class_names: list[str], train_files: list[Path],
     CPU-trained model is as good.
     """
     digest = hashlib.sha256()
-    digest.update(json.dumps({"version": CACHE_VERSION, "classes": class_names, "config": asdict(cfg)},
+    config = {k: v for k, v in asdict(cfg).items() if k not in GAIN_ONLY}
+    digest.update(json.dumps({"version": CACHE_VERSION, "classes": class_names, "config": config},
                              sort_keys=True).encode())
     for path in sorted(train_files, key=lambda p: p.relative_to(data_dir).as_posix()):
         digest.update(f"{path.relative_to(data_dir).as_posix()}\0{file_sha256(path)}\n".encode())

@@ -6,6 +6,7 @@ from common.config import (add_config_flag, new_parser, non_negative_int, open_f
 from common.device import add_device_flag
 from common.flag_groups import (add_batch_size_flag, add_data_dir_flag, add_image_size_flag, add_num_workers_flag,
                                 add_output_dir_flag, add_seed_flag, add_tokenizer_flag)
+from evaluation.classifier import GENERATED_USES
 
 DESCRIPTION = """Stage 4: evaluate generated spectrograms (identity, fidelity, diversity, memorisation, TSTR, augmentation gain).
 
@@ -45,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     judge.add_argument("--generated_share", type=open_fraction, default=None,
                        help="the samples' share of each batch of the gain's generated arm (default: each sample "
                             "seen as often as each real image, so the share grows with their number)")
+    judge.add_argument("--generated_use", choices=GENERATED_USES, default="mixed",
+                       help="how the gain's generated arm uses the samples: mixed into the real batches, or first "
+                            "(trained on them to a plateau, then fine-tuned on the real images)")
     judge.add_argument("--low_data_per_user", type=non_negative_int, default=20,
                        help="real train images per user in the augmentation gain's low-data regime (0: off)")
     add_device_flag(judge)

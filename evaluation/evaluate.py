@@ -113,7 +113,8 @@ def _inputs(o: EvaluateOptions, classifier_size: int, dev: torch.device) -> dict
             "output_dir": str(Path(o.output_dir)),
             "image_size": o.image_size, "classifier_size": classifier_size, "batch_size": o.batch_size,
             "device": str(dev), "classifier_max_steps": o.classifier_max_steps, "seed": o.seed,
-            "gain_seeds": o.gain_seeds, "low_data_per_user": o.low_data_per_user,
+            "gain_seeds": o.gain_seeds, "low_data_per_user": o.low_data_per_user, "generated_use": o.generated_use,
+            "generated_share": o.generated_share, "max_confidence": o.max_confidence,
             "nearest_k": o.nearest_k, "min_user_samples": o.min_user_samples}
 
 
@@ -173,7 +174,7 @@ def evaluate(options: EvaluateOptions, *, tstr: bool = True, augmentation: bool 
         judge_seeds = list(range(seed, seed + JUDGE_SEEDS)) if len(data.val) else []
         # the judge's recipe for every classifier of the gain; the samples' share matters only where they join
         augment, tstr_block, siblings = usefulness_report(
-            data, accepted, replace(cfg, generated_share=o.generated_share), dev, seeds, o.low_data_per_user, augmentation, tstr, workers, timing,
+            data, accepted, replace(cfg, generated_share=o.generated_share, generated_use=o.generated_use), dev, seeds, o.low_data_per_user, augmentation, tstr, workers, timing,
             _sibling_judges(data, data_dir, output_dir, cfg, dev, judge_seeds[1:]), log)
         if judge_seeds:
             outcomes = np.stack([correct(val_logits, data.val.labels).numpy(), *siblings])

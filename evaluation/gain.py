@@ -5,7 +5,9 @@ images) at SIZE px, tested on real val images:
   real        real train images only, no augmentation
   classical   real train images with classical augmentation (evaluation/augment.py: what a radar user does by
               hand), the judge's augmentation
-  generated   real train images plus the accepted samples, both with classical augmentation
+  generated   real train images plus the accepted samples, both with classical augmentation: mixed into every
+              batch (cfg.generated_use "mixed"), or trained on first, to their plateau on the held-out real
+              images, the real images then fine-tuning from those weights ("first")
 Within a seed the three arms share the held-out split, the initial weights and the order of the real batches
 (and their augmentation draws, between classical and generated): they differ only in their data. Each
 comparison (classical - real, generated - classical, generated - real) reports the mean paired difference of
@@ -97,7 +99,8 @@ class Job:
     cfg: clf.ClassifierConfig
     train: tuple[torch.Tensor, torch.Tensor]                   # uint8 images (N, 3, S, S), labels (N,)
     held_out: tuple[torch.Tensor, torch.Tensor]
-    extra: tuple[torch.Tensor, torch.Tensor] | None = None
+    extra: tuple[torch.Tensor, torch.Tensor] | None = None      # mixed into the batches of `train`
+    pretrain: tuple[torch.Tensor, torch.Tensor] | None = None   # trained on first, `train` fine-tuning after
 
 
 def regime_jobs(train: ImageSet, extra: ImageSet, cfg: clf.ClassifierConfig, seeds: list[int],
@@ -113,8 +116,10 @@ def regime_jobs(train: ImageSet, extra: ImageSet, cfg: clf.ClassifierConfig, see
         for arm in ARMS:
             if arm == "generated" and len(extra) == 0:
                 continue
+            samples = (extra.images, extra.labels) if arm == "generated" else None
+            first = cfg.generated_use == "first"
             jobs.append(Job(part, arm, seed, arm_config(cfg, arm, seed), (images[fit], labels[fit]),
-                            (images[held], labels[held]), (extra.images, extra.labels) if arm == "generated" else None))
+                            (images[held], labels[held]), None if first else samples, samples if first else None))
     return jobs
 
 
@@ -142,11 +147,18 @@ def _intra_op_threads(count: int) -> Iterator[None]:
 def train_and_score(job: Job, val: ImageSet, num_classes: int, dev: torch.device,
                     progress: bool = True) -> tuple[np.ndarray, dict]:
     """Train one job's classifier and score it on real val: (val outcomes (N_val,) bool, info: best_step, steps,
-    seconds)."""
+    seconds; with job.pretrain, those of the fine-tuning and pretrain_steps). The pretraining stops on the same
+    held-out real images as the fine-tuning."""
+    desc, pretrained, info = f"{job.part} {job.arm} seed {job.seed}", None, {}
+    if job.pretrain is not None:
+        first = clf.train_classifier(*job.pretrain, num_classes, job.cfg, dev, held_out=job.held_out,
+                                     desc=f"{desc}, samples first", progress=progress)
+        pretrained, info = first.model, {"pretrain_steps": first.steps, "pretrain_seconds": first.seconds}
     fit = clf.train_classifier(*job.train, num_classes, job.cfg, dev, held_out=job.held_out, extra=job.extra,
-                               desc=f"{job.part} {job.arm} seed {job.seed}", progress=progress)
-    return _val_correct(fit, val, job.cfg.batch_size, dev), {"best_step": fit.best_step, "steps": fit.steps,
-                                                              "seconds": fit.seconds}
+                               desc=desc, progress=progress, init=pretrained)
+    return _val_correct(fit, val, job.cfg.batch_size, dev), {
+        "best_step": fit.best_step, "steps": fit.steps, "seconds": fit.seconds + info.pop("pretrain_seconds", 0.0),
+        **info}
 
 
 def run_tasks(tasks: list[Callable[[], T]], workers: int, desc: str) -> list[T]:
@@ -243,6 +255,7 @@ def usefulness_report(data: Inputs, accepted: torch.Tensor, cfg: clf.ClassifierC
         headline = blocks["all"]["comparisons"][HEADLINE]
         aug_block = {"gain": headline["mean"], "gain_ci": headline["ci"], "headline": HEADLINE, "seeds": seeds,
                      "classifier_size": SIZE, "generated_images": len(extra), "recipe": vars(cfg.augment),
+                     "generated_use": cfg.generated_use, "generated_share": cfg.generated_share,
                      "regimes": blocks, "generator": GENERATOR_NOTE,
                      "note": ("no generated image passed the filter: the generated arm is the classical one"
                               if len(extra) == 0 else

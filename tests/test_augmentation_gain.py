@@ -125,6 +125,43 @@ def test_a_generated_share_fixes_the_samples_part_of_every_batch_whatever_their_
         assert len(x) == real + expected and (y[real:] == 2).all()
 
 
+def test_generated_first_pretrains_on_the_samples_and_fine_tunes_on_the_real_batches():
+    from evaluation.imageset import ImageSet
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(24) % 2
+    # the two people differ in brightness, so a few steps learn them
+    images = (torch.rand(24, 3, 16, 16, generator=gen) * 60 + 40 + 120 * labels.view(-1, 1, 1, 1)).to(torch.uint8)
+    def image_set(x: torch.Tensor, y: torch.Tensor, name: str) -> ImageSet:
+        return ImageSet([Path(f"{name}{i}.png") for i in range(len(y))], y, x, torch.zeros(len(y), 1))
+    train, samples = image_set(images, labels, "r"), image_set(images[:8].flip(3), labels[:8], "g")
+    cfg = clf.ClassifierConfig(size=16, batch_size=8, max_steps=30, eval_every=10, patience=1, seed=2)
+    mixed = gain.regime_jobs(train, samples, cfg, [2], None, "all")
+    first = gain.regime_jobs(train, samples, replace(cfg, generated_use="first"), [2], None, "all")
+    by_arm = {job.arm: job for job in first}
+    assert [j.arm for j in first] == [j.arm for j in mixed] == list(gain.ARMS)
+    assert by_arm["generated"].extra is None and torch.equal(by_arm["generated"].pretrain[0], samples.images)
+    assert all(job.pretrain is None for job in first if job.arm != "generated")
+    assert mixed[2].pretrain is None and torch.equal(mixed[2].extra[0], samples.images)
+    val = image_set(images[::3], labels[::3], "v")
+    _, info = gain.train_and_score(by_arm["generated"], val, 2, torch.device("cpu"), progress=False)
+    assert info["pretrain_steps"] > 0 and info["steps"] > 0
+
+
+def test_fine_tuning_starts_from_a_copy_of_the_given_weights():
+    images = torch.randint(0, 256, (12, 3, 16, 16), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    labels = torch.arange(12) % 2
+    cfg = clf.ClassifierConfig(size=16, batch_size=4, max_steps=2, lr=0.0, weight_decay=0.0, ema_decay=0.0, seed=5)
+    start = clf.initial_model(2, replace(cfg, seed=9), torch.device("cpu")).eval()
+    before = {k: v.clone() for k, v in start.state_dict().items()}
+    fit = clf.train_classifier(images, labels, 2, cfg, torch.device("cpu"), progress=False, init=start)
+    # lr 0: the weights stay the given ones (not seed 5's), and the given model is left untouched
+    weights = [k for k, v in before.items() if v.is_floating_point() and "running" not in k]
+    assert all(torch.equal(fit.model.state_dict()[k], before[k]) for k in weights)
+    assert fit.model is not start and all(torch.equal(start.state_dict()[k], before[k]) for k in before)
+    own = clf.initial_model(2, cfg, torch.device("cpu")).state_dict()
+    assert not all(torch.equal(own[k], before[k]) for k in weights)
+
+
 @pytest.mark.slow
 def test_classifiers_trained_at_once_on_threads_come_out_as_one_by_one():
     from evaluation.imageset import ImageSet
