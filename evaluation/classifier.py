@@ -168,7 +168,8 @@ def batch_indices(n: int, batch_size: int, gen: torch.Generator) -> Iterator[tor
     while True:
         parts = list(torch.split(torch.randperm(n, generator=gen), batch_size))
         if len(parts) > 1 and len(parts[-1]) == 1:
-            parts[-2] = torch.cat([parts[-2], parts.pop()])
+            last = parts.pop()     # popped first: `parts[-2] = cat(parts[-2], parts.pop())` assigns a shorter list
+            parts[-1] = torch.cat([parts[-1], last])
         yield from parts
 
 
