@@ -199,6 +199,11 @@ def main() -> None:
     results = {"machine": f"{os.cpu_count()}-core CPU", "date": time.strftime("%Y-%m-%d"),
                "simulation_seconds": float((full / ".done").read_text()), "tokenizer": Path(args.vavae_path).name,
                "max_epochs": args.max_epochs, "samples_per_user": args.samples_per_user, "scales": []}
+    # Rows of other scales measured with the same settings stay: a scale run again replaces its own row.
+    if RESULTS.exists():
+        before = json.loads(RESULTS.read_text())
+        if all(before.get(k) == results[k] for k in ("machine", "tokenizer", "max_epochs", "samples_per_user")):
+            results["scales"] = [r for r in before["scales"] if (r["people"], r["train_per_user"]) not in scales]
     for people, per_user in scales:
         results["scales"].append(measure_scale(full, out, people, per_user, args))
         RESULTS.write_text(json.dumps(results, indent=1) + "\n")
