@@ -2,7 +2,9 @@
 
 "end_to_end" runs the pipeline's own encode_items (DataLoader over PNG files, ADM centre crop, [-1, 1],
 encoder, posterior mean back to the host); "encoder" times vae.encode alone on a device-resident batch.
-Random weights: only speed is measured. Configs: the official f16d32 (ch 128) and a narrow one (ch 64).
+Random weights: only speed is measured. Configs: the official f16d32 (ch 128) and a narrow one (ch 64), each in
+both weight layouts (NCHW, and channels_last as models.vavae.load_vavae loads them) and in the precisions stage 1's
+--precision gives (fp32; bf16 autocast where the device runs it natively).
 
 Example:
     python benchmarks/bench_stage1.py --device cuda --num_images 256 --batch_size 32 --json_out s1.json
@@ -18,6 +20,7 @@ from PIL import Image
 
 from harness import (environment, median, peak_memory_mb, print_table, reset_peak_memory, setup_device,
                      sync, time_steps, write_json)
+from common.device import bf16_supported, inference_autocast
 from data.latents import encode_items
 from models.vavae import VAVAE, VAVAE_CONFIGS
 
@@ -35,13 +38,15 @@ def write_images(folder: Path, count: int, size: tuple[int, int] = (320, 240)) -
     return items
 
 
-def bench_config(name: str, items, args, device: torch.device) -> dict:
-    vae = VAVAE(**CONFIGS[name]).to(device).eval().requires_grad_(False)
-    row = {"config": name, "params_M": sum(p.numel() for p in vae.parameters()) / 1e6,
-           "batch": args.batch_size, "device": device.type}
+def bench_config(name: str, items, args, device: torch.device, layout: str, precision: str) -> dict:
+    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    vae = VAVAE(**CONFIGS[name]).to(device, memory_format=memory_format).eval().requires_grad_(False)
+    autocast = inference_autocast(precision, device)
+    row = {"config": name, "params_M": sum(p.numel() for p in vae.parameters()) / 1e6, "layout": layout,
+           "precision": precision, "batch": args.batch_size, "device": device.type}
     x = torch.randn(args.batch_size, 3, 256, 256, device=device)
     reset_peak_memory(device)
-    with torch.no_grad():
+    with torch.no_grad(), autocast():
         times = time_steps(lambda: vae.encode(x), args.steps, args.warmup, device)
     row["encoder_img_per_s"] = args.batch_size / median(times)
     row["peak_mem_MB"] = peak_memory_mb(device)
@@ -50,7 +55,8 @@ def bench_config(name: str, items, args, device: torch.device) -> dict:
     for _ in range(args.repeats):
         sync(device)
         start = time.perf_counter()
-        latents = encode_items(vae, items, 256, args.batch_size, args.num_workers, str(device), f"stage1 {name}").latents
+        latents = encode_items(vae, items, 256, args.batch_size, args.num_workers, str(device), f"stage1 {name}",
+                               autocast=autocast).latents
         sync(device)
         passes.append(time.perf_counter() - start)
     row["end_to_end_img_per_s"] = len(items) / median(passes)
@@ -78,10 +84,14 @@ def main():
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         items = write_images(Path(tmp), args.num_images)
+        precisions = ["32-true"] + (["bf16-mixed"] if bf16_supported(device) else [])
         for name in args.configs.split(","):
-            rows.append(bench_config(name.strip(), items, args, device))
-    print_table(rows, ["config", "params_M", "batch", "device", "encoder_img_per_s", "end_to_end_img_per_s",
-                       "peak_mem_MB"], title=f"stage 1 VA-VAE encoding ({environment(device)['device']})")
+            for layout in ("contiguous", "channels_last"):
+                for precision in precisions:
+                    rows.append(bench_config(name.strip(), items, args, device, layout, precision))
+    print_table(rows, ["config", "params_M", "layout", "precision", "batch", "device", "encoder_img_per_s",
+                       "end_to_end_img_per_s", "peak_mem_MB"],
+                title=f"stage 1 VA-VAE encoding ({environment(device)['device']})")
     write_json(args.json_out, {"benchmark": "stage1", "env": environment(device), "args": vars(args),
                                "results": rows})
 

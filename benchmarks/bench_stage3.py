@@ -50,7 +50,8 @@ def main():
         torch.nn.init.normal_(layer.weight, std=0.02)
     model = model.to(device).eval().requires_grad_(False)
     vae_config = {**VAVAE_CONFIGS["f16d32"], **({"ch": 64} if args.vae == "narrow" else {})}
-    vae = VAVAE(**vae_config).to(device).eval().requires_grad_(False)
+    # the layout models.vavae.load_vavae gives stage 3 (channels_last: 1.4x faster decoding on an AVX512 CPU)
+    vae = VAVAE(**vae_config).to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
 
     channels, side = model.in_channels, int(round(model.pos_embed.shape[1] ** 0.5)) * model.patch_size
     users = list(range(1, args.num_classes + 1))
