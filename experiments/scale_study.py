@@ -16,6 +16,7 @@ counted twice), then writes one JSON (results) and a plot.
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -29,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from common.progress import print_line  # noqa: E402
 from data.simulate import write_dataset  # noqa: E402
+from evaluation.classifier import CACHE_DIR  # noqa: E402
 
 STAGES = ("stage 1", "stage 2", "stage 3", "stage 4")
 RESULTS = ROOT / "experiments" / "results" / "scale_study_cpu.json"
@@ -136,8 +138,10 @@ def work_done(run: Path, stage: str) -> dict:
 
 def measure_scale(full: Path, out: Path, people: int, per_user: int, args: argparse.Namespace) -> dict:
     data = subset(full, out / f"data_{people}x{per_user}", people, per_user, args.val_per_user)
+    shutil.rmtree(data / CACHE_DIR, ignore_errors=True)   # stage 4 trains its judge, as on a user's first run
     run = out / f"run_{people}x{per_user}"
-    run.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(run, ignore_errors=True)                # stage 2 would resume a finished run, not train one
+    run.mkdir(parents=True)
     row = {"people": people, "train_per_user": per_user, "val_per_user": args.val_per_user, "stages": {}}
     for stage, command in stage_commands(data, run, args, people).items():
         print_line(f"== {people} x {per_user}: {stage}")
