@@ -221,7 +221,7 @@ def extract_features(options: ExtractOptions, log=print) -> dict[str, Any]:
                 items = [(f, cls) for cls, u in enumerate(users) for f in u.files.get(split, [])]
                 encoded = encode_all(options.vavae_path, items, options.image_size, options.batch_size,
                                      options.num_workers, dev, options.devices, f"stage 1 {split}",
-                                     options.precision)
+                                     precision=options.precision)
                 _check_users_left(users, encoded.labels, split)
                 names = [relative_to(f, root) for f in encoded.files(items)]
                 check_finite(encoded.latents, names,
