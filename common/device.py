@@ -3,11 +3,10 @@ every command.
 
 Devices: device_word (the flags' type: auto, cpu, cuda or cuda:N; "gpu" is cuda), add_device_flag (the --device
 of every command that takes one) and resolve_device (a word to a torch.device, with a message instead of a CUDA
-traceback). Precisions: precision_word (32-true, 16-mixed, bf16-mixed and their aliases), add_precision_flag and
-resolve_precision
-(the one asked for, or the nearest this device runs natively); inference_autocast (a frozen model's forward
-passes in a precision). bf16_supported says where bf16 is native (not
-emulated); check_cuda_usable says why a GPU run cannot use CUDA here instead of letting it run on the CPU.
+traceback). Precisions: precision_word (32-true, 16-mixed, bf16-mixed and their aliases), add_precision_flag,
+resolve_precision (the one asked for, or the nearest this device runs natively) and inference_autocast (a frozen
+model's forward passes in a precision). bf16_supported says where bf16 is native (not emulated);
+check_cuda_usable says why a GPU run cannot use CUDA here instead of letting it run on the CPU.
 """
 import argparse
 import os

@@ -4,8 +4,8 @@ import json
 import tempfile
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any, Callable, ContextManager
 
 import torch
@@ -180,8 +180,7 @@ def extract_features(options: ExtractOptions, log=print) -> dict[str, Any]:
     the VA-VAE: train.safetensors / val.safetensors hold `latents` (N, 32, image_size/16, image_size/16) float32
     and `user_ids` (N,) int64 (class index = position of the user folder in number order), and metadata (users,
     their numbers, image paths, tokenizer sha256, tokenizer PSNR in dB, encoder_autocast "bf16" or "none");
-    latent_stats.safetensors the
-    per-channel train mean/std (1, 32, 1, 1). With repa_encoder (data/repa_targets.py), repa_targets.safetensors
+    latent_stats.safetensors the per-channel train mean/std (1, 32, 1, 1). With repa_encoder (data/repa_targets.py), repa_targets.safetensors
     holds `targets` (N_train, (image_size/16)^2, D) float16, the encoder's patch features of each train image.
     Returns the metadata written.
 

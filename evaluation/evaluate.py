@@ -172,9 +172,10 @@ def evaluate(options: EvaluateOptions, *, tstr: bool = True, augmentation: bool 
         # Classifiers at once on the CPU: one per core (gain.run_tasks); a GPU takes them one by one.
         workers = torch.get_num_threads() if dev.type == "cpu" else 1
         judge_seeds = list(range(seed, seed + JUDGE_SEEDS)) if len(data.val) else []
-        # the judge's recipe for every classifier of the gain; the samples' share matters only where they join
+        # the judge's recipe for every classifier of the gain; how the samples are used matters only where they join
+        gain_cfg = replace(cfg, generated_share=o.generated_share, generated_use=o.generated_use)
         augment, tstr_block, siblings = usefulness_report(
-            data, accepted, replace(cfg, generated_share=o.generated_share, generated_use=o.generated_use), dev, seeds, o.low_data_per_user, augmentation, tstr, workers, timing,
+            data, accepted, gain_cfg, dev, seeds, o.low_data_per_user, augmentation, tstr, workers, timing,
             _sibling_judges(data, data_dir, output_dir, cfg, dev, judge_seeds[1:]), log)
         if judge_seeds:
             outcomes = np.stack([correct(val_logits, data.val.labels).numpy(), *siblings])

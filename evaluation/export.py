@@ -65,8 +65,8 @@ def export_report(users: list[User], gen: ImageSet, accepted: torch.Tensor, conf
     """The report's export block; writes the dataset (export_dataset) when export_dir is given."""
     export = {"enabled": export_dir is not None, "dir": str(export_dir) if export_dir else None,
               "min_confidence": min_confidence, "max_confidence": max_confidence, "min_margin": min_margin,
-              "of": len(gen),
-              "accepted": int(accepted.sum()), "excluded_as_copies": int((confident & copies).sum())}
+              "of": len(gen), "accepted": int(accepted.sum()),
+              "excluded_as_copies": int((confident & copies).sum())}
     if export_dir is not None:
         export.update(export_dataset(users, gen, accepted, Path(export_dir), log))
     return export

@@ -272,11 +272,9 @@ def storage_state_dict(model: nn.Module, half: bool = False) -> dict[str, torch.
 def save_vavae(model: VAVAE, path: str | os.PathLike, extra_metadata: dict | None = None,
                half: bool = False) -> None:
     """Atomically write weights + constructor config as safetensors (fp16 storage with half=True)."""
-    dtype = torch.float16 if half else torch.float32
-    tensors = storage_state_dict(model, half)
     meta = {**(extra_metadata or {}), "kind": "vavae", "config": model.config,
-            "storage_dtype": str(dtype).replace("torch.", "")}
-    save_safetensors(tensors, path, meta)
+            "storage_dtype": "float16" if half else "float32"}
+    save_safetensors(storage_state_dict(model, half), path, meta)
 
 
 def _describe(keys: list[str], n: int = 5) -> str:

@@ -28,7 +28,8 @@ class StoredScorer:
         self.bank, self.autocast, self.batch_size = bank, autocast, batch_size
 
     def __call__(self, state: dict[str, torch.Tensor]) -> float:
-        """The mean PSNR (dB) over the bank of `state` (storage_state_dict(model, half=True) of the model in training)."""
+        """The mean PSNR (dB) over the bank of `state` (models.vavae.storage_state_dict(model, half=True) of the
+        model in training)."""
         self.model.load_state_dict(state)       # copy_ casts the fp16 values into the fp32 copy
         return reconstruction_psnr(self.model, self.bank, self.batch_size, self.autocast).mean().item()
 
@@ -54,7 +55,8 @@ class EarlyStopping:
     below_floor_noted: bool = False
 
     def update(self, step: int, psnr_db: float, state: dict[str, torch.Tensor]) -> bool:
-        """Record the evaluation at `step` of weights `state` (storage_state_dict(model, half=True)); True when training should stop."""
+        """Record the evaluation at `step` of weights `state` (storage_state_dict(model, half=True)); True when
+        training should stop."""
         self.evaluations += 1
         if psnr_db > self.best_db:
             self.best_db, self.best_step, self.best_state = psnr_db, step, state
