@@ -14,8 +14,9 @@ one process, so each image is computed exactly as there (on the CPU with the sam
 
 Failures: an error on one rank inside Ranks.all_or_none reaches every rank at the block's end (one all-reduce),
 so all stop together: the failed rank with its own message, the others naming it (RankFailedElsewhere). A
-process that dies outright (killed, out of memory) is seen at once by spawn_ranks, which stops the others; under a
-launcher, torchrun stops them, or their next collective fails (at once on gloo, after COLLECTIVE_TIMEOUT on NCCL).
+process that dies outright (killed, out of memory) is seen at once by spawn_ranks, which stops the others still
+running STOP_GRACE_S later; under a launcher, torchrun stops them, or their next collective fails (at once on gloo,
+after COLLECTIVE_TIMEOUT on NCCL).
 """
 import os
 import signal
@@ -31,6 +32,10 @@ from common.device import resolve_device
 from common.errors import PipelineError
 
 Job = TypeVar("Job")
+# When a rank dies, the others first get this long to see it themselves and stop cleanly (on gloo their next
+# collective fails at once); only then does torch SIGTERM them. A SIGTERM that lands while rank 0 is already
+# removing its staging folder would cut that short and leave the folder behind (seen once in CI).
+STOP_GRACE_S = 10.0
 # Every launcher whose ranks Lightning's cluster environments recognise (torchrun, SLURM, LSF) sets one of these:
 # without them no launcher started this process, and training.launch (Lightning) need not be imported to ask.
 LAUNCHER_VARIABLES = ("LOCAL_RANK", "SLURM_NTASKS", "LSB_JOBID")
@@ -155,9 +160,11 @@ def spawn_ranks(entry: Callable[[Ranks], object], devices: int, use_cuda: bool) 
     port = LightningEnvironment().main_port   # a free port (or MASTER_PORT), the same for every rank
     errors = torch.multiprocessing.get_context("spawn").SimpleQueue()
     try:
-        torch.multiprocessing.start_processes(_run_rank, args=(devices, port, use_cuda, torch.get_num_threads(),
-                                                               entry, errors),
-                                              nprocs=devices, start_method="spawn")
+        ranks = torch.multiprocessing.start_processes(_run_rank, args=(devices, port, use_cuda,
+                                                                       torch.get_num_threads(), entry, errors),
+                                                      nprocs=devices, start_method="spawn", join=False)
+        while not ranks.join(grace_period=STOP_GRACE_S):
+            pass
     except torch.multiprocessing.ProcessExitedException as err:
         how = f"signal {err.signal_name}" if err.signal_name else f"exit code {err.exit_code}"
         raise PipelineError(f"stage 3's process {err.error_index} of {devices} died ({how}; SIGKILL is often the "

@@ -149,8 +149,10 @@ def join_process_group(env: ClusterEnvironment, use_cuda: bool) -> torch.device:
     backend = "nccl" if use_cuda else "gloo"
     torch.distributed.init_process_group(backend, rank=env.global_rank(), world_size=env.world_size(),
                                          timeout=COLLECTIVE_TIMEOUT)
-    if backend == "nccl":   # PyTorch warns about an NCCL group left undestroyed at exit (Lightning does the same)
-        atexit.register(lambda: torch.distributed.is_initialized() and torch.distributed.destroy_process_group())
+    # Destroyed while the interpreter is still whole: a gloo group left to interpreter shutdown can abort the
+    # process ("terminate called without an active exception", SIGABRT; pytorch/pytorch#190489, seen in CI on a
+    # torchrun stage 3), and PyTorch warns about an NCCL group left undestroyed (Lightning destroys it too).
+    atexit.register(lambda: torch.distributed.is_initialized() and torch.distributed.destroy_process_group())
     return device
 
 
