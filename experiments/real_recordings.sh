@@ -7,7 +7,8 @@
 # Runs share OUT's data, tokenizer and latents; one run = stage 2 with SEED (trained once per TRAIN_NAME and seed),
 # stage 3 with STAGE3's flags and the same seed, stage 4: OUT/NAME_sSEED_1x/{samples,eval,setup.json}, the layout
 # of identity_levers.sh, so `python experiments/summarise_levers.py OUT` tabulates them.
-# Usage: OUT=/tmp/real SOURCE=../shared/data/mmgait60 [TUNE_MINUTES=25 TUNE_FLAGS= MAX_STEPS=5600 SAMPLES=30 SEED=0 \
+# Usage: OUT=/tmp/real SOURCE=../shared/data/mmgait60 [TUNE_MINUTES=25 TUNE_FLAGS= EPOCHS=200 VAL_EVERY=5 \
+#        MAX_STEPS=5600 SAMPLES=30 SEED=0 \
 #        NAME=own_data TRAIN_NAME=own_data STAGE3="--guidance_scale 6 --cfg_interval_start 0.3"] \
 #        experiments/real_recordings.sh [extra stage 2 flags]
 set -euo pipefail
@@ -17,6 +18,8 @@ SOURCE=${SOURCE:-../shared/data/mmgait60}
 SAMPLES=${SAMPLES:-30}
 TUNE_MINUTES=${TUNE_MINUTES:-25}   # the fine-tune's clock (on a CPU its PSNR still rises then: docs/tokenizers.md)
 TUNE_FLAGS=${TUNE_FLAGS-}          # e.g. "--early_stop_patience 3" (the runs of 2026-12-06)
+EPOCHS=${EPOCHS:-200}            # stage 2's epochs (27 steps each on these 892 images at batch 32)
+VAL_EVERY=${VAL_EVERY:-5}        # a validation (val_loss, val_identity) every this many epochs
 MAX_STEPS=${MAX_STEPS:-5600}     # a cap; the demo's 200 epochs end first here (5,400 steps)
 SEED=${SEED:-0}
 NAME=${NAME:-own_data}
@@ -44,7 +47,7 @@ train() {   # train [stage 2 flags]: this seed's stage 2, its wall time in TRAIN
 mkdir -p "$RUN" "$TRAINED"
 if [ "$TRAINED" = "$RUN" ]; then
     run_once "$RUN/stage2.done" --after "$OUT/latents.done" \
-        train "${STAGE2_CONFIG[@]}" --max_epochs 200 --val_every_n_epochs 5 --seed "$SEED" --max_steps "$MAX_STEPS" "$@"
+        train "${STAGE2_CONFIG[@]}" --max_epochs "$EPOCHS" --val_every_n_epochs "$VAL_EVERY" --seed "$SEED" --max_steps "$MAX_STEPS" "$@"
 elif [ ! -f "$TRAINED/stage2.done" ]; then
     echo "train $TRAINED first (NAME=$TRAIN_NAME, same SEED)"; exit 2
 fi
