@@ -160,10 +160,10 @@ def spawn_ranks(entry: Callable[[Ranks], object], devices: int, use_cuda: bool) 
     port = LightningEnvironment().main_port   # a free port (or MASTER_PORT), the same for every rank
     errors = torch.multiprocessing.get_context("spawn").SimpleQueue()
     try:
-        ranks = torch.multiprocessing.start_processes(_run_rank, args=(devices, port, use_cuda,
-                                                                       torch.get_num_threads(), entry, errors),
-                                                      nprocs=devices, start_method="spawn", join=False)
-        while not ranks.join(grace_period=STOP_GRACE_S):
+        processes = torch.multiprocessing.start_processes(_run_rank, args=(devices, port, use_cuda,
+                                                                           torch.get_num_threads(), entry, errors),
+                                                          nprocs=devices, start_method="spawn", join=False)
+        while not processes.join(grace_period=STOP_GRACE_S):   # False until every process has ended
             pass
     except torch.multiprocessing.ProcessExitedException as err:
         how = f"signal {err.signal_name}" if err.signal_name else f"exit code {err.exit_code}"
