@@ -5,7 +5,7 @@ Devices: device_word (the flags' type: auto, cpu, cuda or cuda:N; "gpu" is cuda)
 of every command that takes one) and resolve_device (a word to a torch.device, with a message instead of a CUDA
 traceback). Precisions: precision_word (32-true, 16-mixed, bf16-mixed and their aliases), add_precision_flag,
 resolve_precision (the one asked for, or the nearest this device runs natively) and inference_autocast (a frozen
-model's forward passes in a precision). bf16_supported says where bf16 is native (not emulated);
+model's forward passes in a precision, in inference_dtype). bf16_supported says where bf16 is native (not emulated);
 check_cuda_usable says why a GPU run cannot use CUDA here instead of letting it run on the CPU.
 """
 import argparse
@@ -159,10 +159,16 @@ def inference_autocast(precision: str, device: str | torch.device) -> Callable[[
     16-mixed also means bf16 where it is native and fp32 elsewhere (a T4): no fp16 for a frozen encoder, whose
     activations nobody checked against fp16's range, and without training there is no loss scale to protect it.
     """
-    if precision == "32-true" or not bf16_supported(device):
+    dtype = inference_dtype(precision, device)
+    if dtype is None:
         return nullcontext
     kind = torch.device(device).type
-    return lambda: torch.autocast(kind, dtype=torch.bfloat16)
+    return lambda: torch.autocast(kind, dtype=dtype)
+
+
+def inference_dtype(precision: str, device: str | torch.device) -> torch.dtype | None:
+    """The autocast dtype of inference_autocast(precision, device): torch.bfloat16, or None for fp32 (no autocast)."""
+    return None if precision == "32-true" or not bf16_supported(device) else torch.bfloat16
 
 
 def check_cuda_usable(accelerator: str, devices: int, num_nodes: int = 1) -> None:

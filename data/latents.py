@@ -11,7 +11,7 @@ from typing import Any, Callable, ContextManager
 import torch
 from torch.utils.data import DataLoader
 
-from common.device import inference_autocast, resolve_device
+from common.device import inference_autocast, inference_dtype, resolve_device
 from common.errors import PipelineError
 from common.io import file_sha256, replaced_together, require_file, save_safetensors, write_text
 from common.lock import run_lock
@@ -180,8 +180,9 @@ def extract_features(options: ExtractOptions, log=print) -> dict[str, Any]:
     the VA-VAE: train.safetensors / val.safetensors hold `latents` (N, 32, image_size/16, image_size/16) float32
     and `user_ids` (N,) int64 (class index = position of the user folder in number order), and metadata (users,
     their numbers, image paths, tokenizer sha256, tokenizer PSNR in dB, encoder_autocast "bf16" or "none");
-    latent_stats.safetensors the per-channel train mean/std (1, 32, 1, 1). With repa_encoder (data/repa_targets.py), repa_targets.safetensors
-    holds `targets` (N_train, (image_size/16)^2, D) float16, the encoder's patch features of each train image.
+    latent_stats.safetensors the per-channel train mean/std (1, 32, 1, 1). With repa_encoder
+    (data/repa_targets.py), repa_targets.safetensors holds `targets` (N_train, (image_size/16)^2, D) float16, the
+    encoder's patch features of each train image.
     Returns the metadata written.
 
     The four files are written to a staging folder and moved into output_path together, each carrying this
@@ -204,7 +205,7 @@ def extract_features(options: ExtractOptions, log=print) -> dict[str, Any]:
             "tokenizer": Path(options.vavae_path).name,
             "tokenizer_sha256": tokenizer_sha,
             "data_dir": str(root),
-            "encoder_autocast": "bf16" if inference_autocast(options.precision, dev) is not nullcontext else "none",
+            "encoder_autocast": "bf16" if inference_dtype(options.precision, dev) is not None else "none",
             RUN_KEY: uuid.uuid4().hex,
         }
         log(f"{len(users)} users: " + ", ".join(f"{u.name}->class {i}" for i, u in enumerate(users)))
